@@ -1,0 +1,93 @@
+"""The one CLI: `python -m pipeline STAGE [--key value ...]`, what every MLproject entry point runs.
+
+Errors the user can fix (bad parameter, missing data, unusable parent run, unreadable input)
+print one line and exit 2; a SIGINT/SIGTERM marks the open runs KILLED and says how to resume.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+USAGE = "usage: python -m pipeline STAGE [--key value ...]   (STAGE: {stages})"
+
+
+def parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
+    from .config import STAGES, ConfigError
+
+    if not argv or argv[0] in ("-h", "--help"):
+        raise ConfigError(USAGE.format(stages="|".join(STAGES)))
+    stage, rest, overrides = argv[0], argv[1:], {}
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument '{token}': {USAGE.format(stages='|'.join(STAGES))}")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(rest):
+                raise ConfigError(f"parameter --{key} has no value: pass --{key} VALUE (or -P {key}=VALUE)")
+            value, i = rest[i + 1], i + 1
+        overrides[key.replace("-", "_")] = value
+        i += 1
+    return stage, overrides
+
+
+def run(argv: list[str]) -> int:
+    from . import config, interrupts, stages, workflow
+    from . import predict as predict_mod
+
+    interrupts.install()
+    stage, overrides = parse_args(argv)
+    cfg = config.load(stage, overrides)  # every value checked before any work
+    if stage in ("main", "predict", "evaluate"):
+        run_id, created = stages.top_level_run()
+        from . import runner, tracking
+
+        tracking.client().set_tag(run_id, "mlflow.runName", stage)
+        with runner.opened(run_id, end=created):
+            if stage == "main":
+                workflow.main(cfg, overrides, run_id)
+                return 0
+            if stage == "evaluate":
+                predict_mod.evaluate(cfg, run_id)
+                return 0
+            return predict_mod.predict(cfg, run_id)
+    if cfg.resume_run_id:
+        stages.resume(cfg)
+    else:
+        stages.run(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from .config import ConfigError
+    from .data import DataError
+    from .models import CheckpointError
+    from .predict import PredictError
+    from .tracking import LineageError
+
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except (ConfigError, DataError, LineageError, CheckpointError, PredictError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt as signal_name:
+        from . import runner, tracking
+
+        killed = list(runner.OPEN_RUNS)
+        for run_id in killed:
+            tracking.end_run(run_id, "KILLED")
+        target = killed[-1] if killed else os.environ.get("MLFLOW_RUN_ID", "<run id>")
+        print(f"interrupted ({signal_name or 'SIGINT'}): run {target} marked KILLED; its last "
+              f"completed epoch is in checkpoints/last.pt. Resume with: mlflow run . -e train "
+              f"--env-manager local -P resume_run_id={target}", file=sys.stderr, flush=True)
+        return 130
+    except MlflowException as err:
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

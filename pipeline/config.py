@@ -1,0 +1,272 @@
+"""One Config for every stage: params/defaults.yaml <- params/<stage>.yaml <- overrides.
+
+Every value arrives here as a string (from `-P key=value`) or a YAML scalar, is parsed once
+into its field's type, and is validated before any data is read or any model is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+PARAMS_DIR = PROJECT_DIR / "params"
+
+ARCHS = ("resnet", "vgg", "resnet2")
+STAGES = ("train", "model_selection", "baseline", "tune_lr", "tune_gamma", "overfit",
+          "retrain", "deepen", "main", "predict", "evaluate")
+
+
+class ConfigError(ValueError):
+    """A bad parameter value: the message is the one line the user sees."""
+
+
+@dataclass
+class Config:
+    stage: str = "train"
+    # model and optimiser (the seed's full_procedure defaults)
+    arch: str = ""                  # "" = the parent run's arch (its winner for model_selection), else resnet
+    epochs: int = 3
+    bs: int = 256
+    lr: float = 1e-3
+    alpha: float = 0.99
+    gamma: float = 0.0
+    wd: float = 0.0
+    tol: float = 1e-5
+    patience: int = 5
+    seed: int = 1412
+    repeats: int = 1
+    augment: bool = True
+    init: str = "parent"            # parent: start from parent_run_id's best.pt; scratch: fresh weights
+    # caps that `main` passes to every stage so the whole study can run at toy size (0 = no cap)
+    max_epochs: int = 0
+    max_repeats: int = 0
+    # sweeps (empty = the single value above)
+    lrs: list = field(default_factory=list)
+    gammas: list = field(default_factory=list)
+    wds: list = field(default_factory=list)
+    bss: list = field(default_factory=list)
+    archs: list = field(default_factory=list)
+    # multi-phase stages: baseline's short probe run (test0), retrain/deepen's first phase
+    probe_epochs: int = 0
+    probe_tol: float = 1e-5
+    phase1_epochs: int = 0
+    phase1_lr: float = 1e-3
+    phase1_bs: int = 256
+    phase1_gamma: float = 0.0
+    phase1_wd: float = 0.0
+    phase1_tol: float = 1e-10
+    # hardware
+    device: str = "auto"
+    data_pipeline: str = "tensor"   # tensor: batched uint8 augmentation; torchvision: the seed's DataLoader
+    compile: bool = False
+    num_workers: int = 0
+    log_every: int = 50             # progress line every N batches
+    # data
+    dataset: str = "svhn"
+    data_dir: str = ""              # "" = data/svhn or data/synthetic under the project
+    verify: bool = True
+    download: bool = False
+    limit_train: int = 0
+    limit_test: int = 0
+    synthetic_train: int = 8000
+    synthetic_test: int = 2000
+    # lineage and reliability
+    parent_run_id: str = ""
+    resume_run_id: str = ""
+    # registry and prediction
+    registered_model: str = "svhn-classifier"
+    register: bool = False
+    model_uri: str = "models:/svhn-classifier@champion"
+    input: str = ""
+    output: str = "predictions.csv"
+    env_manager: str = "local"
+
+    # -- derived values -------------------------------------------------------------------
+    def capped_epochs(self, epochs: int) -> int:
+        return min(epochs, self.max_epochs) if self.max_epochs else epochs
+
+    def capped_repeats(self, repeats: int) -> int:
+        return min(repeats, self.max_repeats) if self.max_repeats else repeats
+
+    def resolved_data_dir(self) -> Path:
+        if self.data_dir:
+            return Path(self.data_dir).expanduser().resolve()
+        return PROJECT_DIR / "data" / self.dataset
+
+    def replace(self, **changes: Any) -> "Config":
+        return validate(dataclasses.replace(self, **changes))
+
+    def to_params(self) -> dict[str, str]:
+        """Canonical string form, so one value always logs with one spelling."""
+        return {f.name: format_value(getattr(self, f.name)) for f in fields(self)}
+
+    def training_key(self) -> str:
+        """Hash of everything that decides a stage's result, plus the code version."""
+        params = self.to_params()
+        for volatile in ("log_every", "resume_run_id", "env_manager", "num_workers"):
+            params.pop(volatile)
+        text = yaml.safe_dump(params, sort_keys=True) + code_version()
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+FIELD_TYPES = {f.name: f for f in fields(Config)}
+LIST_ITEM_TYPES = {"lrs": float, "gammas": float, "wds": float, "bss": int, "archs": str}
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, list):
+        return ",".join(format_value(v) for v in value)
+    return str(value)
+
+
+def _field_kind(name: str) -> type:
+    default = Config.__dataclass_fields__[name]
+    if default.default_factory is not dataclasses.MISSING:
+        return list
+    return type(default.default)
+
+
+def parse_value(name: str, raw: Any) -> Any:
+    """Parse one raw value (string from the CLI or YAML scalar) into the field's type."""
+    if name not in FIELD_TYPES:
+        known = ", ".join(sorted(FIELD_TYPES))
+        raise ConfigError(f"unknown parameter '{name}': known parameters are {known}")
+    kind = _field_kind(name)
+    try:
+        if kind is list:
+            items = raw if isinstance(raw, list) else [s for s in str(raw).split(",") if s.strip()]
+            item_type = LIST_ITEM_TYPES[name]
+            return [_parse_scalar(item_type, item) for item in items]
+        return _parse_scalar(kind, raw)
+    except (TypeError, ValueError):
+        expected = {int: "an integer", float: "a number", bool: "true or false",
+                    list: f"a comma-separated list of {LIST_ITEM_TYPES.get(name, str).__name__}s"}
+        raise ConfigError(
+            f"parameter {name}={raw!r} is not {expected.get(kind, 'a string')}; "
+            f"fix it with -P {name}=<value>") from None
+
+
+def _parse_scalar(kind: type, raw: Any) -> Any:
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(raw)
+    if kind is int:
+        number = float(str(raw).strip())
+        if not number.is_integer():
+            raise ValueError(raw)
+        return int(number)
+    if kind is float:
+        number = float(str(raw).strip())
+        if not math.isfinite(number):
+            raise ValueError(raw)
+        return number
+    return "" if raw is None else str(raw).strip()
+
+
+# (name, check, allowed range as the user should read it)
+RULES = [
+    ("arch", lambda v: v in ARCHS or v == "", "one of " + "|".join(ARCHS) + " (or empty: the parent's)"),
+    ("archs", lambda v: all(a in ARCHS for a in v), "a list of " + "|".join(ARCHS)),
+    ("epochs", lambda v: v >= 1, ">= 1"),
+    ("bs", lambda v: v >= 1, ">= 1"),
+    ("lr", lambda v: v > 0, "> 0"),
+    ("alpha", lambda v: 0 <= v < 1, "0 <= alpha < 1"),
+    ("gamma", lambda v: 0 <= v < 1, "0 <= gamma < 1"),
+    ("wd", lambda v: v >= 0, ">= 0"),
+    ("tol", lambda v: v >= 0, ">= 0"),
+    ("patience", lambda v: v >= 1, ">= 1"),
+    ("seed", lambda v: v >= 0, ">= 0"),
+    ("repeats", lambda v: v >= 1, ">= 1"),
+    ("init", lambda v: v in ("parent", "scratch"), "parent|scratch"),
+    ("max_epochs", lambda v: v >= 0, ">= 0 (0 = no cap)"),
+    ("max_repeats", lambda v: v >= 0, ">= 0 (0 = no cap)"),
+    ("lrs", lambda v: all(x > 0 for x in v), "numbers > 0"),
+    ("gammas", lambda v: all(0 <= x < 1 for x in v), "numbers in [0, 1)"),
+    ("wds", lambda v: all(x >= 0 for x in v), "numbers >= 0"),
+    ("bss", lambda v: all(x >= 1 for x in v), "integers >= 1"),
+    ("probe_epochs", lambda v: v >= 0, ">= 0 (0 = no probe run)"),
+    ("probe_tol", lambda v: v >= 0, ">= 0"),
+    ("phase1_epochs", lambda v: v >= 0, ">= 0 (0 = no first phase)"),
+    ("phase1_lr", lambda v: v > 0, "> 0"),
+    ("phase1_bs", lambda v: v >= 1, ">= 1"),
+    ("phase1_gamma", lambda v: 0 <= v < 1, "0 <= phase1_gamma < 1"),
+    ("phase1_wd", lambda v: v >= 0, ">= 0"),
+    ("phase1_tol", lambda v: v >= 0, ">= 0"),
+    ("device", lambda v: v in ("auto", "cpu", "cuda"), "auto|cpu|cuda"),
+    ("data_pipeline", lambda v: v in ("tensor", "torchvision"), "tensor|torchvision"),
+    ("num_workers", lambda v: v >= 0, ">= 0"),
+    ("log_every", lambda v: v >= 1, ">= 1"),
+    ("dataset", lambda v: v in ("svhn", "synthetic"), "svhn|synthetic"),
+    ("limit_train", lambda v: v >= 0, ">= 0 (0 = all)"),
+    ("limit_test", lambda v: v >= 0, ">= 0 (0 = all)"),
+    ("synthetic_train", lambda v: v >= 1, ">= 1"),
+    ("synthetic_test", lambda v: v >= 1, ">= 1"),
+    ("env_manager", lambda v: v in ("local", "conda", "virtualenv", "uv"), "local|conda|virtualenv|uv"),
+]
+
+
+def validate(cfg: Config) -> Config:
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"unknown stage '{cfg.stage}': use one of {', '.join(STAGES)}")
+    for name, check, allowed in RULES:
+        value = getattr(cfg, name)
+        if not check(value):
+            raise ConfigError(f"parameter {name}={format_value(value)} is out of range: "
+                              f"allowed {allowed}; fix it with -P {name}=<value>")
+    return cfg
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of parameter: value")
+    return data
+
+
+def load(stage: str, overrides: Mapping[str, Any] | None = None) -> Config:
+    """defaults.yaml <- <stage>.yaml <- overrides, each value parsed and the result validated."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage '{stage}': use one of {', '.join(STAGES)}")
+    merged: dict[str, Any] = {}
+    merged.update(read_yaml(PARAMS_DIR / "defaults.yaml"))
+    merged.update(read_yaml(PARAMS_DIR / f"{stage}.yaml"))
+    merged.update(overrides or {})
+    merged["stage"] = stage
+    values = {name: parse_value(name, raw) for name, raw in merged.items()}
+    return validate(Config(**values))
+
+
+def from_params(params: Mapping[str, str]) -> Config:
+    """Rebuild a Config from what a run logged (its config.yaml or params)."""
+    values = {k: parse_value(k, v) for k, v in params.items() if k in FIELD_TYPES}
+    return validate(Config(**values))
+
+
+def code_version() -> str:
+    """Hash of the code and default params: a changed file invalidates reused runs."""
+    digest = hashlib.sha256()
+    files = sorted((PROJECT_DIR / "pipeline").glob("*.py")) + sorted(PARAMS_DIR.glob("*.yaml"))
+    files.append(PROJECT_DIR / "MLproject")
+    for path in files:
+        if path.exists():
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]

@@ -1,0 +1,292 @@
+"""SVHN and SVHN-format .mat files -> uint8 tensors, and the seed's transforms on two pipelines.
+
+`tensor` (default): each .mat is decoded once into a cached uint8 tensor file; batches are
+cropped, rotated and normalised as whole tensors on the training device.
+`torchvision`: the seed's own path, torchvision's SVHN dataset with per-sample PIL transforms
+in a DataLoader, kept for comparison (benchmarks/throughput.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision import transforms as T
+from torchvision.datasets.utils import check_integrity
+
+from . import synthetic
+from .config import PROJECT_DIR, Config
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+CROP = 28
+MAX_ANGLE = 30.0
+CACHE_DIR = PROJECT_DIR / ".svhn-cache"
+
+
+class DataError(RuntimeError):
+    """Bad or missing data: the message is the one line the user sees."""
+
+
+class SVHNMat(torchvision.datasets.SVHN):
+    """torchvision's SVHN reader, whose MD5 check can be switched off for other SVHN-format files."""
+
+    def __init__(self, root, split, verify=True, filename=None, **kwargs):
+        self.verify, self._override = verify, filename
+        super().__init__(root, split=split, **kwargs)
+
+    @property
+    def filename(self) -> str:  # any file name, not only train_32x32.mat / test_32x32.mat
+        return self._override or self._filename
+
+    @filename.setter
+    def filename(self, value: str) -> None:
+        self._filename = value
+
+    def _check_integrity(self) -> bool:
+        path = os.path.join(self.root, self.filename)
+        return super()._check_integrity() if self.verify else os.path.isfile(path)
+
+
+# -- locating and checking the files ---------------------------------------------------------
+
+def data_folder(cfg: Config) -> Path:
+    """The folder holding train_32x32.mat and test_32x32.mat (made first for synthetic data)."""
+    folder = cfg.resolved_data_dir()
+    if cfg.dataset == "synthetic":
+        return synthetic.ensure(folder, cfg.synthetic_train, cfg.synthetic_test, cfg.seed)
+    if cfg.download:
+        for split in ("train", "test"):
+            _download(folder, split)
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} does not exist: put SVHN's train_32x32.mat and "
+                        f"test_32x32.mat there, or add -P download=true (needs network) or "
+                        f"-P dataset=synthetic")
+    return folder
+
+
+def _download(folder: Path, split: str) -> None:
+    try:
+        SVHNMat(str(folder), split, verify=True, download=True)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"cannot download SVHN {split} split into {folder} ({reason}): are you "
+                        f"offline? Copy the .mat files there by hand, or use -P dataset=synthetic") from None
+
+
+def mat_path(folder: Path, split: str) -> Path:
+    path = folder / SVHNMat.split_list[split][1]
+    if not path.is_file():
+        raise DataError(f"missing {path}: put SVHN's {path.name} in {folder}, or add "
+                        f"-P download=true (needs network) or -P dataset=synthetic")
+    return path
+
+
+def check_md5(path: Path, split: str) -> None:
+    if not check_integrity(str(path), SVHNMat.split_list[split][2]):
+        raise DataError(f"checksum mismatch for {path}: not the official SVHN file; download it "
+                        f"again, or add -P verify=false to load another SVHN-format .mat")
+
+
+# -- decode once -----------------------------------------------------------------------------
+
+def _cache_file(path: Path) -> Path:
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return CACHE_DIR / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+
+def read_mat(path: Path, split: str, verify: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N,3,32,32) uint8, labels (N,) int64), decoded once and cached as a tensor file.
+
+    The cache key is the file's path, size and mtime, so a changed .mat is decoded again.
+    """
+    cache = _cache_file(path)
+    if cache.exists():
+        try:
+            blob = torch.load(cache, weights_only=True)
+            if blob["verified"] or not verify:
+                return blob["images"], blob["labels"]
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            pass
+    if verify:
+        check_md5(path, split)
+    try:
+        dataset = SVHNMat(str(path.parent), split, verify=False, filename=path.name)
+    except Exception as err:
+        raise DataError(f"cannot read {path}: not a valid SVHN-format .mat ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); replace the file") from None
+    images = torch.from_numpy(np.ascontiguousarray(dataset.data))
+    labels = torch.from_numpy(dataset.labels.astype(np.int64))
+    if images.dim() != 4 or images.shape[1:] != (3, 32, 32) or len(images) != len(labels):
+        raise DataError(f"cannot read {path}: expected X of shape 32x32x3xN and y of N labels, "
+                        f"got {tuple(dataset.data.shape)}; replace the file")
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    torch.save({"images": images, "labels": labels, "verified": verify}, tmp)
+    os.replace(tmp, cache)
+    return images, labels
+
+
+@dataclass
+class SVHNData:
+    folder: Path
+    train_images: torch.Tensor  # (N,3,32,32) uint8
+    train_labels: torch.Tensor  # (N,) int64
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_labels)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.test_labels)
+
+
+def _limit(images, labels, limit: int):
+    return (images[:limit], labels[:limit]) if limit else (images, labels)
+
+
+def load(cfg: Config) -> SVHNData:
+    folder = data_folder(cfg)
+    verify = cfg.verify and cfg.dataset == "svhn"
+    train = _limit(*read_mat(mat_path(folder, "train"), "train", verify), cfg.limit_train)
+    test = _limit(*read_mat(mat_path(folder, "test"), "test", verify), cfg.limit_test)
+    return SVHNData(folder, *train, *test)
+
+
+# -- the seed's transforms on whole batches ---------------------------------------------------
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 or [0,1] float (B,3,H,W) -> normalised float, as ToTensor + Normalize."""
+    if images.dtype == torch.uint8:
+        images = images.float().div_(255)
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def center_crop(images: torch.Tensor, size: int = CROP) -> torch.Tensor:
+    top = (images.shape[-2] - size) // 2  # CenterCrop rounds the same way for 32 -> 28
+    left = (images.shape[-1] - size) // 2
+    return images[..., top:top + size, left:left + size]
+
+
+def sample_augment_params(batch: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Per-image crop offsets (0..4, as RandomCrop(28) on 32) and angles in [-30, 30]."""
+    tops = torch.randint(0, 32 - CROP + 1, (batch,), generator=generator)
+    lefts = torch.randint(0, 32 - CROP + 1, (batch,), generator=generator)
+    angles = torch.rand(batch, generator=generator) * (2 * MAX_ANGLE) - MAX_ANGLE
+    return tops, lefts, angles
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """RandomCrop(28) then RandomRotation([-30, 30]) (nearest, fill 0), each image its own draw.
+
+    uint8 (B,3,32,32) on any device -> float (B,3,28,28) in [0,1]; no per-sample Python.
+    """
+    batch, device = images.shape[0], images.device
+    tops, lefts, angles = (t.to(device) for t in sample_augment_params(batch, generator))
+    offsets = torch.arange(CROP, device=device)
+    rows = (tops[:, None] + offsets)[:, None, :, None]
+    cols = (lefts[:, None] + offsets)[:, None, None, :]
+    crops = images[torch.arange(batch, device=device)[:, None, None, None],
+                   torch.arange(3, device=device)[None, :, None, None], rows, cols]
+    radians = angles * (math.pi / 180)
+    cos, sin = torch.cos(radians), torch.sin(radians)
+    zero = torch.zeros_like(cos)
+    # torchvision rotates counter-clockwise; grid_sample maps output -> input, hence the signs
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, [batch, 3, CROP, CROP], align_corners=False)
+    return F.grid_sample(crops.float().div_(255), grid, mode="nearest", padding_mode="zeros",
+                         align_corners=False)
+
+
+class TensorBatches:
+    """Batches from uint8 tensors: shuffled with `generator`, augmented and normalised as tensors."""
+
+    def __init__(self, images, labels, bs, *, train, augment_images, device, generator=None,
+                 channels_last=False):
+        self.images, self.labels = images, labels
+        self.bs, self.train, self.augment_images = bs, train, augment_images
+        self.device, self.generator, self.channels_last = device, generator, channels_last
+        if device.type == "cuda":  # resident on the GPU: no host->device copy per batch
+            self.images = images.to(device, non_blocking=True)
+            self.labels = labels.to(device, non_blocking=True)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.bs)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
+        order = order.to(self.images.device)
+        for start in range(0, n, self.bs):
+            index = order[start:start + self.bs]
+            x = self.images[index].to(self.device, non_blocking=True)
+            y = self.labels[index].to(self.device, non_blocking=True)
+            if self.train and self.augment_images:
+                x = normalise(augment(x, self.generator))
+            else:
+                x = normalise(center_crop(x))
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y
+
+
+# -- the seed's own pipeline -------------------------------------------------------------------
+
+def seed_transforms(train: bool, augment_images: bool = True) -> T.Compose:
+    crop = [T.RandomCrop(CROP), T.RandomRotation(degrees=[-MAX_ANGLE, MAX_ANGLE])] \
+        if train and augment_images else [T.CenterCrop(CROP)]
+    return T.Compose([*crop, T.ToTensor(), T.Normalize(mean=MEAN, std=STD)])
+
+
+class LoaderBatches:
+    """torchvision SVHN + per-sample PIL transforms + DataLoader, as the seed feeds its model."""
+
+    def __init__(self, folder, split, limit, bs, *, train, augment_images, device, verify,
+                 generator=None, num_workers=0, channels_last=False):
+        dataset = SVHNMat(str(folder), split, verify=verify,
+                          transform=seed_transforms(train, augment_images))
+        if limit:
+            dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=bs, shuffle=train, drop_last=False, num_workers=num_workers,
+            generator=generator, pin_memory=device.type == "cuda")
+        self.device, self.channels_last = device, channels_last
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True)
+
+
+def batches(cfg: Config, data: SVHNData, split: str, device: torch.device, bs: int,
+            generator: torch.Generator | None = None, channels_last: bool = False):
+    """The train or test batches of `data` on the pipeline `cfg.data_pipeline` names."""
+    train = split == "train"
+    if cfg.data_pipeline == "torchvision":
+        limit = cfg.limit_train if train else cfg.limit_test
+        return LoaderBatches(data.folder, split, limit, bs, train=train, augment_images=cfg.augment,
+                             device=device, verify=cfg.verify and cfg.dataset == "svhn",
+                             generator=generator, num_workers=cfg.num_workers,
+                             channels_last=channels_last)
+    images, labels = (data.train_images, data.train_labels) if train else \
+        (data.test_images, data.test_labels)
+    return TensorBatches(images, labels, bs, train=train, augment_images=cfg.augment, device=device,
+                         generator=generator, channels_last=channels_last)

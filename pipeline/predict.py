@@ -1,0 +1,161 @@
+"""Label images with a registered model, and the evaluation report on the test split.
+
+Inputs: one image file (any size, RGB or grey), a folder of them, or an SVHN-format .mat.
+Each image is resized to SVHN's 32x32 RGB; the model applies the seed's test transform itself.
+"""
+from __future__ import annotations
+
+import csv
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as data_mod
+from . import plots, tracking
+from .config import Config
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+
+
+class PredictError(RuntimeError):
+    """A model or input that cannot be used: the message is the one line the user sees."""
+
+
+@dataclass
+class Inputs:
+    names: list[str] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)  # each (32,32,3) uint8
+    labels: np.ndarray | None = None
+    failures: list[str] = field(default_factory=list)
+
+
+def read_image(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB").resize((32, 32), Image.BILINEAR), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise PredictError(f"cannot read image {path}: {type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else 'unreadable'}; "
+                           f"skipped it (replace or remove the file)") from None
+
+
+def collect(source: str) -> Inputs:
+    path = Path(source).expanduser()
+    if not source:
+        raise PredictError("no input given: pass -P input=<image, folder of images, or .mat>")
+    if not path.exists():
+        raise PredictError(f"input {path} does not exist: pass an image, a folder of images, or a .mat")
+    inputs = Inputs()
+    if path.is_file() and path.suffix.lower() == ".mat":
+        split = "test" if "test" in path.name else "train"
+        try:
+            images, labels = data_mod.read_mat(path, split, verify=False)
+        except data_mod.DataError as err:
+            raise PredictError(str(err)) from None
+        inputs.images = list(images.permute(0, 2, 3, 1).numpy())
+        inputs.names = [f"{path.name}[{i}]" for i in range(len(images))]
+        inputs.labels = labels.numpy()
+        return inputs
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) \
+        if path.is_dir() else [path]
+    for file in files:
+        try:
+            inputs.images.append(read_image(file))
+            inputs.names.append(file.name if path.is_dir() else str(file))
+        except PredictError as err:
+            print(str(err), flush=True)
+            inputs.failures.append(str(file))
+    return inputs
+
+
+def load_model(model_uri: str):
+    import mlflow
+
+    try:
+        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    except Exception as err:
+        raise PredictError(f"cannot load model {model_uri} ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0][:200] if str(err) else ''}): run `mlflow run . -e "
+                           f"retrain` to register one, or pass -P model_uri=<uri>") from None
+
+
+def probabilities(model, images: np.ndarray, bs: int = 256) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), bs):
+            out.append(model(torch.from_numpy(np.ascontiguousarray(images[start:start + bs]))).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 10), dtype=np.float32)
+
+
+def predict(cfg: Config, run_id: str | None) -> int:
+    """Write cfg.output; return the exit code (1 when some inputs could not be read)."""
+    model = load_model(cfg.model_uri)
+    inputs = collect(cfg.input)
+    probs = probabilities(model, np.stack(inputs.images)) if inputs.images else np.zeros((0, 10))
+    labels, confidence = probs.argmax(1), probs.max(1) if len(probs) else probs
+    output = Path(cfg.output).expanduser()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["input", "label", "confidence"])
+        for name, label, conf in zip(inputs.names, labels, confidence):
+            writer.writerow([name, int(label), f"{float(conf):.4f}"])
+    print(f"wrote {len(inputs.names)} predictions to {output}", flush=True)
+    if run_id:
+        client = tracking.client()
+        client.log_artifact(run_id, str(output))
+        client.set_tag(run_id, "stage", "predict")
+        metrics = {"n_predictions": len(inputs.names), "n_failed": len(inputs.failures)}
+        if inputs.labels is not None:
+            metrics["accuracy"] = 100.0 * float((labels == inputs.labels).mean())
+        tracking.log_epoch(run_id, 0, metrics)
+    if inputs.labels is not None:
+        print(f"accuracy on {len(labels)} labelled images: "
+              f"{100.0 * float((labels == inputs.labels).mean()):.3f}%", flush=True)
+    if inputs.failures:
+        print(f"{len(inputs.failures)} of {len(inputs.failures) + len(inputs.names)} inputs could not "
+              f"be read (listed above)", flush=True)
+        return 1
+    return 0
+
+
+def evaluation_report(model, images: torch.Tensor, labels: torch.Tensor, run_id: str,
+                      folder: str = "evaluation", gallery_size: int = 32) -> dict[str, float]:
+    """Confusion matrix, per-digit accuracy (table and bars) and a gallery of mistakes."""
+    nhwc = images.permute(0, 2, 3, 1).numpy()
+    truth = labels.numpy()
+    predicted = probabilities(model, nhwc).argmax(1)
+    matrix = np.zeros((10, 10), dtype=np.int64)
+    np.add.at(matrix, (truth, predicted), 1)
+    totals = matrix.sum(1)
+    per_digit = [100.0 * matrix[d, d] / totals[d] if totals[d] else 0.0 for d in range(10)]
+    wrong = np.flatnonzero(predicted != truth)[:gallery_size]
+    client = tracking.client()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        table = ["| digit | test images | correct | accuracy (%) |", "|---|---|---|---|"]
+        table += [f"| {d} | {totals[d]} | {matrix[d, d]} | {per_digit[d]:.2f} |" for d in range(10)]
+        (tmp / "per_digit_accuracy.md").write_text("\n".join(table) + "\n")
+        plots.confusion(matrix, tmp / "confusion_matrix.png")
+        plots.per_digit(per_digit, tmp / "per_digit_accuracy.png")
+        plots.gallery(images[wrong].numpy(), truth[wrong], predicted[wrong], tmp / "misclassified.png")
+        client.log_artifacts(run_id, str(tmp), folder)
+    metrics = {f"test_acc_digit_{d}": per_digit[d] for d in range(10)}
+    metrics["eval_test_acc"] = 100.0 * float((predicted == truth).mean())
+    tracking.log_epoch(run_id, 0, metrics)
+    hardest = sorted(range(10), key=lambda d: per_digit[d])[:3]
+    print("hardest digits: " + ", ".join(f"{d} ({per_digit[d]:.1f}%)" for d in hardest), flush=True)
+    return metrics
+
+
+def evaluate(cfg: Config, run_id: str) -> dict[str, float]:
+    """The `evaluate` entry point: the report for cfg.model_uri on cfg's test split."""
+    model = load_model(cfg.model_uri)
+    dataset = data_mod.load(cfg)
+    tracking.client().set_tag(run_id, "stage", "evaluate")
+    return evaluation_report(model, dataset.test_images, dataset.test_labels, run_id)

@@ -1,0 +1,143 @@
+"""One tracked training run: the shared piece every stage calls (never a second loop).
+
+It logs the config, model summary and sample images, trains with train.fit, and after every
+epoch writes best.pt / last.pt atomically and logs the epoch's metrics in one batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import data as data_mod
+from . import models, plots, tracking, train
+from .config import Config
+
+# Runs this process opened and has not closed: a signal marks them KILLED.
+OPEN_RUNS: list[str] = []
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    name: str
+    arch: str
+    best_test_acc: float
+    best_epoch: int
+    history: train.History
+
+
+def hyper(cfg: Config, epochs: int | None = None) -> train.Hyper:
+    return train.Hyper(epochs=cfg.capped_epochs(epochs or cfg.epochs), lr=cfg.lr, alpha=cfg.alpha,
+                       gamma=cfg.gamma, wd=cfg.wd, tol=cfg.tol, patience=cfg.patience,
+                       log_every=cfg.log_every, compile=cfg.compile)
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+@contextlib.contextmanager
+def opened(run_id: str, end: bool = True):
+    """Track `run_id` as open; end it FINISHED, or FAILED on an error (KILLED is set by the
+    signal handler in __main__)."""
+    OPEN_RUNS.append(run_id)
+    try:
+        yield run_id
+    except BaseException as err:
+        if end and not isinstance(err, KeyboardInterrupt):
+            tracking.end_run(run_id, "FAILED")
+        raise
+    else:
+        if end:
+            tracking.end_run(run_id, "FINISHED")
+    finally:
+        OPEN_RUNS.remove(run_id)
+
+
+def create_child(parent_run_id: str, name: str, tags: dict[str, str]) -> str:
+    parent = tracking.client().get_run(parent_run_id)
+    run = tracking.client().create_run(parent.info.experiment_id, run_name=name,
+                                       tags={"mlflow.parentRunId": parent_run_id, **tags})
+    return run.info.run_id
+
+
+def log_static_artifacts(run_id: str, cfg: Config, arch: str, dataset: data_mod.SVHNData) -> None:
+    client = tracking.client()
+    client.log_text(run_id, models.summary(arch), "model_summary.txt")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = plots.samples(dataset.train_images.numpy(), dataset.train_labels.numpy(),
+                             Path(tmp) / "samples.png", seed=cfg.seed)
+        client.log_artifact(run_id, str(path), "plots")
+
+
+def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: str,
+                 init_state: dict | None = None, resume: dict | None = None,
+                 epochs: int | None = None) -> RunResult:
+    """Train `arch` inside the existing run `run_id` and log everything about it."""
+    client = tracking.client()
+    if resume is None:
+        tracking.log_config(run_id, cfg)
+        client.set_tag(run_id, "arch", arch)
+        log_static_artifacts(run_id, cfg, arch, dataset)
+    device = train.pick_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    generator = train.seed_everything(cfg.seed)
+    model = models.build(arch)
+    if init_state is not None:
+        models.load_state(model, init_state, arch, "of the parent run")
+    channels_last = device.type == "cuda"
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    train_batches = data_mod.batches(cfg, dataset, "train", device, cfg.bs, generator, channels_last)
+    test_batches = data_mod.batches(cfg, dataset, "test", device, cfg.bs, None, channels_last)
+    already_logged = tracking.logged_steps(run_id, "test_acc") if resume else set()
+    if resume is not None and resume["epoch"] not in already_logged:
+        # killed between writing last.pt and logging its metrics: log them now, once
+        done = resume["history"].epochs[-1]
+        tracking.log_epoch(run_id, done.epoch, done.metrics())
+
+    def on_epoch(result: train.EpochResult, is_best: bool, snapshot) -> None:
+        if is_best:
+            tracking.save_checkpoint(run_id, tracking.BEST, model.state_dict())
+        tracking.save_checkpoint(run_id, tracking.LAST, snapshot())
+        if result.epoch not in already_logged:
+            tracking.log_epoch(run_id, result.epoch, result.metrics())
+
+    run_hyper = hyper(cfg, epochs)
+    log(f"run {run_id}: {arch}, {dataset.n_train} train / {dataset.n_test} test images, "
+        f"{run_hyper.epochs} epochs, bs {cfg.bs}, lr {cfg.lr:g}, gamma {cfg.gamma:g}, wd {cfg.wd:g}, "
+        f"device {device}, pipeline {cfg.data_pipeline}")
+    history = train.fit(model, train_batches, test_batches, run_hyper, device, generator,
+                        resume=resume, on_epoch=on_epoch, log=log)
+    tracking.log_epoch(run_id, 0, {"best_test_acc": history.best_test_acc,
+                                   "best_epoch": history.best_epoch,
+                                   "total_time_s": history.total_time_s})
+    client.set_tag(run_id, "stopped_early", str(history.stopped_early).lower())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = plots.loss(history.column("train_loss"), history.column("test_loss"),
+                          Path(tmp) / "loss.png")
+        client.log_artifact(run_id, str(path), "plots")
+    return RunResult(run_id, client.get_run(run_id).info.run_name, arch, history.best_test_acc,
+                     history.best_epoch, history)
+
+
+def child_run(parent_run_id: str, name: str, cfg: Config, dataset: data_mod.SVHNData, *,
+              arch: str, init_state: dict | None, tags: dict[str, str],
+              epochs: int | None = None) -> RunResult:
+    """A nested run under the stage's run: one repeat, sweep point or phase."""
+    run_id = create_child(parent_run_id, name, {"stage": cfg.stage, **tags})
+    with opened(run_id):
+        return train_in_run(run_id, cfg, dataset, arch=arch, init_state=init_state, epochs=epochs)
+
+
+def resume_state(run_id: str) -> dict:
+    if not tracking.has_artifact(run_id, tracking.LAST):
+        raise tracking.LineageError(
+            f"run {run_id} has no {tracking.LAST}: it stopped before its first epoch ended, "
+            f"so there is nothing to resume; start it again without resume_run_id")
+    # last.pt holds our own History/EpochResult objects and RNG state, not only tensors
+    return tracking.load_artifact(run_id, tracking.LAST, weights_only=False)

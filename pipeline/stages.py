@@ -1,0 +1,263 @@
+"""The seed's experiment, one short function per stage over shared helpers.
+
+Each stage gets a top-level run (the one `mlflow run` made, or a new one). Repeats, sweep points
+and phases are nested child runs; the top-level run carries the best child's checkpoint, its
+best_test_acc and tag best_child_run_id, so any stage can be the parent of the next.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+from . import data as data_mod
+from . import models, plots, predict, registry, runner, tracking
+from .config import Config, code_version, format_value
+from .runner import RunResult, child_run, log
+
+
+@dataclass
+class Lineage:
+    """Where a stage comes from: its parent run (for the record) and its initial weights."""
+    parent_run_id: str = ""
+    parent_arch: str = ""
+    parent_winner: str = ""
+    init_state: dict | None = None
+
+
+def resolve_lineage(cfg: Config) -> Lineage:
+    """Check the parent before any data is read or any training starts."""
+    if not cfg.parent_run_id:
+        return Lineage()
+    run = tracking.check_parent(cfg.parent_run_id)
+    lineage = Lineage(cfg.parent_run_id, run.data.tags.get("arch", ""), run.data.tags.get("winner", ""))
+    if cfg.init == "parent":
+        lineage.init_state = tracking.parent_state(cfg.parent_run_id)
+        arch = cfg.arch or lineage.parent_arch or models.guess_arch(lineage.init_state) or "resnet"
+        models.load_state(models.build(arch), lineage.init_state, arch,
+                          f"{cfg.parent_run_id}/{tracking.BEST}")
+    return lineage
+
+
+def stage_arch(cfg: Config, lineage: Lineage) -> str:
+    return cfg.arch or lineage.parent_winner or lineage.parent_arch or "resnet"
+
+
+# -- shared helpers ------------------------------------------------------------------------------
+
+def finish(run_id: str, results: list[RunResult], extra_tags: dict[str, str] | None = None,
+           candidates: list[RunResult] | None = None) -> RunResult:
+    """Copy the best child's best.pt up to the stage run, log best_test_acc, compare children."""
+    best = max(candidates or results, key=lambda r: r.best_test_acc)
+    client = tracking.client()
+    tracking.save_checkpoint(run_id, tracking.BEST, tracking.load_artifact(best.run_id, tracking.BEST))
+    tracking.log_epoch(run_id, 0, {"best_test_acc": best.best_test_acc, "best_epoch": best.best_epoch,
+                                   "total_time_s": sum(r.history.total_time_s for r in results)})
+    client.set_tag(run_id, "best_child_run_id", best.run_id)
+    client.set_tag(run_id, "arch", best.arch)
+    for key, value in (extra_tags or {}).items():
+        client.set_tag(run_id, key, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        curves = {r.name: r.history.column("test_acc") for r in results}
+        client.log_artifact(run_id, str(plots.comparison(curves, Path(tmp) / "compare_test_acc.png")),
+                            "plots")
+        curves = {r.name: r.history.column("test_loss") for r in results}
+        client.log_artifact(run_id, str(plots.comparison(curves, Path(tmp) / "compare_test_loss.png",
+                                                         "test_loss")), "plots")
+    log(f"best of {len(results)}: {best.name} ({best.run_id}) test_acc {best.best_test_acc:.3f}%")
+    return best
+
+
+def sweep(run_id: str, points: list[tuple[str, Config]], dataset, arch: str, lineage: Lineage,
+          epochs: int | None = None) -> list[RunResult]:
+    """Train each (name, config) point as a child run from the stage's initial weights."""
+    source = lineage.parent_run_id if lineage.init_state is not None else "scratch"
+    return [child_run(run_id, name, point, dataset, arch=arch, init_state=lineage.init_state,
+                      tags={"source_run_id": source}, epochs=epochs)
+            for name, point in points]
+
+
+def number(value: float) -> str:
+    return format(value, "g")
+
+
+# -- the stages ------------------------------------------------------------------------------------
+
+def train(cfg, run_id, dataset, lineage):
+    arch = stage_arch(cfg, lineage)
+    return runner.train_in_run(run_id, cfg, dataset, arch=arch, init_state=lineage.init_state)
+
+
+def model_selection(cfg, run_id, dataset, lineage):
+    archs = cfg.archs or ["resnet", "vgg"]
+    repeats = cfg.capped_repeats(cfg.repeats)
+    points = {arch: [(f"model_selection {arch} #{r + 1}", cfg.replace(arch=arch, seed=cfg.seed + r))
+                     for r in range(repeats)] for arch in archs}
+    results = {arch: sweep(run_id, pts, dataset, arch, Lineage()) for arch, pts in points.items()}
+    client = tracking.client()
+    summary = {}
+    for arch, runs in results.items():
+        accs = [r.best_test_acc for r in runs]
+        summary[arch] = {
+            f"{arch}_mean_time_s": statistics.fmean(r.history.total_time_s for r in runs),
+            f"{arch}_acc_mean": statistics.fmean(accs),
+            f"{arch}_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            f"{arch}_params": models.count_parameters(models.build(arch)),
+        }
+        tracking.log_epoch(run_id, 0, summary[arch])
+        log(f"{arch}: best test_acc {summary[arch][f'{arch}_acc_mean']:.3f}% "
+            f"± {summary[arch][f'{arch}_acc_std']:.3f} over {len(runs)} runs, "
+            f"{summary[arch][f'{arch}_mean_time_s']:.1f}s per run")
+    winner = max(archs, key=lambda a: summary[a][f"{a}_acc_mean"])
+    client.set_tag(run_id, "winner", winner)
+    log(f"winner: {winner} (highest mean best test accuracy)")
+    everything = [r for runs in results.values() for r in runs]
+    return finish(run_id, everything, {"winner": winner}, candidates=results[winner])
+
+
+def baseline(cfg, run_id, dataset, lineage):
+    arch = stage_arch(cfg, lineage)
+    points = []
+    if cfg.probe_epochs:  # the seed's test0: a shorter look before the long runs
+        probe = cfg.replace(arch=arch, tol=cfg.probe_tol)
+        points.append((f"baseline test0 ({probe.capped_epochs(cfg.probe_epochs)} epochs)", probe,
+                       cfg.probe_epochs))
+    for r in range(cfg.capped_repeats(cfg.repeats)):
+        points.append((f"baseline test{r + 1}", cfg.replace(arch=arch, seed=cfg.seed + r), None))
+    results = [child_run(run_id, name, point, dataset, arch=arch, init_state=lineage.init_state,
+                         tags={"source_run_id": "scratch" if lineage.init_state is None
+                               else lineage.parent_run_id}, epochs=epochs)
+               for name, point, epochs in points]
+    return finish(run_id, results)
+
+
+def tune_lr(cfg, run_id, dataset, lineage):
+    arch = stage_arch(cfg, lineage)
+    points = [(f"tune_lr lr={number(lr)}", cfg.replace(arch=arch, lr=lr)) for lr in cfg.lrs or [cfg.lr]]
+    return finish(run_id, sweep(run_id, points, dataset, arch, lineage))
+
+
+def tune_gamma(cfg, run_id, dataset, lineage):
+    arch = stage_arch(cfg, lineage)
+    points = [(f"tune_gamma gamma={number(g)}", cfg.replace(arch=arch, gamma=g))
+              for g in cfg.gammas or [cfg.gamma]]
+    return finish(run_id, sweep(run_id, points, dataset, arch, lineage))
+
+
+def overfit(cfg, run_id, dataset, lineage):
+    arch = stage_arch(cfg, lineage)
+    points = [(f"overfit wd={number(wd)} bs={bs}", cfg.replace(arch=arch, wd=wd, bs=bs))
+              for wd in cfg.wds or [cfg.wd] for bs in cfg.bss or [cfg.bs]]
+    return finish(run_id, sweep(run_id, points, dataset, arch, lineage))
+
+
+def two_phases(cfg, run_id, dataset, lineage, arch: str) -> RunResult:
+    """Phase 1 from the stage's initial weights at phase1_* settings, then phase 2 from
+    phase 1's best checkpoint at the stage's own settings (the seed's retrain and deepen)."""
+    first = cfg.replace(arch=arch, lr=cfg.phase1_lr, bs=cfg.phase1_bs, gamma=cfg.phase1_gamma,
+                        wd=cfg.phase1_wd, tol=cfg.phase1_tol)
+    results = []
+    if cfg.phase1_epochs:
+        results.append(child_run(
+            run_id, f"{cfg.stage} phase1 lr={number(first.lr)}", first, dataset, arch=arch,
+            init_state=lineage.init_state, epochs=cfg.phase1_epochs,
+            tags={"source_run_id": lineage.parent_run_id if lineage.init_state is not None else "scratch",
+                  "phase": "1"}))
+    start = tracking.load_artifact(results[0].run_id, tracking.BEST) if results else lineage.init_state
+    source = results[0].run_id if results else (lineage.parent_run_id or "scratch")
+    results.append(child_run(run_id, f"{cfg.stage} phase2 lr={number(cfg.lr)}", cfg.replace(arch=arch),
+                             dataset, arch=arch, init_state=start,
+                             tags={"source_run_id": source, "phase": "2"}))
+    best = finish(run_id, results)
+    if cfg.register:
+        registry.register(run_id, cfg, best, dataset)
+        # which digits are hard: confusion matrix, per-digit accuracy, gallery of mistakes
+        predict.evaluation_report(registry.classifier_from_run(run_id, best.arch),
+                                  dataset.test_images, dataset.test_labels, run_id)
+    return best
+
+
+def retrain(cfg, run_id, dataset, lineage):
+    return two_phases(cfg, run_id, dataset, lineage, stage_arch(cfg, lineage))
+
+
+def deepen(cfg, run_id, dataset, lineage):
+    return two_phases(cfg, run_id, dataset, lineage, cfg.arch or "resnet2")
+
+
+STAGES = {"train": train, "model_selection": model_selection, "baseline": baseline,
+          "tune_lr": tune_lr, "tune_gamma": tune_gamma, "overfit": overfit,
+          "retrain": retrain, "deepen": deepen}
+
+
+# -- the top-level run ------------------------------------------------------------------------------
+
+def run_name(cfg: Config) -> str:
+    if cfg.stage == "train":
+        return f"train {cfg.arch or 'resnet'} lr={number(cfg.lr)}"
+    return cfg.stage
+
+
+def top_level_run() -> tuple[str, bool]:
+    """(run id, created here): the run `mlflow run` made for us, or a new one."""
+    env_run = os.environ.get("MLFLOW_RUN_ID")
+    if env_run:
+        return env_run, False
+    experiment_id = mlflow.tracking.fluent._get_experiment_id()
+    return tracking.client().create_run(experiment_id).info.run_id, True
+
+
+def run(cfg: Config) -> RunResult:
+    lineage = resolve_lineage(cfg)
+    run_id, created = top_level_run()
+    client = tracking.client()
+    with runner.opened(run_id, end=created):
+        client.set_tag(run_id, "mlflow.runName", run_name(cfg))
+        client.set_tag(run_id, "stage", cfg.stage)
+        client.set_tag(run_id, "source_run_id", cfg.parent_run_id or "scratch")
+        client.set_tag(run_id, "init_from", "scratch" if lineage.init_state is None
+                       else f"{cfg.parent_run_id}/{tracking.BEST}")
+        client.set_tag(run_id, "code_version", code_version())
+        tracking.log_config(run_id, cfg)
+        dataset = data_mod.load(cfg)
+        log(f"{cfg.stage}: run {run_id} in {mlflow.get_tracking_uri()}")
+        result = STAGES[cfg.stage](cfg, run_id, dataset, lineage)
+        # set last: only a stage that finished can be found and reused by `main`
+        client.set_tag(run_id, "training_key", cfg.training_key())
+    log(f"{cfg.stage} done: run {run_id}, best test_acc {format_value(result.best_test_acc)}%")
+    return result
+
+
+def resume(cfg: Config) -> RunResult | None:
+    """Reopen run `cfg.resume_run_id` and continue it from its last completed epoch."""
+    from . import config as config_mod
+
+    run_id = cfg.resume_run_id
+    previous = tracking.get_run(run_id, "resume")
+    if previous.info.status == "FINISHED":
+        log(f"run {run_id} is FINISHED: nothing to resume")
+        return None
+    state = runner.resume_state(run_id)
+    text = mlflow.artifacts.load_text(f"{previous.info.artifact_uri}/config.yaml")
+    import yaml
+
+    original = config_mod.from_params(yaml.safe_load(text))
+    if os.environ.get("MLFLOW_RUN_ID") and os.environ["MLFLOW_RUN_ID"] != run_id:
+        # `mlflow run` opened a fresh run for this command; point it at the run we continue
+        holder = os.environ["MLFLOW_RUN_ID"]
+        tracking.client().set_tag(holder, "resumed_run_id", run_id)
+        tracking.client().set_tag(holder, "mlflow.note.content",
+                                  f"This command resumed run {run_id}; its metrics are there.")
+    tracking.client().update_run(run_id, status="RUNNING")
+    dataset = data_mod.load(original)
+    arch = previous.data.tags.get("arch") or original.arch or "resnet"
+    with runner.opened(run_id):
+        result = runner.train_in_run(run_id, original, dataset, arch=arch, resume=state)
+        if previous.data.tags.get("stage") == original.stage and "mlflow.parentRunId" not in previous.data.tags:
+            tracking.client().set_tag(run_id, "training_key", original.training_key())
+    log(f"resumed run {run_id} FINISHED, best test_acc {result.best_test_acc:.3f}%")
+    return result

@@ -1,0 +1,151 @@
+"""MLflow calls for training runs: params, metrics, checkpoints, lineage lookups and reuse."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
+import torch
+import yaml
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from . import interrupts
+from .config import Config
+
+BEST = "checkpoints/best.pt"
+LAST = "checkpoints/last.pt"
+
+
+class LineageError(RuntimeError):
+    """A parent or resume run that cannot be used: the message is the one line the user sees."""
+
+
+def client() -> MlflowClient:
+    return MlflowClient()
+
+
+# -- params and metrics ------------------------------------------------------------------------
+
+def log_config(run_id: str, cfg: Config) -> None:
+    """Log the fully resolved config as params and config.yaml.
+
+    `mlflow run` has already logged the -P values as the user spelled them (1e-4); logging the
+    same key again as 0.0001 would raise "Changing param values is not allowed", so keys the run
+    already has are left as they are. config.yaml holds the canonical values.
+    """
+    existing = client().get_run(run_id).data.params
+    params = [Param(k, v) for k, v in cfg.to_params().items() if k not in existing]
+    for start in range(0, len(params), 100):
+        client().log_batch(run_id, params=params[start:start + 100])
+    client().log_text(run_id, yaml.safe_dump(cfg.to_params(), sort_keys=False), "config.yaml")
+
+
+def log_epoch(run_id: str, step: int, metrics: dict[str, float]) -> None:
+    """One batched call per epoch, so logging costs one round trip."""
+    ts = mlflow.utils.time.get_current_time_millis()
+    client().log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+
+def logged_steps(run_id: str, key: str) -> set[int]:
+    return {m.step for m in client().get_metric_history(run_id, key)}
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temp file, fsync, rename: a kill never leaves a half-written .pt."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def local_artifact_dir(run_id: str) -> Path | None:
+    uri = client().get_run(run_id).info.artifact_uri
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path if parsed.scheme else uri)
+    return None
+
+
+def save_checkpoint(run_id: str, artifact_path: str, obj) -> None:
+    """Write a checkpoint artifact atomically: straight into a local artifact store, or through
+    a local atomic file uploaded whole to a remote one."""
+    local = local_artifact_dir(run_id)
+    with interrupts.critical():
+        if local is not None:
+            atomic_save(obj, local / artifact_path)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_path).name
+            atomic_save(obj, path)
+            client().log_artifact(run_id, str(path), str(Path(artifact_path).parent))
+
+
+def load_artifact(run_id: str, artifact_path: str, map_location="cpu", weights_only=True):
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                    dst_path=tmp)
+        return torch.load(local, map_location=map_location, weights_only=weights_only)
+
+
+def has_artifact(run_id: str, artifact_path: str) -> bool:
+    folder, _, name = artifact_path.rpartition("/")
+    return any(f.path == artifact_path for f in client().list_artifacts(run_id, folder or None))
+
+
+# -- lineage -----------------------------------------------------------------------------------
+
+def get_run(run_id: str, role: str = "parent"):
+    try:
+        return client().get_run(run_id)
+    except MlflowException:
+        raise LineageError(f"{role} run '{run_id}' was not found in the tracking store "
+                           f"{mlflow.get_tracking_uri()}: pass the id of an existing run "
+                           f"(see the MLflow UI or `mlflow runs list`)") from None
+
+
+def check_parent(run_id: str):
+    """The parent run, once it is known to exist, be FINISHED and hold checkpoints/best.pt."""
+    run = get_run(run_id)
+    if run.info.status != "FINISHED":
+        raise LineageError(f"parent run {run_id} is {run.info.status}, not FINISHED: wait for it, "
+                           f"resume it with -P resume_run_id={run_id}, or pass a finished run")
+    if not has_artifact(run_id, BEST):
+        raise LineageError(f"parent run {run_id} has no {BEST}: pass the id of a training "
+                           f"stage's run (train, baseline, tune_lr, ...)")
+    return run
+
+
+def parent_state(run_id: str) -> dict:
+    return load_artifact(run_id, BEST)
+
+
+# -- reuse -------------------------------------------------------------------------------------
+
+def find_finished_run(experiment_id: str, training_key: str):
+    """A FINISHED run whose params, parent and code version hash to `training_key`."""
+    runs = client().search_runs(
+        [experiment_id],
+        filter_string=f"tags.training_key = '{training_key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def end_run(run_id: str, status: str) -> None:
+    client().set_terminated(run_id, status=status)
+
+
+def is_terminal(status: str) -> bool:
+    return RunStatus.is_terminated(RunStatus.from_string(status))

@@ -1,0 +1,237 @@
+"""The one training loop (the seed's fit_test), free of MLflow so it can be tested alone.
+
+Differences from the seed, each on purpose: early stopping really stops (the seed compares a
+bool to the string "True"); epoch 1's weights count as a best (the seed never saves them); losses
+are the mean per sample (the seed reports x100).
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ConfigError
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    test_loss: float
+    train_acc: float
+    test_acc: float
+    epoch_time_s: float
+    train_images_per_s: float
+
+    def metrics(self) -> dict[str, float]:
+        values = asdict(self)
+        values.pop("epoch")
+        return values
+
+
+@dataclass
+class History:
+    epochs: list[EpochResult] = field(default_factory=list)
+    best_test_acc: float = -1.0
+    best_epoch: int = 0
+    stopped_early: bool = False
+    total_time_s: float = 0.0
+
+    def column(self, name: str) -> list[float]:
+        return [getattr(e, name) for e in self.epochs]
+
+
+class EarlyStopping:
+    """Stop when the test loss has not beaten its lowest value by more than `tol`
+    for `patience` epochs in a row."""
+
+    def __init__(self, patience: int = 5, tol: float = 1e-5):
+        self.patience, self.tol = patience, tol
+        self.counter = 0
+        self.lowest_loss: float | None = None
+
+    def __call__(self, loss: float) -> bool:
+        if self.lowest_loss is None or self.lowest_loss - loss > self.tol:
+            self.lowest_loss = loss
+            self.counter = 0
+        else:
+            self.counter += 1
+        return self.counter >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"counter": self.counter, "lowest_loss": self.lowest_loss}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counter, self.lowest_loss = state["counter"], state["lowest_loss"]
+
+
+@dataclass
+class Hyper:
+    """What the loop needs to know, as plain values."""
+    epochs: int
+    lr: float
+    alpha: float = 0.99
+    gamma: float = 0.0
+    wd: float = 0.0
+    tol: float = 1e-5
+    patience: int = 5
+    log_every: int = 50
+    compile: bool = False
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("parameter device=cuda, but no CUDA GPU is visible: use -P device=auto or -P device=cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA only: on CPUs without AMX it is slower than fp32."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_optimizer(model: nn.Module, hyper: Hyper) -> torch.optim.Optimizer:
+    return torch.optim.RMSprop(model.parameters(), lr=hyper.lr, alpha=hyper.alpha,
+                               momentum=hyper.gamma, weight_decay=hyper.wd)
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+             "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device) -> tuple[float, float]:
+    """(mean loss per sample, accuracy in percent) over `batches`."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    with torch.no_grad(), autocast(device):
+        for x, y in batches:
+            logits = model(x)
+            loss_sum += criterion(logits.float(), y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+    return loss_sum.item() / max(seen, 1), 100.0 * correct.item() / max(seen, 1)
+
+
+def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: torch.device,
+        generator: torch.Generator, *, resume: dict | None = None,
+        on_epoch: Callable[[EpochResult, bool, Callable[[], dict]], None] | None = None,
+        log: Callable[[str], None] = print) -> History:
+    """Train `model` for up to hyper.epochs, evaluating after each epoch.
+
+    on_epoch(result, is_best, snapshot) is called after every epoch; snapshot() returns
+    everything needed to resume (model, optimiser, early stopping, history, RNG states).
+    `resume` is such a snapshot: training continues after its epoch.
+    """
+    optimizer = make_optimizer(model, hyper)
+    net = torch.compile(model) if hyper.compile else model  # shares model's parameters
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    stopper = EarlyStopping(hyper.patience, hyper.tol)
+    history = History()
+    first_epoch = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        stopper.load_state_dict(resume["early_stopping"])
+        history = resume["history"]
+        set_rng_state(resume["rng"], generator)
+        first_epoch = resume["epoch"] + 1
+        log(f"resuming after epoch {resume['epoch']} (best test_acc {history.best_test_acc:.3f}% "
+            f"at epoch {history.best_epoch})")
+
+    def step(x, y):
+        with autocast(device):
+            logits = net(x)
+            loss = criterion(logits.float(), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), (logits.argmax(1) == y).sum()
+
+    for epoch in range(first_epoch, hyper.epochs + 1):
+        net.train()
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        steady_start, steady_seen = None, 0
+        n_batches = len(train_batches)
+        for index, (x, y) in enumerate(train_batches, 1):
+            batch_loss, batch_correct = step(x, y)
+            loss_sum += batch_loss
+            correct += batch_correct
+            seen += len(y)
+            if index == 1 and n_batches > 1:  # steady state starts after the warm-up batch
+                _sync(device)
+                steady_start, steady_seen = time.perf_counter(), seen
+            if index % hyper.log_every == 0:
+                elapsed = time.perf_counter() - start
+                log(f"epoch {epoch} [{index}/{n_batches} batches, {seen} images] "
+                    f"loss {loss_sum.item() / seen:.4f}  {seen / elapsed:.0f} img/s")
+        _sync(device)
+        train_end = time.perf_counter()
+        if steady_start is None:
+            steady_start, steady_seen = start, 0
+        images_per_s = (seen - steady_seen) / max(train_end - steady_start, 1e-9)
+        test_loss, test_acc = evaluate(net, test_batches, device)
+        result = EpochResult(epoch, loss_sum.item() / seen, test_loss, 100.0 * correct.item() / seen,
+                             test_acc, time.perf_counter() - start, images_per_s)
+        history.epochs.append(result)
+        history.total_time_s += result.epoch_time_s
+        is_best = test_acc > history.best_test_acc  # epoch 1 counts (the seed skips it)
+        if is_best:
+            history.best_test_acc, history.best_epoch = test_acc, epoch
+        history.stopped_early = stopper(test_loss)
+        log(f"epoch {epoch}/{hyper.epochs}: train_loss {result.train_loss:.4f} "
+            f"test_loss {test_loss:.4f} train_acc {result.train_acc:.2f}% test_acc {test_acc:.2f}% "
+            f"({result.epoch_time_s:.1f}s, {images_per_s:.0f} img/s)" + ("  *best*" if is_best else ""))
+
+        def snapshot(epoch=epoch) -> dict:
+            return {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "early_stopping": stopper.state_dict(), "history": history,
+                    "rng": rng_state(generator)}
+
+        if on_epoch:
+            on_epoch(result, is_best, snapshot)
+        if history.stopped_early:
+            log(f"early stopping: test loss has not improved by more than {hyper.tol:g} "
+                f"for {hyper.patience} epochs")
+            break
+    return history

@@ -1,0 +1,80 @@
+"""`main`: the whole study in order, each stage's parent being the stage before it.
+
+A stage whose FINISHED run already matches its params, parent run and code version (tag
+training_key) is reused without starting a process; otherwise it runs as its own
+`mlflow run` entry point. A changed stage gets a new run id, which changes the parent_run_id
+of every stage after it, so they all run again.
+"""
+from __future__ import annotations
+
+import mlflow
+
+from . import config as config_mod
+from . import tracking
+from .config import Config, ConfigError
+from .runner import log
+
+CHAIN = ["model_selection", "baseline", "tune_lr", "tune_gamma", "overfit", "retrain", "deepen"]
+
+# What `main` hands on to every stage; epochs and repeats become caps.
+SHARED = ("dataset", "data_dir", "verify", "download", "limit_train", "limit_test",
+          "synthetic_train", "synthetic_test", "device", "data_pipeline", "compile", "num_workers",
+          "log_every", "max_epochs", "max_repeats", "patience", "registered_model")
+AS_CAPS = {"epochs": "max_epochs", "repeats": "max_repeats"}
+MAIN_ONLY = ("env_manager",)
+
+
+def stage_overrides(overrides: dict[str, str]) -> dict[str, str]:
+    shared = {}
+    for key, value in overrides.items():
+        if key in AS_CAPS:
+            shared[AS_CAPS[key]] = value
+        elif key in SHARED:
+            shared[key] = value
+        elif key not in MAIN_ONLY:
+            raise ConfigError(f"main does not pass '{key}' on to the stages: set it in "
+                              f"params/<stage>.yaml or run that stage alone with -P {key}=...")
+    return shared
+
+
+def run_stage(stage: str, parameters: dict[str, str], cfg: Config, experiment_id: str) -> str:
+    stage_cfg = config_mod.load(stage, parameters)  # the stage's own config: fail fast if invalid
+    found = tracking.find_finished_run(experiment_id, stage_cfg.training_key())
+    if found:
+        log(f"[main] {stage}: reusing FINISHED run {found.info.run_id} "
+            f"(same params, parent run and code version)")
+        return found.info.run_id
+    log(f"[main] {stage}: starting `mlflow run -e {stage}` with {parameters}")
+    submitted = mlflow.projects.run(str(config_mod.PROJECT_DIR), entry_point=stage,
+                                    parameters=parameters, env_manager=cfg.env_manager,
+                                    experiment_id=experiment_id, synchronous=True)
+    return submitted.run_id
+
+
+def main(cfg: Config, overrides: dict[str, str], main_run_id: str) -> list[dict]:
+    client = tracking.client()
+    experiment_id = client.get_run(main_run_id).info.experiment_id
+    shared = stage_overrides(overrides)
+    client.set_tag(main_run_id, "stage", "main")
+    rows, parent = [], ""
+    for stage in CHAIN:
+        parameters = dict(shared, **({"parent_run_id": parent} if parent else {}))
+        run_id = run_stage(stage, parameters, cfg, experiment_id)
+        run = client.get_run(run_id)
+        rows.append({"stage": stage, "run_id": run_id,
+                     "best_test_acc": run.data.metrics.get("best_test_acc", float("nan")),
+                     "arch": run.data.tags.get("arch", ""),
+                     "source_run_id": run.data.tags.get("source_run_id", ""),
+                     "best_child_run_id": run.data.tags.get("best_child_run_id", "")})
+        client.set_tag(main_run_id, f"run_{stage}", run_id)
+        parent = run_id
+    lines = ["# SVHN study", "", "| stage | run id | arch | best test acc (%) | parent (source_run_id) "
+             "| best child |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['run_id']} | {r['arch']} | {r['best_test_acc']:.3f} | "
+              f"{r['source_run_id']} | {r['best_child_run_id']} |" for r in rows]
+    best = max(rows, key=lambda r: r["best_test_acc"])
+    lines += ["", f"Best: {best['stage']} ({best['run_id']}), {best['best_test_acc']:.3f}%."]
+    client.log_text(main_run_id, "\n".join(lines) + "\n", "summary.md")
+    tracking.log_epoch(main_run_id, 0, {"best_test_acc": best["best_test_acc"]})
+    log("\n".join(lines))
+    return rows

@@ -1,0 +1,146 @@
+"""Data: the synthetic set, the .mat reader and its errors, decode-once cache, and the two
+augmentation pipelines agreeing in distribution."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import config, data, synthetic
+from pipeline.data import DataError
+
+
+def test_synthetic_is_deterministic_and_a_larger_set_extends_a_smaller_one():
+    a, la = synthetic.generate("train", 12)
+    b, lb = synthetic.generate("train", 20)
+    assert np.array_equal(a, b[..., :12]) and np.array_equal(la, lb[:12])
+    assert a.shape == (32, 32, 3, 12) and a.dtype == np.uint8
+    assert set(np.unique(synthetic.generate("test", 200)[1])) == set(range(1, 11))  # 10 = digit 0
+
+
+@pytest.fixture
+def mat_folder(tmp_path):
+    return synthetic.ensure(tmp_path, 64, 32)
+
+
+def test_mat_files_read_through_torchvision_svhn_code(mat_folder):
+    cfg = config.load("train", {"dataset": "svhn", "data_dir": str(mat_folder), "verify": "false",
+                                "limit_train": "50"})
+    loaded = data.load(cfg)
+    assert loaded.train_images.shape == (50, 3, 32, 32) and loaded.train_images.dtype == torch.uint8
+    assert loaded.n_test == 32 and 0 <= int(loaded.train_labels.min()) and int(loaded.train_labels.max()) <= 9
+    X, y = synthetic.generate("train", 64)
+    assert torch.equal(loaded.train_images[0], torch.from_numpy(X[..., 0]).permute(2, 0, 1))
+    assert int(loaded.train_labels[0]) == int(y[0, 0]) % 10
+
+
+def test_decode_once_cache_is_reused_and_invalidated_on_change(mat_folder):
+    path = mat_folder / "train_32x32.mat"
+    first = data.read_mat(path, "train", verify=False)
+    cache = data._cache_file(path)
+    assert cache.exists()
+    assert torch.equal(data.read_mat(path, "train", verify=False)[0], first[0])
+    synthetic.write_mat(path, *synthetic.generate("train", 10))
+    assert data._cache_file(path) != cache and len(data.read_mat(path, "train", verify=False)[0]) == 10
+
+
+@pytest.mark.parametrize("problem", ["folder", "file", "checksum", "corrupt"])
+def test_bad_data_gets_one_line_naming_path_and_fix(tmp_path, mat_folder, problem):
+    overrides = {"dataset": "svhn", "data_dir": str(mat_folder), "verify": "false"}
+    if problem == "folder":
+        overrides["data_dir"] = str(tmp_path / "nowhere")
+    elif problem == "file":
+        (mat_folder / "test_32x32.mat").unlink()
+    elif problem == "checksum":
+        overrides["verify"] = "true"
+    else:
+        (mat_folder / "train_32x32.mat").write_bytes(b"MATLAB 5.0 garbage" * 10)
+    with pytest.raises(DataError) as err:
+        data.load(config.load("train", overrides))
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path) in message
+    expected = {"folder": "does not exist", "file": "missing", "checksum": "checksum mismatch",
+                "corrupt": "not a valid SVHN-format .mat"}[problem]
+    assert expected in message and ("-P " in message or "replace" in message)
+
+
+def test_offline_download_is_one_clear_line(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(data.torchvision.datasets.svhn, "download_url", offline)
+    cfg = config.load("train", {"download": "true", "data_dir": str(tmp_path / "svhn")})
+    with pytest.raises(DataError, match="cannot download SVHN train split .* are you offline"):
+        data.load(cfg)
+
+
+# -- the two pipelines agree --------------------------------------------------------------------
+
+def coordinate_images(n):
+    """Pixel (r, c) holds R = 7r, G = 7c: the output reveals where each pixel came from."""
+    rows, cols = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    image = np.stack([rows * 7, cols * 7, np.full_like(rows, 128)]).astype(np.uint8)
+    return torch.from_numpy(np.repeat(image[None], n, 0))
+
+
+def crop_and_angle(out):
+    """(top, left, angle in degrees) of each augmented coordinate image (B,3,28,28) in [0,1]."""
+    values = torch.round(out * 255).numpy()
+    i, j = np.meshgrid(np.arange(7, 21), np.arange(7, 21), indexing="ij")
+    design = np.stack([i.ravel() - 13.5, j.ravel() - 13.5, np.ones(i.size)], 1)
+    found = []
+    for image in values:
+        r_in = image[0, 7:21, 7:21].ravel() / 7
+        (a, b, r0), *_ = np.linalg.lstsq(design, r_in, rcond=None)
+        c_in = image[1, 7:21, 7:21].ravel() / 7
+        (_, _, c0), *_ = np.linalg.lstsq(design, c_in, rcond=None)
+        found.append((round(r0 - 13.5), round(c0 - 13.5), math.degrees(math.atan2(b, a))))
+    return np.array(found)
+
+
+def denormalise(x):
+    return x * torch.tensor(data.STD).view(1, 3, 1, 1) + torch.tensor(data.MEAN).view(1, 3, 1, 1)
+
+
+def test_tensor_and_torchvision_augmentations_match_in_distribution():
+    n = 600
+    images = coordinate_images(n)
+    ours = crop_and_angle(data.augment(images, torch.Generator().manual_seed(0)))
+    torch.manual_seed(0)
+    transform = data.seed_transforms(train=True)
+    pil = Image.fromarray(images[0].permute(1, 2, 0).numpy())
+    theirs = crop_and_angle(denormalise(torch.stack([transform(pil) for _ in range(n)])))
+    for column in (0, 1):  # crop offsets: uniform over 0..4 in both
+        for found in (ours, theirs):
+            counts = np.bincount(found[:, column].astype(int), minlength=5)
+            assert len(counts) == 5 and counts.min() > n / 5 * 0.6, counts
+    for found in (ours, theirs):  # angles: uniform over [-30, 30]
+        assert found[:, 2].min() >= -31 and found[:, 2].max() <= 31
+        assert abs(found[:, 2].mean()) < 3 and abs(found[:, 2].std() - 60 / math.sqrt(12)) < 2.5
+    assert abs(ours[:, 2].std() - theirs[:, 2].std()) < 2.5
+
+
+def test_normalised_statistics_match_between_pipelines():
+    X, y = synthetic.generate("train", 256)
+    images = torch.from_numpy(np.ascontiguousarray(np.transpose(X, (3, 2, 0, 1))))
+    ours = data.normalise(data.augment(images, torch.Generator().manual_seed(1)))
+    torch.manual_seed(1)
+    transform = data.seed_transforms(train=True)
+    theirs = torch.stack([transform(Image.fromarray(img.permute(1, 2, 0).numpy())) for img in images])
+    assert ours.shape == theirs.shape == (256, 3, 28, 28)
+    assert torch.allclose(ours.mean((0, 2, 3)), theirs.mean((0, 2, 3)), atol=0.05)
+    assert torch.allclose(ours.std((0, 2, 3)), theirs.std((0, 2, 3)), atol=0.05)
+    test_ours = data.normalise(data.center_crop(images))
+    test_theirs = torch.stack([data.seed_transforms(train=False)(Image.fromarray(img.permute(1, 2, 0).numpy()))
+                               for img in images])
+    assert torch.allclose(test_ours, test_theirs, atol=1e-5)  # the test transform is exact
+
+
+def test_tensor_batches_cover_every_image_once_per_epoch():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 32, 32).contiguous()
+    labels = torch.arange(10)
+    batches = data.TensorBatches(images, labels, 4, train=True, augment_images=False,
+                                 device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
+    seen = torch.cat([y for _, y in batches])
+    assert len(batches) == 3 and sorted(seen.tolist()) == list(range(10))
