@@ -1,0 +1,1 @@
+"""svhn-mlflow: the SVHN case study as a staged, tracked MLflow Project."""
