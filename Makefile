@@ -6,7 +6,7 @@ VENV := $(CURDIR)/.venv
 export PATH := $(VENV)/bin:$(PATH)
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-DEMO_ARGS := -P dataset=synthetic -P limit_train=1024 -P limit_test=512 -P epochs=2 -P repeats=1 -P bs=64
+DEMO_ARGS := -P dataset=synthetic -P limit_train=1024 -P limit_test=512 -P epochs=2 -P repeats=1
 
 .PHONY: install test test-fast demo bench clean
 

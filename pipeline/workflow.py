@@ -59,6 +59,8 @@ def main(cfg: Config, overrides: dict[str, str], main_run_id: str) -> list[dict]
     rows, parent = [], ""
     for stage in CHAIN:
         parameters = dict(shared, **({"parent_run_id": parent} if parent else {}))
+        if not config_mod.load(stage).register:
+            parameters.pop("registered_model", None)  # so it only invalidates stages that register
         run_id = run_stage(stage, parameters, cfg, experiment_id)
         run = client.get_run(run_id)
         rows.append({"stage": stage, "run_id": run_id,

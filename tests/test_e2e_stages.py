@@ -11,10 +11,16 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def study(module_store):
     start = time.monotonic()
-    proc = module_store.mlflow_run("main", module_store.params({"epochs": "1", "repeats": "1"}))
+    proc = module_store.mlflow_run("main", main_params(module_store))
     module_store.first_main_s = time.monotonic() - start
     module_store.first_main_out = proc.stdout + proc.stderr
     return module_store
+
+
+def main_params(store, **extra):
+    params = store.params({"epochs": "1", "repeats": "1", **extra})
+    params.pop("bs")  # main passes data params and caps on, not stage hyperparameters
+    return params
 
 
 def stage_run(store, stage):
@@ -90,7 +96,7 @@ def test_main_logs_a_summary_and_registers_a_champion(study):
 def test_running_main_again_reuses_every_stage(study):
     before = {r.info.run_id for r in study.runs()}
     start = time.monotonic()
-    proc = study.mlflow_run("main", study.params({"epochs": "1", "repeats": "1"}))
+    proc = study.mlflow_run("main", main_params(study))
     elapsed = time.monotonic() - start
     new = [r for r in study.runs() if r.info.run_id not in before]
     assert [r.data.tags.get("stage") for r in new] == ["main"]  # no new training run
@@ -101,7 +107,7 @@ def test_running_main_again_reuses_every_stage(study):
 def test_a_changed_param_reruns_that_stage_and_the_ones_after(study):
     before = {s: stage_run(study, s).info.run_id for s in CHAIN}
     # registered_model only matters from retrain on: earlier stages are reused, later ones rerun
-    study.mlflow_run("main", study.params({"epochs": "1", "repeats": "1", "registered_model": "svhn-alt"}))
+    study.mlflow_run("main", main_params(study, registered_model="svhn-alt"))
     for stage in CHAIN:
         runs = study.top_level(stage)
         assert len(runs) == (2 if stage in ("retrain", "deepen") else 1), stage
