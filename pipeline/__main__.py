@@ -5,7 +5,6 @@ print one line and exit 2; a SIGINT/SIGTERM marks the open runs KILLED and says 
 """
 from __future__ import annotations
 
-import os
 import sys
 
 USAGE = "usage: python -m pipeline STAGE [--key value ...]   (STAGE: {stages})"
@@ -74,12 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt as signal_name:
-        from . import runner, tracking
+        from . import runner
 
-        killed = list(runner.OPEN_RUNS)
-        for run_id in killed:
-            tracking.end_run(run_id, "KILLED")
-        target = killed[-1] if killed else os.environ.get("MLFLOW_RUN_ID", "<run id>")
+        if not runner.KILLED_RUNS:
+            print(f"interrupted ({signal_name or 'SIGINT'}) before training started",
+                  file=sys.stderr, flush=True)
+            return 130
+        target = runner.KILLED_RUNS[0]
         print(f"interrupted ({signal_name or 'SIGINT'}): run {target} marked KILLED; its last "
               f"completed epoch is in checkpoints/last.pt. Resume with: mlflow run . -e train "
               f"--env-manager local -P resume_run_id={target}", file=sys.stderr, flush=True)

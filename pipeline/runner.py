@@ -16,8 +16,9 @@ from . import data as data_mod
 from . import models, plots, tracking, train
 from .config import Config
 
-# Runs this process opened and has not closed: a signal marks them KILLED.
+# Runs this process opened and has not closed, and those a signal ended (innermost first).
 OPEN_RUNS: list[str] = []
+KILLED_RUNS: list[str] = []
 
 
 @dataclass
@@ -42,13 +43,17 @@ def log(message: str) -> None:
 
 @contextlib.contextmanager
 def opened(run_id: str, end: bool = True):
-    """Track `run_id` as open; end it FINISHED, or FAILED on an error (KILLED is set by the
-    signal handler in __main__)."""
+    """Track `run_id` as open; end it FINISHED, or FAILED on an error, or KILLED on SIGINT or
+    SIGTERM (also a run `mlflow run` made: its launcher may be killed by the same signal)."""
     OPEN_RUNS.append(run_id)
     try:
         yield run_id
-    except BaseException as err:
-        if end and not isinstance(err, KeyboardInterrupt):
+    except KeyboardInterrupt:
+        tracking.end_run(run_id, "KILLED")
+        KILLED_RUNS.append(run_id)
+        raise
+    except BaseException:
+        if end:
             tracking.end_run(run_id, "FAILED")
         raise
     else:

@@ -39,6 +39,11 @@ class Store:
         self.data_dir = data_dir
         self.env = base_env(self.uri, data_dir)
 
+    def initialise(self) -> "Store":
+        """Create the schema once: processes that create it at the same moment can collide."""
+        self.client.search_experiments()
+        return self
+
     def params(self, extra: dict[str, str] | None = None, tiny: bool = True) -> dict[str, str]:
         params = dict(TINY, data_dir=str(self.data_dir)) if tiny else {}
         params.update(extra or {})
@@ -97,9 +102,9 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def store(tmp_path, data_dir) -> Store:
-    return Store(tmp_path, data_dir)
+    return Store(tmp_path, data_dir).initialise()
 
 
 @pytest.fixture(scope="module")
 def module_store(tmp_path_factory, data_dir) -> Store:
-    return Store(tmp_path_factory.mktemp("store"), data_dir)
+    return Store(tmp_path_factory.mktemp("store"), data_dir).initialise()
