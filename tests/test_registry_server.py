@@ -4,6 +4,7 @@ import json
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.request
 from pathlib import Path
@@ -97,11 +98,11 @@ def test_champion_loads_in_a_fresh_process_without_the_project_source(server_sto
         "print('ok')\n")
     env = dict(server_store.env)
     env.pop("PYTHONPATH", None)
-    # -I: isolated mode, neither the working directory nor PYTHONPATH is on sys.path; the
-    # project is installed editable, so hide it by running a copy of site-packages' python
+    # -I -S: neither the working directory, PYTHONPATH nor .pth files (the editable install of
+    # this project is one) reach sys.path; only the installed packages' folder is added
+    site_packages = sysconfig.get_paths()["purelib"]
     proc = subprocess.run([sys.executable, "-I", "-S", "-c",
-                           "import site, sys; [sys.path.append(p) for p in site.getsitepackages()];"
-                           "sys.path[:] = [p for p in sys.path if '__editable__' not in p];" + code],
+                           f"import sys; sys.path.append({site_packages!r})\n" + code],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
@@ -132,9 +133,6 @@ def test_predict_on_a_labelled_mat_reports_accuracy(server_store, tmp_path):
 
 
 def test_a_worse_model_leaves_the_champion_where_it_was(server_store, monkeypatch):
-    import mlflow
-
-    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", server_store.uri)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server_store.uri)
     from pipeline import config, data, runner
 
