@@ -65,6 +65,7 @@ class Config:
     device: str = "auto"
     data_pipeline: str = "tensor"   # tensor: batched uint8 augmentation; torchvision: the seed's DataLoader
     compile: bool = False
+    precision: str = "auto"         # auto: bf16 autocast where the hardware does bf16 natively
     num_workers: int = 0
     log_every: int = 50             # progress line every N batches
     # data
@@ -209,6 +210,7 @@ RULES = [
     ("phase1_wd", lambda v: v >= 0, ">= 0"),
     ("phase1_tol", lambda v: v >= 0, ">= 0"),
     ("device", lambda v: v in ("auto", "cpu", "cuda"), "auto|cpu|cuda"),
+    ("precision", lambda v: v in ("auto", "fp32", "bf16"), "auto|fp32|bf16"),
     ("data_pipeline", lambda v: v in ("tensor", "torchvision"), "tensor|torchvision"),
     ("num_workers", lambda v: v >= 0, ">= 0"),
     ("log_every", lambda v: v >= 1, ">= 1"),

