@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import yaml
 
 from . import data as data_mod
 from . import models, plots, predict, registry, runner, tracking
-from .config import Config, code_version, format_value
+from .config import Config, code_version, format_value, from_params
 from .runner import RunResult, child_run, log
 
 
@@ -72,13 +73,14 @@ def finish(run_id: str, results: list[RunResult], extra_tags: dict[str, str] | N
     return best
 
 
-def sweep(run_id: str, points: list[tuple[str, Config]], dataset, arch: str, lineage: Lineage,
-          epochs: int | None = None) -> list[RunResult]:
-    """Train each (name, config) point as a child run from the stage's initial weights."""
+def sweep(run_id: str, points: list[tuple], dataset, arch: str, lineage: Lineage) -> list[RunResult]:
+    """Train each (name, config[, epochs]) point as a child run from the stage's initial weights."""
     source = lineage.parent_run_id if lineage.init_state is not None else "scratch"
-    return [child_run(run_id, name, point, dataset, arch=arch, init_state=lineage.init_state,
-                      tags={"source_run_id": source}, epochs=epochs)
-            for name, point in points]
+    results = []
+    for name, point, *epochs in points:  # epochs: only where a point has its own length
+        results.append(child_run(run_id, name, point, dataset, arch=arch, init_state=lineage.init_state,
+                                 tags={"source_run_id": source}, epochs=epochs[0] if epochs else None))
+    return results
 
 
 def number(value: float) -> str:
@@ -128,11 +130,7 @@ def baseline(cfg, run_id, dataset, lineage):
                        cfg.probe_epochs))
     for r in range(cfg.capped_repeats(cfg.repeats)):
         points.append((f"baseline test{r + 1}", cfg.replace(arch=arch, seed=cfg.seed + r), None))
-    results = [child_run(run_id, name, point, dataset, arch=arch, init_state=lineage.init_state,
-                         tags={"source_run_id": "scratch" if lineage.init_state is None
-                               else lineage.parent_run_id}, epochs=epochs)
-               for name, point, epochs in points]
-    return finish(run_id, results)
+    return finish(run_id, sweep(run_id, points, dataset, arch, lineage))
 
 
 def tune_lr(cfg, run_id, dataset, lineage):
@@ -234,8 +232,6 @@ def run(cfg: Config) -> RunResult:
 
 def resume(cfg: Config) -> RunResult | None:
     """Reopen run `cfg.resume_run_id` and continue it from its last completed epoch."""
-    from . import config as config_mod
-
     run_id = cfg.resume_run_id
     previous = tracking.get_run(run_id, "resume")
     if previous.info.status == "FINISHED":
@@ -243,9 +239,7 @@ def resume(cfg: Config) -> RunResult | None:
         return None
     state = runner.resume_state(run_id)
     text = mlflow.artifacts.load_text(f"{previous.info.artifact_uri}/config.yaml")
-    import yaml
-
-    original = config_mod.from_params(yaml.safe_load(text))
+    original = from_params(yaml.safe_load(text))  # the run's own config, not this command's
     if os.environ.get("MLFLOW_RUN_ID") and os.environ["MLFLOW_RUN_ID"] != run_id:
         # `mlflow run` opened a fresh run for this command; point it at the run we continue
         holder = os.environ["MLFLOW_RUN_ID"]
@@ -257,7 +251,7 @@ def resume(cfg: Config) -> RunResult | None:
     arch = previous.data.tags.get("arch") or original.arch or "resnet"
     with runner.opened(run_id):
         result = runner.train_in_run(run_id, original, dataset, arch=arch, resume=state)
-        if previous.data.tags.get("stage") == original.stage and "mlflow.parentRunId" not in previous.data.tags:
+        if "mlflow.parentRunId" not in previous.data.tags:  # a stage run: `main` may reuse it now
             tracking.client().set_tag(run_id, "training_key", original.training_key())
     log(f"resumed run {run_id} FINISHED, best test_acc {result.best_test_acc:.3f}%")
     return result

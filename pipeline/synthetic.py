@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-GENERATOR_VERSION = 4
-HARD_FRACTION = 0.15
+GENERATOR_VERSION = 5
+HARD_FRACTION = 0.1
 SPLIT_IDS = {"train": 0, "test": 1}
 _FONTS: dict[int, ImageFont.FreeTypeFont] = {}
 
@@ -43,7 +43,7 @@ def _contrasting_colours(rng: np.random.Generator, low: float, high: float) -> t
 def render(label: int, rng: np.random.Generator) -> np.ndarray:
     """One 32x32x3 uint8 image of `label`."""
     hard = rng.random() < HARD_FRACTION  # faded, blurred plates: what makes real SVHN hard
-    bg, fg = _contrasting_colours(rng, 35, 70) if hard else _contrasting_colours(rng, 100, 256)
+    bg, fg = _contrasting_colours(rng, 35, 70) if hard else _contrasting_colours(rng, 120, 256)
     canvas = 48  # drawn larger, then cropped, so rotation leaves no corners
     img = Image.new("RGB", (canvas, canvas), bg)
     draw = ImageDraw.Draw(img)
@@ -67,7 +67,7 @@ def render(label: int, rng: np.random.Generator) -> np.ndarray:
     ramp = np.linspace(-1, 1, 32, dtype=np.float32)
     direction = rng.uniform(-1, 1, 2).astype(np.float32)
     light = 1 + 0.25 * (direction[0] * ramp[None, :] + direction[1] * ramp[:, None])
-    pixels = pixels * light[..., None] + rng.normal(0, rng.uniform(2, 12), pixels.shape)
+    pixels = pixels * light[..., None] + rng.normal(0, rng.uniform(2, 10), pixels.shape)
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
