@@ -19,6 +19,7 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
 VARIANTS = {"tensor": ["--data_pipeline", "tensor", "--precision", "auto"],
+            "tensor-fp32": ["--data_pipeline", "tensor", "--precision", "fp32"],
             "torchvision": ["--data_pipeline", "torchvision", "--precision", "fp32"]}
 
 
