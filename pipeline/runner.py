@@ -16,8 +16,7 @@ from . import data as data_mod
 from . import models, plots, tracking, train
 from .config import Config
 
-# Runs this process opened and has not closed, and those a signal ended (innermost first).
-OPEN_RUNS: list[str] = []
+# Runs a SIGINT/SIGTERM ended, innermost first: __main__ names the first in its resume hint.
 KILLED_RUNS: list[str] = []
 
 
@@ -44,9 +43,8 @@ def log(message: str) -> None:
 
 @contextlib.contextmanager
 def opened(run_id: str, end: bool = True):
-    """Track `run_id` as open; end it FINISHED, or FAILED on an error, or KILLED on SIGINT or
-    SIGTERM (also a run `mlflow run` made: its launcher may be killed by the same signal)."""
-    OPEN_RUNS.append(run_id)
+    """End `run_id` FINISHED, or FAILED on an error (only if `end`: `mlflow run` ends its own
+    run), or KILLED on SIGINT/SIGTERM always (`mlflow run` may die of the same signal)."""
     try:
         yield run_id
     except KeyboardInterrupt:
@@ -60,8 +58,6 @@ def opened(run_id: str, end: bool = True):
     else:
         if end:
             tracking.end_run(run_id, "FINISHED")
-    finally:
-        OPEN_RUNS.remove(run_id)
 
 
 def create_child(parent_run_id: str, name: str, tags: dict[str, str]) -> str:

@@ -1,6 +1,7 @@
 """MLflow calls for training runs: params, metrics, checkpoints, lineage lookups and reuse."""
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -9,7 +10,7 @@ from urllib.parse import urlparse
 import mlflow
 import torch
 import yaml
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -71,6 +72,7 @@ def atomic_save(obj, path: Path) -> None:
             tmp.unlink()
 
 
+@functools.lru_cache(maxsize=None)  # a run's artifact location never changes
 def local_artifact_dir(run_id: str) -> Path | None:
     uri = client().get_run(run_id).info.artifact_uri
     parsed = urlparse(uri)
@@ -146,6 +148,3 @@ def find_finished_run(experiment_id: str, training_key: str):
 def end_run(run_id: str, status: str) -> None:
     client().set_terminated(run_id, status=status)
 
-
-def is_terminal(status: str) -> bool:
-    return RunStatus.is_terminated(RunStatus.from_string(status))
