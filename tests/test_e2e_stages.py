@@ -1,6 +1,4 @@
 """The whole study through `mlflow run . -e main` at toy size: lineage, nesting, reuse, sweeps."""
-import time
-
 import pytest
 
 from pipeline.workflow import CHAIN
@@ -10,10 +8,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def study(module_store):
-    start = time.monotonic()
     proc = module_store.mlflow_run("main", main_params(module_store))
-    module_store.first_main_s = time.monotonic() - start
-    module_store.first_main_out = proc.stdout + proc.stderr
+    assert "starting `mlflow run -e model_selection`" in proc.stdout + proc.stderr
     return module_store
 
 
@@ -95,13 +91,13 @@ def test_main_logs_a_summary_and_registers_a_champion(study):
 
 def test_running_main_again_reuses_every_stage(study):
     before = {r.info.run_id for r in study.runs()}
-    start = time.monotonic()
     proc = study.mlflow_run("main", main_params(study))
-    elapsed = time.monotonic() - start
+    output = proc.stdout + proc.stderr
     new = [r for r in study.runs() if r.info.run_id not in before]
     assert [r.data.tags.get("stage") for r in new] == ["main"]  # no new training run
-    assert (proc.stdout + proc.stderr).count("reusing FINISHED run") == len(CHAIN)
-    assert elapsed < 60, f"re-running main took {elapsed:.0f}s"
+    assert output.count("reusing FINISHED run") == len(CHAIN)
+    # what makes a rerun cheap: no stage process is started (each costs ~8 s before any work)
+    assert "starting `mlflow run" not in output and "python -m pipeline model_selection" not in output
 
 
 def test_a_changed_param_reruns_that_stage_and_the_ones_after(study):
