@@ -38,6 +38,10 @@ def run(argv: list[str]) -> int:
     interrupts.install()
     stage, overrides = parse_args(argv)
     cfg = config.load(stage, overrides)  # every value checked before any work
+    if stage == "main":
+        from .train import resolve_runtime
+
+        resolve_runtime(cfg.device, cfg.precision)  # device=cuda on a machine without one: stop now
     if stage in ("main", "predict", "evaluate"):
         run_id, created = stages.top_level_run()
         from . import runner, tracking

@@ -42,7 +42,7 @@ class Config:
     seed: int = 1412
     repeats: int = 1
     augment: bool = True
-    init: str = "parent"            # parent: start from parent_run_id's best.pt; scratch: fresh weights
+    init: str = "parent"            # parent: parent_run_id's best.pt; scratch: fresh; auto: parent if given
     # caps that `main` passes to every stage so the whole study can run at toy size (0 = no cap)
     max_epochs: int = 0
     max_repeats: int = 0
@@ -75,6 +75,8 @@ class Config:
     download: bool = False
     limit_train: int = 0
     limit_test: int = 0
+    val_split: float = 0.0          # fraction of train held out (stratified) for every selection; 0 = seed's protocol
+    data_seed: int = 1412           # fixes the synthetic set and the validation split, apart from `seed`
     synthetic_train: int = 8000
     synthetic_test: int = 2000
     # lineage and reliability
@@ -95,6 +97,11 @@ class Config:
     def capped_repeats(self, repeats: int) -> int:
         return min(repeats, self.max_repeats) if self.max_repeats else repeats
 
+    @property
+    def selects_on(self) -> str:
+        """The split every choice is made on: validation when held out, else test (the seed's)."""
+        return "val" if self.val_split > 0 else "test"
+
     def resolved_data_dir(self) -> Path:
         if self.data_dir:
             return Path(self.data_dir).expanduser().resolve()
@@ -107,11 +114,16 @@ class Config:
         """Canonical string form, so one value always logs with one spelling."""
         return {f.name: format_value(getattr(self, f.name)) for f in fields(self)}
 
-    def training_key(self) -> str:
-        """Hash of everything that decides a stage's result, plus the code version."""
+    def training_key(self, data_digest: str) -> str:
+        """Hash of everything that decides a result: params, code version, the data's digest, and
+        the device type and precision it resolves to here (a bf16 run never stands in for fp32)."""
+        from .train import resolve_runtime  # torch is only needed once a key is asked for
+
         params = self.to_params()
-        for volatile in ("log_every", "resume_run_id", "env_manager", "num_workers"):
-            params.pop(volatile)
+        for volatile in ("log_every", "resume_run_id", "env_manager", "num_workers", "force"):
+            params.pop(volatile, None)
+        device, precision = resolve_runtime(self.device, self.precision)
+        params.update(data_digest=data_digest, device_type=device.type, resolved_precision=precision)
         text = yaml.safe_dump(params, sort_keys=True) + code_version()
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -194,7 +206,7 @@ RULES = [
     ("patience", lambda v: v >= 1, ">= 1"),
     ("seed", lambda v: v >= 0, ">= 0"),
     ("repeats", lambda v: v >= 1, ">= 1"),
-    ("init", lambda v: v in ("parent", "scratch"), "parent|scratch"),
+    ("init", lambda v: v in ("parent", "scratch", "auto"), "parent|scratch|auto"),
     ("max_epochs", lambda v: v >= 0, ">= 0 (0 = no cap)"),
     ("max_repeats", lambda v: v >= 0, ">= 0 (0 = no cap)"),
     ("lrs", lambda v: all(x > 0 for x in v), "numbers > 0"),
@@ -217,6 +229,8 @@ RULES = [
     ("dataset", lambda v: v in ("svhn", "synthetic"), "svhn|synthetic"),
     ("limit_train", lambda v: v >= 0, ">= 0 (0 = all)"),
     ("limit_test", lambda v: v >= 0, ">= 0 (0 = all)"),
+    ("val_split", lambda v: 0 <= v <= 0.5, "0 <= val_split <= 0.5 (0 = select on test, as the seed)"),
+    ("data_seed", lambda v: v >= 0, ">= 0"),
     ("synthetic_train", lambda v: v >= 1, ">= 1"),
     ("synthetic_test", lambda v: v >= 1, ">= 1"),
     ("env_manager", lambda v: v in ("local", "conda", "virtualenv", "uv"), "local|conda|virtualenv|uv"),
@@ -236,7 +250,8 @@ def validate(cfg: Config) -> Config:
 
 def read_yaml(path: Path) -> dict:
     if not path.exists():
-        return {}
+        raise ConfigError(f"missing {path}: every stage needs its parameter file; restore it "
+                          f"from git (`git checkout -- params/{path.name}`)")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of parameter: value")
@@ -253,7 +268,40 @@ def load(stage: str, overrides: Mapping[str, Any] | None = None) -> Config:
     merged.update(overrides or {})
     merged["stage"] = stage
     values = {name: parse_value(name, raw) for name, raw in merged.items()}
-    return validate(Config(**values))
+    check_sweep_overrides(values, overrides or {})
+    return apply_caps(validate(Config(**values)))
+
+
+def apply_caps(cfg: Config) -> Config:
+    """Bake `main`'s caps into the values themselves, so every run logs the epochs it trains."""
+    if cfg.max_epochs:
+        cfg.epochs = min(cfg.epochs, cfg.max_epochs)
+        cfg.probe_epochs = min(cfg.probe_epochs, cfg.max_epochs)
+        cfg.phase1_epochs = min(cfg.phase1_epochs, cfg.max_epochs)
+    if cfg.max_repeats:
+        cfg.repeats = min(cfg.repeats, cfg.max_repeats)
+    return cfg
+
+
+# a scalar that a non-empty sweep list replaces: giving it alone would be silently ignored
+SWEEP_OF = {"lr": "lrs", "gamma": "gammas", "wd": "wds", "bs": "bss", "arch": "archs"}
+
+
+def check_sweep_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
+    for scalar, sweep in SWEEP_OF.items():
+        if scalar in overrides and values.get(sweep):
+            points = ",".join(format_value(v) for v in values[sweep])
+            raise ConfigError(
+                f"-P {scalar}={overrides[scalar]} would be ignored: stage {values['stage']} sweeps "
+                f"{sweep}={points}; pass -P {sweep}={overrides[scalar]} for a one-point sweep")
+
+
+def check_lineage(cfg: Config) -> None:
+    """A stage that starts from a parent's checkpoint needs a parent: never fall back to scratch."""
+    if cfg.init == "parent" and not cfg.parent_run_id:
+        raise ConfigError(f"stage {cfg.stage} starts from a parent run's checkpoint (init=parent) but "
+                          f"no parent_run_id was given: pass -P parent_run_id=<run id>, or "
+                          f"-P init=scratch to train from fresh weights")
 
 
 def from_params(params: Mapping[str, str]) -> Config:

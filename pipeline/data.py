@@ -61,7 +61,7 @@ def data_folder(cfg: Config) -> Path:
     """The folder holding train_32x32.mat and test_32x32.mat (made first for synthetic data)."""
     folder = cfg.resolved_data_dir()
     if cfg.dataset == "synthetic":
-        return synthetic.ensure(folder, cfg.synthetic_train, cfg.synthetic_test, cfg.seed)
+        return synthetic.ensure(folder, cfg.synthetic_train, cfg.synthetic_test, cfg.data_seed)
     if cfg.download:
         for split in ("train", "test"):
             _download(folder, split)
@@ -135,33 +135,118 @@ def read_mat(path: Path, split: str, verify: bool) -> tuple[torch.Tensor, torch.
     return images, labels
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a data file's bytes: what the data digest and `training_key` rest on."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_digest(cfg: Config, file_digests: list[str] | None = None) -> str:
+    """One digest for the data a run of `cfg` sees: both files' bytes and how they are cut."""
+    if file_digests is None:
+        folder = data_folder(cfg)
+        file_digests = [file_sha256(mat_path(folder, split)) for split in ("train", "test")]
+    cut = f"{cfg.limit_train}|{cfg.limit_test}|{cfg.val_split!r}|{cfg.data_seed}"
+    return hashlib.sha256("|".join([*file_digests, cut]).encode()).hexdigest()
+
+
+@dataclass
+class Split:
+    """One role's data (train, val or test): uint8 images, labels, and where they come from."""
+    role: str
+    images: torch.Tensor            # (N,3,32,32) uint8
+    labels: torch.Tensor            # (N,) int64
+    source: Path                    # the .mat file
+    file_sha256: str
+    indices: torch.Tensor           # rows of the .mat file, for the torchvision pipeline
+    file_rows: int                  # rows in the whole file
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of exactly these images and labels; the whole file's when nothing is cut."""
+        if len(self.indices) == self.file_rows and bool((self.indices == torch.arange(self.file_rows)).all()):
+            return self.file_sha256
+        digest = hashlib.sha256(self.file_sha256.encode())
+        digest.update(self.indices.numpy().tobytes())
+        return digest.hexdigest()
+
+
 @dataclass
 class SVHNData:
     folder: Path
-    train_images: torch.Tensor  # (N,3,32,32) uint8
-    train_labels: torch.Tensor  # (N,) int64
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
+    train: Split
+    test: Split
+    val: Split | None = None
+    digest: str = ""                # data_digest(cfg): enters training_key
+
+    @property
+    def train_images(self) -> torch.Tensor:
+        return self.train.images
+
+    @property
+    def train_labels(self) -> torch.Tensor:
+        return self.train.labels
+
+    @property
+    def test_images(self) -> torch.Tensor:
+        return self.test.images
+
+    @property
+    def test_labels(self) -> torch.Tensor:
+        return self.test.labels
 
     @property
     def n_train(self) -> int:
-        return len(self.train_labels)
+        return len(self.train.labels)
 
     @property
     def n_test(self) -> int:
-        return len(self.test_labels)
+        return len(self.test.labels)
+
+    @property
+    def n_val(self) -> int:
+        return len(self.val.labels) if self.val is not None else 0
+
+    def splits(self) -> list[Split]:
+        return [s for s in (self.train, self.val, self.test) if s is not None]
 
 
-def _limit(images, labels, limit: int):
-    return (images[:limit], labels[:limit]) if limit else (images, labels)
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held out) row indices: `fraction` of each label held out, drawn from `seed` alone."""
+    generator = torch.Generator().manual_seed(seed)
+    held = []
+    for label in range(10):
+        rows = torch.nonzero(labels == label).flatten()
+        count = round(fraction * len(rows))
+        held.append(rows[torch.randperm(len(rows), generator=generator)[:count]])
+    held_out = torch.sort(torch.cat(held)).values
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[held_out] = False
+    return torch.nonzero(mask).flatten(), held_out
 
 
 def load(cfg: Config) -> SVHNData:
     folder = data_folder(cfg)
     verify = cfg.verify and cfg.dataset == "svhn"
-    train = _limit(*read_mat(mat_path(folder, "train"), "train", verify), cfg.limit_train)
-    test = _limit(*read_mat(mat_path(folder, "test"), "test", verify), cfg.limit_test)
-    return SVHNData(folder, *train, *test)
+    splits = {}
+    for split, limit in (("train", cfg.limit_train), ("test", cfg.limit_test)):
+        path = mat_path(folder, split)
+        images, labels = read_mat(path, split, verify)
+        rows = torch.arange(min(limit, len(labels)) if limit else len(labels))
+        splits[split] = Split(split, images[rows], labels[rows], path, file_sha256(path), rows,
+                              len(labels))
+    train, val = splits["train"], None
+    if cfg.val_split > 0:
+        kept, held = stratified_split(train.labels, cfg.val_split, cfg.data_seed)
+        val = Split("val", train.images[held], train.labels[held], train.source, train.file_sha256,
+                    train.indices[held], train.file_rows)
+        train = Split("train", train.images[kept], train.labels[kept], train.source, train.file_sha256,
+                      train.indices[kept], train.file_rows)
+    digest = data_digest(cfg, [splits["train"].file_sha256, splits["test"].file_sha256])
+    return SVHNData(folder, train, splits["test"], val, digest)
 
 
 # -- the seed's transforms on whole batches ---------------------------------------------------
@@ -254,12 +339,12 @@ def seed_transforms(train: bool, augment_images: bool = True) -> T.Compose:
 class LoaderBatches:
     """torchvision SVHN + per-sample PIL transforms + DataLoader, as the seed feeds its model."""
 
-    def __init__(self, folder, split, limit, bs, *, train, augment_images, device, verify,
+    def __init__(self, part: Split, bs, *, train, augment_images, device, verify,
                  generator=None, num_workers=0, channels_last=False):
-        dataset = SVHNMat(str(folder), split, verify=verify,
+        split = "test" if part.role == "test" else "train"
+        dataset = SVHNMat(str(part.source.parent), split, verify=verify, filename=part.source.name,
                           transform=seed_transforms(train, augment_images))
-        if limit:
-            dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+        dataset = torch.utils.data.Subset(dataset, part.indices.tolist())
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=bs, shuffle=train, drop_last=False, num_workers=num_workers,
             generator=generator, pin_memory=device.type == "cuda")
@@ -278,15 +363,13 @@ class LoaderBatches:
 
 def batches(cfg: Config, data: SVHNData, split: str, device: torch.device, bs: int,
             generator: torch.Generator | None = None, channels_last: bool = False):
-    """The train or test batches of `data` on the pipeline `cfg.data_pipeline` names."""
+    """The train, val or test batches of `data` on the pipeline `cfg.data_pipeline` names."""
     train = split == "train"
+    part = {"train": data.train, "val": data.val, "test": data.test}[split]
     if cfg.data_pipeline == "torchvision":
-        limit = cfg.limit_train if train else cfg.limit_test
-        return LoaderBatches(data.folder, split, limit, bs, train=train, augment_images=cfg.augment,
+        return LoaderBatches(part, bs, train=train, augment_images=cfg.augment,
                              device=device, verify=cfg.verify and cfg.dataset == "svhn",
                              generator=generator, num_workers=cfg.num_workers,
                              channels_last=channels_last)
-    images, labels = (data.train_images, data.train_labels) if train else \
-        (data.test_images, data.test_labels)
-    return TensorBatches(images, labels, bs, train=train, augment_images=cfg.augment, device=device,
-                         generator=generator, channels_last=channels_last)
+    return TensorBatches(part.images, part.labels, bs, train=train, augment_images=cfg.augment,
+                         device=device, generator=generator, channels_last=channels_last)

@@ -29,12 +29,15 @@ def samples(images: np.ndarray, labels: np.ndarray, path: Path, seed: int = 0, c
     return _save(fig, path)
 
 
-def loss(train_loss: list[float], test_loss: list[float], path: Path) -> Path:
-    """The seed's plotloss: train vs test loss per epoch."""
+def loss(train_loss: list[float], test_loss: list[float], path: Path,
+         val_loss: list[float] | None = None) -> Path:
+    """The seed's plotloss: train vs test loss per epoch (and validation, when held out)."""
     fig, ax = plt.subplots(figsize=(8, 5))
     epochs = range(1, len(train_loss) + 1)
     ax.plot(epochs, train_loss, color="red", marker="o", label="Trainloss")
     ax.plot(epochs, test_loss, color="orange", marker="o", label="Testloss")
+    if val_loss:
+        ax.plot(epochs, val_loss, color="blue", marker="o", label="Validationloss")
     ax.set_xlabel("Epochs")
     ax.set_ylabel("Loss (mean per sample)")
     ax.legend()

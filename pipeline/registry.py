@@ -41,13 +41,13 @@ def classifier_from_run(run_id: str, arch: str) -> Classifier:
     return Classifier(net).eval()
 
 
-def champion_accuracy(name: str) -> tuple[str | None, float]:
-    """(version, best_test_acc) of the current champion, or (None, -inf)."""
+def champion_accuracy(name: str, split: str) -> tuple[str | None, float]:
+    """(version, best accuracy on `split`) of the current champion, or (None, -inf)."""
     try:
         version = tracking.client().get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None, float("-inf")
-    return version.version, float(version.tags.get("best_test_acc", "-inf"))
+    return version.version, float(version.tags.get(f"best_{split}_acc", "-inf"))
 
 
 def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData) -> str:
@@ -66,19 +66,22 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData) -> str:
                                     serialization_format="pt2", run_id=run_id,  # no fluent run
                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                                                       f"numpy=={np.__version__}"])
-    previous_version, previous_acc = champion_accuracy(cfg.registered_model)
+    split = best.selected_on  # the champion is compared on the split every other choice used
+    previous_version, previous_acc = champion_accuracy(cfg.registered_model, split)
     version = mlflow.register_model(info.model_uri, cfg.registered_model,
-                                    tags={"best_test_acc": repr(best.best_test_acc),
+                                    tags={f"best_{split}_acc": repr(best.best_acc), "selected_on": split,
+                                          "test_acc_at_best": repr(best.test_acc_at_best),
+                                          "data_digest": dataset.digest,
                                           "arch": best.arch, "stage": cfg.stage}).version
     client.set_tag(run_id, "registered_model_version", f"{cfg.registered_model}/{version}")
-    if best.best_test_acc > previous_acc:
+    if best.best_acc > previous_acc:
         client.set_registered_model_alias(cfg.registered_model, CHAMPION, version)
-        print(f"registered {cfg.registered_model} version {version} (test_acc {best.best_test_acc:.3f}%) "
+        print(f"registered {cfg.registered_model} version {version} ({split}_acc {best.best_acc:.3f}%) "
               f"and moved alias '{CHAMPION}' to it"
               + (f" from version {previous_version} ({previous_acc:.3f}%)" if previous_version else ""),
               flush=True)
     else:
-        print(f"registered {cfg.registered_model} version {version} (test_acc {best.best_test_acc:.3f}%); "
+        print(f"registered {cfg.registered_model} version {version} ({split}_acc {best.best_acc:.3f}%); "
               f"alias '{CHAMPION}' stays on version {previous_version} ({previous_acc:.3f}%), "
               f"which is at least as accurate", flush=True)
     return version

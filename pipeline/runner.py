@@ -25,13 +25,26 @@ class RunResult:
     run_id: str
     name: str
     arch: str
-    best_test_acc: float
+    best_acc: float                 # accuracy on the selection split (val, or test as in the seed)
     best_epoch: int
     history: train.History
+    selected_on: str = "test"
+    test_acc_at_best: float = float("nan")
+    final_state: dict | None = None  # the weights after the last epoch, in memory
+
+    def metrics(self) -> dict[str, float]:
+        """What a run's result logs: the selection figure, and test at that checkpoint."""
+        return result_metrics(self.selected_on, self.best_acc, self.best_epoch, self.test_acc_at_best)
 
 
-def hyper(cfg: Config, device, epochs: int | None = None) -> train.Hyper:
-    return train.Hyper(epochs=cfg.capped_epochs(epochs or cfg.epochs), lr=cfg.lr, alpha=cfg.alpha,
+def result_metrics(selected_on: str, best_acc: float, best_epoch: int,
+                   test_acc_at_best: float) -> dict[str, float]:
+    return {f"best_{selected_on}_acc": best_acc, "best_epoch": best_epoch,
+            "test_acc_at_best": test_acc_at_best}
+
+
+def hyper(cfg: Config, device) -> train.Hyper:
+    return train.Hyper(epochs=cfg.capped_epochs(cfg.epochs), lr=cfg.lr, alpha=cfg.alpha,
                        gamma=cfg.gamma, wd=cfg.wd, tol=cfg.tol, patience=cfg.patience,
                        log_every=cfg.log_every, compile=cfg.compile,
                        precision=train.resolve_precision(cfg.precision, device))
@@ -63,7 +76,8 @@ def opened(run_id: str, end: bool = True):
 def create_child(parent_run_id: str, name: str, tags: dict[str, str]) -> str:
     parent = tracking.client().get_run(parent_run_id)
     run = tracking.client().create_run(parent.info.experiment_id, run_name=name,
-                                       tags={"mlflow.parentRunId": parent_run_id, **tags})
+                                       tags={"mlflow.parentRunId": parent_run_id,
+                                             **tracking.record_tags(), **tags})
     return run.info.run_id
 
 
@@ -77,15 +91,15 @@ def log_static_artifacts(run_id: str, cfg: Config, arch: str, dataset: data_mod.
 
 
 def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: str,
-                 init_state: dict | None = None, resume: dict | None = None,
-                 epochs: int | None = None) -> RunResult:
+                 init_state: dict | None = None, resume: dict | None = None) -> RunResult:
     """Train `arch` inside the existing run `run_id` and log everything about it."""
     client = tracking.client()
+    device, precision = train.resolve_runtime(cfg.device, cfg.precision)
     if resume is None:
-        tracking.log_config(run_id, cfg)
+        tracking.log_config(run_id, cfg, tracking.runtime_params(device, precision, cfg))
         client.set_tag(run_id, "arch", arch)
+        tracking.log_datasets(run_id, dataset)
         log_static_artifacts(run_id, cfg, arch, dataset)
-    device = train.pick_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     generator = train.seed_everything(cfg.seed)
@@ -96,6 +110,8 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
     model = model.to(device, memory_format=torch.channels_last)
     train_batches = data_mod.batches(cfg, dataset, "train", device, cfg.bs, generator, channels_last=True)
     test_batches = data_mod.batches(cfg, dataset, "test", device, cfg.bs, None, channels_last=True)
+    val_batches = data_mod.batches(cfg, dataset, "val", device, cfg.bs, None, channels_last=True) \
+        if dataset.val is not None else None
     already_logged = tracking.logged_steps(run_id, "test_acc") if resume else set()
     if resume is not None and resume["epoch"] not in already_logged:
         # killed between writing last.pt and logging its metrics: log them now, once
@@ -109,31 +125,35 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
         if result.epoch not in already_logged:
             tracking.log_epoch(run_id, result.epoch, result.metrics())
 
-    run_hyper = hyper(cfg, device, epochs)
-    log(f"run {run_id}: {arch}, {dataset.n_train} train / {dataset.n_test} test images, "
+    run_hyper = hyper(cfg, device)
+    log(f"run {run_id}: {arch}, {dataset.n_train} train / {dataset.n_val} val / {dataset.n_test} test images, "
         f"{run_hyper.epochs} epochs, bs {cfg.bs}, lr {cfg.lr:g}, gamma {cfg.gamma:g}, wd {cfg.wd:g}, "
         f"device {device}, {run_hyper.precision}, pipeline {cfg.data_pipeline}")
     history = train.fit(model, train_batches, test_batches, run_hyper, device, generator,
-                        resume=resume, on_epoch=on_epoch, log=log)
-    tracking.log_epoch(run_id, 0, {"best_test_acc": history.best_test_acc,
-                                   "best_epoch": history.best_epoch,
-                                   "total_time_s": history.total_time_s})
+                        val_batches=val_batches, resume=resume, on_epoch=on_epoch, log=log)
+    result = RunResult(run_id, client.get_run(run_id).info.run_name, arch, history.best_acc,
+                       history.best_epoch, history, history.selected_on, history.test_acc_at_best,
+                       {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    tracking.log_epoch(run_id, 0, {**result.metrics(), "total_time_s": history.total_time_s})
     client.set_tag(run_id, "stopped_early", str(history.stopped_early).lower())
+    client.set_tag(run_id, "selected_on", history.selected_on)
     with tempfile.TemporaryDirectory() as tmp:
         path = plots.loss(history.column("train_loss"), history.column("test_loss"),
-                          Path(tmp) / "loss.png")
+                          Path(tmp) / "loss.png",
+                          history.column("val_loss") if dataset.val is not None else None)
         client.log_artifact(run_id, str(path), "plots")
-    return RunResult(run_id, client.get_run(run_id).info.run_name, arch, history.best_test_acc,
-                     history.best_epoch, history)
+    return result
 
 
 def child_run(parent_run_id: str, name: str, cfg: Config, dataset: data_mod.SVHNData, *,
-              arch: str, init_state: dict | None, tags: dict[str, str],
-              epochs: int | None = None) -> RunResult:
-    """A nested run under the stage's run: one repeat, sweep point or phase."""
+              arch: str, init_state: dict | None, tags: dict[str, str]) -> RunResult:
+    """A nested run under the stage's run: one repeat, sweep point or phase (its own epochs
+    and settings travel in `cfg`, so what it logs is what it trains)."""
     run_id = create_child(parent_run_id, name, {"stage": cfg.stage, **tags})
     with opened(run_id):
-        return train_in_run(run_id, cfg, dataset, arch=arch, init_state=init_state, epochs=epochs)
+        result = train_in_run(run_id, cfg, dataset, arch=arch, init_state=init_state)
+        tracking.client().set_tag(run_id, "training_key", cfg.training_key(dataset.digest))
+        return result
 
 
 def resume_state(run_id: str) -> dict:

@@ -2,7 +2,8 @@
 
 Each stage gets a top-level run (the one `mlflow run` made, or a new one). Repeats, sweep points
 and phases are nested child runs; the top-level run carries the best child's checkpoint, its
-best_test_acc and tag best_child_run_id, so any stage can be the parent of the next.
+figures (best_test_acc, or best_val_acc with a validation split) and tag best_child_run_id, so any
+stage can be the parent of the next. Every choice is made on validation when `val_split > 0`.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import yaml
 
 from . import data as data_mod
 from . import models, plots, predict, registry, runner, tracking
-from .config import Config, code_version, format_value, from_params
+from .config import Config, check_lineage, format_value, from_params
 from .runner import RunResult, child_run, log
+from .train import resolve_runtime
 
 
 @dataclass
@@ -32,11 +34,12 @@ class Lineage:
 
 def resolve_lineage(cfg: Config) -> Lineage:
     """Check the parent before any data is read or any training starts."""
+    check_lineage(cfg)
     if not cfg.parent_run_id:
         return Lineage()
     run = tracking.check_parent(cfg.parent_run_id)
     lineage = Lineage(cfg.parent_run_id, run.data.tags.get("arch", ""), run.data.tags.get("winner", ""))
-    if cfg.init == "parent":
+    if cfg.init in ("parent", "auto"):
         lineage.init_state = tracking.parent_state(cfg.parent_run_id)
         arch = cfg.arch or lineage.parent_arch or models.guess_arch(lineage.init_state) or "resnet"
         models.load_state(models.build(arch), lineage.init_state, arch,
@@ -52,35 +55,39 @@ def stage_arch(cfg: Config, lineage: Lineage) -> str:
 
 def finish(run_id: str, results: list[RunResult], extra_tags: dict[str, str] | None = None,
            candidates: list[RunResult] | None = None) -> RunResult:
-    """Copy the best child's best.pt up to the stage run, log best_test_acc, compare children."""
-    best = max(candidates or results, key=lambda r: r.best_test_acc)
+    """Copy the best candidate's best.pt up to the stage run and log its figures, the winner being
+    chosen on the selection split (validation, or test as in the seed); compare children."""
+    best = max(candidates or results, key=lambda r: r.best_acc)
     client = tracking.client()
     tracking.save_checkpoint(run_id, tracking.BEST, tracking.load_artifact(best.run_id, tracking.BEST))
-    tracking.log_epoch(run_id, 0, {"best_test_acc": best.best_test_acc, "best_epoch": best.best_epoch,
+    tracking.log_epoch(run_id, 0, {**best.metrics(),
                                    "total_time_s": sum(r.history.total_time_s for r in results)})
     client.set_tag(run_id, "best_child_run_id", best.run_id)
     client.set_tag(run_id, "arch", best.arch)
+    client.set_tag(run_id, "selected_on", best.selected_on)
     for key, value in (extra_tags or {}).items():
         client.set_tag(run_id, key, value)
     with tempfile.TemporaryDirectory() as tmp:
         curves = {r.name: r.history.column("test_acc") for r in results}
         client.log_artifact(run_id, str(plots.comparison(curves, Path(tmp) / "compare_test_acc.png")),
                             "plots")
+        if best.selected_on == "val":
+            curves = {r.name: r.history.column("val_acc") for r in results}
+            client.log_artifact(run_id, str(plots.comparison(curves, Path(tmp) / "compare_val_acc.png",
+                                                             "val_acc")), "plots")
         curves = {r.name: r.history.column("test_loss") for r in results}
         client.log_artifact(run_id, str(plots.comparison(curves, Path(tmp) / "compare_test_loss.png",
                                                          "test_loss")), "plots")
-    log(f"best of {len(results)}: {best.name} ({best.run_id}) test_acc {best.best_test_acc:.3f}%")
+    log(f"best of {len(candidates or results)}: {best.name} ({best.run_id}) "
+        f"{best.selected_on}_acc {best.best_acc:.3f}% (test {best.test_acc_at_best:.3f}% at that epoch)")
     return best
 
 
 def sweep(run_id: str, points: list[tuple], dataset, arch: str, lineage: Lineage) -> list[RunResult]:
-    """Train each (name, config[, epochs]) point as a child run from the stage's initial weights."""
+    """Train each (name, config) point as a child run from the stage's initial weights."""
     source = lineage.parent_run_id if lineage.init_state is not None else "scratch"
-    results = []
-    for name, point, *epochs in points:  # epochs: only where a point has its own length
-        results.append(child_run(run_id, name, point, dataset, arch=arch, init_state=lineage.init_state,
-                                 tags={"source_run_id": source}, epochs=epochs[0] if epochs else None))
-    return results
+    return [child_run(run_id, name, point, dataset, arch=arch, init_state=lineage.init_state,
+                      tags={"source_run_id": source}) for name, point in points]
 
 
 def number(value: float) -> str:
@@ -102,8 +109,9 @@ def model_selection(cfg, run_id, dataset, lineage):
     results = {arch: sweep(run_id, pts, dataset, arch, Lineage()) for arch, pts in points.items()}
     client = tracking.client()
     summary = {}
+    split = cfg.selects_on
     for arch, runs in results.items():
-        accs = [r.best_test_acc for r in runs]
+        accs = [r.best_acc for r in runs]
         summary[arch] = {
             f"{arch}_mean_time_s": statistics.fmean(r.history.total_time_s for r in runs),
             f"{arch}_acc_mean": statistics.fmean(accs),
@@ -111,12 +119,13 @@ def model_selection(cfg, run_id, dataset, lineage):
             f"{arch}_params": models.count_parameters(models.build(arch)),
         }
         tracking.log_epoch(run_id, 0, summary[arch])
-        log(f"{arch}: best test_acc {summary[arch][f'{arch}_acc_mean']:.3f}% "
+        log(f"{arch}: best {split}_acc {summary[arch][f'{arch}_acc_mean']:.3f}% "
             f"± {summary[arch][f'{arch}_acc_std']:.3f} over {len(runs)} runs, "
             f"{summary[arch][f'{arch}_mean_time_s']:.1f}s per run")
     winner = max(archs, key=lambda a: summary[a][f"{a}_acc_mean"])
     client.set_tag(run_id, "winner", winner)
-    log(f"winner: {winner} (highest mean best test accuracy)")
+    client.set_tag(run_id, "winner_selected_on", split)
+    log(f"winner: {winner} (highest mean best {split} accuracy)")
     everything = [r for runs in results.values() for r in runs]
     return finish(run_id, everything, {"winner": winner}, candidates=results[winner])
 
@@ -125,11 +134,10 @@ def baseline(cfg, run_id, dataset, lineage):
     arch = stage_arch(cfg, lineage)
     points = []
     if cfg.probe_epochs:  # the seed's test0: a shorter look before the long runs
-        probe = cfg.replace(arch=arch, tol=cfg.probe_tol)
-        points.append((f"baseline test0 ({probe.capped_epochs(cfg.probe_epochs)} epochs)", probe,
-                       cfg.probe_epochs))
+        probe = cfg.replace(arch=arch, tol=cfg.probe_tol, epochs=cfg.probe_epochs)
+        points.append((f"baseline test0 ({probe.epochs} epochs)", probe))
     for r in range(cfg.capped_repeats(cfg.repeats)):
-        points.append((f"baseline test{r + 1}", cfg.replace(arch=arch, seed=cfg.seed + r), None))
+        points.append((f"baseline test{r + 1}", cfg.replace(arch=arch, seed=cfg.seed + r)))
     return finish(run_id, sweep(run_id, points, dataset, arch, lineage))
 
 
@@ -153,24 +161,38 @@ def overfit(cfg, run_id, dataset, lineage):
     return finish(run_id, sweep(run_id, points, dataset, arch, lineage))
 
 
+# What phase 2 continues from, as in the seed: retrain reloads phase 1's best checkpoint
+# (`net.load_state_dict(torch.load("myResNet_test0_1.pt"))`); deepen trains the same `net2` on,
+# i.e. from phase 1's weights after its last epoch.
+PHASE2_START = {"retrain": "best", "deepen": "last"}
+
+
 def two_phases(cfg, run_id, dataset, lineage, arch: str) -> RunResult:
-    """Phase 1 from the stage's initial weights at phase1_* settings, then phase 2 from
-    phase 1's best checkpoint at the stage's own settings (the seed's retrain and deepen)."""
+    """Phase 1 from the stage's initial weights at phase1_* settings, then phase 2 at the stage's
+    own settings from phase 1's best or last weights (PHASE2_START). The stage's result is phase
+    2's best, as the seed reports it (96.608% / 96.716%), not the best over both phases."""
     first = cfg.replace(arch=arch, lr=cfg.phase1_lr, bs=cfg.phase1_bs, gamma=cfg.phase1_gamma,
-                        wd=cfg.phase1_wd, tol=cfg.phase1_tol)
+                        wd=cfg.phase1_wd, tol=cfg.phase1_tol, epochs=cfg.phase1_epochs or cfg.epochs)
     results = []
     if cfg.phase1_epochs:
         results.append(child_run(
             run_id, f"{cfg.stage} phase1 lr={number(first.lr)}", first, dataset, arch=arch,
-            init_state=lineage.init_state, epochs=cfg.phase1_epochs,
+            init_state=lineage.init_state,
             tags={"source_run_id": lineage.parent_run_id if lineage.init_state is not None else "scratch",
                   "phase": "1"}))
-    start = tracking.load_artifact(results[0].run_id, tracking.BEST) if results else lineage.init_state
-    source = results[0].run_id if results else (lineage.parent_run_id or "scratch")
+    start, source, init_from = lineage.init_state, lineage.parent_run_id or "scratch", ""
+    if results:
+        if PHASE2_START.get(cfg.stage, "best") == "last":
+            start, init_from = results[0].final_state, f"{results[0].run_id}/last epoch"
+        else:
+            start, init_from = tracking.load_artifact(results[0].run_id, tracking.BEST), \
+                f"{results[0].run_id}/{tracking.BEST}"
+        source = results[0].run_id
     results.append(child_run(run_id, f"{cfg.stage} phase2 lr={number(cfg.lr)}", cfg.replace(arch=arch),
                              dataset, arch=arch, init_state=start,
-                             tags={"source_run_id": source, "phase": "2"}))
-    best = finish(run_id, results)
+                             tags={"source_run_id": source, "phase": "2",
+                                   **({"init_from": init_from} if init_from else {})}))
+    best = finish(run_id, results, candidates=results[-1:])
     if cfg.register:
         registry.register(run_id, cfg, best, dataset)
         # which digits are hard: confusion matrix, per-digit accuracy, gallery of mistakes
@@ -201,16 +223,24 @@ def run_name(cfg: Config) -> str:
 
 
 def top_level_run() -> tuple[str, bool]:
-    """(run id, created here): the run `mlflow run` made for us, or a new one."""
+    """(run id, created here): the run `mlflow run` made for us, or a new one. Either way it
+    carries the record: git commit, code version, environment."""
     env_run = os.environ.get("MLFLOW_RUN_ID")
     if env_run:
-        return env_run, False
-    experiment_id = mlflow.tracking.fluent._get_experiment_id()
-    return tracking.client().create_run(experiment_id).info.run_id, True
+        run_id, created = env_run, False
+    else:
+        experiment_id = mlflow.tracking.fluent._get_experiment_id()
+        run_id, created = tracking.client().create_run(experiment_id).info.run_id, True
+    tags = tracking.record_tags()
+    if not created and "mlflow.source.git.commit" in tracking.client().get_run(run_id).data.tags:
+        tags.pop("mlflow.source.git.commit")  # `mlflow run` tagged the commit it ran: keep its word
+    tracking.set_tags(run_id, tags)
+    return run_id, created
 
 
 def run(cfg: Config) -> RunResult:
     lineage = resolve_lineage(cfg)
+    device, precision = resolve_runtime(cfg.device, cfg.precision)  # device=cuda without one: stop here
     run_id, created = top_level_run()
     client = tracking.client()
     with runner.opened(run_id, end=created):
@@ -219,14 +249,14 @@ def run(cfg: Config) -> RunResult:
         client.set_tag(run_id, "source_run_id", cfg.parent_run_id or "scratch")
         client.set_tag(run_id, "init_from", "scratch" if lineage.init_state is None
                        else f"{cfg.parent_run_id}/{tracking.BEST}")
-        client.set_tag(run_id, "code_version", code_version())
-        tracking.log_config(run_id, cfg)
+        tracking.log_config(run_id, cfg, tracking.runtime_params(device, precision, cfg))
         dataset = data_mod.load(cfg)
         log(f"{cfg.stage}: run {run_id} in {mlflow.get_tracking_uri()}")
         result = STAGES[cfg.stage](cfg, run_id, dataset, lineage)
         # set last: only a stage that finished can be found and reused by `main`
-        client.set_tag(run_id, "training_key", cfg.training_key())
-    log(f"{cfg.stage} done: run {run_id}, best test_acc {format_value(result.best_test_acc)}%")
+        client.set_tag(run_id, "training_key", cfg.training_key(dataset.digest))
+    log(f"{cfg.stage} done: run {run_id}, best {result.selected_on}_acc "
+        f"{format_value(result.best_acc)}%, test {format_value(result.test_acc_at_best)}% at that epoch")
     return result
 
 
@@ -252,6 +282,6 @@ def resume(cfg: Config) -> RunResult | None:
     with runner.opened(run_id):
         result = runner.train_in_run(run_id, original, dataset, arch=arch, resume=state)
         if "mlflow.parentRunId" not in previous.data.tags:  # a stage run: `main` may reuse it now
-            tracking.client().set_tag(run_id, "training_key", original.training_key())
-    log(f"resumed run {run_id} FINISHED, best test_acc {result.best_test_acc:.3f}%")
+            tracking.client().set_tag(run_id, "training_key", original.training_key(dataset.digest))
+    log(f"resumed run {run_id} FINISHED, best {result.selected_on}_acc {result.best_acc:.3f}%")
     return result

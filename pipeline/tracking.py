@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -15,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from . import interrupts
-from .config import Config
+from .config import PROJECT_DIR, Config, code_version
 
 BEST = "checkpoints/best.pt"
 LAST = "checkpoints/last.pt"
@@ -29,9 +32,96 @@ def client() -> MlflowClient:
     return MlflowClient()
 
 
+# -- the record every run carries --------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def git_tags() -> dict[str, str]:
+    """The checkout's commit (and whether it had uncommitted changes), when it is a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PROJECT_DIR, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "git_dirty": str(dirty).lower()}
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=None)
+def environment_tags() -> dict[str, str]:
+    """Versions and hardware, so a figure can be traced to what produced it."""
+    import torchvision
+
+    tags = {"env.python": platform.python_version(), "env.torch": torch.__version__,
+            "env.torchvision": torchvision.__version__, "env.mlflow": mlflow.__version__,
+            "env.cuda": torch.version.cuda or "none",
+            "env.cudnn": str(torch.backends.cudnn.version()) if torch.cuda.is_available() else "none",
+            "env.cpu": cpu_model(), "env.platform": platform.platform()}
+    if torch.cuda.is_available():
+        tags["env.gpu"] = torch.cuda.get_device_name(0)
+    return tags
+
+
+def record_tags() -> dict[str, str]:
+    """Tags every run gets, children and `python -m pipeline` runs included."""
+    return {**git_tags(), "code_version": code_version(), **environment_tags()}
+
+
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def runtime_params(device: torch.device, precision: str, cfg: Config) -> dict[str, str]:
+    """What `device=auto` and `precision=auto` resolved to, and the threads torch used."""
+    return {"device_resolved": str(device), "precision_resolved": precision,
+            "data_pipeline": cfg.data_pipeline, "torch_threads": str(torch.get_num_threads())}
+
+
+# MLflow caps a dataset digest at 36 characters: the digest column holds SHA-256's first 32 hex
+# digits (128 bits), and the run's tag dataset.<context>.sha256 the whole of it.
+DIGEST_CHARS = 32
+
+
+def log_datasets(run_id: str, dataset) -> None:
+    """Each split as an MLflow dataset input: context, source file, counts, and a SHA-256 digest
+    of exactly the rows used (MLflow's own digest would hash only the first 10,000 elements)."""
+    import warnings
+
+    from mlflow.data import from_numpy
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs, tags = [], {"data_digest": dataset.digest}
+    for split in dataset.splits():
+        context = {"val": "validation"}.get(split.role, split.role)
+        with warnings.catch_warnings():  # "" and file:// both map to the local source: no matter
+            warnings.simplefilter("ignore", UserWarning)
+            ds = from_numpy(split.images.numpy(), source=str(split.source), targets=split.labels.numpy(),
+                            name=f"{dataset.folder.name}/{split.source.name}:{split.role}",
+                            digest=split.digest[:DIGEST_CHARS])
+        inputs.append(DatasetInput(ds._to_mlflow_entity(),
+                                   tags=[InputTag("mlflow.data.context", context)]))
+        tags[f"dataset.{context}.sha256"] = split.digest
+        tags[f"dataset.{context}.count"] = str(len(split.labels))
+    client().log_inputs(run_id, datasets=inputs)
+    set_tags(run_id, tags)
+
+
 # -- params and metrics ------------------------------------------------------------------------
 
-def log_config(run_id: str, cfg: Config) -> None:
+def log_config(run_id: str, cfg: Config, extra: dict[str, str] | None = None) -> None:
     """Log the fully resolved config as params and config.yaml.
 
     `mlflow run` has already logged the -P values as the user spelled them (1e-4); logging the
@@ -39,10 +129,12 @@ def log_config(run_id: str, cfg: Config) -> None:
     already has are left as they are. config.yaml holds the canonical values.
     """
     existing = client().get_run(run_id).data.params
-    params = [Param(k, v) for k, v in cfg.to_params().items() if k not in existing]
+    values = {**cfg.to_params(), **(extra or {})}
+    params = [Param(k, v) for k, v in values.items() if k not in existing]
     for start in range(0, len(params), 100):
         client().log_batch(run_id, params=params[start:start + 100])
     client().log_text(run_id, yaml.safe_dump(cfg.to_params(), sort_keys=False), "config.yaml")
+
 
 
 def log_epoch(run_id: str, step: int, metrics: dict[str, float]) -> None:

@@ -2,7 +2,8 @@
 
 Differences from the seed, each on purpose: early stopping really stops (the seed compares a
 bool to the string "True"); epoch 1's weights count as a best (the seed never saves them); losses
-are the mean per sample (the seed reports x100).
+are the mean per sample (the seed reports x100, and `tol` keeps the seed's x100 scale).
+With a validation split, early stopping and the best checkpoint follow validation, not test.
 """
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ class EpochResult:
     test_acc: float
     epoch_time_s: float
     train_images_per_s: float
+    val_loss: float | None = None   # only with a validation split
+    val_acc: float | None = None
 
     def metrics(self) -> dict[str, float]:
-        values = asdict(self)
+        values = {k: v for k, v in asdict(self).items() if v is not None}
         values.pop("epoch")
         return values
 
@@ -39,8 +42,10 @@ class EpochResult:
 @dataclass
 class History:
     epochs: list[EpochResult] = field(default_factory=list)
-    best_test_acc: float = -1.0
+    selected_on: str = "test"       # the split whose accuracy picks the best epoch: val or test
+    best_acc: float = -1.0          # that split's accuracy at the best epoch
     best_epoch: int = 0
+    test_acc_at_best: float = -1.0  # what the selected checkpoint scores on test
     stopped_early: bool = False
     total_time_s: float = 0.0
 
@@ -48,9 +53,13 @@ class History:
         return [getattr(e, name) for e in self.epochs]
 
 
+# The seed's losses are x100 per sample; ours are per sample. `tol` keeps the seed's meaning.
+SEED_LOSS_SCALE = 100.0
+
+
 class EarlyStopping:
-    """Stop when the test loss has not beaten its lowest value by more than `tol`
-    for `patience` epochs in a row."""
+    """Stop when the selection loss has not beaten its lowest value by more than `tol`
+    for `patience` epochs in a row, with the loss on the seed's scale (x100 per sample)."""
 
     def __init__(self, patience: int = 5, tol: float = 1e-5):
         self.patience, self.tol = patience, tol
@@ -58,7 +67,7 @@ class EarlyStopping:
         self.lowest_loss: float | None = None
 
     def __call__(self, loss: float) -> bool:
-        if self.lowest_loss is None or self.lowest_loss - loss > self.tol:
+        if self.lowest_loss is None or (self.lowest_loss - loss) * SEED_LOSS_SCALE > self.tol:
             self.lowest_loss = loss
             self.counter = 0
         else:
@@ -87,6 +96,12 @@ class Hyper:
     precision: str = "fp32"         # fp32 | bf16 (autocast), see resolve_precision
 
 
+def resolve_runtime(device_name: str, precision_name: str) -> tuple[torch.device, str]:
+    """(device, fp32|bf16) that `device` and `precision` resolve to on this machine."""
+    device = pick_device(device_name)
+    return device, resolve_precision(precision_name, device)
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -109,8 +124,8 @@ def resolve_precision(name: str, device: torch.device) -> str:
     """auto: bf16 autocast on CUDA and on CPUs with native bf16 (measured 2x faster here), else fp32."""
     if name != "auto":
         return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cuda":  # emulated bf16 (e.g. an RTX 2060S) is slower than fp32
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     return "bf16" if native_cpu_bf16() else "fp32"
 
 
@@ -172,10 +187,12 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device,
 
 
 def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: torch.device,
-        generator: torch.Generator, *, resume: dict | None = None,
+        generator: torch.Generator, *, val_batches=None, resume: dict | None = None,
         on_epoch: Callable[[EpochResult, bool, Callable[[], dict]], None] | None = None,
         log: Callable[[str], None] = print) -> History:
     """Train `model` for up to hyper.epochs, evaluating after each epoch.
+
+    With `val_batches`, early stopping and the best epoch follow validation; test is only reported.
 
     on_epoch(result, is_best, snapshot) is called after every epoch; snapshot() returns
     everything needed to resume (model, optimiser, early stopping, history, RNG states).
@@ -185,7 +202,7 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
     net = torch.compile(model) if hyper.compile else model  # shares model's parameters
     criterion = nn.CrossEntropyLoss(reduction="sum")
     stopper = EarlyStopping(hyper.patience, hyper.tol)
-    history = History()
+    history = History(selected_on="val" if val_batches is not None else "test")
     first_epoch = 1
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -194,7 +211,7 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
         history = resume["history"]
         set_rng_state(resume["rng"], generator)
         first_epoch = resume["epoch"] + 1
-        log(f"resuming after epoch {resume['epoch']} (best test_acc {history.best_test_acc:.3f}% "
+        log(f"resuming after epoch {resume['epoch']} (best {history.selected_on}_acc {history.best_acc:.3f}% "
             f"at epoch {history.best_epoch})")
 
     def step(x, y):
@@ -231,16 +248,21 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
         if steady_start is None:
             steady_start, steady_seen = start, 0
         images_per_s = (seen - steady_seen) / max(train_end - steady_start, 1e-9)
+        val_loss = val_acc = None
+        if val_batches is not None:
+            val_loss, val_acc = evaluate(net, val_batches, device, hyper.precision)
         test_loss, test_acc = evaluate(net, test_batches, device, hyper.precision)
         result = EpochResult(epoch, loss_sum.item() / seen, test_loss, 100.0 * correct.item() / seen,
-                             test_acc, time.perf_counter() - start, images_per_s)
+                             test_acc, time.perf_counter() - start, images_per_s, val_loss, val_acc)
         history.epochs.append(result)
         history.total_time_s += result.epoch_time_s
-        is_best = test_acc > history.best_test_acc  # epoch 1 counts (the seed skips it)
+        score, selection_loss = (val_acc, val_loss) if val_batches is not None else (test_acc, test_loss)
+        is_best = score > history.best_acc  # epoch 1 counts (the seed skips it)
         if is_best:
-            history.best_test_acc, history.best_epoch = test_acc, epoch
-        history.stopped_early = stopper(test_loss)
-        log(f"epoch {epoch}/{hyper.epochs}: train_loss {result.train_loss:.4f} "
+            history.best_acc, history.best_epoch, history.test_acc_at_best = score, epoch, test_acc
+        history.stopped_early = stopper(selection_loss)
+        val_text = "" if val_batches is None else f"val_loss {val_loss:.4f} val_acc {val_acc:.2f}% "
+        log(f"epoch {epoch}/{hyper.epochs}: train_loss {result.train_loss:.4f} {val_text}"
             f"test_loss {test_loss:.4f} train_acc {result.train_acc:.2f}% test_acc {test_acc:.2f}% "
             f"({result.epoch_time_s:.1f}s, {images_per_s:.0f} img/s)" + ("  *best*" if is_best else ""))
 
@@ -252,7 +274,7 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
         if on_epoch:
             on_epoch(result, is_best, snapshot)
         if history.stopped_early:
-            log(f"early stopping: test loss has not improved by more than {hyper.tol:g} "
-                f"for {hyper.patience} epochs")
+            log(f"early stopping: {history.selected_on} loss (x100 per sample, the seed's scale) has not "
+                f"improved by more than {hyper.tol:g} for {hyper.patience} epochs")
             break
     return history

@@ -10,6 +10,7 @@ from __future__ import annotations
 import mlflow
 
 from . import config as config_mod
+from . import data as data_mod
 from . import tracking
 from .config import Config, ConfigError
 from .runner import log
@@ -17,9 +18,10 @@ from .runner import log
 CHAIN = ["model_selection", "baseline", "tune_lr", "tune_gamma", "overfit", "retrain", "deepen"]
 
 # What `main` hands on to every stage; epochs and repeats become caps.
-SHARED = ("dataset", "data_dir", "verify", "download", "limit_train", "limit_test",
-          "synthetic_train", "synthetic_test", "device", "data_pipeline", "compile", "num_workers",
-          "log_every", "max_epochs", "max_repeats", "patience", "registered_model")
+SHARED = ("dataset", "data_dir", "verify", "download", "limit_train", "limit_test", "val_split",
+          "data_seed", "synthetic_train", "synthetic_test", "device", "precision", "data_pipeline",
+          "compile", "num_workers", "log_every", "max_epochs", "max_repeats", "patience",
+          "registered_model")
 AS_CAPS = {"epochs": "max_epochs", "repeats": "max_repeats"}
 MAIN_ONLY = ("env_manager",)
 
@@ -39,10 +41,10 @@ def stage_overrides(overrides: dict[str, str]) -> dict[str, str]:
 
 def run_stage(stage: str, parameters: dict[str, str], cfg: Config, experiment_id: str) -> str:
     stage_cfg = config_mod.load(stage, parameters)  # the stage's own config: fail fast if invalid
-    found = tracking.find_finished_run(experiment_id, stage_cfg.training_key())
+    found = tracking.find_finished_run(experiment_id, stage_cfg.training_key(data_mod.data_digest(stage_cfg)))
     if found:
         log(f"[main] {stage}: reusing FINISHED run {found.info.run_id} "
-            f"(same params, parent run and code version)")
+            f"(same params, parent run, data, device, precision and code version)")
         return found.info.run_id
     log(f"[main] {stage}: starting `mlflow run -e {stage}` with {parameters}")
     submitted = mlflow.projects.run(str(config_mod.PROJECT_DIR), entry_point=stage,
@@ -56,6 +58,7 @@ def main(cfg: Config, overrides: dict[str, str], main_run_id: str) -> list[dict]
     experiment_id = client.get_run(main_run_id).info.experiment_id
     shared = stage_overrides(overrides)
     client.set_tag(main_run_id, "stage", "main")
+    split = cfg.selects_on
     rows, parent = [], ""
     for stage in CHAIN:
         parameters = dict(shared, **({"parent_run_id": parent} if parent else {}))
@@ -64,19 +67,23 @@ def main(cfg: Config, overrides: dict[str, str], main_run_id: str) -> list[dict]
         run_id = run_stage(stage, parameters, cfg, experiment_id)
         run = client.get_run(run_id)
         rows.append({"stage": stage, "run_id": run_id,
-                     "best_test_acc": run.data.metrics.get("best_test_acc", float("nan")),
+                     "best_acc": run.data.metrics.get(f"best_{split}_acc", float("nan")),
+                     "test_acc_at_best": run.data.metrics.get("test_acc_at_best", float("nan")),
                      "arch": run.data.tags.get("arch", ""),
                      "source_run_id": run.data.tags.get("source_run_id", ""),
                      "best_child_run_id": run.data.tags.get("best_child_run_id", "")})
         client.set_tag(main_run_id, f"run_{stage}", run_id)
         parent = run_id
-    lines = ["# SVHN study", "", "| stage | run id | arch | best test acc (%) | parent (source_run_id) "
-             "| best child |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['stage']} | {r['run_id']} | {r['arch']} | {r['best_test_acc']:.3f} | "
-              f"{r['source_run_id']} | {r['best_child_run_id']} |" for r in rows]
-    best = max(rows, key=lambda r: r["best_test_acc"])
-    lines += ["", f"Best: {best['stage']} ({best['run_id']}), {best['best_test_acc']:.3f}%."]
+    lines = ["# SVHN study", "", f"Selection on the {'validation' if split == 'val' else 'test'} split.", "",
+             f"| stage | run id | arch | best {split} acc (%) | test acc at best (%) | parent (source_run_id) "
+             "| best child |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['run_id']} | {r['arch']} | {r['best_acc']:.3f} | "
+              f"{r['test_acc_at_best']:.3f} | {r['source_run_id']} | {r['best_child_run_id']} |" for r in rows]
+    best = max(rows, key=lambda r: r["best_acc"])
+    lines += ["", f"Best: {best['stage']} ({best['run_id']}), {split} {best['best_acc']:.3f}%, "
+              f"test {best['test_acc_at_best']:.3f}% at that checkpoint."]
     client.log_text(main_run_id, "\n".join(lines) + "\n", "summary.md")
-    tracking.log_epoch(main_run_id, 0, {"best_test_acc": best["best_test_acc"]})
+    tracking.log_epoch(main_run_id, 0, {f"best_{split}_acc": best["best_acc"],
+                                        "test_acc_at_best": best["test_acc_at_best"]})
     log("\n".join(lines))
     return rows

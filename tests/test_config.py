@@ -61,18 +61,57 @@ def test_unknown_parameter_is_rejected():
         config.load("train", {"learning_rate": "0.1"})
 
 
-def test_caps_apply_to_every_phase():
+def test_caps_are_baked_into_the_values_every_run_logs():
     cfg = config.load("retrain", {"max_epochs": "1", "max_repeats": "1"})
-    assert cfg.capped_epochs(cfg.phase1_epochs) == 1 and cfg.capped_epochs(cfg.epochs) == 1
-    assert cfg.capped_repeats(5) == 1
-    assert config.load("retrain").capped_epochs(15) == 15
+    assert (cfg.phase1_epochs, cfg.epochs) == (1, 1)  # what a run logs is what it trains
+    cfg = config.load("baseline", {"max_epochs": "2", "max_repeats": "1"})
+    assert (cfg.probe_epochs, cfg.epochs, cfg.repeats) == (2, 2, 1)
+    assert (config.load("retrain").phase1_epochs, config.load("retrain").epochs) == (15, 30)
+
+
+def key(stage="train", digest="d" * 64, **overrides):
+    return config.load(stage, overrides).training_key(digest)
 
 
 def test_training_key_follows_params_not_spelling():
-    a = config.load("train", {"lr": "1e-4"}).training_key()
-    assert a == config.load("train", {"lr": "0.0001"}).training_key()
-    assert a != config.load("train", {"lr": "0.0002"}).training_key()
-    assert a == config.load("train", {"lr": "1e-4", "log_every": "7"}).training_key()
+    a = key(lr="1e-4")
+    assert a == key(lr="0.0001")
+    assert a != key(lr="0.0002")
+    assert a == key(lr="1e-4", log_every="7")
+
+
+def test_training_key_changes_with_data_parent_and_precision():
+    a = key("tune_lr", parent_run_id="a" * 32)
+    assert a != key("tune_lr", parent_run_id="b" * 32)  # a new upstream run: nothing downstream is stale
+    assert a != key("tune_lr", digest="e" * 64, parent_run_id="a" * 32)  # other data bytes
+    assert a != key("tune_lr", parent_run_id="a" * 32, val_split="0.1")
+    assert key(precision="fp32") != key(precision="bf16")  # a bf16 run never stands in for fp32
+
+
+def test_a_scalar_that_a_sweep_overrides_is_refused():
+    with pytest.raises(ConfigError, match=r"-P lr=0.1 would be ignored: stage tune_lr sweeps lrs=.*-P lrs=0.1"):
+        config.load("tune_lr", {"lr": "0.1"})
+    with pytest.raises(ConfigError, match="sweeps bss=128"):
+        config.load("overfit", {"bs": "64"})
+    assert config.load("tune_lr", {"lrs": "0.1"}).lrs == [0.1]  # the one-point sweep it suggests
+    assert config.load("tune_lr", {"lr": "0.1", "lrs": ""}).lr == 0.1  # no sweep: the scalar is used
+
+
+def test_init_parent_without_a_parent_is_refused():
+    with pytest.raises(ConfigError, match="init=parent.*no parent_run_id.*-P init=scratch"):
+        config.check_lineage(config.load("tune_lr"))
+    config.check_lineage(config.load("tune_lr", {"init": "scratch"}))
+    config.check_lineage(config.load("train"))  # init=auto: scratch without a parent
+
+
+def test_a_missing_stage_parameter_file_is_refused(tmp_path, monkeypatch):
+    for name in ("defaults.yaml", "train.yaml"):
+        (tmp_path / name).write_text((config.PARAMS_DIR / name).read_text())
+    monkeypatch.setattr(config, "PARAMS_DIR", tmp_path)
+    assert config.load("train").arch == "resnet"
+    (tmp_path / "train.yaml").unlink()
+    with pytest.raises(ConfigError, match=r"missing .*train.yaml: .*git checkout"):
+        config.load("train")
 
 
 def test_round_trip_through_logged_params():

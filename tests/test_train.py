@@ -8,9 +8,41 @@ from pipeline.train import EarlyStopping, Hyper
 
 
 def test_early_stopping_really_stops():
-    stop = EarlyStopping(patience=3, tol=0.01)
+    stop = EarlyStopping(patience=3, tol=1.0)  # 1.0 on the seed's x100 scale = 0.01 per sample
     assert [stop(x) for x in [1.0, 0.5, 0.499, 0.6, 0.7]] == [False, False, False, False, True]
     assert stop.lowest_loss == 0.5
+
+
+class SeedEarlyStopping:
+    """The seed's EarlyStopping (section 4), fed the seed's x100 losses; only its bool-vs-"True"
+    bug is left out (the seed's loop never stops)."""
+
+    def __init__(self, patience=5, tol=0.0005):
+        self.patience, self.tol, self.counter, self.lowest_loss, self.early_stop = patience, tol, 0, None, False
+
+    def __call__(self, val_loss):
+        if self.lowest_loss is None:
+            self.lowest_loss = val_loss
+        elif self.lowest_loss - val_loss > self.tol:
+            self.lowest_loss = val_loss
+            self.counter = 0
+        elif self.lowest_loss - val_loss < self.tol:
+            self.counter += 1
+            if self.counter >= self.patience:
+                self.early_stop = True
+        return self.early_stop
+
+
+def test_tol_means_what_it_meant_in_the_seed():
+    # per-sample losses near 0.1 that creep down by 0.0004 per epoch: 0.04 on the seed's scale
+    losses = [0.3, 0.2, 0.1] + [0.1 - 0.0004 * i for i in range(1, 9)]
+    for tol in (1e-5, 0.01, 0.05, 0.5):
+        ours, seed = EarlyStopping(5, tol), SeedEarlyStopping(5, tol)
+        assert [ours(x) for x in losses] == [seed(100 * x) for x in losses], tol
+    ours = EarlyStopping(5, 0.5)  # below 0.5 on the x100 scale for 5 epochs: stops at the 5th
+    assert [ours(x) for x in losses].index(True) == 7
+    ours = EarlyStopping(5, 1e-5)  # the seed's default: a 0.0004 per-sample gain still counts
+    assert not any(ours(x) for x in losses)
 
 
 def test_early_stopping_resets_on_improvement_and_round_trips():
