@@ -120,7 +120,9 @@ class Config:
         from .train import resolve_runtime  # torch is only needed once a key is asked for
 
         params = self.to_params()
-        for volatile in ("log_every", "resume_run_id", "env_manager", "num_workers", "force"):
+        # where the data lies and how it was fetched do not matter: its digest does
+        for volatile in ("log_every", "resume_run_id", "env_manager", "num_workers", "force",
+                         "data_dir", "download"):
             params.pop(volatile, None)
         device, precision = resolve_runtime(self.device, self.precision)
         params.update(data_digest=data_digest, device_type=device.type, resolved_precision=precision)

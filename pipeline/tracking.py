@@ -223,7 +223,15 @@ def check_parent(run_id: str):
 
 
 def parent_state(run_id: str) -> dict:
-    return load_artifact(run_id, BEST)
+    try:
+        state = load_artifact(run_id, BEST)
+    except Exception as err:  # truncated, not a zip, not torch's format, or a pickle with code in it
+        raise LineageError(f"parent run {run_id}: {BEST} does not load as a checkpoint "
+                           f"({type(err).__name__}); pass another parent run, or retrain this one") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LineageError(f"parent run {run_id}: {BEST} is not a state_dict of tensors; "
+                           f"pass another parent run, or retrain this one")
+    return state
 
 
 # -- reuse -------------------------------------------------------------------------------------

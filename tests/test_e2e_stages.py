@@ -1,6 +1,7 @@
 """The whole study through `mlflow run . -e main` at toy size: lineage, nesting, reuse, sweeps."""
 import pytest
 
+from conftest import PROJECT, VENV_BIN
 from pipeline.workflow import CHAIN
 
 pytestmark = pytest.mark.e2e
@@ -134,3 +135,146 @@ def test_unfinished_parent_and_parent_without_checkpoint_are_refused(study):
     proc = study.cli("tune_lr", "--parent_run_id", main.info.run_id)
     assert proc.returncode == 2 and "has no checkpoints/best.pt" in proc.stderr
     assert "epoch 1" not in proc.stdout
+
+
+# -- the record: what every run says about what ran ---------------------------------------------
+
+def training_runs(store):
+    return [r for r in store.runs() if r.data.tags.get("stage") not in (None, "main", "evaluate", "predict")]
+
+
+def test_every_run_records_commit_code_environment_and_runtime(study):
+    import subprocess
+
+    from conftest import PROJECT
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    runs = study.runs()
+    assert len(runs) > len(CHAIN) * 2  # stage runs, their children, and main
+    for run in runs:
+        tags = run.data.tags
+        assert tags["mlflow.source.git.commit"] == commit, run.info.run_name
+        assert tags["code_version"] and tags["env.torch"].startswith(torch_version())
+        assert tags["env.mlflow"] == "3.17.2" and tags["env.python"].startswith("3.")
+    for run in training_runs(study):
+        params = run.data.params
+        assert params["device_resolved"] == "cpu" and params["precision_resolved"] in ("fp32", "bf16")
+        assert int(params["torch_threads"]) >= 1 and params["data_pipeline"] == "tensor"
+
+
+def torch_version():
+    import torch
+
+    return torch.__version__.split("+")[0]
+
+
+def test_every_training_run_logs_its_datasets_with_sha256_digests(study):
+    import hashlib
+
+    train_mat = next(study.data_dir.glob("*/train_32x32.mat"))
+    whole = hashlib.sha256(train_mat.read_bytes()).hexdigest()
+    for run in training_runs(study):
+        inputs = {[t.value for t in d.tags if t.key == "mlflow.data.context"][0]: d.dataset
+                  for d in run.inputs.dataset_inputs}
+        assert set(inputs) == {"train", "test"}, run.info.run_name
+        tags = run.data.tags
+        assert tags["dataset.train.count"] == "256" and tags["dataset.test.count"] == "128"
+        for context, dataset in inputs.items():
+            assert len(tags[f"dataset.{context}.sha256"]) == 64
+            assert dataset.digest == tags[f"dataset.{context}.sha256"][:32]
+            assert dataset.source.endswith(f'{context}_32x32.mat"}}')
+        # limit_train=256 of 600 rows: the digest is of those rows, not of the whole file
+        assert tags["dataset.train.sha256"] != whole
+
+
+def test_every_child_logs_the_epochs_it_trained(study):
+    for stage in CHAIN:
+        for child in study.children(stage_run(study, stage).info.run_id):
+            epochs = int(child.data.params["epochs"])
+            assert study.steps(child.info.run_id, "test_acc") == list(range(1, epochs + 1)), child.info.run_name
+
+
+def test_retrain_result_is_phase_two_and_deepen_continues_from_phase_one_last_weights(study):
+    import torch
+
+    for stage in ("retrain", "deepen"):
+        run = stage_run(study, stage)
+        phases = {c.data.tags["phase"]: c for c in study.children(run.info.run_id)}
+        assert run.data.tags["best_child_run_id"] == phases["2"].info.run_id  # not the max of both
+        assert run.data.metrics["best_test_acc"] == phases["2"].data.metrics["best_test_acc"]
+    phases = {c.data.tags["phase"]: c for c in study.children(stage_run(study, "deepen").info.run_id)}
+    assert phases["2"].data.tags["init_from"] == f"{phases['1'].info.run_id}/last epoch"
+    phases = {c.data.tags["phase"]: c for c in study.children(stage_run(study, "retrain").info.run_id)}
+    assert phases["2"].data.tags["init_from"] == f"{phases['1'].info.run_id}/checkpoints/best.pt"
+
+
+def test_init_scratch_ignores_the_parents_weights_and_parent_loads_them(study, monkeypatch):
+    import torch
+
+    from pipeline import config, stages
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", study.uri)
+    parent = stage_run(study, "baseline").info.run_id
+    parent_best = torch.load(study.client.download_artifacts(parent, "checkpoints/best.pt"), weights_only=True)
+    from_parent = stages.resolve_lineage(config.load("tune_lr", {"parent_run_id": parent}))
+    assert all(torch.equal(from_parent.init_state[k], v) for k, v in parent_best.items())
+    scratch = stages.resolve_lineage(config.load("tune_lr", {"parent_run_id": parent, "init": "scratch"}))
+    assert scratch.init_state is None and scratch.parent_run_id == parent
+
+
+def test_evaluate_entry_point_reports_the_champions_accuracy_on_the_test_split(study):
+    import mlflow
+    import numpy as np
+    import torch
+
+    from pipeline import config, data, predict
+
+    params = main_params(study)
+    params.pop("epochs"), params.pop("repeats")
+    study.mlflow_run("evaluate", params)
+    (run,) = study.top_level("evaluate")
+    cfg = config.load("evaluate", params)
+    dataset = data.load(cfg)
+    mlflow.set_tracking_uri(study.uri)
+    model = mlflow.pytorch.load_model("models:/svhn-classifier@champion", map_location="cpu")
+    predicted = predict.probabilities(model, dataset.test_images.permute(0, 2, 3, 1).numpy()).argmax(1)
+    truth = dataset.test_labels.numpy()
+    assert run.data.metrics["eval_test_acc"] == pytest.approx(100.0 * float((predicted == truth).mean()))
+    digit = int(truth[0])
+    expected = 100.0 * float((predicted[truth == digit] == digit).mean())
+    assert run.data.metrics[f"test_acc_digit_{digit}"] == pytest.approx(expected)
+    assert "evaluation/confusion_matrix.png" in study.artifacts(run.info.run_id)
+
+
+def test_main_reuses_by_data_digest_and_retrains_when_one_byte_changes(study, tmp_path):
+    """The key holds the data's digest, not its folder: a byte-identical copy is reused, and one
+    changed byte makes `main` train again from its first stage."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+
+    copy = tmp_path / "data"
+    shutil.copytree(study.data_dir, copy)
+    proc = study.mlflow_run("main", main_params(study, data_dir=str(copy)))
+    assert (proc.stdout + proc.stderr).count("reusing FINISHED run") == len(CHAIN)
+    train_mat = next(copy.glob("*/train_32x32.mat"))
+    raw = bytearray(train_mat.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one pixel of one image
+    train_mat.write_bytes(bytes(raw))
+    cmd = [str(VENV_BIN / "mlflow"), "run", str(PROJECT), "-e", "main", "--env-manager", "local"]
+    for key, value in main_params(study, data_dir=str(copy)).items():
+        cmd += ["-P", f"{key}={value}"]
+    main = subprocess.Popen(cmd, cwd=study.root, env=study.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in main.stdout:  # the first stage's verdict is all this test needs
+            if line.startswith("[main] model_selection:"):
+                assert "starting `mlflow run -e model_selection`" in line, line
+                break
+        else:
+            raise AssertionError("main never reached model_selection")
+    finally:
+        os.killpg(main.pid, signal.SIGKILL)
+        main.wait(timeout=60)

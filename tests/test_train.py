@@ -105,3 +105,81 @@ def test_resume_continues_where_it_stopped():
     for a, b in zip(straight.parameters(), resumed_model.parameters()):
         assert torch.allclose(a, b)
     assert resumed.epochs[-1].test_acc == full.epochs[-1].test_acc
+
+
+class TinyConv(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def shuffled_augmented_fit(epochs, resume=None, snapshots=None):
+    from pipeline import data
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(48) % 10
+    generator = train.seed_everything(7)
+    model = TinyConv()
+    device = torch.device("cpu")
+    batches = data.TensorBatches(images, labels, 16, train=True, augment_images=True, device=device,
+                                 generator=generator)
+    tests = data.TensorBatches(images, labels, 16, train=False, augment_images=False, device=device)
+
+    def on_epoch(result, is_best, snapshot):
+        if snapshots is not None:
+            snapshots.append(copy.deepcopy(snapshot()))
+
+    train.fit(model, batches, tests, Hyper(epochs=epochs, lr=1e-2, tol=0.0, patience=50), device, generator,
+              resume=resume, on_epoch=on_epoch, log=lambda m: None)
+    return model
+
+
+def test_resume_restores_the_shuffle_and_augmentation_draws():
+    """Resumed after epoch 1, epochs 2-3 see the same batches and crops as a run never stopped:
+    the generator that shuffles and augments is restored, not reseeded."""
+    straight = shuffled_augmented_fit(3)
+    snapshots = []
+    shuffled_augmented_fit(1, snapshots=snapshots)
+    resumed = shuffled_augmented_fit(3, resume=snapshots[-1])
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    # without the saved RNG state the draws differ, and so do the weights
+    snapshots[-1]["rng"]["generator"] = torch.Generator().manual_seed(99).get_state()
+    reseeded = shuffled_augmented_fit(3, resume=snapshots[-1])
+    assert not torch.equal(straight.conv.weight, reseeded.conv.weight)
+
+
+def test_fit_selects_on_validation_and_reports_test_at_that_epoch():
+    val = batches(5)
+    _, history, seen = run_with_val(3, val)
+    accs = history.column("val_acc")
+    assert history.selected_on == "val" and history.best_acc == max(accs)
+    assert history.best_epoch == accs.index(max(accs)) + 1
+    assert history.test_acc_at_best == history.epochs[history.best_epoch - 1].test_acc
+    assert [e for e, best in seen if best][-1] == history.best_epoch
+
+
+def run_with_val(epochs, val):
+    torch.manual_seed(0)
+    model = Tiny()
+    seen = []
+    history = train.fit(model, batches(1), batches(2), Hyper(epochs=epochs, lr=1e-2, tol=0.0, patience=50),
+                        torch.device("cpu"), torch.Generator().manual_seed(0), val_batches=val,
+                        on_epoch=lambda r, best, snap: seen.append((r.epoch, best)), log=lambda m: None)
+    return model, history, seen
+
+
+def test_early_stopping_in_fit_sets_stopped_early_at_the_seeds_threshold():
+    torch.manual_seed(0)
+    history = train.fit(Tiny(), batches(1), batches(2), Hyper(epochs=10, lr=1e-9, tol=1e6, patience=2),
+                        torch.device("cpu"), torch.Generator().manual_seed(0), log=lambda m: None)
+    assert history.stopped_early and len(history.epochs) == 3
+    history = train.fit(Tiny(), batches(1), batches(2), Hyper(epochs=4, lr=1e-2, tol=0.0, patience=50),
+                        torch.device("cpu"), torch.Generator().manual_seed(0), log=lambda m: None)
+    assert not history.stopped_early and len(history.epochs) == 4
