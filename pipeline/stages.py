@@ -251,6 +251,8 @@ def run(cfg: Config) -> RunResult:
                        else f"{cfg.parent_run_id}/{tracking.BEST}")
         tracking.log_config(run_id, cfg, tracking.runtime_params(device, precision, cfg))
         dataset = data_mod.load(cfg)
+        if cfg.stage != "train":  # a train run logs its own inputs; a stage's are its children's
+            tracking.log_datasets(run_id, dataset)
         log(f"{cfg.stage}: run {run_id} in {mlflow.get_tracking_uri()}")
         result = STAGES[cfg.stage](cfg, run_id, dataset, lineage)
         # set last: only a stage that finished can be found and reused by `main`

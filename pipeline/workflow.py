@@ -58,6 +58,7 @@ def main(cfg: Config, overrides: dict[str, str], main_run_id: str) -> list[dict]
     experiment_id = client.get_run(main_run_id).info.experiment_id
     shared = stage_overrides(overrides)
     client.set_tag(main_run_id, "stage", "main")
+    tracking.log_datasets(main_run_id, data_mod.load(cfg))  # the data the whole study sees
     split = cfg.selects_on
     rows, parent = [], ""
     for stage in CHAIN:
