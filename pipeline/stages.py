@@ -55,7 +55,7 @@ def finish(run_id: str, results: list[RunResult], extra_tags: dict[str, str] | N
     """Copy the best child's best.pt up to the stage run, log best_test_acc, compare children."""
     best = max(candidates or results, key=lambda r: r.best_test_acc)
     client = tracking.client()
-    tracking.save_checkpoint(run_id, tracking.BEST, tracking.load_artifact(best.run_id, tracking.BEST))
+    tracking.save_checkpoint(run_id, tracking.BEST, tracking.load_weights(best.run_id))
     tracking.log_epoch(run_id, 0, {"best_test_acc": best.best_test_acc, "best_epoch": best.best_epoch,
                                    "total_time_s": sum(r.history.total_time_s for r in results)})
     client.set_tag(run_id, "best_child_run_id", best.run_id)
@@ -165,7 +165,7 @@ def two_phases(cfg, run_id, dataset, lineage, arch: str) -> RunResult:
             init_state=lineage.init_state, epochs=cfg.phase1_epochs,
             tags={"source_run_id": lineage.parent_run_id if lineage.init_state is not None else "scratch",
                   "phase": "1"}))
-    start = tracking.load_artifact(results[0].run_id, tracking.BEST) if results else lineage.init_state
+    start = tracking.load_weights(results[0].run_id) if results else lineage.init_state
     source = results[0].run_id if results else (lineage.parent_run_id or "scratch")
     results.append(child_run(run_id, f"{cfg.stage} phase2 lr={number(cfg.lr)}", cfg.replace(arch=arch),
                              dataset, arch=arch, init_state=start,
@@ -237,9 +237,10 @@ def resume(cfg: Config) -> RunResult | None:
     if previous.info.status == "FINISHED":
         log(f"run {run_id} is FINISHED: nothing to resume")
         return None
-    state = runner.resume_state(run_id)
     text = mlflow.artifacts.load_text(f"{previous.info.artifact_uri}/config.yaml")
     original = from_params(yaml.safe_load(text))  # the run's own config, not this command's
+    arch = previous.data.tags.get("arch") or original.arch or "resnet"
+    state = runner.resume_state(run_id, arch)
     if os.environ.get("MLFLOW_RUN_ID") and os.environ["MLFLOW_RUN_ID"] != run_id:
         # `mlflow run` opened a fresh run for this command; point it at the run we continue
         holder = os.environ["MLFLOW_RUN_ID"]
@@ -248,7 +249,6 @@ def resume(cfg: Config) -> RunResult | None:
                                   f"This command resumed run {run_id}; its metrics are there.")
     tracking.client().update_run(run_id, status="RUNNING")
     dataset = data_mod.load(original)
-    arch = previous.data.tags.get("arch") or original.arch or "resnet"
     with runner.opened(run_id):
         result = runner.train_in_run(run_id, original, dataset, arch=arch, resume=state)
         if "mlflow.parentRunId" not in previous.data.tags:  # a stage run: `main` may reuse it now

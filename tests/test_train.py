@@ -73,3 +73,42 @@ def test_resume_continues_where_it_stopped():
     for a, b in zip(straight.parameters(), resumed_model.parameters()):
         assert torch.allclose(a, b)
     assert resumed.epochs[-1].test_acc == full.epochs[-1].test_acc
+
+
+def test_snapshot_is_plain_data_and_resumes_after_a_weights_only_load():
+    import io
+
+    straight, _, _ = run(4)
+    snapshots = []
+    run(2, snapshots=snapshots)
+    buffer = io.BytesIO()
+    torch.save(snapshots[-1], buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)  # only tensors and plain containers load here
+    assert loaded["format"] == train.CHECKPOINT_FORMAT
+    assert train.History.from_state(loaded["history"]).to_state() == snapshots[-1]["history"]
+    resumed_model, resumed, _ = run(4, resume=loaded, model=Tiny())
+    assert [e.epoch for e in resumed.epochs] == [1, 2, 3, 4]
+    for a, b in zip(straight.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_rng_states_restore_every_generator_after_a_weights_only_load():
+    import io
+    import random
+
+    import numpy as np
+
+    generator = train.seed_everything(7)
+    random.gauss(0, 1), np.random.randn()  # cached gaussians are part of the state too
+    buffer = io.BytesIO()
+    torch.save(train.rng_state(generator), buffer)
+
+    def draws():
+        return (random.random(), random.gauss(0, 1), float(np.random.rand()), float(np.random.randn()),
+                torch.rand(2).tolist(), torch.rand(2, generator=generator).tolist())
+
+    first = draws()
+    buffer.seek(0)
+    train.set_rng_state(torch.load(buffer, weights_only=True), generator)
+    assert draws() == first
