@@ -1,7 +1,8 @@
 """The one CLI: `python -m pipeline STAGE [--key value ...]`, what every MLproject entry point runs.
 
-Errors the user can fix (bad parameter, missing data, unusable parent run, unreadable input)
-print one line and exit 2; a SIGINT/SIGTERM marks the open runs KILLED and says how to resume.
+Errors the user can fix (bad parameter, missing data, unusable parent run or checkpoint,
+unreadable input, a 401/403 from the tracking server) print one line and exit 2; a
+SIGINT/SIGTERM marks the open runs KILLED and says how to resume.
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import requests
     from mlflow.exceptions import MlflowException
 
     from .config import ConfigError
@@ -88,9 +90,15 @@ def main(argv: list[str] | None = None) -> int:
               f"completed epoch is in checkpoints/last.pt. Resume with: mlflow run . -e train "
               f"--env-manager local -P resume_run_id={target}", file=sys.stderr, flush=True)
         return 130
-    except MlflowException as err:
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr, flush=True)
-        return 1
+    except (MlflowException, requests.HTTPError) as err:
+        from .tracking import server_refusal
+
+        refusal = server_refusal(err)  # a 401/403: who, for what, and what to set
+        if refusal is None and isinstance(err, requests.HTTPError):
+            raise
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"error: {refusal or first}", file=sys.stderr, flush=True)
+        return 2 if refusal else 1
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def read_mat(path: Path, split: str, verify: bool) -> tuple[torch.Tensor, torch.
     if cache.exists():
         try:
             blob = torch.load(cache, weights_only=True)
-            if blob["verified"] or not verify:
+            if (blob["verified"] or not verify) and not svhn_problem(blob["images"], blob["labels"]):
                 return blob["images"], blob["labels"]
         except Exception:  # a damaged cache is rebuilt, never trusted
             pass
@@ -123,11 +123,12 @@ def read_mat(path: Path, split: str, verify: bool) -> tuple[torch.Tensor, torch.
     except Exception as err:
         raise DataError(f"cannot read {path}: not a valid SVHN-format .mat ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''}); replace the file") from None
+    problem = svhn_problem(dataset.data, dataset.labels, from_mat=True)
+    if problem:
+        raise DataError(f"cannot read {path}: {problem}; SVHN stores X as 32x32x3xN uint8 and y as "
+                        f"N labels 1-10 (10 for digit 0), replace the file")
     images = torch.from_numpy(np.ascontiguousarray(dataset.data))
     labels = torch.from_numpy(dataset.labels.astype(np.int64))
-    if images.dim() != 4 or images.shape[1:] != (3, 32, 32) or len(images) != len(labels):
-        raise DataError(f"cannot read {path}: expected X of shape 32x32x3xN and y of N labels, "
-                        f"got {tuple(dataset.data.shape)}; replace the file")
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
     torch.save({"images": images, "labels": labels, "verified": verify}, tmp)
@@ -172,6 +173,25 @@ class Split:
         digest = hashlib.sha256(self.file_sha256.encode())
         digest.update(self.indices.numpy().tobytes())
         return digest.hexdigest()
+def svhn_problem(images, labels, from_mat: bool = False) -> str:
+    """What is wrong with decoded (N,3,32,32) uint8 images and (N,) labels 0-9, or ''.
+
+    from_mat: numpy arrays as torchvision's SVHN reader leaves them (X transposed to N,C,H,W,
+    label 10 already mapped to 0), described in the file's own terms.
+    """
+    shape, dtype = tuple(images.shape), str(images.dtype).replace("torch.", "")
+    x_shape = "x".join(map(str, (*shape[2:], shape[1], shape[0]))) if len(shape) == 4 else "?"
+    if len(shape) != 4 or shape[1:] != (3, 32, 32):
+        return f"X has shape {x_shape}, not 32x32x3xN" if from_mat else f"images of shape {shape}"
+    if dtype != "uint8":
+        return f"X is {dtype}, not uint8"
+    labels_shape = tuple(labels.shape)
+    if len(labels_shape) != 1 or labels_shape[0] != shape[0]:
+        count = labels_shape[0] if len(labels_shape) == 1 else "x".join(map(str, labels_shape)) or 1
+        return f"y holds {count} labels for {shape[0]} images in X"
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) > 9):
+        return f"y holds labels outside 1-10 (found {int(labels.min())}..{int(labels.max())})"
+    return ""
 
 
 @dataclass

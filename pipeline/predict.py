@@ -6,7 +6,9 @@ Each image is resized to SVHN's 32x32 RGB; the model applies the seed's test tra
 from __future__ import annotations
 
 import csv
+import re
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,12 +38,42 @@ def read_image(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB").resize((32, 32), Image.BILINEAR), dtype=np.uint8)
+        with warnings.catch_warnings():
+            # PIL only warns between its limit and twice it: such an image is refused as well
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return np.asarray(img.convert("RGB").resize((32, 32), Image.BILINEAR), dtype=np.uint8)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        raise PredictError(f"skipped image {path}: {found.group(1) if found else 'too many'} pixels, over "
+                           f"PIL's limit of {Image.MAX_IMAGE_PIXELS} (an oversized image or a "
+                           f"decompression bomb); shrink it to include it") from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise PredictError(f"cannot read image {path}: {type(err).__name__}: "
                            f"{str(err).splitlines()[0] if str(err) else 'unreadable'}; "
                            f"skipped it (replace or remove the file)") from None
+
+
+def folder_files(folder: Path) -> tuple[list[Path], list[str]]:
+    """(the folder's visible files, one line per symlink that leads out of it, not followed)."""
+    root = folder.resolve()
+    files, refused = [], []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_symlink():
+            try:
+                target = entry.resolve(strict=True)
+                inside = target.is_relative_to(root)
+            except (OSError, RuntimeError):  # dangling or a loop
+                target, inside = None, False
+            if not inside:
+                refused.append(f"skipped {entry}: a symlink to {target or 'nowhere'}, outside the input "
+                               f"folder, not followed (copy the file into {folder} to include it)")
+                continue
+        if entry.is_file():
+            files.append(entry)
+    return files, refused
 
 
 def collect(source: str) -> Inputs:
@@ -61,8 +93,10 @@ def collect(source: str) -> Inputs:
         inputs.names = [f"{path.name}[{i}]" for i in range(len(images))]
         inputs.labels = labels.numpy()
         return inputs
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) \
-        if path.is_dir() else [path]
+    files, refused = folder_files(path) if path.is_dir() else ([path], [])
+    for line in refused:
+        print(line, flush=True)
+        inputs.failures.append(line)
     for file in files:
         try:
             inputs.images.append(read_image(file))
@@ -79,6 +113,7 @@ def load_model(model_uri: str):
     try:
         return mlflow.pytorch.load_model(model_uri, map_location="cpu")
     except Exception as err:
+        tracking.raise_if_refused(err)
         raise PredictError(f"cannot load model {model_uri} ({type(err).__name__}: "
                            f"{str(err).splitlines()[0][:200] if str(err) else ''}): run `mlflow run . -e "
                            f"retrain` to register one, or pass -P model_uri=<uri>") from None
@@ -119,7 +154,7 @@ def predict(cfg: Config, run_id: str | None) -> int:
               f"{100.0 * float((labels == inputs.labels).mean()):.3f}%", flush=True)
     if inputs.failures:
         print(f"{len(inputs.failures)} of {len(inputs.failures) + len(inputs.names)} inputs could not "
-              f"be read (listed above)", flush=True)
+              f"be read or were skipped (listed above)", flush=True)
         return 1
     return 0
 

@@ -37,7 +37,7 @@ class Classifier(nn.Module):
 
 def classifier_from_run(run_id: str, arch: str) -> Classifier:
     net = models.build(arch)
-    models.load_state(net, tracking.load_artifact(run_id, tracking.BEST), arch, f"{run_id}/{tracking.BEST}")
+    models.load_state(net, tracking.load_weights(run_id), arch, f"{run_id}/{tracking.BEST}")
     return Classifier(net).eval()
 
 
@@ -45,7 +45,8 @@ def champion_accuracy(name: str, split: str) -> tuple[str | None, float]:
     """(version, best accuracy on `split`) of the current champion, or (None, -inf)."""
     try:
         version = tracking.client().get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
+    except MlflowException as err:
+        tracking.raise_if_refused(err)
         return None, float("-inf")
     return version.version, float(version.tags.get(f"best_{split}_acc", "-inf"))
 

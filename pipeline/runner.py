@@ -115,7 +115,7 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
     already_logged = tracking.logged_steps(run_id, "test_acc") if resume else set()
     if resume is not None and resume["epoch"] not in already_logged:
         # killed between writing last.pt and logging its metrics: log them now, once
-        done = resume["history"].epochs[-1]
+        done = train.History.from_state(resume["history"]).epochs[-1]
         tracking.log_epoch(run_id, done.epoch, done.metrics())
 
     def on_epoch(result: train.EpochResult, is_best: bool, snapshot) -> None:
@@ -156,10 +156,40 @@ def child_run(parent_run_id: str, name: str, cfg: Config, dataset: data_mod.SVHN
         return result
 
 
-def resume_state(run_id: str) -> dict:
+def resume_state(run_id: str, arch: str) -> dict:
+    """run_id's last.pt, loaded as plain data (never code) and checked to fit `arch` and the loop:
+    a crafted, damaged or older file is refused here with one line, before anything is changed."""
     if not tracking.has_artifact(run_id, tracking.LAST):
         raise tracking.LineageError(
             f"run {run_id} has no {tracking.LAST}: it stopped before its first epoch ended, "
             f"so there is nothing to resume; start it again without resume_run_id")
-    # last.pt holds our own History/EpochResult objects and RNG state, not only tensors
-    return tracking.load_artifact(run_id, tracking.LAST, weights_only=False)
+    state = tracking.load_checkpoint(run_id, tracking.LAST)
+    where = f"run {run_id}: {tracking.LAST}"
+    found = state.get("format", "none") if isinstance(state, dict) else "none"
+    if found != train.CHECKPOINT_FORMAT:
+        raise models.CheckpointError(
+            f"{where} is in checkpoint format {found}, this version resumes format "
+            f"{train.CHECKPOINT_FORMAT} only: start the run again without resume_run_id")
+    try:
+        check_resumable(state, arch, f"{run_id}/{tracking.LAST}")
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        raise models.CheckpointError(
+            f"{where} is malformed ({type(err).__name__}: {reason}): it was not written by this "
+            f"pipeline or is damaged; start the run again without resume_run_id") from None
+    return state
+
+
+def check_resumable(state: dict, arch: str, source: str) -> None:
+    """Apply every part of `state` to throwaway objects, as train.fit will (raises if one does not fit)."""
+    model = models.build(arch)
+    models.load_state(model, state["model"], arch, source)
+    train.make_optimizer(model, train.Hyper(epochs=1, lr=1e-3)).load_state_dict(state["optimizer"])
+    stopper = state["early_stopping"]
+    if not isinstance(stopper.get("counter"), int) or \
+            not isinstance(stopper.get("lowest_loss"), (int, float, type(None))):
+        raise ValueError(f"early_stopping state {stopper!r:.80} is not a counter and a loss")
+    history = train.History.from_state(state["history"])
+    if not history.epochs or history.epochs[-1].epoch != state["epoch"]:
+        raise ValueError(f"history does not end at epoch {state['epoch']!r:.20}")
+    train.set_rng_state(state["rng"], torch.Generator())  # train.fit sets them again from the same state

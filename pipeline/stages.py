@@ -59,7 +59,7 @@ def finish(run_id: str, results: list[RunResult], extra_tags: dict[str, str] | N
     chosen on the selection split (validation, or test as in the seed); compare children."""
     best = max(candidates or results, key=lambda r: r.best_acc)
     client = tracking.client()
-    tracking.save_checkpoint(run_id, tracking.BEST, tracking.load_artifact(best.run_id, tracking.BEST))
+    tracking.save_checkpoint(run_id, tracking.BEST, tracking.load_weights(best.run_id))
     tracking.log_epoch(run_id, 0, {**best.metrics(),
                                    "total_time_s": sum(r.history.total_time_s for r in results)})
     client.set_tag(run_id, "best_child_run_id", best.run_id)
@@ -185,8 +185,7 @@ def two_phases(cfg, run_id, dataset, lineage, arch: str) -> RunResult:
         if PHASE2_START.get(cfg.stage, "best") == "last":
             start, init_from = results[0].final_state, f"{results[0].run_id}/last epoch"
         else:
-            start, init_from = tracking.load_artifact(results[0].run_id, tracking.BEST), \
-                f"{results[0].run_id}/{tracking.BEST}"
+            start, init_from = tracking.load_weights(results[0].run_id), f"{results[0].run_id}/{tracking.BEST}"
         source = results[0].run_id
     results.append(child_run(run_id, f"{cfg.stage} phase2 lr={number(cfg.lr)}", cfg.replace(arch=arch),
                              dataset, arch=arch, init_state=start,
@@ -269,9 +268,10 @@ def resume(cfg: Config) -> RunResult | None:
     if previous.info.status == "FINISHED":
         log(f"run {run_id} is FINISHED: nothing to resume")
         return None
-    state = runner.resume_state(run_id)
     text = mlflow.artifacts.load_text(f"{previous.info.artifact_uri}/config.yaml")
     original = from_params(yaml.safe_load(text))  # the run's own config, not this command's
+    arch = previous.data.tags.get("arch") or original.arch or "resnet"
+    state = runner.resume_state(run_id, arch)
     if os.environ.get("MLFLOW_RUN_ID") and os.environ["MLFLOW_RUN_ID"] != run_id:
         # `mlflow run` opened a fresh run for this command; point it at the run we continue
         holder = os.environ["MLFLOW_RUN_ID"]
@@ -280,7 +280,6 @@ def resume(cfg: Config) -> RunResult | None:
                                   f"This command resumed run {run_id}; its metrics are there.")
     tracking.client().update_run(run_id, status="RUNNING")
     dataset = data_mod.load(original)
-    arch = previous.data.tags.get("arch") or original.arch or "resnet"
     with runner.opened(run_id):
         result = runner.train_in_run(run_id, original, dataset, arch=arch, resume=state)
         if "mlflow.parentRunId" not in previous.data.tags:  # a stage run: `main` may reuse it now

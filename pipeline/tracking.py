@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 import platform
+import re
 import subprocess
-import sys
 import tempfile
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -19,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from . import interrupts
 from .config import PROJECT_DIR, Config, code_version
+from .models import CheckpointError
 
 BEST = "checkpoints/best.pt"
 LAST = "checkpoints/last.pt"
@@ -117,6 +120,54 @@ def log_datasets(run_id: str, dataset) -> None:
         tags[f"dataset.{context}.count"] = str(len(split.labels))
     client().log_inputs(run_id, datasets=inputs)
     set_tags(run_id, tags)
+# -- refusals from an authenticating server -------------------------------------------------------
+
+AUTH_CODES = {"UNAUTHENTICATED": 401, "CUSTOMER_UNAUTHORIZED": 401, "PERMISSION_DENIED": 403}
+
+
+def server_refusal(err: BaseException) -> str | None:
+    """One line for a 401/403 from the tracking server (who was refused, for what, what to set),
+    or None when `err` is something else. Covers MLflow's REST errors and its artifact uploads."""
+    import requests
+
+    if isinstance(err, MlflowException) and err.error_code in AUTH_CODES:
+        status = AUTH_CODES[err.error_code]
+        found = re.search(r"endpoint (\S+) failed", err.message)
+        endpoint = found.group(1) if found else "a request"
+    elif isinstance(err, requests.HTTPError) and getattr(err.response, "status_code", None) in (401, 403):
+        status = err.response.status_code
+        request = err.response.request
+        endpoint = f"{request.method} {urlparse(request.url).path}" if request is not None else "a request"
+    else:
+        return None
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    username = read_mlflow_creds().username
+    who = f"user '{username}'" if username else ("the MLFLOW_TRACKING_TOKEN holder" if
+                                                  os.environ.get("MLFLOW_TRACKING_TOKEN") else
+                                                  "a request with no credentials")
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    what = endpoint + (f" (experiment {experiment})" if experiment else "")
+    server = mlflow.get_tracking_uri()
+    if status == 401 and not username:
+        fix = ("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to your account on it "
+               "(the server's admin creates accounts)")
+    elif status == 401:
+        fix = "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD: the server did not accept them"
+    else:
+        kind = "registered model" if "registered-model" in endpoint or "model-version" in endpoint \
+            else "experiment"
+        level = "READ" if re.search(r"/(get|search|list)", endpoint) else "EDIT"
+        fix = (f"ask the {kind}'s owner (or an admin) for {level} permission for {who}, or set "
+               f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user who has it")
+    reason = "401 not authenticated" if status == 401 else "403 permission denied"
+    return f"tracking server {server} refused {who} ({reason}) for {what}: {fix}"
+
+
+def raise_if_refused(err: BaseException) -> None:
+    """Let a server's 401/403 through a handler that would otherwise misreport it."""
+    if server_refusal(err):
+        raise err
 
 
 # -- params and metrics ------------------------------------------------------------------------
@@ -187,11 +238,46 @@ def save_checkpoint(run_id: str, artifact_path: str, obj) -> None:
             client().log_artifact(run_id, str(path), str(Path(artifact_path).parent))
 
 
-def load_artifact(run_id: str, artifact_path: str, map_location="cpu", weights_only=True):
+def load_checkpoint(run_id: str, artifact_path: str, map_location="cpu"):
+    """A checkpoint artifact as tensors and plain containers: torch.load(weights_only=True) runs
+    no code from the file; anything else in it is refused with one line naming run and file."""
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
                                                     dst_path=tmp)
-        return torch.load(local, map_location=map_location, weights_only=weights_only)
+        try:
+            with warnings.catch_warnings():  # torch warns about odd pickles on stderr: we say it in one line
+                warnings.simplefilter("ignore")
+                return torch.load(local, map_location=map_location, weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f"run {run_id}: {artifact_path} {refusal_reason(err)}, so it was "
+                                  f"refused unread: use another run, or train this one again") from None
+
+
+def refusal_reason(err: Exception) -> str:
+    """Why torch.load(weights_only=True) failed, in a few words (torch's own text is many lines
+    and suggests weights_only=False, which would run the file's code)."""
+    text = str(err)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found and found.group(1).startswith("pipeline."):
+        return (f"is in an older format (it pickles {found.group(1)}), which this version "
+                f"does not load")
+    if found:
+        return f"is not plain data: loading it would import and call {found.group(1)}"
+    if isinstance(err, pickle.UnpicklingError):
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        return f"is not plain data ({detail.group(1)[:120] if detail else 'refused by the weights-only loader'})"
+    first = re.split(r"(?<=\.)\s", text.strip(), maxsplit=1)[0][:120] if text.strip() else ""
+    return f"is not a readable checkpoint ({type(err).__name__}{': ' + first if first else ''})"
+
+
+def load_weights(run_id: str, artifact_path: str = BEST) -> dict:
+    """A model state_dict checkpoint (best.pt): names to tensors, nothing else."""
+    state = load_checkpoint(run_id, artifact_path)
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"run {run_id}: {artifact_path} is not a model state_dict (a dict of "
+                              f"tensors): use another run, or train this one again")
+    return state
 
 
 def has_artifact(run_id: str, artifact_path: str) -> bool:
@@ -204,7 +290,8 @@ def has_artifact(run_id: str, artifact_path: str) -> bool:
 def get_run(run_id: str, role: str = "parent"):
     try:
         return client().get_run(run_id)
-    except MlflowException:
+    except MlflowException as err:
+        raise_if_refused(err)
         raise LineageError(f"{role} run '{run_id}' was not found in the tracking store "
                            f"{mlflow.get_tracking_uri()}: pass the id of an existing run "
                            f"(see the MLflow UI or `mlflow runs list`)") from None
@@ -223,15 +310,7 @@ def check_parent(run_id: str):
 
 
 def parent_state(run_id: str) -> dict:
-    try:
-        state = load_artifact(run_id, BEST)
-    except Exception as err:  # truncated, not a zip, not torch's format, or a pickle with code in it
-        raise LineageError(f"parent run {run_id}: {BEST} does not load as a checkpoint "
-                           f"({type(err).__name__}); pass another parent run, or retrain this one") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise LineageError(f"parent run {run_id}: {BEST} is not a state_dict of tensors; "
-                           f"pass another parent run, or retrain this one")
-    return state
+    return load_weights(run_id, BEST)
 
 
 # -- reuse -------------------------------------------------------------------------------------

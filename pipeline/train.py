@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -51,6 +51,46 @@ class History:
 
     def column(self, name: str) -> list[float]:
         return [getattr(e, name) for e in self.epochs]
+
+    def to_state(self) -> dict:
+        """Plain lists and dicts of numbers (what last.pt holds): every field, whatever is added."""
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict) -> "History":
+        """The inverse of to_state; ValueError for a state that is not one."""
+        if not isinstance(state, dict):
+            raise ValueError(f"history is a {type(state).__name__}, not a dict")
+        epochs = state.get("epochs", [])
+        if not isinstance(epochs, list):
+            raise ValueError(f"history epochs is a {type(epochs).__name__}, not a list")
+        return _from_fields(cls, {**state, "epochs": [_from_fields(EpochResult, e) for e in epochs]})
+
+
+def _plain(value) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def _from_fields(cls, state):
+    """cls(**state) for a dataclass, refusing unknown or missing fields and non-plain values."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{cls.__name__} state is a {type(state).__name__}, not a dict")
+    names = {f.name for f in fields(cls)}
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    if state.keys() - names:
+        raise ValueError(f"{cls.__name__} has no fields {sorted(state.keys() - names)}")
+    if required - state.keys():
+        raise ValueError(f"{cls.__name__} state lacks {sorted(required - state.keys())}")
+    for name, value in state.items():
+        if name != "epochs" and not _plain(value):
+            raise ValueError(f"{cls.__name__}.{name} is a {type(value).__name__}, not a plain value")
+    return cls(**state)
 
 
 # The seed's losses are x100 per sample; ours are per sample. `tol` keeps the seed's meaning.
@@ -141,8 +181,13 @@ def make_optimizer(model: nn.Module, hyper: Hyper) -> torch.optim.Optimizer:
 
 
 def rng_state(generator: torch.Generator) -> dict:
+    """Every RNG's state as tensors and plain numbers, loadable with weights_only=True."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    version, internal, gauss_next = random.getstate()
     state = {"torch": torch.get_rng_state(), "generator": generator.get_state(),
-             "numpy": np.random.get_state(), "python": random.getstate()}
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -151,8 +196,11 @@ def rng_state(generator: torch.Generator) -> dict:
 def set_rng_state(state: dict, generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     generator.set_state(state["generator"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy = state["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -186,6 +234,10 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device,
     return loss_sum.item() / max(seen, 1), 100.0 * correct.item() / max(seen, 1)
 
 
+# last.pt's layout: tensors and plain containers only (format 1 pickled History objects)
+CHECKPOINT_FORMAT = 2
+
+
 def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: torch.device,
         generator: torch.Generator, *, val_batches=None, resume: dict | None = None,
         on_epoch: Callable[[EpochResult, bool, Callable[[], dict]], None] | None = None,
@@ -208,7 +260,7 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         stopper.load_state_dict(resume["early_stopping"])
-        history = resume["history"]
+        history = History.from_state(resume["history"])
         set_rng_state(resume["rng"], generator)
         first_epoch = resume["epoch"] + 1
         log(f"resuming after epoch {resume['epoch']} (best {history.selected_on}_acc {history.best_acc:.3f}% "
@@ -267,9 +319,9 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
             f"({result.epoch_time_s:.1f}s, {images_per_s:.0f} img/s)" + ("  *best*" if is_best else ""))
 
         def snapshot(epoch=epoch) -> dict:
-            return {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "early_stopping": stopper.state_dict(), "history": history,
-                    "rng": rng_state(generator)}
+            return {"format": CHECKPOINT_FORMAT, "epoch": epoch, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "early_stopping": stopper.state_dict(),
+                    "history": history.to_state(), "rng": rng_state(generator)}
 
         if on_epoch:
             on_epoch(result, is_best, snapshot)

@@ -1,5 +1,6 @@
 """The training loop alone, without MLflow: early stopping, best epoch, resume."""
 import copy
+import io
 
 import torch
 
@@ -132,8 +133,11 @@ def shuffled_augmented_fit(epochs, resume=None, snapshots=None):
     tests = data.TensorBatches(images, labels, 16, train=False, augment_images=False, device=device)
 
     def on_epoch(result, is_best, snapshot):
-        if snapshots is not None:
-            snapshots.append(copy.deepcopy(snapshot()))
+        if snapshots is not None:  # through a file, as last.pt travels
+            buffer = io.BytesIO()
+            torch.save(snapshot(), buffer)
+            buffer.seek(0)
+            snapshots.append(torch.load(buffer, weights_only=True))
 
     train.fit(model, batches, tests, Hyper(epochs=epochs, lr=1e-2, tol=0.0, patience=50), device, generator,
               resume=resume, on_epoch=on_epoch, log=lambda m: None)
@@ -183,3 +187,40 @@ def test_early_stopping_in_fit_sets_stopped_early_at_the_seeds_threshold():
     history = train.fit(Tiny(), batches(1), batches(2), Hyper(epochs=4, lr=1e-2, tol=0.0, patience=50),
                         torch.device("cpu"), torch.Generator().manual_seed(0), log=lambda m: None)
     assert not history.stopped_early and len(history.epochs) == 4
+def test_snapshot_is_plain_data_and_resumes_after_a_weights_only_load():
+    import io
+
+    straight, _, _ = run(4)
+    snapshots = []
+    run(2, snapshots=snapshots)
+    buffer = io.BytesIO()
+    torch.save(snapshots[-1], buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)  # only tensors and plain containers load here
+    assert loaded["format"] == train.CHECKPOINT_FORMAT
+    assert train.History.from_state(loaded["history"]).to_state() == snapshots[-1]["history"]
+    resumed_model, resumed, _ = run(4, resume=loaded, model=Tiny())
+    assert [e.epoch for e in resumed.epochs] == [1, 2, 3, 4]
+    for a, b in zip(straight.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_rng_states_restore_every_generator_after_a_weights_only_load():
+    import io
+    import random
+
+    import numpy as np
+
+    generator = train.seed_everything(7)
+    random.gauss(0, 1), np.random.randn()  # cached gaussians are part of the state too
+    buffer = io.BytesIO()
+    torch.save(train.rng_state(generator), buffer)
+
+    def draws():
+        return (random.random(), random.gauss(0, 1), float(np.random.rand()), float(np.random.randn()),
+                torch.rand(2).tolist(), torch.rand(2, generator=generator).tolist())
+
+    first = draws()
+    buffer.seek(0)
+    train.set_rng_state(torch.load(buffer, weights_only=True), generator)
+    assert draws() == first
