@@ -224,3 +224,20 @@ def test_rng_states_restore_every_generator_after_a_weights_only_load():
     buffer.seek(0)
     train.set_rng_state(torch.load(buffer, weights_only=True), generator)
     assert draws() == first
+
+
+def test_resuming_a_snapshot_taken_as_early_stopping_fired_trains_no_more():
+    snapshots = []
+    torch.manual_seed(0)
+
+    def keep(result, is_best, snapshot):
+        snapshots.append(copy.deepcopy(snapshot()))
+
+    stopped = train.fit(Tiny(), batches(1), batches(2), Hyper(epochs=10, lr=1e-9, tol=1e6, patience=2),
+                        torch.device("cpu"), torch.Generator().manual_seed(0), on_epoch=keep, log=lambda m: None)
+    assert stopped.stopped_early and len(stopped.epochs) == 3
+    seen = []
+    resumed = train.fit(Tiny(), batches(1), batches(2), Hyper(epochs=10, lr=1e-9, tol=1e6, patience=2),
+                        torch.device("cpu"), torch.Generator().manual_seed(0), resume=snapshots[-1],
+                        on_epoch=lambda r, b, s: seen.append(r.epoch), log=lambda m: None)
+    assert seen == [] and len(resumed.epochs) == 3 and resumed.stopped_early
