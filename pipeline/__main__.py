@@ -6,6 +6,7 @@ SIGINT/SIGTERM marks the open runs KILLED and says how to resume.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = "usage: python -m pipeline STAGE [--key value ...]   (STAGE: {stages})"
@@ -99,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
             return 130
         stage, overrides = INVOKED
+        from .workflow import UNDER_MAIN
+
+        if stage != "main" and os.environ.get(UNDER_MAIN):  # main prints the one command to run
+            print(f"interrupted ({signal_name or 'SIGINT'}): run {runner.KILLED_RUNS[-1]} marked KILLED",
+                  file=sys.stderr, flush=True)
+            return 130
         if stage == "train":  # one run, no children: it continues in place from its last.pt
             overrides = {"resume_run_id": runner.KILLED_RUNS[-1],
                          **({"env_manager": overrides["env_manager"]} if "env_manager" in overrides else {})}

@@ -9,9 +9,11 @@ STALE_AFTER_S. A live run is never resumed or adopted by another process, unless
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +33,31 @@ def beat(*run_ids: str) -> None:
     stamp = f"{socket.gethostname()} {os.getpid()} {time.time():.0f}"
     for run_id in run_ids:
         tracking.client().set_tag(run_id, HEARTBEAT, stamp)
+
+
+BEAT_EVERY_S = 60
+
+
+@contextlib.contextmanager
+def heartbeat(*run_ids: str):
+    """Refresh the runs' heartbeats every BEAT_EVERY_S from a background thread while the block
+    runs, so an epoch longer than STALE_AFTER_S never looks like a dead writer from elsewhere."""
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(BEAT_EVERY_S):
+            try:
+                beat(*run_ids)
+            except Exception:  # noqa: BLE001 - a missed beat is retried; training goes on
+                pass
+
+    thread = threading.Thread(target=loop, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def _pid_runs_pipeline(pid: int) -> bool:

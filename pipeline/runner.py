@@ -16,7 +16,7 @@ from . import data as data_mod
 from . import lifecycle, models, plots, tracking, train
 from .config import Config
 
-# Runs a SIGINT/SIGTERM ended, innermost first: __main__ names the first in its resume hint.
+# Runs a SIGINT/SIGTERM ended, innermost first: __main__ names the outermost in its hint.
 KILLED_RUNS: list[str] = []
 
 
@@ -130,7 +130,8 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
     def on_epoch(result: train.EpochResult, is_best: bool, snapshot) -> None:
         if is_best:
             tracking.save_checkpoint(run_id, tracking.BEST, model.state_dict())
-        if result.epoch % cfg.checkpoint_every == 0:
+        # with best.pt too, so the two never disagree about which epoch is behind them
+        if is_best or result.epoch % cfg.checkpoint_every == 0:
             tracking.save_checkpoint(run_id, tracking.LAST, snapshot())
         if result.epoch not in already_logged:
             tracking.log_epoch(run_id, result.epoch, result.metrics())
@@ -140,8 +141,9 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
     log(f"run {run_id}: {arch}, {dataset.n_train} train / {dataset.n_val} val / {dataset.n_test} test images, "
         f"{run_hyper.epochs} epochs, bs {cfg.bs}, lr {cfg.lr:g}, gamma {cfg.gamma:g}, wd {cfg.wd:g}, "
         f"device {device}, {run_hyper.precision}, pipeline {cfg.data_pipeline}")
-    history = train.fit(model, train_batches, test_batches, run_hyper, device, generator,
-                        val_batches=val_batches, resume=resume, on_epoch=on_epoch, log=log)
+    with lifecycle.heartbeat(*beating):  # also between epochs: a long epoch is not a dead writer
+        history = train.fit(model, train_batches, test_batches, run_hyper, device, generator,
+                            val_batches=val_batches, resume=resume, on_epoch=on_epoch, log=log)
     result = RunResult(run_id, client.get_run(run_id).info.run_name, arch, history.best_acc,
                        history.best_epoch, history, history.selected_on, history.test_acc_at_best,
                        {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
@@ -187,8 +189,8 @@ def child_run(parent_run_id: str, name: str, cfg: Config, dataset: data_mod.SVHN
         with opened(child_id):
             result = train_in_run(child_id, cfg, dataset, arch=arch, resume=state,
                                   stage_run_id=parent_run_id, keep_final=keep_final)
-            finished(child_id)
-            return result
+        finished(child_id)  # once FINISHED: a kill before that still finds last.pt
+        return result
     if found is not None:  # stopped before its first epoch ended: nothing to keep
         lifecycle.refuse_if_live(found, cfg, "replaced")
         if found.info.status == "RUNNING":
@@ -198,8 +200,8 @@ def child_run(parent_run_id: str, name: str, cfg: Config, dataset: data_mod.SVHN
     with opened(run_id):
         result = train_in_run(run_id, cfg, dataset, arch=arch, init_state=init_state,
                               stage_run_id=parent_run_id, keep_final=keep_final)
-        finished(run_id)
-        return result
+    finished(run_id)
+    return result
 
 
 def adopt(child_id: str, parent_run_id: str) -> None:

@@ -265,9 +265,9 @@ def run(cfg: Config) -> RunResult:
                 client.set_tag(old.info.run_id, lifecycle.CONTINUED_IN, run_id)
                 if old.info.status == "RUNNING":
                     tracking.end_run(old.info.run_id, "KILLED")
-            runner.finished(run_id)
             # set last: only a stage that finished can be found and reused by `main`
             client.set_tag(run_id, "training_key", key)
+            runner.finished(run_id)
         except BaseException:
             registry.withdraw()  # a version registered by a run that failed is not left behind
             raise
@@ -329,6 +329,10 @@ def resume(cfg: Config) -> RunResult | None:
         log(f"run {run_id} is FINISHED: nothing to resume")
         return None
     lifecycle.refuse_if_live(previous, cfg, "resumed")
+    if lifecycle.CONTINUED_IN in previous.data.tags:
+        raise tracking.LineageError(
+            f"run {run_id} was continued in run {previous.data.tags[lifecycle.CONTINUED_IN]}, which holds "
+            f"its children now: resume that run instead (-P resume_run_id=...), or run the stage again")
     text = mlflow.artifacts.load_text(f"{previous.info.artifact_uri}/config.yaml")
     original = from_params(yaml.safe_load(text))  # the run's own config, not this command's
     original.force = cfg.force
@@ -340,10 +344,12 @@ def resume(cfg: Config) -> RunResult | None:
     point_holder_at(run_id)
     tracking.client().update_run(run_id, status="RUNNING")
     dataset = data_mod.load(original)
+    keep_final = previous.data.tags.get("phase") == "1" and PHASE2_START.get(stage) == "last"
     with runner.opened(run_id):
-        result = runner.train_in_run(run_id, original, dataset, arch=arch, resume=state)
-        runner.finished(run_id)
+        result = runner.train_in_run(run_id, original, dataset, arch=arch, resume=state,
+                                     keep_final=keep_final)
         if "mlflow.parentRunId" not in previous.data.tags:  # a stage run: `main` may reuse it now
             tracking.client().set_tag(run_id, "training_key", original.training_key(dataset.digest))
+    runner.finished(run_id)
     log(f"resumed run {run_id} FINISHED, best {result.selected_on}_acc {result.best_acc:.3f}%")
     return result
