@@ -9,9 +9,46 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def study(module_store):
-    proc = module_store.mlflow_run("main", main_params(module_store))
-    assert "starting `mlflow run -e model_selection`" in proc.stdout + proc.stderr
-    return module_store
+    """The study at toy size, interrupted with SIGTERM once tune_lr's first child has finished,
+    then continued with the one command the interruption printed: every test below checks the
+    continued study, and test_an_interrupted_study_continues_child_by_child how it continued."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import time
+
+    store = module_store
+    cmd = [str(VENV_BIN / "mlflow"), "run", str(PROJECT), "-e", "main", "--env-manager", "local"]
+    for key, value in main_params(store).items():
+        cmd += ["-P", f"{key}={value}"]
+    proc = subprocess.Popen(cmd, cwd=store.root, env=store.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline, children = time.monotonic() + 600, []
+    while time.monotonic() < deadline:
+        tune_lr = store.top_level("tune_lr")
+        children = store.children(tune_lr[0].info.run_id) if tune_lr else []
+        if len(children) >= 2 and any(c.info.status == "FINISHED" for c in children):
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    hints = re.findall(r"Continue with the same command: (mlflow run .*)", err)
+    assert len(hints) == 1, err[-3000:]  # main's, not also the stage process's
+    assert hints[0].startswith("mlflow run . -e main --env-manager local ")
+    pairs = dict(p.split("=", 1) for p in re.findall(r"-P '?([^ ']+)'?", hints[0]))
+    assert pairs == main_params(store)
+    store.interrupted = {"tune_lr": tune_lr[0].info.run_id, "stderr": err,
+                         "finished_child": next(c.info.run_id for c in children if c.info.status == "FINISHED")}
+    proc = store.mlflow_run("main", pairs)
+    output = proc.stdout + proc.stderr
+    assert "[main] model_selection: reusing FINISHED run" in output and "[main] baseline: reusing" in output
+    return store
+
+
+def finished_top_level(store, stage):
+    return [r for r in store.top_level(stage) if r.info.status == "FINISHED"]
 
 
 def main_params(store, **extra):
@@ -21,8 +58,8 @@ def main_params(store, **extra):
 
 
 def stage_run(store, stage):
-    runs = store.top_level(stage)
-    assert len(runs) == 1, f"{stage}: {len(runs)} top-level runs"
+    runs = finished_top_level(store, stage)
+    assert len(runs) == 1, f"{stage}: {len(runs)} finished top-level runs"
     return runs[0]
 
 
@@ -47,6 +84,21 @@ def test_one_finished_top_level_run_per_stage_chained_by_run_id(study):
         assert len(keys) == 1 and {"lr", "gamma", "wd", "bs", "seed"} <= set(next(iter(keys)))
         assert all(study.steps(c.info.run_id, "test_acc") == [1] for c in children.values())
         previous = run
+
+
+def test_an_interrupted_study_continues_child_by_child(study):
+    killed = study.client.get_run(study.interrupted["tune_lr"])
+    assert killed.info.status == "KILLED"
+    continued = stage_run(study, "tune_lr")
+    assert killed.data.tags["continued_in"] == continued.info.run_id
+    children = study.children(continued.info.run_id)
+    assert len({c.info.run_name for c in children}) == len(children) == 5  # each lr once
+    assert study.interrupted["finished_child"] in {c.info.run_id for c in children}  # reused, not retrained
+    assert not study.children(killed.info.run_id)  # all taken over
+    for child in children:
+        assert child.info.status == "FINISHED" and study.steps(child.info.run_id, "test_acc") == [1]
+    (main_killed,) = [r for r in study.top_level("main") if r.info.status != "FINISHED"]
+    assert f"run {main_killed.info.run_id} marked KILLED" in study.interrupted["stderr"]
 
 
 def test_model_selection_compares_archs_and_names_a_winner(study):
@@ -81,8 +133,7 @@ def test_stage_children_follow_the_seed(study):
 
 
 def test_main_logs_a_summary_and_registers_a_champion(study):
-    (main,) = study.top_level("main")
-    assert main.info.status == "FINISHED"
+    (main,) = finished_top_level(study, "main")
     summary = open(study.client.download_artifacts(main.info.run_id, "summary.md")).read()
     for stage in CHAIN:
         assert stage_run(study, stage).info.run_id in summary
@@ -106,12 +157,12 @@ def test_a_changed_param_reruns_that_stage_and_the_ones_after(study):
     # registered_model only matters from retrain on: earlier stages are reused, later ones rerun
     study.mlflow_run("main", main_params(study, registered_model="svhn-alt"))
     for stage in CHAIN:
-        runs = study.top_level(stage)
+        runs = finished_top_level(study, stage)
         assert len(runs) == (2 if stage in ("retrain", "deepen") else 1), stage
-    new_retrain = study.top_level("retrain")[0]
+    new_retrain = finished_top_level(study, "retrain")[0]
     assert new_retrain.info.run_id != before["retrain"]
     assert new_retrain.data.tags["source_run_id"] == before["overfit"]
-    assert study.top_level("deepen")[0].data.tags["source_run_id"] == new_retrain.info.run_id
+    assert finished_top_level(study, "deepen")[0].data.tags["source_run_id"] == new_retrain.info.run_id
 
 
 def test_tune_lr_sweep_makes_nested_children_and_picks_the_best(study):
@@ -131,7 +182,7 @@ def test_unfinished_parent_and_parent_without_checkpoint_are_refused(study):
     running = study.client.create_run(experiment).info.run_id
     proc = study.cli("tune_lr", "--parent_run_id", running)
     assert proc.returncode == 2 and f"parent run {running} is RUNNING, not FINISHED" in proc.stderr
-    (main,) = [r for r in study.top_level("main")][-1:]
+    (main,) = finished_top_level(study, "main")[-1:]
     proc = study.cli("tune_lr", "--parent_run_id", main.info.run_id)
     assert proc.returncode == 2 and "has no checkpoints/best.pt" in proc.stderr
     assert "epoch 1" not in proc.stdout
@@ -140,7 +191,9 @@ def test_unfinished_parent_and_parent_without_checkpoint_are_refused(study):
 # -- the record: what every run says about what ran ---------------------------------------------
 
 def training_runs(store):
-    return [r for r in store.runs() if r.data.tags.get("stage") not in (None, "evaluate", "predict")]
+    """Every FINISHED run of the study (an interrupted run may have stopped before logging)."""
+    return [r for r in store.runs() if r.data.tags.get("stage") not in (None, "evaluate", "predict")
+            and r.info.status == "FINISHED"]
 
 
 def test_every_run_records_commit_code_environment_and_runtime(study):
