@@ -58,12 +58,14 @@ def main_params(store, **extra):
 
 
 def stage_run(store, stage):
+    """The study's own run of `stage` (the first that finished; later tests add more)."""
     runs = finished_top_level(store, stage)
-    assert len(runs) == 1, f"{stage}: {len(runs)} finished top-level runs"
-    return runs[0]
+    assert runs, f"{stage}: no finished top-level run"
+    return runs[-1]
 
 
 def test_one_finished_top_level_run_per_stage_chained_by_run_id(study):
+    assert all(len(finished_top_level(study, stage)) == 1 for stage in CHAIN)
     previous = None
     for stage in CHAIN:
         run = stage_run(study, stage)
@@ -88,13 +90,16 @@ def test_one_finished_top_level_run_per_stage_chained_by_run_id(study):
 
 def test_an_interrupted_study_continues_child_by_child(study):
     killed = study.client.get_run(study.interrupted["tune_lr"])
-    assert killed.info.status == "KILLED"
+    assert killed.info.status in ("KILLED", "FAILED")  # ours, or `mlflow run`'s word after it
     continued = stage_run(study, "tune_lr")
     assert killed.data.tags["continued_in"] == continued.info.run_id
     children = study.children(continued.info.run_id)
     assert len({c.info.run_name for c in children}) == len(children) == 5  # each lr once
     assert study.interrupted["finished_child"] in {c.info.run_id for c in children}  # reused, not retrained
-    assert not study.children(killed.info.run_id)  # all taken over
+    # all taken over, but a child stopped before its first epoch ended: nothing to keep, so it
+    # stays behind, unfinished and marked superseded, and its lr was trained anew
+    for left in study.children(killed.info.run_id):
+        assert left.info.status != "FINISHED" and left.data.tags["training_key"].startswith("superseded-")
     for child in children:
         assert child.info.status == "FINISHED" and study.steps(child.info.run_id, "test_acc") == [1]
     (main_killed,) = [r for r in study.top_level("main") if r.info.status != "FINISHED"]
