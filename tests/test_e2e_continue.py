@@ -71,6 +71,7 @@ def check_continued(store, first_child_id, second_child_id):
     return run
 
 
+# SIGTERM and the printed command are exercised on `main` itself by tests/test_e2e_stages.py's study.
 def test_sigkill_mid_child_then_the_same_command_continues_the_stage(store):
     proc = start(store, "tune_lr", params(store))
     second = wait_until(lambda: second_child_in_epoch_two(store), proc)
@@ -85,21 +86,6 @@ def test_sigkill_mid_child_then_the_same_command_continues_the_stage(store):
     check_continued(store, first.info.run_id, second.info.run_id)
     killed = [r for r in store.top_level("tune_lr") if r.info.status != "FINISHED"]
     assert len(killed) == 1 and killed[0].data.tags["continued_in"] != killed[0].info.run_id
-
-
-def test_sigterm_prints_the_command_that_continues(store):
-    proc = start(store, "tune_lr", params(store))
-    second = wait_until(lambda: second_child_in_epoch_two(store), proc)
-    first = child_named(store, f"tune_lr lr={LRS[0]}")
-    os.killpg(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert store.client.get_run(second.info.run_id).info.status == "KILLED"
-    command = re.search(r"Continue with the same command: (mlflow run .*)", err).group(1)
-    assert command.startswith("mlflow run . -e tune_lr --env-manager local") and "-P lrs=" in command
-    pairs = dict(p.split("=", 1) for p in re.findall(r"-P '?([^ ']+)'?", command))
-    assert pairs == params(store)
-    store.mlflow_run("tune_lr", pairs)
-    check_continued(store, first.info.run_id, second.info.run_id)
 
 
 def test_a_live_run_is_not_taken_over(store):
