@@ -2,7 +2,6 @@
 finished children, resumes the interrupted one from last.pt, trains the rest; a live run is
 never taken over."""
 import os
-import re
 import signal
 import subprocess
 import time
