@@ -43,6 +43,8 @@ class Config:
     repeats: int = 1
     augment: bool = True
     init: str = "parent"            # parent: parent_run_id's best.pt; scratch: fresh; auto: parent if given
+    # a named set of sizes over every stage (params/scale_<name>.yaml); full = the seed's own
+    scale: str = "full"
     # caps that `main` passes to every stage so the whole study can run at toy size (0 = no cap)
     max_epochs: int = 0
     max_repeats: int = 0
@@ -270,11 +272,39 @@ def load(stage: str, overrides: Mapping[str, Any] | None = None) -> Config:
     merged: dict[str, Any] = {}
     merged.update(read_yaml(PARAMS_DIR / "defaults.yaml"))
     merged.update(read_yaml(PARAMS_DIR / f"{stage}.yaml"))
+    merged.update(scale_values(stage, (overrides or {}).get("scale", merged.get("scale", "full"))))
     merged.update(overrides or {})
     merged["stage"] = stage
     values = {name: parse_value(name, raw) for name, raw in merged.items()}
     check_sweep_overrides(values, overrides or {})
     return apply_caps(validate(Config(**values)))
+
+
+def scale_names() -> list[str]:
+    return ["full"] + sorted(p.stem.removeprefix("scale_") for p in PARAMS_DIR.glob("scale_*.yaml"))
+
+
+def scale_values(stage: str, scale: Any) -> dict[str, Any]:
+    """A named scale's values for `stage`: its `all:` section, then its section for the stage.
+    They sit between params/<stage>.yaml and -P, so every value they set is logged as a param."""
+    name = str(scale).strip()
+    if name == "full":  # the seed's own sizes: params/<stage>.yaml as they are
+        return {}
+    path = PARAMS_DIR / f"scale_{name}.yaml"
+    if not name.replace("_", "").replace("-", "").isalnum() or not path.exists():
+        raise ConfigError(f"parameter scale={name} is unknown: allowed {'|'.join(scale_names())} "
+                          f"(each but full is a params/scale_<name>.yaml); fix it with -P scale=<name>")
+    sections = read_yaml(path)
+    unknown = set(sections) - {"all", *STAGES}
+    if unknown:
+        raise ConfigError(f"{path} has sections {', '.join(sorted(unknown))}: use 'all' or a stage name")
+    values: dict[str, Any] = {}
+    for section in ("all", stage):
+        part = sections.get(section) or {}
+        if not isinstance(part, dict):
+            raise ConfigError(f"{path}: section '{section}' must hold a mapping of parameter: value")
+        values.update(part)
+    return values
 
 
 def apply_caps(cfg: Config) -> Config:

@@ -91,3 +91,78 @@ def gallery(images: np.ndarray, truth: np.ndarray, predicted: np.ndarray, path: 
         ax.imshow(np.transpose(img, (1, 2, 0)))
         ax.set_title(f"{t} -> {p}", fontsize=8, color="red")
     return _save(fig, path)
+
+
+def study(rows: list[dict], path: Path, split: str, title: str = "") -> Path:
+    """The study at a glance: the stages in order, each linked to its parent by lineage (solid
+    when it starts from the parent's best.pt, dashed when the parent is lineage only), with its
+    run name and id, arch, accuracy and children; the champion's stage is outlined in gold.
+    rows: dicts with stage, run_name, run_id, arch, best_acc, test_acc_at_best, children,
+    from_parent_weights, champion ("" or e.g. "svhn-classifier v3")."""
+    from matplotlib.patches import FancyBboxPatch
+
+    count = len(rows)
+    split_name = "val" if split == "val" else "test"
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(2.3 * count, 8), 8.2),
+                                      gridspec_kw={"height_ratios": [1.15, 1]})
+    top.set_xlim(-0.1, count - 0.1)
+    top.set_ylim(-0.15, 1.25)
+    top.axis("off")
+    width = 0.72
+    for i, row in enumerate(rows):
+        champion = bool(row.get("champion"))
+        top.add_patch(FancyBboxPatch((i, 0.05), width, 0.8, boxstyle="round,pad=0.02",
+                                     facecolor="#fff4cc" if champion else "#eef3fb",
+                                     edgecolor="#d4a000" if champion else "#4a6fa5",
+                                     linewidth=3 if champion else 1.2))
+        centre = i + width / 2
+        top.text(centre, 0.76, row["stage"], ha="center", va="center", fontsize=11, fontweight="bold")
+        lines = [f"run: {row['run_name']}", f"id {row['run_id'][:8]}", f"arch {row['arch'] or '?'}"]
+        if split == "val":
+            lines.append(f"val {_percent(row['best_acc'])}")
+        lines.append(f"test {_percent(row['test_acc_at_best'])}")
+        lines.append(f"{row['children']} child run{'s' if row['children'] != 1 else ''}")
+        top.text(centre, 0.42, "\n".join(lines), ha="center", va="center", fontsize=8.5, linespacing=1.5)
+        if champion:
+            top.text(centre, 0.98, f"\u2605 champion\n{row['champion']}", ha="center", va="center",
+                     fontsize=9.5, fontweight="bold", color="#a07800")
+        if i:
+            weights = row.get("from_parent_weights")
+            top.annotate("", xy=(i - 0.02, 0.45), xytext=(i - 1 + width + 0.02, 0.45),
+                         arrowprops={"arrowstyle": "-|>", "color": "#333333", "lw": 1.6,
+                                     "linestyle": "-" if weights else "--"})
+            top.text(i - (1 - width) / 2, 0.5, "best.pt" if weights else "run id", ha="center",
+                     va="bottom", fontsize=8, color="#333333")
+    top.text(-0.05, -0.1, "arrows: parent \u2192 stage (parent_run_id); solid: starts from the parent's "
+             "best.pt, dashed: lineage only (trains from scratch, as in the seed)", fontsize=8,
+             color="#555555")
+    if title:
+        top.set_title(title, fontsize=12)
+
+    positions = np.arange(count)
+    test = [row["test_acc_at_best"] for row in rows]
+    bars = [(test, "test acc at the selected checkpoint", "#4a6fa5")]
+    if split == "val":
+        bars.insert(0, ([row["best_acc"] for row in rows], "best val acc (selection)", "#9bbce0"))
+    step = 0.8 / len(bars)
+    for k, (values, label, colour) in enumerate(bars):
+        x = positions - 0.4 + step * (k + 0.5)
+        drawn = bottom.bar(x, np.nan_to_num(values), step * 0.95, label=label, color=colour)
+        for rect, value in zip(drawn, values):
+            bottom.text(rect.get_x() + rect.get_width() / 2, rect.get_height() + 1, _percent(value, 1),
+                        ha="center", va="bottom", fontsize=8)
+    for i, row in enumerate(rows):
+        if row.get("champion"):
+            bottom.axvspan(i - 0.45, i + 0.45, color="#fff4cc", zorder=0)
+    bottom.set_xticks(positions, [row["stage"] for row in rows])
+    bottom.set_xlim(-0.5, count - 0.5)
+    bottom.set_ylim(0, 112)
+    bottom.set_ylabel("accuracy (%)")
+    bottom.legend(loc="upper left", fontsize=8, ncols=2)
+    bottom.set_title(f"best of each stage (selection on {split_name})", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _percent(value: float, digits: int = 2) -> str:
+    return "n/a" if value is None or value != value else f"{value:.{digits}f}%"

@@ -8,12 +8,14 @@ of every stage after it, so they all run again.
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import mlflow
 
 from . import config as config_mod
 from . import data as data_mod
-from . import tracking
+from . import plots, tracking
 from .config import Config, ConfigError
 from .runner import log
 from .train import resolve_runtime
@@ -23,7 +25,7 @@ UNDER_MAIN = "SVHN_MAIN_RUN_ID"
 CHAIN = ["model_selection", "baseline", "tune_lr", "tune_gamma", "overfit", "retrain", "deepen"]
 
 # What `main` hands on to every stage; epochs and repeats become caps.
-SHARED = ("dataset", "data_dir", "verify", "download", "limit_train", "limit_test", "val_split",
+SHARED = ("scale", "dataset", "data_dir", "verify", "download", "limit_train", "limit_test", "val_split",
           "data_seed", "synthetic_train", "synthetic_test", "device", "precision", "data_pipeline",
           "compile", "num_workers", "log_every", "max_epochs", "max_repeats", "patience",
           "registered_model", "checkpoint_every", "force")
@@ -76,23 +78,75 @@ def main(cfg: Config, overrides: dict[str, str], main_run_id: str) -> list[dict]
         run_id = run_stage(stage, parameters, cfg, experiment_id)
         run = client.get_run(run_id)
         rows.append({"stage": stage, "run_id": run_id,
+                     "run_name": run.data.tags.get("mlflow.runName", stage),
                      "best_acc": run.data.metrics.get(f"best_{split}_acc", float("nan")),
                      "test_acc_at_best": run.data.metrics.get("test_acc_at_best", float("nan")),
                      "arch": run.data.tags.get("arch", ""),
                      "source_run_id": run.data.tags.get("source_run_id", ""),
+                     "from_parent_weights": run.data.tags.get("init_from", "scratch") != "scratch",
                      "best_child_run_id": run.data.tags.get("best_child_run_id", "")})
         client.set_tag(main_run_id, f"run_{stage}", run_id)
         parent = run_id
-    lines = ["# SVHN study", "", f"Selection on the {'validation' if split == 'val' else 'test'} split.", "",
-             f"| stage | run id | arch | best {split} acc (%) | test acc at best (%) | parent (source_run_id) "
-             "| best child |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['stage']} | {r['run_id']} | {r['arch']} | {r['best_acc']:.3f} | "
-              f"{r['test_acc_at_best']:.3f} | {r['source_run_id']} | {r['best_child_run_id']} |" for r in rows]
+    log_study(main_run_id, experiment_id, rows, split, cfg.registered_model)
+    return rows
+
+
+def champion_source(registered_model: str) -> tuple[str, str]:
+    """(run id, "name vN") of the registered model's `champion`, or ("", "") when it has none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = tracking.client().get_model_version_by_alias(registered_model, "champion")
+    except MlflowException as err:
+        tracking.raise_if_refused(err)
+        return "", ""
+    return version.run_id, f"{registered_model} v{version.version}"
+
+
+def run_link(experiment_id: str, run_id: str) -> str:
+    """A link to the run that works inside the MLflow UI (and after its address)."""
+    return f"[{run_id}](#/experiments/{experiment_id}/runs/{run_id})" if run_id else ""
+
+
+def log_study(main_run_id: str, experiment_id: str, rows: list[dict], split: str,
+              registered_model: str) -> None:
+    """summary.md (each stage linked to its run) and plots/study.png (the study at a glance)."""
+    client = tracking.client()
+    champion_run, champion = champion_source(registered_model)
+    for row in rows:
+        row["children"] = len(client.search_runs(
+            [experiment_id], f"tags.mlflow.parentRunId = '{row['run_id']}'", max_results=1000))
+        row["champion"] = champion if row["run_id"] == champion_run else ""
+    known = {r["run_id"]: f"{r['stage']} " for r in rows}
+    lines = ["# SVHN study", "", f"Selection on the {'validation' if split == 'val' else 'test'} split. "
+             "Each run id opens that run in the MLflow UI; `plots/study.png` shows the study at a glance.", "",
+             f"| stage | run | arch | best {split} acc (%) | test acc at best (%) | children "
+             "| parent (source_run_id) | best child |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        parent = r["source_run_id"]
+        parent_cell = (known.get(parent, "") + run_link(experiment_id, parent)
+                       if parent and parent != "scratch" else parent)
+        star = " \u2605 champion" if r["champion"] else ""
+        lines.append(f"| {r['stage']}{star} | "
+                     f"{run_link(experiment_id, r['run_id'])} | {r['arch']} | {r['best_acc']:.3f} | "
+                     f"{r['test_acc_at_best']:.3f} | {r['children']} | {parent_cell} | "
+                     f"{run_link(experiment_id, r['best_child_run_id'])} |")
     best = max(rows, key=lambda r: r["best_acc"])
-    lines += ["", f"Best: {best['stage']} ({best['run_id']}), {split} {best['best_acc']:.3f}%, "
-              f"test {best['test_acc_at_best']:.3f}% at that checkpoint."]
+    lines += ["", f"Best: {best['stage']} ({run_link(experiment_id, best['run_id'])}), {split} "
+              f"{best['best_acc']:.3f}%, test {best['test_acc_at_best']:.3f}% at that checkpoint."]
+    winner = next((r for r in rows if r["champion"]), None)
+    if winner:
+        lines.append(f"Champion: {champion} (alias `champion`), registered by {winner['stage']} "
+                     f"({run_link(experiment_id, champion_run)}): {split} {winner['best_acc']:.3f}%, "
+                     f"test {winner['test_acc_at_best']:.3f}%.")
+    elif champion:
+        lines.append(f"Champion: {champion} (alias `champion`) comes from run {champion_run}, outside "
+                     f"this study: no stage here beat it.")
     client.log_text(main_run_id, "\n".join(lines) + "\n", "summary.md")
+    with tempfile.TemporaryDirectory() as tmp:
+        title = f"SVHN study, main run {main_run_id[:8]}: stages in order, each from its parent"
+        client.log_artifact(main_run_id, str(plots.study(rows, Path(tmp) / "study.png", split, title)),
+                            "plots")
     tracking.log_epoch(main_run_id, 0, {f"best_{split}_acc": best["best_acc"],
                                         "test_acc_at_best": best["test_acc_at_best"]})
     log("\n".join(lines))
-    return rows

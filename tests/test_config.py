@@ -117,3 +117,25 @@ def test_a_missing_stage_parameter_file_is_refused(tmp_path, monkeypatch):
 def test_round_trip_through_logged_params():
     cfg = config.load("overfit", {"wds": "5e-5,1e-4", "bss": "64,128"})
     assert config.from_params(cfg.to_params()) == cfg
+
+
+def test_demo_scale_sits_between_the_stage_yaml_and_p():
+    demo = {stage: config.load(stage, {"scale": "demo"}) for stage in ("baseline", "overfit", "retrain")}
+    assert (demo["baseline"].limit_train, demo["baseline"].bs, demo["baseline"].epochs) == (3000, 32, 4)
+    assert demo["baseline"].probe_epochs == 1 and demo["baseline"].tol == 1e-10  # the rest: baseline.yaml
+    assert demo["overfit"].bss == [16] and demo["overfit"].wds == [5e-5]
+    assert (demo["retrain"].phase1_epochs, demo["retrain"].phase1_bs, demo["retrain"].bs) == (6, 32, 16)
+    assert demo["retrain"].to_params()["scale"] == "demo"  # logged with every run
+    assert config.load("retrain", {"scale": "demo", "bs": "8"}).bs == 8  # -P wins
+    capped = config.load("retrain", {"scale": "demo", "max_epochs": "2"})
+    assert (capped.phase1_epochs, capped.epochs) == (2, 1)  # main's caps still apply
+    full = config.load("retrain")
+    assert (full.scale, full.limit_train, full.bs, full.phase1_epochs) == ("full", 0, 128, 15)
+
+
+def test_unknown_scale_is_one_line_naming_the_known_ones():
+    with pytest.raises(ConfigError, match=r"scale=huge is unknown: allowed full\|demo") as err:
+        config.load("train", {"scale": "huge"})
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="scale=../defaults is unknown"):
+        config.load("train", {"scale": "../defaults"})

@@ -146,6 +146,37 @@ def test_main_logs_a_summary_and_registers_a_champion(study):
     assert champion.run_id in {stage_run(study, s).info.run_id for s in ("retrain", "deepen")}
 
 
+def test_main_shows_the_study_at_a_glance_with_each_stage_linked_to_its_run(study):
+    """plots/study.png and summary.md: every stage in order, linked to its run, the champion marked."""
+    from PIL import Image
+
+    (main,) = study.top_level("main")
+    experiment = main.info.experiment_id
+    summary = open(study.client.download_artifacts(main.info.run_id, "summary.md")).read()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in summary.splitlines() if line.startswith("| ") and "](#/" in line]
+    assert [row[0].split(" ")[0] for row in rows] == CHAIN  # stage, in order
+    champion = study.client.get_model_version_by_alias("svhn-classifier", "champion").run_id
+    for stage, (name, link, arch, best, _, children, _, _) in zip(CHAIN, rows):
+        run = stage_run(study, stage)
+        run_id = run.info.run_id
+        assert main.data.tags[f"run_{stage}"] == run_id
+        assert link == f"[{run_id}](#/experiments/{experiment}/runs/{run_id})"
+        assert arch == run.data.tags["arch"]
+        assert best == f"{run.data.metrics['best_test_acc']:.3f}"
+        assert children == str(len(study.children(run_id)))
+        assert name.endswith("\u2605 champion") == (run_id == champion)
+    path = study.client.download_artifacts(main.info.run_id, "plots/study.png")
+    with Image.open(path) as image:
+        image.verify()  # a whole, valid PNG
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width >= 1200 and image.height >= 600
+        pixels = image.convert("RGB")
+        colours = {colour for _, colour in pixels.getcolors(maxcolors=1 << 20)}
+    assert (0xD4, 0xA0, 0x00) in colours  # the champion's gold outline is drawn
+    assert (0x4A, 0x6F, 0xA5) in colours  # and the stage boxes and test bars
+
+
 def test_running_main_again_reuses_every_stage(study):
     before = {r.info.run_id for r in study.runs()}
     proc = study.mlflow_run("main", main_params(study))

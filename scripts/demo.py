@@ -1,0 +1,83 @@
+"""The end of `make demo`: sample images to predict, then the predictions and the champion.
+
+    python scripts/demo.py samples FOLDER key=value ...   # PNGs from the study's test split
+    python scripts/demo.py report PREDICTIONS.csv         # table, and the champion's accuracy
+
+`samples` takes the study's own parameters (dataset=synthetic scale=demo ...), so the images
+come from the test split the study held out. Each file is named after its index in that split
+and its true digit (test0042_digit7.png); `report` reads the truth back from the name.
+"""
+from __future__ import annotations
+
+import csv
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+NAME = re.compile(r"test(\d+)_digit(\d)\.png$")
+
+
+def samples(folder: str, *pairs: str, count: int = 8) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from pipeline import config, data
+
+    cfg = config.load("main", dict(pair.split("=", 1) for pair in pairs))
+    test = data.load(cfg).test
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("test*_digit*.png"):
+        old.unlink()
+    labels = test.labels.numpy()
+    picks = [int(np.flatnonzero(labels == digit)[0]) for digit in range(min(count, 10))]
+    for index in picks:
+        image = test.images[index].permute(1, 2, 0).numpy()  # (32, 32, 3) uint8, as SVHN stores it
+        Image.fromarray(image).save(out / f"test{index:04d}_digit{labels[index]}.png")
+    print(f"wrote {len(picks)} images from the study's test split ({len(labels)} images, "
+          f"never trained on) to {out}/", flush=True)
+
+
+def report(predictions: str) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+
+    rows = list(csv.DictReader(open(predictions)))
+    print(f"\n{'file':<24} {'true digit':>10} {'predicted':>10} {'confidence':>11}")
+    right = 0
+    for row in rows:
+        found = NAME.search(row["input"])
+        truth = found.group(2) if found else "?"
+        right += truth == row["label"]
+        mark = "" if truth == "?" else ("  ok" if truth == row["label"] else "  WRONG")
+        print(f"{row['input']:<24} {truth:>10} {row['label']:>10} {float(row['confidence']):>10.1%}{mark}")
+    print(f"{right} of {len(rows)} sample images read correctly")
+    try:
+        version = tracking.client().get_model_version_by_alias("svhn-classifier", "champion")
+    except MlflowException as err:
+        print(f"no champion registered ({str(err).splitlines()[0]})")
+        return 1
+    tags = version.tags
+    split = tags.get("selected_on", "test")
+    chosen = float(tags.get(f"best_{split}_acc", "nan"))
+    test = float(tags.get("test_acc_at_best", "nan"))
+    where = "the validation split" if split == "val" else "the test split"
+    print(f"\nchampion: svhn-classifier version {version.version}, registered by {tags.get('stage', '?')} "
+          f"(run {version.run_id}, arch {tags.get('arch', '?')})")
+    print(f"  chosen on {where}: {chosen:.2f}%")
+    print(f"  held-out test split: {test:.2f}% (images never used for training"
+          + (" or for any choice)" if split == "val" else "; the seed's protocol also selects on them)"))
+    return 0
+
+
+if __name__ == "__main__":
+    command, *args = sys.argv[1:] or ["help"]
+    if command == "samples" and args:
+        samples(*args)
+    elif command == "report" and len(args) == 1:
+        sys.exit(report(args[0]))
+    else:
+        sys.exit(__doc__)
