@@ -1,9 +1,13 @@
 """The training loop alone, without MLflow: early stopping, best epoch, resume."""
 import copy
+import random
 
+import numpy as np
+import pytest
 import torch
 
 from pipeline import train
+from pipeline.config import ConfigError
 from pipeline.train import EarlyStopping, Hyper
 
 
@@ -59,8 +63,10 @@ def run(epochs, resume=None, snapshots=None, model=None):
 def test_epoch_one_counts_as_best_and_losses_are_means():
     _, history, seen = run(1)
     assert seen == [(1, True)] and history.best_epoch == 1
-    assert 0 < history.epochs[0].train_loss < 10  # per sample, not a sum or x100
-    assert history.epochs[0].train_images_per_s > 0
+    assert history.best_test_acc == history.epochs[0].test_acc
+    result = history.epochs[0]
+    # steady-state speed leaves out the first batch: 48 images in at most the epoch's time
+    assert 48 / result.train_images_per_s <= result.epoch_time_s
 
 
 def test_resume_continues_where_it_stopped():
@@ -73,3 +79,135 @@ def test_resume_continues_where_it_stopped():
     for a, b in zip(straight.parameters(), resumed_model.parameters()):
         assert torch.allclose(a, b)
     assert resumed.epochs[-1].test_acc == full.epochs[-1].test_acc
+
+
+CPU = torch.device("cpu")
+
+
+def fit(model, train_batches, epochs, lr, record=None, **hyper):
+    """train.fit on the Tiny task; `record` collects (epoch, is_best, snapshot copy, best state)."""
+    def on_epoch(result, is_best, snapshot):
+        state = copy.deepcopy(snapshot())
+        assert state["epoch"] == result.epoch
+        best = copy.deepcopy(model.state_dict()) if is_best else None  # what the runner saves as best.pt
+        if record is not None:
+            record.append((result.epoch, is_best, state, best))
+
+    settings = dict(tol=0.0, patience=50) | hyper
+    return train.fit(model, train_batches, batches(2), Hyper(epochs=epochs, lr=lr, **settings), CPU,
+                     torch.Generator().manual_seed(0), on_epoch=on_epoch, log=lambda m: None)
+
+
+class SwappedLaterBatches:
+    """The Tiny task's batches, with the two classes swapped after `good_epochs` epochs: learning
+    them makes the test accuracy fall, so the best epoch is not the last one."""
+
+    def __init__(self, good_epochs):
+        self.good_epochs, self.epoch = good_epochs, 0
+        self.good = batches(1)
+        self.swapped = [(x, 3 - y) for x, y in self.good]
+
+    def __len__(self):
+        return len(self.good)
+
+    def __iter__(self):
+        self.epoch += 1
+        return iter(self.good if self.epoch <= self.good_epochs else self.swapped)
+
+
+def test_best_follows_the_highest_test_acc_not_the_last_epoch():
+    torch.manual_seed(0)
+    model, record = Tiny(), []
+    history = fit(model, SwappedLaterBatches(3), 5, 5e-2, record)
+    accs = history.column("test_acc")
+    assert accs[-1] < max(accs)  # the premise: a later epoch is worse
+    best_epoch = accs.index(max(accs)) + 1
+    assert history.best_epoch == best_epoch < 5 and history.best_test_acc == max(accs)
+    assert [is_best for _, is_best, _, _ in record] == \
+        [acc > max(accs[:i], default=-1.0) for i, acc in enumerate(accs)]
+    best_state = [best for _, is_best, _, best in record if is_best][-1]
+    restored = Tiny()
+    restored.load_state_dict(best_state)
+    assert train.evaluate(restored, batches(2), CPU) == (history.epochs[best_epoch - 1].test_loss,
+                                                         history.best_test_acc)
+    assert train.evaluate(model, batches(2), CPU)[1] == accs[-1] != history.best_test_acc
+    # each snapshot holds that epoch's weights, so resuming from it continues from there
+    epoch3 = record[2][2]
+    assert epoch3["history"].best_epoch == best_epoch
+    for key, value in epoch3["model"].items():
+        assert not torch.equal(value, model.state_dict()[key])
+
+
+def test_ties_keep_the_first_best_and_metrics_are_exact_per_sample_means():
+    torch.manual_seed(0)
+    model, record = Tiny(), []
+    before = copy.deepcopy(model.state_dict())
+    history = fit(model, batches(1), 3, 0.0, record)  # lr 0: the model never changes
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [(e, b) for e, b, _, _ in record] == [(1, True), (2, False), (3, False)]
+    assert history.best_epoch == 1 and not history.stopped_early
+    with torch.no_grad():
+        for split, name in ((batches(1), "train"), (batches(2), "test")):
+            x, y = torch.cat([b[0] for b in split]), torch.cat([b[1] for b in split])
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits, y).item()  # mean per sample
+            acc = 100.0 * (logits.argmax(1) == y).float().mean().item()
+            for epoch in history.epochs:
+                assert abs(getattr(epoch, f"{name}_loss") - loss) < 1e-6 * loss, name
+                assert getattr(epoch, f"{name}_acc") == acc, name
+    assert history.best_test_acc == history.epochs[0].test_acc
+    assert history.total_time_s == sum(e.epoch_time_s for e in history.epochs)
+    assert set(history.epochs[0].metrics()) == {"train_loss", "test_loss", "train_acc", "test_acc",
+                                                "epoch_time_s", "train_images_per_s"}
+
+
+def test_fit_stops_after_patience_epochs_without_improvement():
+    torch.manual_seed(0)
+    record = []
+    history = fit(Tiny(), batches(1), 10, 0.0, record, patience=2)  # constant test loss
+    assert [e.epoch for e in history.epochs] == [1, 2, 3] and len(record) == 3
+    assert history.stopped_early and record[-1][2]["early_stopping"]["counter"] == 2
+
+
+def test_lr_momentum_and_weight_decay_reach_rmsprop():
+    hyper = Hyper(epochs=1, lr=0.5, alpha=0.9, gamma=0.25, wd=0.125)
+    group = train.make_optimizer(Tiny(), hyper).param_groups[0]
+    assert (group["lr"], group["alpha"], group["momentum"], group["weight_decay"]) == (0.5, 0.9, 0.25, 0.125)
+
+
+def test_progress_lines_every_log_every_batches():
+    lines = []
+    torch.manual_seed(0)
+    train.fit(Tiny(), batches(1), batches(2), Hyper(epochs=2, lr=1e-2, log_every=2), CPU,
+              torch.Generator().manual_seed(0), log=lines.append)
+    progress = [line.split(" loss")[0] for line in lines if "batches" in line]
+    assert progress == [f"epoch {e} [{b}/4 batches, {16 * b} images]" for e in (1, 2) for b in (2, 4)]
+    assert [line.split(":")[0] for line in lines if "test_acc" in line] == ["epoch 1/2", "epoch 2/2"]
+
+
+def test_precision_and_device_choices():
+    assert train.resolve_precision("fp32", CPU) == "fp32"
+    assert train.resolve_precision("bf16", CPU) == "bf16"
+    assert train.resolve_precision("auto", CPU) == ("bf16" if train.native_cpu_bf16() else "fp32")
+    assert train.pick_device("cpu") == CPU
+    assert train.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device=cuda"):
+            train.pick_device("cuda")
+    x = torch.randn(4, 4)
+    with train.autocast(CPU, "bf16"):
+        assert (x @ x).dtype == torch.bfloat16
+    with train.autocast(CPU, "fp32"):
+        assert (x @ x).dtype == torch.float32
+
+
+def test_rng_state_round_trips():
+    generator = train.seed_everything(7)
+    state = train.rng_state(generator)
+    first = (torch.rand(3), torch.rand(3, generator=generator), np.random.rand(), random.random())
+    train.set_rng_state(state, generator)
+    again = (torch.rand(3), torch.rand(3, generator=generator), np.random.rand(), random.random())
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert first[2:] == again[2:]
+    train.seed_everything(7)
+    assert torch.equal(torch.rand(3), first[0])
