@@ -211,3 +211,23 @@ def test_rng_state_round_trips():
     assert first[2:] == again[2:]
     train.seed_everything(7)
     assert torch.equal(torch.rand(3), first[0])
+
+
+def test_evaluate_is_the_mean_over_every_image_even_one():
+    torch.manual_seed(0)
+    model = Tiny()
+    x, y = batches(2)[0]
+    with torch.no_grad():
+        logits = model(x[:1])
+    expected = (torch.nn.functional.cross_entropy(logits, y[:1]).item(), 100.0 * float(logits.argmax(1) == y[:1]))
+    loss, acc = train.evaluate(model, [(x[:1], y[:1])], CPU)
+    assert loss == pytest.approx(expected[0], rel=1e-6) and acc == expected[1]
+
+
+def test_evaluate_in_bf16_autocasts_and_stays_close_to_fp32():
+    torch.manual_seed(0)
+    model = Tiny()
+    fp32 = train.evaluate(model, batches(2), CPU, "fp32")
+    bf16 = train.evaluate(model, batches(2), CPU, "bf16")
+    assert fp32 == train.evaluate(model, batches(2), CPU)  # fp32 is the default
+    assert bf16[0] != fp32[0] and bf16[0] == pytest.approx(fp32[0], rel=0.05)
