@@ -182,6 +182,8 @@ def test_normalise_and_center_crop_match_totensor_normalize_and_centercrop():
     assert torch.allclose(data.normalise(images.float() / 255), data.normalise(images), atol=1e-6)
     assert data.center_crop(images, 30).shape == (4, 3, 30, 30)
     assert torch.equal(data.center_crop(images, 30), images[..., 1:31, 1:31])
+    wide = torch.randint(0, 256, (3, 32, 40), dtype=torch.uint8)  # one image, not square
+    assert torch.equal(data.center_crop(wide), T.CenterCrop(28)(wide)) and data.center_crop(wide).shape == (3, 28, 28)
 
 
 @pytest.mark.parametrize("train,augment_images", [(True, True), (True, False), (False, True)])
@@ -198,6 +200,7 @@ def test_tensor_batches_are_the_seed_transforms_in_shuffled_or_fixed_order(train
         expected = data.augment(images[index], generator) if train and augment_images \
             else data.center_crop(images[index])
         assert torch.equal(y, labels[index]) and torch.equal(x, data.normalise(expected))
+    assert all(x.is_contiguous() for x, _ in got)  # NCHW unless asked
     channels_last = data.TensorBatches(images, labels, 4, train=False, augment_images=False,
                                        device=torch.device("cpu"), channels_last=True)
     assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in channels_last)

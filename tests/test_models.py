@@ -50,6 +50,13 @@ def test_feature_maps_have_the_seed_shapes():
     assert [type(m).__name__ for m in resnet.block1] == ["Conv2d", "BatchNorm2d", "ReLU"]
     assert resnet.fc.in_features == 256 and resnet2.fc.in_features == 512
     assert (vgg.fc[0].in_features, vgg.fc[-1].out_features) == (6272, 10)
+    # vgg16 features[0:9] + conv+ReLU+pool; Linear, vgg16's classifier[1:6] (ReLU, Dropout, Linear,
+    # ReLU, Dropout), Linear
+    assert [type(m).__name__ for m in vgg.features] == \
+        ["Conv2d", "ReLU", "Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "Conv2d", "ReLU",
+         "Conv2d", "ReLU", "MaxPool2d"]
+    assert [type(m).__name__ for m in vgg.fc] == \
+        ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
 
 
 def test_forward_is_the_blocks_then_pool_and_linear():
@@ -62,8 +69,9 @@ def test_forward_is_the_blocks_then_pool_and_linear():
         assert torch.allclose(vgg(x), vgg.fc(torch.flatten(vgg.avgpool(vgg.features(x)), 1)), atol=1e-6)
 
 
-def test_summary_shows_the_seed_batch_of_ten_at_depth_two():
+def test_summary_shows_the_seed_batch_of_ten_at_depth_two(capsys):
     text = models.summary("resnet")
+    assert capsys.readouterr().out == ""  # returned, not printed
     assert "[10, 64, 28, 28]" in text and "BasicBlock: 2-7" in text and "3-1" not in text
     assert "[4, 256, 7, 7]" in models.summary("resnet", batch=4)
 

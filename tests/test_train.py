@@ -1,6 +1,7 @@
 """The training loop alone, without MLflow: early stopping, best epoch, resume."""
 import copy
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,9 +139,16 @@ def test_best_follows_the_highest_test_acc_not_the_last_epoch():
         assert not torch.equal(value, model.state_dict()[key])
 
 
-def test_ties_keep_the_first_best_and_metrics_are_exact_per_sample_means():
+def trained_tiny():
+    """A Tiny model that has learned the task (so its accuracy is neither 0 nor a fluke)."""
     torch.manual_seed(0)
-    model, record = Tiny(), []
+    model = Tiny()
+    fit(model, batches(1), 2, 5e-2)
+    return model
+
+
+def test_ties_keep_the_first_best_and_metrics_are_exact_per_sample_means():
+    model, record = trained_tiny(), []
     before = copy.deepcopy(model.state_dict())
     history = fit(model, batches(1), 3, 0.0, record)  # lr 0: the model never changes
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -192,8 +200,10 @@ def test_precision_and_device_choices():
     assert train.pick_device("cpu") == CPU
     assert train.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="device=cuda"):
+        with pytest.raises(ConfigError) as err:
             train.pick_device("cuda")
+        assert str(err.value) == ("parameter device=cuda, but no CUDA GPU is visible: "
+                                  "use -P device=auto or -P device=cpu")
     x = torch.randn(4, 4)
     with train.autocast(CPU, "bf16"):
         assert (x @ x).dtype == torch.bfloat16
@@ -209,8 +219,9 @@ def test_rng_state_round_trips():
     again = (torch.rand(3), torch.rand(3, generator=generator), np.random.rand(), random.random())
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert first[2:] == again[2:]
-    train.seed_everything(7)
-    assert torch.equal(torch.rand(3), first[0])
+    generator = train.seed_everything(7)
+    assert torch.equal(torch.rand(3), first[0]) and torch.equal(torch.rand(3, generator=generator), first[1])
+    assert (np.random.rand(), random.random()) == first[2:]
 
 
 def test_evaluate_is_the_mean_over_every_image_even_one():
@@ -231,3 +242,105 @@ def test_evaluate_in_bf16_autocasts_and_stays_close_to_fp32():
     bf16 = train.evaluate(model, batches(2), CPU, "bf16")
     assert fp32 == train.evaluate(model, batches(2), CPU)  # fp32 is the default
     assert bf16[0] != fp32[0] and bf16[0] == pytest.approx(fp32[0], rel=0.05)
+
+
+
+class FakeClock:
+    """time.perf_counter ticking one second per call: fit's timings become exact."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        self.now += 1.0
+        return self.now
+
+
+# clock reads in an epoch: start, after batch 1 (steady state starts), every progress line, end of
+# training, end of evaluation
+@pytest.mark.parametrize("bs,epoch_time,images_per_s", [
+    (16, 5, 48 / 3),  # 4 batches, 2 progress lines: the last 48 images in 3 ticks
+    (32, 4, 32 / 2),  # 2 batches, 1 progress line
+    (64, 2, 64 / 1),  # one batch: no warm-up to leave out, the whole epoch counts
+])
+def test_timings_leave_out_the_warm_up_batch(monkeypatch, bs, epoch_time, images_per_s):
+    model, lines = trained_tiny(), []
+    train_batches = batches(1, bs=bs)
+    monkeypatch.setattr(train.time, "perf_counter", FakeClock())
+    history = train.fit(model, train_batches, batches(2), Hyper(epochs=2, lr=0.0, log_every=2), CPU,
+                        torch.Generator().manual_seed(0), log=lines.append)
+    for result in history.epochs:
+        assert result.train_images_per_s == images_per_s
+        assert result.epoch_time_s == epoch_time
+    assert history.total_time_s == 2 * epoch_time
+    if bs == 16:  # progress lines: running mean loss and images per second since the epoch began
+        with torch.no_grad():
+            x, y = torch.cat([b[0] for b in train_batches]), torch.cat([b[1] for b in train_batches])
+            losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        progress = [line for line in lines if "batches" in line][:2]
+        assert progress == [f"epoch 1 [2/4 batches, 32 images] loss {losses[:32].mean():.4f}  16 img/s",
+                            f"epoch 1 [4/4 batches, 64 images] loss {losses.mean():.4f}  21 img/s"]
+
+
+def test_bf16_trains_and_evaluates_under_autocast():
+    model, record = trained_tiny(), []
+    history = fit(model, batches(1), 1, 0.0, record, precision="bf16")
+    result = history.epochs[0]
+    for split, got in ((batches(1), result.train_loss), (batches(2), result.test_loss)):
+        bf16, fp32 = (train.evaluate(model, split, CPU, p)[0] for p in ("bf16", "fp32"))
+        assert got == pytest.approx(bf16, rel=1e-6) and got != pytest.approx(fp32, rel=1e-6)
+
+
+def test_tol_reaches_early_stopping():
+    torch.manual_seed(0)
+    history = fit(Tiny(), batches(1), 6, 5e-2, tol=10.0, patience=2)  # no gain is worth 10
+    assert [e.epoch for e in history.epochs] == [1, 2, 3] and history.stopped_early
+    losses = history.column("test_loss")
+    assert losses[1] < losses[0]  # it did improve, by less than tol
+
+
+def test_log_marks_best_epochs_early_stopping_and_resuming():
+    lines, snapshots = [], []
+    torch.manual_seed(0)
+    model = Tiny()
+    train.fit(model, SwappedLaterBatches(3), batches(2), Hyper(epochs=5, lr=5e-2, tol=0.0, patience=1), CPU,
+              torch.Generator().manual_seed(0), log=lines.append,
+              on_epoch=lambda r, b, snap: snapshots.append(copy.deepcopy(snap())))
+    summaries = [line for line in lines if line.startswith("epoch ") and "test_acc" in line]
+    history = snapshots[-1]["history"]
+    assert [line.endswith("  *best*") for line in summaries] == \
+        [e.test_acc > max(history.column("test_acc")[:i], default=-1.0) for i, e in enumerate(history.epochs)]
+    assert lines[-1] == "early stopping: test loss has not improved by more than 0 for 1 epochs"
+    resumed, at_epoch_2 = [], snapshots[1]["history"]
+    expected = (f"resuming after epoch 2 (best test_acc {at_epoch_2.best_test_acc:.3f}% "
+                f"at epoch {at_epoch_2.best_epoch})")
+    train.fit(Tiny(), batches(1), batches(2), Hyper(epochs=3, lr=5e-2), CPU,
+              torch.Generator().manual_seed(0), resume=snapshots[1], log=resumed.append)
+    assert resumed[0] == expected
+
+
+def test_early_stopping_defaults_are_the_seed_s():
+    stop = train.EarlyStopping()
+    assert (stop.patience, stop.tol) == (5, 1e-5)
+    assert stop.state_dict() == {"counter": 0, "lowest_loss": None}
+    assert [stop(x) for x in [1.0] + [1.0 - 9e-6] * 5] == [False] * 5 + [True]  # gains below 1e-5 do not count
+
+
+def test_native_bf16_follows_the_cpu_flags(monkeypatch, tmp_path):
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    assert train.native_cpu_bf16() == (" avx512_bf16" in text or " amx_bf16" in text)
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(train, "Path", lambda _: cpuinfo)  # the flags of other CPUs
+    for flags, native in [("fpu avx2 avx512f", False), ("fpu avx512_bf16 sse", True),
+                          ("fpu amx_bf16 amx_tile", True), ("fpu avx512_bf16 amx_bf16", True)]:
+        cpuinfo.write_text(f"processor : 0\nflags : {flags}\n")
+        assert train.native_cpu_bf16() is native, flags
+    cpuinfo.unlink()
+    assert train.native_cpu_bf16() is False  # unreadable: assume emulated bf16
+
+
+def test_auto_precision_is_fp32_on_a_cpu_without_native_bf16(monkeypatch):
+    monkeypatch.setattr(train, "native_cpu_bf16", lambda: False)
+    assert train.resolve_precision("auto", CPU) == "fp32"
+    monkeypatch.setattr(train, "native_cpu_bf16", lambda: True)
+    assert train.resolve_precision("auto", CPU) == "bf16"
