@@ -1,7 +1,11 @@
 """The whole study through `mlflow run . -e main` at toy size: lineage, nesting, reuse, sweeps."""
+import math
+
 import pytest
+import torch
 
 from conftest import PROJECT, VENV_BIN
+from pipeline import models
 from pipeline.workflow import CHAIN
 
 pytestmark = pytest.mark.e2e
@@ -64,6 +68,21 @@ def stage_run(store, stage):
     return runs[-1]
 
 
+def best_state(store, run_id):
+    return torch.load(store.client.download_artifacts(run_id, "checkpoints/best.pt"), weights_only=True)
+
+
+def batches_tracked(state):
+    """BatchNorm's count of training batches (None without BatchNorm): it travels with the weights."""
+    counts = {int(v) for k, v in state.items() if k.endswith("num_batches_tracked")}
+    assert len(counts) <= 1
+    return counts.pop() if counts else None
+
+
+def max_weight_change(a, b, arch):
+    return max((a[name] - b[name]).abs().max().item() for name, _ in models.build(arch).named_parameters())
+
+
 def test_one_finished_top_level_run_per_stage_chained_by_run_id(study):
     assert all(len(finished_top_level(study, stage)) == 1 for stage in CHAIN)
     previous = None
@@ -74,10 +93,12 @@ def test_one_finished_top_level_run_per_stage_chained_by_run_id(study):
         assert tags["stage"] == stage and tags["arch"] in ("resnet", "vgg", "resnet2")
         assert tags["source_run_id"] == (previous.info.run_id if previous else "scratch"), stage
         assert "checkpoints/best.pt" in study.artifacts(run.info.run_id), stage
-        assert 0 <= metrics["best_test_acc"] <= 100
         children = {c.info.run_id: c for c in study.children(run.info.run_id)}
         assert tags["best_child_run_id"] in children, stage
         best_child = children[tags["best_child_run_id"]]
+        for child in children.values():  # one epoch each: its best is that epoch
+            assert child.data.metrics["best_test_acc"] == \
+                study.client.get_metric_history(child.info.run_id, "test_acc")[0].value
         assert metrics["best_test_acc"] == max(c.data.metrics["best_test_acc"] for c in children.values())
         assert best_child.data.metrics["best_test_acc"] == metrics["best_test_acc"]
         assert "plots/compare_test_acc.png" in study.artifacts(run.info.run_id)
@@ -104,6 +125,32 @@ def test_an_interrupted_study_continues_child_by_child(study):
         assert child.info.status == "FINISHED" and study.steps(child.info.run_id, "test_acc") == [1]
     (main_killed,) = [r for r in study.top_level("main") if r.info.status != "FINISHED"]
     assert f"run {main_killed.info.run_id} marked KILLED" in study.interrupted["stderr"]
+def test_checkpoints_follow_the_lineage(study):
+    """Each stage carries its best child's best.pt, and each child's best.pt grew out of the
+    checkpoint its source_run_id names: BatchNorm's batch counter is the source's plus this
+    child's own batches (256 images per epoch)."""
+    checked = 0
+    for stage in CHAIN:
+        run = stage_run(study, stage)
+        state = best_state(study, run.info.run_id)
+        best_child = best_state(study, run.data.tags["best_child_run_id"])
+        assert state.keys() == best_child.keys() and all(torch.equal(state[k], best_child[k]) for k in state)
+        for child in study.children(run.info.run_id):
+            count = batches_tracked(best_state(study, child.info.run_id))
+            if count is None:  # vgg has no BatchNorm
+                continue
+            source = child.data.tags["source_run_id"]
+            start = 0 if source == "scratch" else batches_tracked(best_state(study, source))
+            steps = math.ceil(256 / int(child.data.params["bs"])) * int(child.data.metrics["best_epoch"])
+            assert count == start + steps, (stage, child.info.run_name)
+            checked += 1
+    assert checked >= 2  # deepen's two phases (resnet2) at least
+    # retrain's phase 2 starts from phase 1's best.pt: two steps at lr 1e-5 move no weight by more
+    # than 2 x 10 x lr (RMSprop), while phase 1's own first step moved every weight by 10 x 1e-3
+    phases = {c.data.tags["phase"]: c for c in study.children(stage_run(study, "retrain").info.run_id)}
+    arch = phases["2"].data.tags["arch"]
+    phase1, phase2 = (best_state(study, phases[p].info.run_id) for p in "12")
+    assert max_weight_change(phase2, phase1, arch) < 2.1e-4
 
 
 def test_model_selection_compares_archs_and_names_a_winner(study):
@@ -202,15 +249,19 @@ def test_a_changed_param_reruns_that_stage_and_the_ones_after(study):
 
 
 def test_tune_lr_sweep_makes_nested_children_and_picks_the_best(study):
-    parent = stage_run(study, "baseline").info.run_id
-    study.mlflow_run("tune_lr", study.params({"parent_run_id": parent, "lrs": "0.0005,0.0001",
+    parent = stage_run(study, "baseline")
+    study.mlflow_run("tune_lr", study.params({"parent_run_id": parent.info.run_id, "lrs": "0.0005,1e-12",
                                               "epochs": "1"}))
     run = study.top_level("tune_lr")[0]
-    children = study.children(run.info.run_id)
-    assert sorted(c.info.run_name for c in children) == ["tune_lr lr=0.0001", "tune_lr lr=0.0005"]
-    best = max(children, key=lambda c: c.data.metrics["best_test_acc"])
-    assert run.data.tags["best_child_run_id"] == best.info.run_id
-    assert all(c.data.tags["source_run_id"] == parent for c in children)
+    children = {c.info.run_name: c for c in study.children(run.info.run_id)}
+    assert sorted(children) == ["tune_lr lr=0.0005", "tune_lr lr=1e-12"]
+    accs = {c.info.run_id: c.data.metrics["best_test_acc"] for c in children.values()}
+    assert run.data.metrics["best_test_acc"] == max(accs.values())
+    assert accs[run.data.tags["best_child_run_id"]] == max(accs.values())
+    assert all(c.data.tags["source_run_id"] == parent.info.run_id for c in children.values())
+    # every sweep point starts from the parent's best.pt: at lr 1e-12 the weights stay where they began
+    still = best_state(study, children["tune_lr lr=1e-12"].info.run_id)
+    assert max_weight_change(still, best_state(study, parent.info.run_id), parent.data.tags["arch"]) < 1e-9
 
 
 def test_unfinished_parent_and_parent_without_checkpoint_are_refused(study):
