@@ -476,6 +476,7 @@ def test_log_marks_best_epochs_early_stopping_and_resuming():
     history = train.History.from_state(snapshots[-1]["history"])
     assert [line.endswith("  *best*") for line in summaries] == \
         [e.test_acc > max(history.column("test_acc")[:i], default=-1.0) for i, e in enumerate(history.epochs)]
+    assert all(line.endswith(("img/s)", "img/s)  *best*")) for line in summaries)
     assert lines[-1] == ("early stopping: test loss (x100 per sample, the seed's scale) has not improved "
                          "by more than 0 for 1 epochs")
     resumed, at_epoch_2 = [], train.History.from_state(snapshots[1]["history"])
