@@ -11,7 +11,7 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 DEMO_ARGS := -P dataset=synthetic -P scale=demo -P val_split=0.1
 DEMO_SAMPLES := demo_samples
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast mutate demo bench clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,19 @@ test: install
 
 test-fast: install
 	$(VENV)/bin/python -m pytest tests -m "not e2e"
+
+# Mutation testing (not part of `make test`): the training loop, config, models, batched
+# augmentation, the served Classifier and the evaluation metrics, against the unit tests only.
+# One child, one thread, low priority. Score and survivors go to docs/testing.md.
+MUTATE_FUNCTIONS := 'pipeline.train.*' 'pipeline.config.*' 'pipeline.models.*' \
+	'pipeline.data.x_normalise*' 'pipeline.data.x_center_crop*' 'pipeline.data.x_sample_augment_params*' \
+	'pipeline.data.x_augment*' 'pipeline.data.xǁTensorBatchesǁ*' \
+	'pipeline.registry.xǁClassifierǁ*' 'pipeline.predict.x_confusion_metrics*'
+
+mutate: install
+	rm -rf mutants
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 15 $(VENV)/bin/mutmut run --max-children 1 $(MUTATE_FUNCTIONS)
+	$(VENV)/bin/python .ci/mutation_report.py $(MUTATE_FUNCTIONS)
 
 demo: install
 	mlflow run . -e main --env-manager local $(DEMO_ARGS)
@@ -43,4 +56,4 @@ bench: install
 	$(VENV)/bin/python benchmarks/learnability.py
 
 clean:
-	rm -rf mlflow.db mlruns mlartifacts .svhn-cache data/synthetic $(DEMO_SAMPLES) demo_predictions.csv
+	rm -rf mlflow.db mlruns mlartifacts .svhn-cache data/synthetic $(DEMO_SAMPLES) demo_predictions.csv mutants

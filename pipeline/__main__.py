@@ -6,6 +6,7 @@ SIGINT/SIGTERM marks the open runs KILLED and says how to resume.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = "usage: python -m pipeline STAGE [--key value ...]   (STAGE: {stages})"
@@ -32,12 +33,25 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
     return stage, overrides
 
 
+INVOKED: list = []  # [stage, overrides] of this command, to print the command that continues it
+
+
+def continue_command(stage: str, overrides: dict[str, str]) -> str:
+    """The same command again: run again, it reuses what finished and resumes what did not."""
+    import shlex
+
+    params = " ".join(f"-P {shlex.quote(f'{k}={v}')}" for k, v in overrides.items() if k != "force")
+    env_manager = overrides.get("env_manager", "local")
+    return f"mlflow run . -e {stage} --env-manager {env_manager} {params}".rstrip()
+
+
 def run(argv: list[str]) -> int:
     from . import config, interrupts, stages, workflow
     from . import predict as predict_mod
 
     interrupts.install()
     stage, overrides = parse_args(argv)
+    INVOKED[:] = [stage, overrides]
     cfg = config.load(stage, overrides)  # every value checked before any work
     if stage == "main":
         from .train import resolve_runtime
@@ -85,10 +99,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"interrupted ({signal_name or 'SIGINT'}) before training started",
                   file=sys.stderr, flush=True)
             return 130
-        target = runner.KILLED_RUNS[0]
-        print(f"interrupted ({signal_name or 'SIGINT'}): run {target} marked KILLED; its last "
-              f"completed epoch is in checkpoints/last.pt. Resume with: mlflow run . -e train "
-              f"--env-manager local -P resume_run_id={target}", file=sys.stderr, flush=True)
+        stage, overrides = INVOKED
+        from .workflow import UNDER_MAIN
+
+        if stage != "main" and os.environ.get(UNDER_MAIN):  # main prints the one command to run
+            print(f"interrupted ({signal_name or 'SIGINT'}): run {runner.KILLED_RUNS[-1]} marked KILLED",
+                  file=sys.stderr, flush=True)
+            return 130
+        if stage == "train":  # one run, no children: it continues in place from its last.pt
+            overrides = {"resume_run_id": runner.KILLED_RUNS[-1],
+                         **({"env_manager": overrides["env_manager"]} if "env_manager" in overrides else {})}
+        print(f"interrupted ({signal_name or 'SIGINT'}): run {runner.KILLED_RUNS[-1]} marked KILLED; "
+              f"finished runs are kept and the interrupted one resumes from its last checkpoint. "
+              f"Continue with the same command: {continue_command(stage, overrides)}",
+              file=sys.stderr, flush=True)
         return 130
     except (MlflowException, requests.HTTPError) as err:
         from .tracking import server_refusal

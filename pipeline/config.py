@@ -84,6 +84,8 @@ class Config:
     # lineage and reliability
     parent_run_id: str = ""
     resume_run_id: str = ""
+    force: bool = False             # take over a run whose writer looks alive
+    checkpoint_every: int = 1       # write last.pt (for resuming) every N epochs
     # registry and prediction
     registered_model: str = "svhn-classifier"
     register: bool = False
@@ -124,7 +126,7 @@ class Config:
         params = self.to_params()
         # where the data lies and how it was fetched do not matter: its digest does
         for volatile in ("log_every", "resume_run_id", "env_manager", "num_workers", "force",
-                         "data_dir", "download"):
+                         "data_dir", "download", "checkpoint_every"):
             params.pop(volatile, None)
         device, precision = resolve_runtime(self.device, self.precision)
         params.update(data_digest=data_digest, device_type=device.type, resolved_precision=precision)
@@ -229,6 +231,7 @@ RULES = [
     ("precision", lambda v: v in ("auto", "fp32", "bf16"), "auto|fp32|bf16"),
     ("data_pipeline", lambda v: v in ("tensor", "torchvision"), "tensor|torchvision"),
     ("num_workers", lambda v: v >= 0, ">= 0"),
+    ("checkpoint_every", lambda v: v >= 1, ">= 1"),
     ("log_every", lambda v: v >= 1, ">= 1"),
     ("dataset", lambda v: v in ("svhn", "synthetic"), "svhn|synthetic"),
     ("limit_train", lambda v: v >= 0, ">= 0 (0 = all)"),

@@ -7,6 +7,7 @@ in a DataLoader, kept for comparison (benchmarks/throughput.py).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -98,15 +99,14 @@ def check_md5(path: Path, split: str) -> None:
 # -- decode once -----------------------------------------------------------------------------
 
 def _cache_file(path: Path) -> Path:
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    return CACHE_DIR / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    """Keyed by the file's bytes (the digest that training_key holds), not its name or mtime."""
+    return CACHE_DIR / f"{path.stem}-{file_sha256(path)[:16]}.pt"
 
 
 def read_mat(path: Path, split: str, verify: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (N,3,32,32) uint8, labels (N,) int64), decoded once and cached as a tensor file.
 
-    The cache key is the file's path, size and mtime, so a changed .mat is decoded again.
+    The cache key is the file's SHA-256, so a changed .mat is decoded again, whatever its mtime.
     """
     cache = _cache_file(path)
     if cache.exists():
@@ -138,6 +138,12 @@ def read_mat(path: Path, split: str, verify: bool) -> tuple[torch.Tensor, torch.
 
 def file_sha256(path: Path) -> str:
     """SHA-256 of a data file's bytes: what the data digest and `training_key` rest on."""
+    stat = path.stat()  # hashed once per process and file version (read_mat and load both ask)
+    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -173,6 +179,8 @@ class Split:
         digest = hashlib.sha256(self.file_sha256.encode())
         digest.update(self.indices.numpy().tobytes())
         return digest.hexdigest()
+
+
 def svhn_problem(images, labels, from_mat: bool = False) -> str:
     """What is wrong with decoded (N,3,32,32) uint8 images and (N,) labels 0-9, or ''.
 

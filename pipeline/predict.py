@@ -159,16 +159,24 @@ def predict(cfg: Config, run_id: str | None) -> int:
     return 0
 
 
+def confusion_metrics(truth: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, list[float], float]:
+    """(10x10 confusion matrix, rows = true digit; accuracy per true digit in percent, 0 for a
+    digit with no images; overall accuracy in percent)."""
+    matrix = np.zeros((10, 10), dtype=np.int64)
+    np.add.at(matrix, (truth, predicted), 1)
+    totals = matrix.sum(1)
+    per_digit = [100.0 * matrix[d, d] / totals[d] if totals[d] else 0.0 for d in range(10)]
+    return matrix, per_digit, 100.0 * float((predicted == truth).mean())
+
+
 def evaluation_report(model, images: torch.Tensor, labels: torch.Tensor, run_id: str,
                       folder: str = "evaluation", gallery_size: int = 32) -> dict[str, float]:
     """Confusion matrix, per-digit accuracy (table and bars) and a gallery of mistakes."""
     nhwc = images.permute(0, 2, 3, 1).numpy()
     truth = labels.numpy()
     predicted = probabilities(model, nhwc).argmax(1)
-    matrix = np.zeros((10, 10), dtype=np.int64)
-    np.add.at(matrix, (truth, predicted), 1)
+    matrix, per_digit, accuracy = confusion_metrics(truth, predicted)
     totals = matrix.sum(1)
-    per_digit = [100.0 * matrix[d, d] / totals[d] if totals[d] else 0.0 for d in range(10)]
     wrong = np.flatnonzero(predicted != truth)[:gallery_size]
     client = tracking.client()
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,7 +189,7 @@ def evaluation_report(model, images: torch.Tensor, labels: torch.Tensor, run_id:
         plots.gallery(images[wrong].numpy(), truth[wrong], predicted[wrong], tmp / "misclassified.png")
         client.log_artifacts(run_id, str(tmp), folder)
     metrics = {f"test_acc_digit_{d}": per_digit[d] for d in range(10)}
-    metrics["eval_test_acc"] = 100.0 * float((predicted == truth).mean())
+    metrics["eval_test_acc"] = accuracy
     tracking.log_epoch(run_id, 0, metrics)
     hardest = sorted(range(10), key=lambda d: per_digit[d])[:3]
     print("hardest digits: " + ", ".join(f"{d} ({per_digit[d]:.1f}%)" for d in hardest), flush=True)

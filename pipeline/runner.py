@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
-from . import models, plots, tracking, train
+from . import lifecycle, models, plots, tracking, train
 from .config import Config
 
-# Runs a SIGINT/SIGTERM ended, innermost first: __main__ names the first in its resume hint.
+# Runs a SIGINT/SIGTERM ended, innermost first: __main__ names the outermost in its hint.
 KILLED_RUNS: list[str] = []
 
 
@@ -91,9 +91,18 @@ def log_static_artifacts(run_id: str, cfg: Config, arch: str, dataset: data_mod.
 
 
 def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: str,
-                 init_state: dict | None = None, resume: dict | None = None) -> RunResult:
-    """Train `arch` inside the existing run `run_id` and log everything about it."""
+                 init_state: dict | None = None, resume: dict | None = None,
+                 stage_run_id: str = "", keep_final: bool = False) -> RunResult:
+    """Train `arch` inside the existing run `run_id` and log everything about it.
+
+    Every epoch refreshes the heartbeat of this run (and of its stage run), so no other process
+    takes it over while it trains; last.pt is written every `checkpoint_every` epochs.
+    keep_final: also keep the weights after the last epoch (checkpoints/final.pt), for a phase
+    that continues from them.
+    """
     client = tracking.client()
+    beating = [r for r in (run_id, stage_run_id) if r]
+    lifecycle.beat(*beating)
     device, precision = train.resolve_runtime(cfg.device, cfg.precision)
     if resume is None:
         tracking.log_config(run_id, cfg, tracking.runtime_params(device, precision, cfg))
@@ -121,22 +130,28 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
     def on_epoch(result: train.EpochResult, is_best: bool, snapshot) -> None:
         if is_best:
             tracking.save_checkpoint(run_id, tracking.BEST, model.state_dict())
-        tracking.save_checkpoint(run_id, tracking.LAST, snapshot())
+        # with best.pt too, so the two never disagree about which epoch is behind them
+        if is_best or result.epoch % cfg.checkpoint_every == 0:
+            tracking.save_checkpoint(run_id, tracking.LAST, snapshot())
         if result.epoch not in already_logged:
             tracking.log_epoch(run_id, result.epoch, result.metrics())
+        lifecycle.beat(*beating)
 
     run_hyper = hyper(cfg, device)
     log(f"run {run_id}: {arch}, {dataset.n_train} train / {dataset.n_val} val / {dataset.n_test} test images, "
         f"{run_hyper.epochs} epochs, bs {cfg.bs}, lr {cfg.lr:g}, gamma {cfg.gamma:g}, wd {cfg.wd:g}, "
         f"device {device}, {run_hyper.precision}, pipeline {cfg.data_pipeline}")
-    history = train.fit(model, train_batches, test_batches, run_hyper, device, generator,
-                        val_batches=val_batches, resume=resume, on_epoch=on_epoch, log=log)
+    with lifecycle.heartbeat(*beating):  # also between epochs: a long epoch is not a dead writer
+        history = train.fit(model, train_batches, test_batches, run_hyper, device, generator,
+                            val_batches=val_batches, resume=resume, on_epoch=on_epoch, log=log)
     result = RunResult(run_id, client.get_run(run_id).info.run_name, arch, history.best_acc,
                        history.best_epoch, history, history.selected_on, history.test_acc_at_best,
                        {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     tracking.log_epoch(run_id, 0, {**result.metrics(), "total_time_s": history.total_time_s})
     client.set_tag(run_id, "stopped_early", str(history.stopped_early).lower())
     client.set_tag(run_id, "selected_on", history.selected_on)
+    if keep_final:
+        tracking.save_checkpoint(run_id, tracking.FINAL, result.final_state)
     with tempfile.TemporaryDirectory() as tmp:
         path = plots.loss(history.column("train_loss"), history.column("test_loss"),
                           Path(tmp) / "loss.png",
@@ -146,14 +161,67 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
 
 
 def child_run(parent_run_id: str, name: str, cfg: Config, dataset: data_mod.SVHNData, *,
-              arch: str, init_state: dict | None, tags: dict[str, str]) -> RunResult:
+              arch: str, init_state: dict | None, tags: dict[str, str], init_source: str = "",
+              keep_final: bool = False) -> RunResult:
     """A nested run under the stage's run: one repeat, sweep point or phase (its own epochs
-    and settings travel in `cfg`, so what it logs is what it trains)."""
-    run_id = create_child(parent_run_id, name, {"stage": cfg.stage, **tags})
-    with opened(run_id):
-        result = train_in_run(run_id, cfg, dataset, arch=arch, init_state=init_state)
-        tracking.client().set_tag(run_id, "training_key", cfg.training_key(dataset.digest))
+    and settings travel in `cfg`, so what it logs is what it trains).
+
+    A child with the same key (lifecycle.child_key) under this stage run, or under an earlier
+    run of the same stage that did not finish (lifecycle.ADOPTABLE), is not trained again: a
+    FINISHED one is reused as it is, an unfinished one resumed from its last.pt, both moved
+    under this stage run.
+    """
+    client = tracking.client()
+    key = lifecycle.child_key(cfg, dataset.digest, name, init_source)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    found = lifecycle.find_child(experiment_id, key, {parent_run_id, *lifecycle.ADOPTABLE})
+    if found is not None and found.info.status == "FINISHED":
+        adopt(found.info.run_id, parent_run_id)
+        log(f"{name}: reusing FINISHED child run {found.info.run_id} (same key {key})")
+        return result_from_record(found.info.run_id, arch, keep_final)
+    if found is not None and tracking.has_artifact(found.info.run_id, tracking.LAST):
+        child_id = found.info.run_id
+        lifecycle.refuse_if_live(found, cfg, "resumed")
+        state = resume_state(child_id, arch)
+        adopt(child_id, parent_run_id)
+        log(f"{name}: resuming child run {child_id} after epoch {state['epoch']}")
+        client.update_run(child_id, status="RUNNING")
+        with opened(child_id):
+            result = train_in_run(child_id, cfg, dataset, arch=arch, resume=state,
+                                  stage_run_id=parent_run_id, keep_final=keep_final)
+        finished(child_id)  # once FINISHED: a kill before that still finds last.pt
         return result
+    if found is not None:  # stopped before its first epoch ended: nothing to keep
+        lifecycle.refuse_if_live(found, cfg, "replaced")
+        if found.info.status == "RUNNING":
+            tracking.end_run(found.info.run_id, "KILLED")
+        client.set_tag(found.info.run_id, "training_key", f"superseded-{key}")
+    run_id = create_child(parent_run_id, name, {"stage": cfg.stage, "training_key": key, **tags})
+    with opened(run_id):
+        result = train_in_run(run_id, cfg, dataset, arch=arch, init_state=init_state,
+                              stage_run_id=parent_run_id, keep_final=keep_final)
+    finished(run_id)
+    return result
+
+
+def adopt(child_id: str, parent_run_id: str) -> None:
+    """Move a child of an unfinished earlier stage run under the stage run that continues it."""
+    if tracking.client().get_run(child_id).data.tags.get("mlflow.parentRunId") != parent_run_id:
+        tracking.client().set_tag(child_id, "mlflow.parentRunId", parent_run_id)
+
+
+def finished(run_id: str) -> None:
+    """last.pt is only for resuming: a run that trained to its end drops it."""
+    tracking.delete_artifact(run_id, tracking.LAST)
+
+
+def result_from_record(run_id: str, arch: str, keep_final: bool = False) -> RunResult:
+    """A FINISHED child's result, as MLflow recorded it (no training)."""
+    history = lifecycle.history_from_record(run_id)
+    final = tracking.load_weights(run_id, tracking.FINAL) if keep_final else None
+    run = tracking.client().get_run(run_id)
+    return RunResult(run_id, run.info.run_name, run.data.tags.get("arch", arch), history.best_acc,
+                     history.best_epoch, history, history.selected_on, history.test_acc_at_best, final)
 
 
 def resume_state(run_id: str, arch: str) -> dict:

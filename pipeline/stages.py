@@ -17,7 +17,7 @@ import mlflow
 import yaml
 
 from . import data as data_mod
-from . import models, plots, predict, registry, runner, tracking
+from . import lifecycle, models, plots, predict, registry, runner, tracking
 from .config import Config, check_lineage, format_value, from_params
 from .runner import RunResult, child_run, log
 from .train import resolve_runtime
@@ -87,7 +87,7 @@ def sweep(run_id: str, points: list[tuple], dataset, arch: str, lineage: Lineage
     """Train each (name, config) point as a child run from the stage's initial weights."""
     source = lineage.parent_run_id if lineage.init_state is not None else "scratch"
     return [child_run(run_id, name, point, dataset, arch=arch, init_state=lineage.init_state,
-                      tags={"source_run_id": source}) for name, point in points]
+                      tags={"source_run_id": source}, init_source=source) for name, point in points]
 
 
 def number(value: float) -> str:
@@ -177,7 +177,8 @@ def two_phases(cfg, run_id, dataset, lineage, arch: str) -> RunResult:
     if cfg.phase1_epochs:
         results.append(child_run(
             run_id, f"{cfg.stage} phase1 lr={number(first.lr)}", first, dataset, arch=arch,
-            init_state=lineage.init_state,
+            init_state=lineage.init_state, keep_final=PHASE2_START.get(cfg.stage) == "last",
+            init_source=lineage.parent_run_id if lineage.init_state is not None else "scratch",
             tags={"source_run_id": lineage.parent_run_id if lineage.init_state is not None else "scratch",
                   "phase": "1"}))
     start, source, init_from = lineage.init_state, lineage.parent_run_id or "scratch", ""
@@ -188,15 +189,15 @@ def two_phases(cfg, run_id, dataset, lineage, arch: str) -> RunResult:
             start, init_from = tracking.load_weights(results[0].run_id), f"{results[0].run_id}/{tracking.BEST}"
         source = results[0].run_id
     results.append(child_run(run_id, f"{cfg.stage} phase2 lr={number(cfg.lr)}", cfg.replace(arch=arch),
-                             dataset, arch=arch, init_state=start,
+                             dataset, arch=arch, init_state=start, init_source=init_from or source,
                              tags={"source_run_id": source, "phase": "2",
                                    **({"init_from": init_from} if init_from else {})}))
     best = finish(run_id, results, candidates=results[-1:])
     if cfg.register:
-        registry.register(run_id, cfg, best, dataset)
         # which digits are hard: confusion matrix, per-digit accuracy, gallery of mistakes
         predict.evaluation_report(registry.classifier_from_run(run_id, best.arch),
                                   dataset.test_images, dataset.test_labels, run_id)
+        registry.register(run_id, cfg, best, dataset)  # last: nothing of the run is left to fail
     return best
 
 
@@ -250,39 +251,105 @@ def run(cfg: Config) -> RunResult:
                        else f"{cfg.parent_run_id}/{tracking.BEST}")
         tracking.log_config(run_id, cfg, tracking.runtime_params(device, precision, cfg))
         dataset = data_mod.load(cfg)
+        key = cfg.training_key(dataset.digest)
+        earlier = []
         if cfg.stage != "train":  # a train run logs its own inputs; a stage's are its children's
             tracking.log_datasets(run_id, dataset)
+            earlier = continue_earlier_runs(cfg, run_id, key)
+        client.set_tag(run_id, lifecycle.STAGE_KEY, key)
+        lifecycle.beat(run_id)
         log(f"{cfg.stage}: run {run_id} in {mlflow.get_tracking_uri()}")
-        result = STAGES[cfg.stage](cfg, run_id, dataset, lineage)
-        # set last: only a stage that finished can be found and reused by `main`
-        client.set_tag(run_id, "training_key", cfg.training_key(dataset.digest))
+        try:
+            result = STAGES[cfg.stage](cfg, run_id, dataset, lineage)
+            for old in earlier:  # their children now belong to this run
+                client.set_tag(old.info.run_id, lifecycle.CONTINUED_IN, run_id)
+                if old.info.status == "RUNNING":
+                    tracking.end_run(old.info.run_id, "KILLED")
+            # set last: only a stage that finished can be found and reused by `main`
+            client.set_tag(run_id, "training_key", key)
+            runner.finished(run_id)
+        except BaseException:
+            registry.withdraw()  # a version registered by a run that failed is not left behind
+            raise
     log(f"{cfg.stage} done: run {run_id}, best {result.selected_on}_acc "
         f"{format_value(result.best_acc)}%, test {format_value(result.test_acc_at_best)}% at that epoch")
     return result
 
 
+def continue_earlier_runs(cfg: Config, run_id: str, key: str) -> list:
+    """Earlier runs of this stage with the same key that never finished: this run takes over
+    their children (reusing the finished, resuming the interrupted) instead of starting over."""
+    experiment_id = tracking.client().get_run(run_id).info.experiment_id
+    earlier = lifecycle.unfinished_stage_runs(experiment_id, key, run_id)
+    for old in earlier:
+        lifecycle.refuse_if_live(old, cfg, "continued")
+    lifecycle.ADOPTABLE.update(r.info.run_id for r in earlier)
+    if earlier:
+        log(f"{cfg.stage}: continuing {', '.join(r.info.run_id for r in earlier)} (same parameters, "
+            f"parent and data; never finished): finished children are reused, the interrupted one resumed")
+    return earlier
+
+
+def point_holder_at(run_id: str) -> None:
+    """`mlflow run` opened a fresh run for this command: point it at the run we continue."""
+    holder = os.environ.get("MLFLOW_RUN_ID")
+    if holder and holder != run_id:
+        tracking.client().set_tag(holder, "resumed_run_id", run_id)
+        tracking.client().set_tag(holder, "mlflow.note.content",
+                                  f"This command resumed run {run_id}; its metrics are there.")
+
+
+def resume_stage(run_id: str, cfg: Config) -> RunResult:
+    """Reopen an unfinished stage run and finish it: its finished children are reused, the
+    interrupted one resumed from last.pt, the missing ones trained, then it aggregates."""
+    lineage = resolve_lineage(cfg)
+    point_holder_at(run_id)
+    client = tracking.client()
+    client.update_run(run_id, status="RUNNING")
+    with runner.opened(run_id):
+        dataset = data_mod.load(cfg)
+        lifecycle.beat(run_id)
+        log(f"{cfg.stage}: resuming stage run {run_id} child by child")
+        try:
+            result = STAGES[cfg.stage](cfg, run_id, dataset, lineage)
+            client.set_tag(run_id, "training_key", cfg.training_key(dataset.digest))
+        except BaseException:
+            registry.withdraw()
+            raise
+    log(f"resumed stage run {run_id} FINISHED, best {result.selected_on}_acc {result.best_acc:.3f}%")
+    return result
+
+
 def resume(cfg: Config) -> RunResult | None:
-    """Reopen run `cfg.resume_run_id` and continue it from its last completed epoch."""
+    """Reopen run `cfg.resume_run_id` and continue it: a training run from its last completed
+    epoch, a stage run child by child (finished children kept, the interrupted one resumed)."""
     run_id = cfg.resume_run_id
     previous = tracking.get_run(run_id, "resume")
     if previous.info.status == "FINISHED":
         log(f"run {run_id} is FINISHED: nothing to resume")
         return None
+    lifecycle.refuse_if_live(previous, cfg, "resumed")
+    if lifecycle.CONTINUED_IN in previous.data.tags:
+        raise tracking.LineageError(
+            f"run {run_id} was continued in run {previous.data.tags[lifecycle.CONTINUED_IN]}, which holds "
+            f"its children now: resume that run instead (-P resume_run_id=...), or run the stage again")
     text = mlflow.artifacts.load_text(f"{previous.info.artifact_uri}/config.yaml")
     original = from_params(yaml.safe_load(text))  # the run's own config, not this command's
+    original.force = cfg.force
+    stage = previous.data.tags.get("stage", original.stage)
+    if "mlflow.parentRunId" not in previous.data.tags and stage not in ("train", "main"):
+        return resume_stage(run_id, original)
     arch = previous.data.tags.get("arch") or original.arch or "resnet"
     state = runner.resume_state(run_id, arch)
-    if os.environ.get("MLFLOW_RUN_ID") and os.environ["MLFLOW_RUN_ID"] != run_id:
-        # `mlflow run` opened a fresh run for this command; point it at the run we continue
-        holder = os.environ["MLFLOW_RUN_ID"]
-        tracking.client().set_tag(holder, "resumed_run_id", run_id)
-        tracking.client().set_tag(holder, "mlflow.note.content",
-                                  f"This command resumed run {run_id}; its metrics are there.")
+    point_holder_at(run_id)
     tracking.client().update_run(run_id, status="RUNNING")
     dataset = data_mod.load(original)
+    keep_final = previous.data.tags.get("phase") == "1" and PHASE2_START.get(stage) == "last"
     with runner.opened(run_id):
-        result = runner.train_in_run(run_id, original, dataset, arch=arch, resume=state)
+        result = runner.train_in_run(run_id, original, dataset, arch=arch, resume=state,
+                                     keep_final=keep_final)
         if "mlflow.parentRunId" not in previous.data.tags:  # a stage run: `main` may reuse it now
             tracking.client().set_tag(run_id, "training_key", original.training_key(dataset.digest))
+    runner.finished(run_id)
     log(f"resumed run {run_id} FINISHED, best {result.selected_on}_acc {result.best_acc:.3f}%")
     return result

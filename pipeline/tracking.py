@@ -25,6 +25,7 @@ from .models import CheckpointError
 
 BEST = "checkpoints/best.pt"
 LAST = "checkpoints/last.pt"
+FINAL = "checkpoints/final.pt"     # the weights after the last epoch, where a next phase needs them
 
 
 class LineageError(RuntimeError):
@@ -278,6 +279,21 @@ def load_weights(run_id: str, artifact_path: str = BEST) -> dict:
         raise CheckpointError(f"run {run_id}: {artifact_path} is not a model state_dict (a dict of "
                               f"tensors): use another run, or train this one again")
     return state
+
+
+def delete_artifact(run_id: str, artifact_path: str) -> None:
+    """Remove an artifact where the store allows it (local folders and `mlflow server`'s proxied
+    store do); elsewhere it stays, harmless."""
+    local = local_artifact_dir(run_id)
+    if local is not None:
+        (local / artifact_path).unlink(missing_ok=True)
+        return
+    from mlflow.artifacts import get_artifact_repository
+
+    try:
+        get_artifact_repository(client().get_run(run_id).info.artifact_uri).delete_artifacts(artifact_path)
+    except Exception as err:  # noqa: BLE001 - an artifact store without deletion keeps the file
+        raise_if_refused(err)
 
 
 def has_artifact(run_id: str, artifact_path: str) -> bool:

@@ -262,9 +262,10 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
         stopper.load_state_dict(resume["early_stopping"])
         history = History.from_state(resume["history"])
         set_rng_state(resume["rng"], generator)
-        first_epoch = resume["epoch"] + 1
+        # a snapshot taken as early stopping fired is complete: no epoch after it
+        first_epoch = hyper.epochs + 1 if history.stopped_early else resume["epoch"] + 1
         log(f"resuming after epoch {resume['epoch']} (best {history.selected_on}_acc {history.best_acc:.3f}% "
-            f"at epoch {history.best_epoch})")
+            f"at epoch {history.best_epoch})" + (", where early stopping had fired" if history.stopped_early else ""))
 
     def step(x, y):
         with autocast(device, hyper.precision):

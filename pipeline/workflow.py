@@ -7,6 +7,7 @@ of every stage after it, so they all run again.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from . import data as data_mod
 from . import plots, tracking
 from .config import Config, ConfigError
 from .runner import log
+from .train import resolve_runtime
+
+UNDER_MAIN = "SVHN_MAIN_RUN_ID"
 
 CHAIN = ["model_selection", "baseline", "tune_lr", "tune_gamma", "overfit", "retrain", "deepen"]
 
@@ -24,7 +28,7 @@ CHAIN = ["model_selection", "baseline", "tune_lr", "tune_gamma", "overfit", "ret
 SHARED = ("scale", "dataset", "data_dir", "verify", "download", "limit_train", "limit_test", "val_split",
           "data_seed", "synthetic_train", "synthetic_test", "device", "precision", "data_pipeline",
           "compile", "num_workers", "log_every", "max_epochs", "max_repeats", "patience",
-          "registered_model")
+          "registered_model", "checkpoint_every", "force")
 AS_CAPS = {"epochs": "max_epochs", "repeats": "max_repeats"}
 MAIN_ONLY = ("env_manager",)
 
@@ -61,7 +65,10 @@ def main(cfg: Config, overrides: dict[str, str], main_run_id: str) -> list[dict]
     experiment_id = client.get_run(main_run_id).info.experiment_id
     shared = stage_overrides(overrides)
     client.set_tag(main_run_id, "stage", "main")
+    device, precision = resolve_runtime(cfg.device, cfg.precision)
+    tracking.log_config(main_run_id, cfg, tracking.runtime_params(device, precision, cfg))
     tracking.log_datasets(main_run_id, data_mod.load(cfg))  # the data the whole study sees
+    os.environ[UNDER_MAIN] = main_run_id  # stage processes leave the "continue with" hint to main
     split = cfg.selects_on
     rows, parent = [], ""
     for stage in CHAIN:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -108,3 +109,39 @@ def store(tmp_path, data_dir) -> Store:
 @pytest.fixture(scope="module")
 def module_store(tmp_path_factory, data_dir) -> Store:
     return Store(tmp_path_factory.mktemp("store"), data_dir).initialise()
+
+
+# -- colour-coded digits: SVHN-format data a model learns in two epochs -----------------------------
+
+def colour_images(count, seed):
+    """SVHN-format images a resnet learns within two epochs: each digit its own colour, plus noise."""
+    labels = np.arange(count) % 10
+    palette = np.random.default_rng(0).integers(0, 256, (10, 3))
+    noise = np.random.default_rng(seed).normal(0, 20, (32, 32, 3, count))
+    images = np.clip(palette[labels].T[None, None] + noise, 0, 255).astype(np.uint8)
+    return images, labels
+
+
+@pytest.fixture(scope="session")
+def colour_data(tmp_path_factory):
+    """Two SVHN-format folders with the same images: `right` labels, and `shifted`, whose training
+    labels are each digit plus one, so training on it makes the test accuracy fall."""
+    from pipeline import synthetic
+
+    root = tmp_path_factory.mktemp("colours")
+    train_images, train_labels = colour_images(256, 1)
+    test_images, test_labels = colour_images(128, 2)
+    for name, labels in (("right", train_labels), ("shifted", (train_labels + 1) % 10)):
+        synthetic.write_mat(root / name / "train_32x32.mat", train_images, svhn_labels(labels))
+        synthetic.write_mat(root / name / "test_32x32.mat", test_images, svhn_labels(test_labels))
+    return root
+
+
+def svhn_labels(digits):
+    return np.where(digits == 0, 10, digits).astype(np.uint8)[:, None]
+
+
+def colour_params(store, colour_data, folder, extra):
+    # cpu and fp32, so this process can repeat the run's evaluation exactly
+    return store.params({"dataset": "svhn", "verify": "false", "data_dir": str(colour_data / folder),
+                         "device": "cpu", "precision": "fp32", "bs": "32", **extra})

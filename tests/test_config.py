@@ -1,4 +1,6 @@
 """Config: precedence, number spellings, validation messages, canonical params."""
+import dataclasses
+
 import pytest
 
 from pipeline import config
@@ -139,3 +141,179 @@ def test_unknown_scale_is_one_line_naming_the_known_ones():
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="scale=../defaults is unknown"):
         config.load("train", {"scale": "../defaults"})
+# Params that may change without changing a run's result (logging, resuming, how it is launched).
+# data_dir and download: where the data lies, not what it is (its digest is in the key).
+VOLATILE = {"log_every", "resume_run_id", "env_manager", "num_workers", "force", "checkpoint_every",
+            "data_dir", "download"}
+
+
+def changed(value):
+    """A different value of the same type (validity does not matter to the key)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, list):
+        return value + value[-1:] if value else ["1"]
+    return value + "x"
+
+
+def test_training_key_changes_with_parent_run_id():
+    # a new upstream run must make `main` rerun every stage after it
+    keys = {config.load("tune_lr", {"parent_run_id": parent}).training_key("d" * 64)
+            for parent in ("", "aaaa", "bbbb")}
+    assert len(keys) == 3
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(config.Config)])
+def test_training_key_covers_every_param_that_decides_the_result(name):
+    if name == "device":  # enters as the device type it resolves to: see the precision/device test
+        return
+    cfg = config.load("train")
+    other = dataclasses.replace(cfg, **{name: changed(getattr(cfg, name))})
+    if name in VOLATILE:
+        assert other.training_key("d" * 64) == cfg.training_key("d" * 64)
+    else:
+        assert other.training_key("d" * 64) != cfg.training_key("d" * 64)
+
+
+def test_training_key_covers_the_code(monkeypatch):
+    key = config.load("train").training_key("d" * 64)
+    monkeypatch.setattr(config, "code_version", lambda: "another")
+    assert config.load("train").training_key("d" * 64) != key
+
+
+def test_code_version_follows_code_params_and_mlproject(tmp_path, monkeypatch):
+    for name in ("pipeline/a.py", "params/x.yaml", "MLproject"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("one")
+    monkeypatch.setattr(config, "PROJECT_DIR", tmp_path)
+    monkeypatch.setattr(config, "PARAMS_DIR", tmp_path / "params")
+    versions = {config.code_version()}
+    for name in ("pipeline/a.py", "params/x.yaml", "MLproject"):
+        (tmp_path / name).write_text("two")
+        versions.add(config.code_version())
+    (tmp_path / "pipeline/a.py").rename(tmp_path / "pipeline/b.py")  # a renamed module counts too
+    versions.add(config.code_version())
+    (tmp_path / "pipeline/notes.txt").write_text("not code")
+    versions.add(config.code_version())
+    assert len(versions) == 5 and len(config.code_version()) == 12
+
+
+# (param, smallest or largest accepted value, first rejected value)
+BOUNDS = [
+    ("epochs", "1", "0"), ("bs", "1", "0"), ("lr", "1e-12", "0"), ("alpha", "0", "-0.01"),
+    ("alpha", "0.999", "1"), ("gamma", "0", "-0.01"), ("gamma", "0.999", "1"), ("wd", "0", "-1e-9"),
+    ("tol", "0", "-1e-9"), ("patience", "1", "0"), ("seed", "0", "-1"), ("repeats", "1", "0"),
+    ("max_epochs", "0", "-1"), ("max_repeats", "0", "-1"), ("lrs", "1e-12", "0"),
+    ("gammas", "0", "-0.01"), ("gammas", "0.999", "1"), ("wds", "0", "-1e-9"), ("bss", "1", "0"),
+    ("probe_epochs", "0", "-1"), ("probe_tol", "0", "-1e-9"), ("phase1_epochs", "0", "-1"),
+    ("phase1_lr", "1e-12", "0"), ("phase1_bs", "1", "0"), ("phase1_gamma", "0", "-0.01"),
+    ("phase1_gamma", "0.999", "1"), ("phase1_wd", "0", "-1e-9"), ("phase1_tol", "0", "-1e-9"),
+    ("num_workers", "0", "-1"), ("log_every", "1", "0"), ("limit_train", "0", "-1"),
+    ("limit_test", "0", "-1"), ("synthetic_train", "1", "0"), ("synthetic_test", "1", "0"),
+    ("arch", "", "resnet3"), ("arch", "resnet2", "vgg16"), ("archs", "resnet,vgg,resnet2", "resnet,alex"),
+    ("init", "scratch", "random"), ("device", "cuda", "gpu"), ("precision", "bf16", "fp16"),
+    ("data_pipeline", "torchvision", "dali"), ("dataset", "synthetic", "mnist"),
+    ("env_manager", "uv", "docker"),
+]
+
+
+@pytest.mark.parametrize("name,accepted,rejected", BOUNDS)
+def test_each_rule_accepts_its_boundary_and_rejects_past_it(name, accepted, rejected):
+    assert config.load("train", {name: accepted}).to_params()[name] == \
+        config.format_value(config.parse_value(name, accepted))
+    with pytest.raises(ConfigError, match=f"parameter {name}=.* is out of range: allowed "):
+        config.load("train", {name: rejected})
+
+
+@pytest.mark.parametrize("raw,expected", [("true", True), ("Yes", True), ("on", True), ("1", True),
+                                          (True, True), ("FALSE", False), ("no", False), ("off", False),
+                                          ("0", False), (False, False)])
+def test_bool_spellings(raw, expected):
+    assert config.parse_value("augment", raw) is expected
+
+
+@pytest.mark.parametrize("name,raw,message", [
+    ("augment", "maybe", "augment='maybe' is not true or false"),
+    ("epochs", "2.5", "epochs='2.5' is not an integer"),
+    ("lr", "inf", "lr='inf' is not a number"),
+    ("lr", "nan", "lr='nan' is not a number"),
+    ("bss", "64,x", "bss='64,x' is not a comma-separated list of ints"),
+])
+def test_unparseable_values_say_what_was_expected(name, raw, message):
+    with pytest.raises(ConfigError) as err:
+        config.parse_value(name, raw)
+    assert str(err.value) == f"parameter {message}; fix it with -P {name}=<value>"
+
+
+def test_parsing_of_lists_strings_and_ints():
+    assert config.parse_value("lrs", " 1e-3 ,, 2e-3 ") == [0.001, 0.002]
+    assert config.parse_value("lrs", [0.5, "1e-4"]) == [0.5, 0.0001]
+    assert config.parse_value("bss", "64") == [64] and config.parse_value("archs", "") == []
+    assert config.parse_value("data_dir", None) == "" and config.parse_value("data_dir", " /x ") == "/x"
+    assert config.parse_value("epochs", " 2e1 ") == 20 and config.parse_value("lr", 3) == 3.0
+
+
+def test_canonical_spelling_of_values():
+    assert [config.format_value(v) for v in (True, False, 1e-4, 2.0, 3, "x", [0.5, 1e-05], [64, 128], [])] \
+        == ["true", "false", "0.0001", "2.0", "3", "x", "0.5,1e-05", "64,128", ""]
+
+
+def test_unknown_stage_and_unknown_parameter_messages():
+    with pytest.raises(ConfigError, match="^unknown stage 'nope': use one of train, model_selection, "):
+        config.load("nope")
+    with pytest.raises(ConfigError) as err:
+        config.validate(config.Config(stage="nope"))
+    assert str(err.value) == ("unknown stage 'nope': use one of train, model_selection, baseline, tune_lr, "
+                              "tune_gamma, overfit, retrain, deepen, main, predict, evaluate")
+    with pytest.raises(ConfigError) as err:
+        config.parse_value("learning_rate", "1")
+    assert "known parameters are alpha, arch, archs, augment, bs," in str(err.value)
+
+
+def test_caps_take_the_smaller_value_and_zero_means_none():
+    cfg = config.load("train", {"max_epochs": "5", "max_repeats": "2"})
+    assert (cfg.capped_epochs(3), cfg.capped_epochs(8), cfg.capped_repeats(1), cfg.capped_repeats(4)) \
+        == (3, 5, 1, 2)
+    assert (config.load("train").capped_epochs(8), config.load("train").capped_repeats(4)) == (8, 4)
+
+
+def test_replace_validates_and_from_params_ignores_unknown_keys():
+    cfg = config.load("train")
+    assert cfg.replace(lr=0.5).lr == 0.5 and cfg.lr == 1e-3
+    with pytest.raises(ConfigError, match="lr=-1"):
+        cfg.replace(lr=-1.0)
+    assert config.from_params(dict(cfg.to_params(), lr="0.5", not_a_param="x")) == cfg.replace(lr=0.5)
+    with pytest.raises(ConfigError, match="epochs=0"):
+        config.from_params({"stage": "train", "epochs": "0"})
+
+
+def test_data_dir_defaults_under_the_project_and_expands_user(monkeypatch, tmp_path):
+    cfg = config.load("train", {"dataset": "synthetic"})
+    assert cfg.resolved_data_dir() == config.PROJECT_DIR / "data" / "synthetic"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert config.load("train", {"data_dir": "~/svhn"}).resolved_data_dir() == tmp_path / "svhn"
+
+
+def test_params_yaml_must_be_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="missing .*missing.yaml"):
+        config.read_yaml(tmp_path / "missing.yaml")  # never silently empty
+    (tmp_path / "empty.yaml").write_text("")
+    assert config.read_yaml(tmp_path / "empty.yaml") == {}
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="list.yaml must hold a mapping of parameter: value"):
+        config.read_yaml(tmp_path / "list.yaml")
+
+
+def test_training_key_is_sixteen_hex_digits():
+    key = config.load("train").training_key("d" * 64)
+    assert len(key) == 16 and int(key, 16) >= 0
+
+
+def test_load_reads_defaults_then_the_stage_file(tmp_path, monkeypatch):
+    (tmp_path / "defaults.yaml").write_text("epochs: 7\nlr: 0.5\n")
+    (tmp_path / "train.yaml").write_text("lr: 0.25\n")
+    monkeypatch.setattr(config, "PARAMS_DIR", tmp_path)
+    cfg = config.load("train", {"seed": "3"})
+    assert (cfg.epochs, cfg.lr, cfg.seed, cfg.stage) == (7, 0.25, 3, "train")

@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from pipeline import config, data, synthetic
 from pipeline.data import DataError
@@ -29,10 +32,11 @@ def test_mat_files_read_through_torchvision_svhn_code(mat_folder):
                                 "limit_train": "50"})
     loaded = data.load(cfg)
     assert loaded.train_images.shape == (50, 3, 32, 32) and loaded.train_images.dtype == torch.uint8
-    assert loaded.n_test == 32 and 0 <= int(loaded.train_labels.min()) and int(loaded.train_labels.max()) <= 9
+    assert loaded.n_test == 32 and loaded.n_train == 50
     X, y = synthetic.generate("train", 64)
-    assert torch.equal(loaded.train_images[0], torch.from_numpy(X[..., 0]).permute(2, 0, 1))
-    assert int(loaded.train_labels[0]) == int(y[0, 0]) % 10
+    assert torch.equal(loaded.train_images, torch.from_numpy(X[..., :50]).permute(3, 2, 0, 1))
+    assert loaded.train_labels.tolist() == [int(label) % 10 for label in y[:50, 0]]  # SVHN's 10 is digit 0
+    assert 0 in loaded.train_labels.tolist()
 
 
 def test_decode_once_cache_is_reused_and_invalidated_on_change(mat_folder):
@@ -144,3 +148,59 @@ def test_tensor_batches_cover_every_image_once_per_epoch():
                                  device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
     seen = torch.cat([y for _, y in batches])
     assert len(batches) == 3 and sorted(seen.tolist()) == list(range(10))
+
+
+# -- the batched transforms, exactly ------------------------------------------------------------
+
+def random_images(n, seed=1):
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_augment_is_torchvision_crop_then_rotate_with_the_drawn_params():
+    images = random_images(64)
+    out = data.augment(images, torch.Generator().manual_seed(5))
+    tops, lefts, angles = data.sample_augment_params(64, torch.Generator().manual_seed(5))
+    expected = torch.stack([
+        TF.rotate(images[i, :, top:top + 28, left:left + 28], angle, InterpolationMode.NEAREST, fill=0)
+        for i, (top, left, angle) in enumerate(zip(tops.tolist(), lefts.tolist(), angles.tolist()))])
+    assert out.dtype == torch.float32 and torch.equal(out, expected.float() / 255)
+
+
+def test_augment_params_span_randomcrop_28_and_rotation_30():
+    tops, lefts, angles = data.sample_augment_params(2000, torch.Generator().manual_seed(0))
+    for offsets in (tops, lefts):
+        assert sorted(offsets.unique().tolist()) == [0, 1, 2, 3, 4]
+    assert -30 <= angles.min() < -29.5 and 29.5 < angles.max() <= 30
+    assert len({tuple(t.tolist()) for t in (tops[:20], lefts[:20])}) == 2  # drawn independently
+
+
+def test_normalise_and_center_crop_match_totensor_normalize_and_centercrop():
+    images = random_images(4)
+    expected = torch.stack([T.Normalize(data.MEAN, data.STD)(T.CenterCrop(28)(img.float() / 255))
+                            for img in images])
+    assert torch.allclose(data.normalise(data.center_crop(images)), expected, atol=1e-6)
+    assert torch.allclose(data.normalise(images.float() / 255), data.normalise(images), atol=1e-6)
+    assert data.center_crop(images, 30).shape == (4, 3, 30, 30)
+    assert torch.equal(data.center_crop(images, 30), images[..., 1:31, 1:31])
+    wide = torch.randint(0, 256, (3, 32, 40), dtype=torch.uint8)  # one image, not square
+    assert torch.equal(data.center_crop(wide), T.CenterCrop(28)(wide)) and data.center_crop(wide).shape == (3, 28, 28)
+
+
+@pytest.mark.parametrize("train,augment_images", [(True, True), (True, False), (False, True)])
+def test_tensor_batches_are_the_seed_transforms_in_shuffled_or_fixed_order(train, augment_images):
+    images, labels = random_images(10), torch.arange(10)
+    batches = data.TensorBatches(images, labels, 4, train=train, augment_images=augment_images,
+                                 device=torch.device("cpu"), generator=torch.Generator().manual_seed(9))
+    generator = torch.Generator().manual_seed(9)
+    order = torch.randperm(10, generator=generator) if train else torch.arange(10)
+    got = list(batches)
+    assert [len(y) for _, y in got] == [4, 4, 2]
+    for start, (x, y) in zip(range(0, 10, 4), got):
+        index = order[start:start + 4]
+        expected = data.augment(images[index], generator) if train and augment_images \
+            else data.center_crop(images[index])
+        assert torch.equal(y, labels[index]) and torch.equal(x, data.normalise(expected))
+    assert all(x.is_contiguous() for x, _ in got)  # NCHW unless asked
+    channels_last = data.TensorBatches(images, labels, 4, train=False, augment_images=False,
+                                       device=torch.device("cpu"), channels_last=True)
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in channels_last)

@@ -1,7 +1,11 @@
 """The whole study through `mlflow run . -e main` at toy size: lineage, nesting, reuse, sweeps."""
+import math
+
 import pytest
+import torch
 
 from conftest import PROJECT, VENV_BIN
+from pipeline import models
 from pipeline.workflow import CHAIN
 
 pytestmark = pytest.mark.e2e
@@ -9,9 +13,46 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def study(module_store):
-    proc = module_store.mlflow_run("main", main_params(module_store))
-    assert "starting `mlflow run -e model_selection`" in proc.stdout + proc.stderr
-    return module_store
+    """The study at toy size, interrupted with SIGTERM once tune_lr's first child has finished,
+    then continued with the one command the interruption printed: every test below checks the
+    continued study, and test_an_interrupted_study_continues_child_by_child how it continued."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import time
+
+    store = module_store
+    cmd = [str(VENV_BIN / "mlflow"), "run", str(PROJECT), "-e", "main", "--env-manager", "local"]
+    for key, value in main_params(store).items():
+        cmd += ["-P", f"{key}={value}"]
+    proc = subprocess.Popen(cmd, cwd=store.root, env=store.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline, children = time.monotonic() + 600, []
+    while time.monotonic() < deadline:
+        tune_lr = store.top_level("tune_lr")
+        children = store.children(tune_lr[0].info.run_id) if tune_lr else []
+        if len(children) >= 2 and any(c.info.status == "FINISHED" for c in children):
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    hints = re.findall(r"Continue with the same command: (mlflow run .*)", err)
+    assert len(hints) == 1, err[-3000:]  # main's, not also the stage process's
+    assert hints[0].startswith("mlflow run . -e main --env-manager local ")
+    pairs = dict(p.split("=", 1) for p in re.findall(r"-P '?([^ ']+)'?", hints[0]))
+    assert pairs == main_params(store)
+    store.interrupted = {"tune_lr": tune_lr[0].info.run_id, "stderr": err,
+                         "finished_child": next(c.info.run_id for c in children if c.info.status == "FINISHED")}
+    proc = store.mlflow_run("main", pairs)
+    output = proc.stdout + proc.stderr
+    assert "[main] model_selection: reusing FINISHED run" in output and "[main] baseline: reusing" in output
+    return store
+
+
+def finished_top_level(store, stage):
+    return [r for r in store.top_level(stage) if r.info.status == "FINISHED"]
 
 
 def main_params(store, **extra):
@@ -21,12 +62,29 @@ def main_params(store, **extra):
 
 
 def stage_run(store, stage):
-    runs = store.top_level(stage)
-    assert len(runs) == 1, f"{stage}: {len(runs)} top-level runs"
-    return runs[0]
+    """The study's own run of `stage` (the first that finished; later tests add more)."""
+    runs = finished_top_level(store, stage)
+    assert runs, f"{stage}: no finished top-level run"
+    return runs[-1]
+
+
+def best_state(store, run_id):
+    return torch.load(store.client.download_artifacts(run_id, "checkpoints/best.pt"), weights_only=True)
+
+
+def batches_tracked(state):
+    """BatchNorm's count of training batches (None without BatchNorm): it travels with the weights."""
+    counts = {int(v) for k, v in state.items() if k.endswith("num_batches_tracked")}
+    assert len(counts) <= 1
+    return counts.pop() if counts else None
+
+
+def max_weight_change(a, b, arch):
+    return max((a[name] - b[name]).abs().max().item() for name, _ in models.build(arch).named_parameters())
 
 
 def test_one_finished_top_level_run_per_stage_chained_by_run_id(study):
+    assert all(len(finished_top_level(study, stage)) == 1 for stage in CHAIN)
     previous = None
     for stage in CHAIN:
         run = stage_run(study, stage)
@@ -35,10 +93,12 @@ def test_one_finished_top_level_run_per_stage_chained_by_run_id(study):
         assert tags["stage"] == stage and tags["arch"] in ("resnet", "vgg", "resnet2")
         assert tags["source_run_id"] == (previous.info.run_id if previous else "scratch"), stage
         assert "checkpoints/best.pt" in study.artifacts(run.info.run_id), stage
-        assert 0 <= metrics["best_test_acc"] <= 100
         children = {c.info.run_id: c for c in study.children(run.info.run_id)}
         assert tags["best_child_run_id"] in children, stage
         best_child = children[tags["best_child_run_id"]]
+        for child in children.values():  # one epoch each: its best is that epoch
+            assert child.data.metrics["best_test_acc"] == \
+                study.client.get_metric_history(child.info.run_id, "test_acc")[0].value
         assert metrics["best_test_acc"] == max(c.data.metrics["best_test_acc"] for c in children.values())
         assert best_child.data.metrics["best_test_acc"] == metrics["best_test_acc"]
         assert "plots/compare_test_acc.png" in study.artifacts(run.info.run_id)
@@ -47,6 +107,50 @@ def test_one_finished_top_level_run_per_stage_chained_by_run_id(study):
         assert len(keys) == 1 and {"lr", "gamma", "wd", "bs", "seed"} <= set(next(iter(keys)))
         assert all(study.steps(c.info.run_id, "test_acc") == [1] for c in children.values())
         previous = run
+
+
+def test_an_interrupted_study_continues_child_by_child(study):
+    killed = study.client.get_run(study.interrupted["tune_lr"])
+    assert killed.info.status in ("KILLED", "FAILED")  # ours, or `mlflow run`'s word after it
+    continued = stage_run(study, "tune_lr")
+    assert killed.data.tags["continued_in"] == continued.info.run_id
+    children = study.children(continued.info.run_id)
+    assert len({c.info.run_name for c in children}) == len(children) == 5  # each lr once
+    assert study.interrupted["finished_child"] in {c.info.run_id for c in children}  # reused, not retrained
+    # all taken over, but a child stopped before its first epoch ended: nothing to keep, so it
+    # stays behind, unfinished and marked superseded, and its lr was trained anew
+    for left in study.children(killed.info.run_id):
+        assert left.info.status != "FINISHED" and left.data.tags["training_key"].startswith("superseded-")
+    for child in children:
+        assert child.info.status == "FINISHED" and study.steps(child.info.run_id, "test_acc") == [1]
+    (main_killed,) = [r for r in study.top_level("main") if r.info.status != "FINISHED"]
+    assert f"run {main_killed.info.run_id} marked KILLED" in study.interrupted["stderr"]
+def test_checkpoints_follow_the_lineage(study):
+    """Each stage carries its best child's best.pt, and each child's best.pt grew out of the
+    checkpoint its source_run_id names: BatchNorm's batch counter is the source's plus this
+    child's own batches (256 images per epoch)."""
+    checked = 0
+    for stage in CHAIN:
+        run = stage_run(study, stage)
+        state = best_state(study, run.info.run_id)
+        best_child = best_state(study, run.data.tags["best_child_run_id"])
+        assert state.keys() == best_child.keys() and all(torch.equal(state[k], best_child[k]) for k in state)
+        for child in study.children(run.info.run_id):
+            count = batches_tracked(best_state(study, child.info.run_id))
+            if count is None:  # vgg has no BatchNorm
+                continue
+            source = child.data.tags["source_run_id"]
+            start = 0 if source == "scratch" else batches_tracked(best_state(study, source))
+            steps = math.ceil(256 / int(child.data.params["bs"])) * int(child.data.metrics["best_epoch"])
+            assert count == start + steps, (stage, child.info.run_name)
+            checked += 1
+    assert checked >= 2  # deepen's two phases (resnet2) at least
+    # retrain's phase 2 starts from phase 1's best.pt: two steps at lr 1e-5 move no weight by more
+    # than 2 x 10 x lr (RMSprop), while phase 1's own first step moved every weight by 10 x 1e-3
+    phases = {c.data.tags["phase"]: c for c in study.children(stage_run(study, "retrain").info.run_id)}
+    arch = phases["2"].data.tags["arch"]
+    phase1, phase2 = (best_state(study, phases[p].info.run_id) for p in "12")
+    assert max_weight_change(phase2, phase1, arch) < 2.1e-4
 
 
 def test_model_selection_compares_archs_and_names_a_winner(study):
@@ -81,8 +185,7 @@ def test_stage_children_follow_the_seed(study):
 
 
 def test_main_logs_a_summary_and_registers_a_champion(study):
-    (main,) = study.top_level("main")
-    assert main.info.status == "FINISHED"
+    (main,) = finished_top_level(study, "main")
     summary = open(study.client.download_artifacts(main.info.run_id, "summary.md")).read()
     for stage in CHAIN:
         assert stage_run(study, stage).info.run_id in summary
@@ -137,24 +240,28 @@ def test_a_changed_param_reruns_that_stage_and_the_ones_after(study):
     # registered_model only matters from retrain on: earlier stages are reused, later ones rerun
     study.mlflow_run("main", main_params(study, registered_model="svhn-alt"))
     for stage in CHAIN:
-        runs = study.top_level(stage)
+        runs = finished_top_level(study, stage)
         assert len(runs) == (2 if stage in ("retrain", "deepen") else 1), stage
-    new_retrain = study.top_level("retrain")[0]
+    new_retrain = finished_top_level(study, "retrain")[0]
     assert new_retrain.info.run_id != before["retrain"]
     assert new_retrain.data.tags["source_run_id"] == before["overfit"]
-    assert study.top_level("deepen")[0].data.tags["source_run_id"] == new_retrain.info.run_id
+    assert finished_top_level(study, "deepen")[0].data.tags["source_run_id"] == new_retrain.info.run_id
 
 
 def test_tune_lr_sweep_makes_nested_children_and_picks_the_best(study):
-    parent = stage_run(study, "baseline").info.run_id
-    study.mlflow_run("tune_lr", study.params({"parent_run_id": parent, "lrs": "0.0005,0.0001",
+    parent = stage_run(study, "baseline")
+    study.mlflow_run("tune_lr", study.params({"parent_run_id": parent.info.run_id, "lrs": "0.0005,1e-12",
                                               "epochs": "1"}))
     run = study.top_level("tune_lr")[0]
-    children = study.children(run.info.run_id)
-    assert sorted(c.info.run_name for c in children) == ["tune_lr lr=0.0001", "tune_lr lr=0.0005"]
-    best = max(children, key=lambda c: c.data.metrics["best_test_acc"])
-    assert run.data.tags["best_child_run_id"] == best.info.run_id
-    assert all(c.data.tags["source_run_id"] == parent for c in children)
+    children = {c.info.run_name: c for c in study.children(run.info.run_id)}
+    assert sorted(children) == ["tune_lr lr=0.0005", "tune_lr lr=1e-12"]
+    accs = {c.info.run_id: c.data.metrics["best_test_acc"] for c in children.values()}
+    assert run.data.metrics["best_test_acc"] == max(accs.values())
+    assert accs[run.data.tags["best_child_run_id"]] == max(accs.values())
+    assert all(c.data.tags["source_run_id"] == parent.info.run_id for c in children.values())
+    # every sweep point starts from the parent's best.pt: at lr 1e-12 the weights stay where they began
+    still = best_state(study, children["tune_lr lr=1e-12"].info.run_id)
+    assert max_weight_change(still, best_state(study, parent.info.run_id), parent.data.tags["arch"]) < 1e-9
 
 
 def test_unfinished_parent_and_parent_without_checkpoint_are_refused(study):
@@ -162,7 +269,7 @@ def test_unfinished_parent_and_parent_without_checkpoint_are_refused(study):
     running = study.client.create_run(experiment).info.run_id
     proc = study.cli("tune_lr", "--parent_run_id", running)
     assert proc.returncode == 2 and f"parent run {running} is RUNNING, not FINISHED" in proc.stderr
-    (main,) = [r for r in study.top_level("main")][-1:]
+    (main,) = finished_top_level(study, "main")[-1:]
     proc = study.cli("tune_lr", "--parent_run_id", main.info.run_id)
     assert proc.returncode == 2 and "has no checkpoints/best.pt" in proc.stderr
     assert "epoch 1" not in proc.stdout
@@ -171,7 +278,9 @@ def test_unfinished_parent_and_parent_without_checkpoint_are_refused(study):
 # -- the record: what every run says about what ran ---------------------------------------------
 
 def training_runs(store):
-    return [r for r in store.runs() if r.data.tags.get("stage") not in (None, "evaluate", "predict")]
+    """Every FINISHED run of the study (an interrupted run may have stopped before logging)."""
+    return [r for r in store.runs() if r.data.tags.get("stage") not in (None, "evaluate", "predict")
+            and r.info.status == "FINISHED"]
 
 
 def test_every_run_records_commit_code_environment_and_runtime(study):

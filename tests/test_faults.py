@@ -51,6 +51,11 @@ def interrupted_then_resumed(store, sig):
     assert f"resuming after epoch {max(logged) if len(logged) else 0}" in resumed.stdout + resumed.stderr
     state = torch.load(store.client.download_artifacts(run_id, "checkpoints/best.pt"), weights_only=True)
     models.build("resnet").load_state_dict(state)
+    # the best epoch survives the interruption: its metrics and its checkpoint (8 batches an epoch)
+    accs = [m.value for m in sorted(store.client.get_metric_history(run_id, "test_acc"), key=lambda m: m.step)]
+    best_epoch = accs.index(max(accs)) + 1
+    assert (run.data.metrics["best_test_acc"], run.data.metrics["best_epoch"]) == (max(accs), best_epoch)
+    assert int(state["block1.1.num_batches_tracked"]) == 8 * best_epoch
     return status, err
 
 

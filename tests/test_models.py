@@ -34,3 +34,56 @@ def test_loading_another_arch_says_which_it_is():
     with pytest.raises(CheckpointError, match="does not fit arch=resnet2 .it holds a resnet model."):
         models.load_state(models.build("resnet2"), state, "resnet2", "x")
     assert models.guess_arch(models.build("vgg").state_dict()) == "vgg"
+
+
+def test_feature_maps_have_the_seed_shapes():
+    # the seed's layers: block1 keeps 28x28, layer2 and layer3 halve it, layer4 halves again
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        resnet, resnet2, vgg = (models.build(a).eval() for a in ("resnet", "resnet2", "vgg"))
+        assert resnet.block1(x).shape == (2, 64, 28, 28)
+        assert resnet.blocks(x).shape == (2, 256, 7, 7)
+        assert resnet2.blocks(x).shape == (2, 512, 4, 4)
+        assert vgg.features(x).shape == (2, 128, 7, 7)
+        assert vgg.avgpool(vgg.features(x)).shape == (2, 128, 7, 7)
+    assert resnet.block1[0].bias is None and resnet.block1[0].kernel_size == (3, 3)
+    assert [type(m).__name__ for m in resnet.block1] == ["Conv2d", "BatchNorm2d", "ReLU"]
+    assert resnet.fc.in_features == 256 and resnet2.fc.in_features == 512
+    assert (vgg.fc[0].in_features, vgg.fc[-1].out_features) == (6272, 10)
+    # vgg16 features[0:9] + conv+ReLU+pool; Linear, vgg16's classifier[1:6] (ReLU, Dropout, Linear,
+    # ReLU, Dropout), Linear
+    assert [type(m).__name__ for m in vgg.features] == \
+        ["Conv2d", "ReLU", "Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "Conv2d", "ReLU",
+         "Conv2d", "ReLU", "MaxPool2d"]
+    assert [type(m).__name__ for m in vgg.fc] == \
+        ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+
+
+def test_forward_is_the_blocks_then_pool_and_linear():
+    model = models.build("resnet2").eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        expected = model.fc(model.block4(model.block3(model.block2(model.block1(x)))).mean((2, 3)))
+        assert torch.allclose(model(x), expected, atol=1e-5)
+        vgg = models.build("vgg").eval()
+        assert torch.allclose(vgg(x), vgg.fc(torch.flatten(vgg.avgpool(vgg.features(x)), 1)), atol=1e-6)
+
+
+def test_summary_shows_the_seed_batch_of_ten_at_depth_two(capsys):
+    text = models.summary("resnet")
+    assert capsys.readouterr().out == ""  # returned, not printed
+    assert "[10, 64, 28, 28]" in text and "BasicBlock: 2-7" in text and "3-1" not in text
+    assert "[4, 256, 7, 7]" in models.summary("resnet", batch=4)
+
+
+def test_guess_arch_is_none_for_a_foreign_state():
+    state = models.build("resnet").state_dict()
+    state.pop("fc.bias")
+    assert models.guess_arch(state) is None
+    with pytest.raises(CheckpointError) as err:
+        models.load_state(models.build("resnet"), state, "resnet", "run/x.pt")
+    assert str(err.value) == ("checkpoint run/x.pt does not fit arch=resnet: "
+                              "use -P arch=<its arch> or another parent run")
+    resized = models.build("resnet").state_dict()
+    resized["fc.weight"] = torch.zeros(11, 256)
+    assert models.guess_arch(resized) is None

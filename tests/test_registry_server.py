@@ -11,11 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from conftest import VENV_BIN, Store
-from pipeline import registry
+from conftest import VENV_BIN, Store, colour_params
+from pipeline import data, models, registry
 from pipeline.data import read_mat
+from pipeline.predict import read_image
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +41,7 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 @pytest.fixture(scope="module")
-def server_store(tmp_path_factory, data_dir):
+def server_store(tmp_path_factory, data_dir, colour_data):
     root = tmp_path_factory.mktemp("server")
     port = free_port()
     proc = subprocess.Popen(
@@ -52,7 +54,9 @@ def server_store(tmp_path_factory, data_dir):
         store = Store(root, data_dir)
         store.uri = f"http://127.0.0.1:{port}"
         store.env["MLFLOW_TRACKING_URI"] = store.uri
-        store.mlflow_run("retrain", store.params({"max_epochs": "1"}))
+        # colour-coded digits, which the model learns in two epochs: its predictions mean something
+        store.mlflow_run("retrain", colour_params(store, colour_data, "right", {
+            "max_epochs": "2", "phase1_lr": "1e-4", "phase1_bs": "32"}))
         yield store
     finally:
         proc.terminate()
@@ -60,15 +64,51 @@ def server_store(tmp_path_factory, data_dir):
 
 
 @pytest.fixture(scope="module")
-def png_folder(server_store, tmp_path_factory):
-    """20 PNGs cut from the synthetic test split, upscaled, plus one corrupt file."""
-    folder = tmp_path_factory.mktemp("pngs")
-    test_mat = next(server_store.data_dir.glob("*/test_32x32.mat"))
+def test_mat(colour_data):
+    return colour_data / "right" / "test_32x32.mat"
+
+
+@pytest.fixture(scope="module")
+def test_split(test_mat):
+    """The test split the model was trained against, as SVHN stores it: (N,32,32,3) uint8, labels."""
     images, labels = read_mat(test_mat, "test", verify=False)
+    return images.permute(0, 2, 3, 1).contiguous().numpy(), labels.numpy()
+
+
+@pytest.fixture(scope="module")
+def reference(server_store):
+    """Probabilities from the training-time evaluation path, in this process: the champion's
+    best.pt in its arch, the seed's test transform (CenterCrop(28), ToTensor, Normalize)."""
+    version = server_store.client.get_model_version_by_alias("svhn-classifier", "champion")
+    net = models.build(version.tags["arch"])
+    state = torch.load(server_store.client.download_artifacts(version.run_id, "checkpoints/best.pt"),
+                       weights_only=True)
+    net.load_state_dict(state)
+    net.eval()
+
+    def probabilities(nhwc: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(nhwc)).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            return torch.softmax(net(data.normalise(data.center_crop(x))), dim=1).numpy()
+
+    return probabilities
+
+
+def assert_same_predictions(got, expected):
+    assert got.shape == expected.shape
+    assert np.array_equal(got.argmax(1), expected.argmax(1))
+    assert np.allclose(got, expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def png_folder(server_store, tmp_path_factory, test_split):
+    """20 PNGs cut from the test split, upscaled, plus one corrupt file."""
+    folder = tmp_path_factory.mktemp("pngs")
+    images, labels = test_split
     truth = {}
     for i in range(20):
         name = f"img{i:02d}.png"
-        Image.fromarray(images[i].permute(1, 2, 0).numpy()).resize((64, 64)).save(folder / name)
+        Image.fromarray(images[i]).resize((64, 64)).save(folder / name)
         truth[name] = int(labels[i])
     (folder / "broken.png").write_bytes(b"not a png at all")
     return folder, truth
@@ -82,19 +122,33 @@ def test_retrain_registers_a_champion_with_artifacts_on_the_server(server_store)
     artifacts = server_store.artifacts(run.info.run_id)
     assert {"checkpoints/best.pt", "evaluation/confusion_matrix.png", "evaluation/per_digit_accuracy.md",
             "evaluation/per_digit_accuracy.png", "evaluation/misclassified.png"} <= artifacts
-    assert "test_acc_digit_0" in run.data.metrics
     assert list((server_store.root / "artifacts").rglob("best.pt"))  # proxied to the server's store
 
 
-def test_champion_loads_in_a_fresh_process_without_the_project_source(server_store, tmp_path):
+def test_evaluation_report_scores_the_registered_model(server_store, test_split, reference):
+    (run,) = server_store.top_level("retrain")
+    images, labels = test_split
+    predicted = reference(images).argmax(1)
+    metrics = run.data.metrics
+    assert metrics["eval_test_acc"] == pytest.approx(100.0 * np.mean(predicted == labels))
+    # the registered model is the best checkpoint: it scores the logged best test accuracy (fp32 both)
+    assert metrics["eval_test_acc"] == metrics["best_test_acc"] >= 80
+    for digit in range(10):
+        mine = labels == digit
+        assert metrics[f"test_acc_digit_{digit}"] == pytest.approx(100.0 * np.mean(predicted[mine] == digit))
+
+
+def test_champion_loads_in_a_fresh_process_without_the_project_source(server_store, tmp_path, test_split,
+                                                                     reference):
+    images, _ = test_split
+    np.save(tmp_path / "x.npy", images)
     code = (
         "import importlib.util, numpy as np, torch, mlflow\n"
         "assert importlib.util.find_spec('pipeline') is None\n"
         "uri = 'models:/svhn-classifier@champion'\n"
-        "x = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)\n"
-        "a = mlflow.pytorch.load_model(uri)(torch.from_numpy(x)).detach().numpy()\n"
-        "b = mlflow.pyfunc.load_model(uri).predict(x)\n"
-        "assert a.shape == (3, 10) and np.allclose(a, b, atol=1e-5) and np.allclose(a.sum(1), 1, atol=1e-4)\n"
+        "x = np.load('x.npy')\n"
+        "np.save('torch.npy', mlflow.pytorch.load_model(uri)(torch.from_numpy(x)).detach().numpy())\n"
+        "np.save('pyfunc.npy', mlflow.pyfunc.load_model(uri).predict(x))\n"
         "print('ok')\n")
     env = dict(server_store.env)
     env.pop("PYTHONPATH", None)
@@ -105,31 +159,36 @@ def test_champion_loads_in_a_fresh_process_without_the_project_source(server_sto
                            f"import sys; sys.path.append({site_packages!r})\n" + code],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+    expected = reference(images)
+    assert_same_predictions(np.load(tmp_path / "torch.npy"), expected)
+    assert_same_predictions(np.load(tmp_path / "pyfunc.npy"), expected)
 
 
-def test_predict_folder_reports_the_corrupt_file_and_labels_the_rest(server_store, png_folder, tmp_path):
+def test_predict_folder_reports_the_corrupt_file_and_labels_the_rest(server_store, png_folder, tmp_path,
+                                                                     reference):
     folder, truth = png_folder
     output = tmp_path / "p.csv"
     proc = server_store.mlflow_run("predict", {"input": str(folder), "output": str(output)}, check=False)
     assert proc.returncode != 0  # some inputs failed
     assert "cannot read image" in proc.stdout and "broken.png" in proc.stdout
     rows = list(csv.DictReader(open(output)))
-    assert len(rows) == 20 and {r["input"] for r in rows} == set(truth)
-    assert all(0 <= int(r["label"]) <= 9 and 0 <= float(r["confidence"]) <= 1 for r in rows)
-    agree = sum(int(r["label"]) == truth[r["input"]] for r in rows)
-    acc = server_store.client.get_model_version_by_alias("svhn-classifier", "champion").tags["best_test_acc"]
-    p = float(acc) / 100
-    assert agree >= 20 * p - 3 * (20 * p * (1 - p)) ** 0.5 - 1  # within noise of the logged accuracy
+    assert [r["input"] for r in rows] == sorted(truth)
+    expected = reference(np.stack([read_image(folder / r["input"]) for r in rows]))  # resized to 32x32
+    assert [int(r["label"]) for r in rows] == expected.argmax(1).tolist()
+    assert np.allclose([float(r["confidence"]) for r in rows], expected.max(1), atol=5.1e-5)
     (run,) = server_store.top_level("predict")
     assert "p.csv" in server_store.artifacts(run.info.run_id)
 
 
-def test_predict_on_a_labelled_mat_reports_accuracy(server_store, tmp_path):
-    test_mat = next(server_store.data_dir.glob("*/test_32x32.mat"))
+def test_predict_on_a_labelled_mat_reports_accuracy(server_store, tmp_path, test_mat, test_split, reference):
     proc = server_store.cli("predict", "--input", str(test_mat), "--output", str(tmp_path / "m.csv"),
                             check=True)
-    assert "accuracy on 300 labelled images" in proc.stdout
-    assert len(list(csv.DictReader(open(tmp_path / "m.csv")))) == 300
+    images, labels = test_split
+    predicted = reference(images).argmax(1)
+    assert f"accuracy on 128 labelled images: {100.0 * np.mean(predicted == labels):.3f}%" in proc.stdout
+    rows = list(csv.DictReader(open(tmp_path / "m.csv")))
+    assert [r["input"] for r in rows] == [f"test_32x32.mat[{i}]" for i in range(128)]
+    assert [int(r["label"]) for r in rows] == predicted.tolist()
 
 
 def test_a_worse_model_leaves_the_champion_where_it_was(server_store, monkeypatch):
@@ -146,7 +205,7 @@ def test_a_worse_model_leaves_the_champion_where_it_was(server_store, monkeypatc
     assert server_store.client.get_model_version_by_alias("svhn-classifier", "champion").version == before
 
 
-def test_mlflow_models_serve_answers_invocations(server_store, png_folder):
+def test_mlflow_models_serve_answers_invocations(server_store, test_split, reference):
     port = free_port()
     proc = subprocess.Popen([str(VENV_BIN / "mlflow"), "models", "serve", "-m",
                              "models:/svhn-classifier@champion", "--env-manager", "local",
@@ -154,15 +213,12 @@ def test_mlflow_models_serve_answers_invocations(server_store, png_folder):
                             env=server_store.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", proc)
-        folder, truth = png_folder
-        names = sorted(truth)[:4]
-        images = [np.asarray(Image.open(folder / n).convert("RGB").resize((32, 32))).tolist() for n in names]
+        images = test_split[0][:32]
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                         data=json.dumps({"inputs": images}).encode(),
+                                         data=json.dumps({"inputs": images.tolist()}).encode(),
                                          headers={"Content-Type": "application/json"})
         answer = json.load(urllib.request.urlopen(request, timeout=60))
-        probabilities = np.array(answer["predictions"])
-        assert probabilities.shape == (4, 10) and np.allclose(probabilities.sum(1), 1, atol=1e-4)
+        assert_same_predictions(np.array(answer["predictions"], dtype=np.float32), reference(images))
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -40,9 +40,33 @@ def crafted_checkpoint(path: Path, marker: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(module_store):
-    """One real 1-epoch `train` run, everything with pickle deserialisation switched off."""
+    """A real 2-epoch `train` run killed (SIGKILL) after its first epoch, so it holds a real
+    last.pt (a run that finishes drops it); pickle deserialisation switched off throughout."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import PROJECT, VENV_BIN
+
     module_store.env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
-    module_store.mlflow_run("train", module_store.params({"epochs": "1"}))
+    cmd = [str(VENV_BIN / "mlflow"), "run", str(PROJECT), "-e", "train", "--env-manager", "local"]
+    for key, value in module_store.params({"epochs": "2"}).items():
+        cmd += ["-P", f"{key}={value}"]
+    proc = subprocess.Popen(cmd, cwd=module_store.root, env=module_store.env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            runs = module_store.top_level("train")
+            if runs and module_store.steps(runs[0].info.run_id, "test_acc") == [1] and \
+                    "checkpoints/last.pt" in module_store.artifacts(runs[0].info.run_id):
+                break
+            assert proc.poll() is None, "train ended before its first epoch was logged"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
     (run,) = module_store.top_level("train")
     return module_store, run.info.run_id
 

@@ -1,10 +1,15 @@
 """The training loop alone, without MLflow: early stopping, best epoch, resume."""
 import copy
 import io
+import random
+from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
 from pipeline import train
+from pipeline.config import ConfigError
 from pipeline.train import EarlyStopping, Hyper
 
 
@@ -92,8 +97,10 @@ def run(epochs, resume=None, snapshots=None, model=None):
 def test_epoch_one_counts_as_best_and_losses_are_means():
     _, history, seen = run(1)
     assert seen == [(1, True)] and history.best_epoch == 1
-    assert 0 < history.epochs[0].train_loss < 10  # per sample, not a sum or x100
-    assert history.epochs[0].train_images_per_s > 0
+    assert history.best_acc == history.epochs[0].test_acc
+    result = history.epochs[0]
+    # steady-state speed leaves out the first batch: 48 images in at most the epoch's time
+    assert 48 / result.train_images_per_s <= result.epoch_time_s
 
 
 def test_resume_continues_where_it_stopped():
@@ -224,3 +231,284 @@ def test_rng_states_restore_every_generator_after_a_weights_only_load():
     buffer.seek(0)
     train.set_rng_state(torch.load(buffer, weights_only=True), generator)
     assert draws() == first
+
+
+def test_resuming_a_snapshot_taken_as_early_stopping_fired_trains_no_more():
+    snapshots = []
+    torch.manual_seed(0)
+
+    def keep(result, is_best, snapshot):
+        snapshots.append(copy.deepcopy(snapshot()))
+
+    stopped = train.fit(Tiny(), batches(1), batches(2), Hyper(epochs=10, lr=1e-9, tol=1e6, patience=2),
+                        torch.device("cpu"), torch.Generator().manual_seed(0), on_epoch=keep, log=lambda m: None)
+    assert stopped.stopped_early and len(stopped.epochs) == 3
+    seen = []
+    resumed = train.fit(Tiny(), batches(1), batches(2), Hyper(epochs=10, lr=1e-9, tol=1e6, patience=2),
+                        torch.device("cpu"), torch.Generator().manual_seed(0), resume=snapshots[-1],
+                        on_epoch=lambda r, b, s: seen.append(r.epoch), log=lambda m: None)
+    assert seen == [] and len(resumed.epochs) == 3 and resumed.stopped_early
+CPU = torch.device("cpu")
+
+
+def fit(model, train_batches, epochs, lr, record=None, **hyper):
+    """train.fit on the Tiny task; `record` collects (epoch, is_best, snapshot copy, best state)."""
+    def on_epoch(result, is_best, snapshot):
+        state = copy.deepcopy(snapshot())
+        assert state["epoch"] == result.epoch
+        best = copy.deepcopy(model.state_dict()) if is_best else None  # what the runner saves as best.pt
+        if record is not None:
+            record.append((result.epoch, is_best, state, best))
+
+    settings = dict(tol=0.0, patience=50) | hyper
+    return train.fit(model, train_batches, batches(2), Hyper(epochs=epochs, lr=lr, **settings), CPU,
+                     torch.Generator().manual_seed(0), on_epoch=on_epoch, log=lambda m: None)
+
+
+class SwappedLaterBatches:
+    """The Tiny task's batches, with the two classes swapped after `good_epochs` epochs: learning
+    them makes the test accuracy fall, so the best epoch is not the last one."""
+
+    def __init__(self, good_epochs):
+        self.good_epochs, self.epoch = good_epochs, 0
+        self.good = batches(1)
+        self.swapped = [(x, 3 - y) for x, y in self.good]
+
+    def __len__(self):
+        return len(self.good)
+
+    def __iter__(self):
+        self.epoch += 1
+        return iter(self.good if self.epoch <= self.good_epochs else self.swapped)
+
+
+def test_best_follows_the_highest_test_acc_not_the_last_epoch():
+    torch.manual_seed(0)
+    model, record = Tiny(), []
+    history = fit(model, SwappedLaterBatches(3), 5, 5e-2, record)
+    accs = history.column("test_acc")
+    assert accs[-1] < max(accs)  # the premise: a later epoch is worse
+    best_epoch = accs.index(max(accs)) + 1
+    assert history.best_epoch == best_epoch < 5 and history.best_acc == max(accs)
+    assert [is_best for _, is_best, _, _ in record] == \
+        [acc > max(accs[:i], default=-1.0) for i, acc in enumerate(accs)]
+    best_state = [best for _, is_best, _, best in record if is_best][-1]
+    restored = Tiny()
+    restored.load_state_dict(best_state)
+    assert train.evaluate(restored, batches(2), CPU) == (history.epochs[best_epoch - 1].test_loss,
+                                                         history.best_acc)
+    assert train.evaluate(model, batches(2), CPU)[1] == accs[-1] != history.best_acc
+    # each snapshot holds that epoch's weights, so resuming from it continues from there
+    epoch3 = record[2][2]
+    assert epoch3["history"]["best_epoch"] == best_epoch
+    for key, value in epoch3["model"].items():
+        assert not torch.equal(value, model.state_dict()[key])
+
+
+def trained_tiny():
+    """A Tiny model that has learned the task (so its accuracy is neither 0 nor a fluke)."""
+    torch.manual_seed(0)
+    model = Tiny()
+    fit(model, batches(1), 2, 5e-2)
+    return model
+
+
+def test_ties_keep_the_first_best_and_metrics_are_exact_per_sample_means():
+    model, record = trained_tiny(), []
+    before = copy.deepcopy(model.state_dict())
+    history = fit(model, batches(1), 3, 0.0, record)  # lr 0: the model never changes
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [(e, b) for e, b, _, _ in record] == [(1, True), (2, False), (3, False)]
+    assert history.best_epoch == 1 and not history.stopped_early
+    with torch.no_grad():
+        for split, name in ((batches(1), "train"), (batches(2), "test")):
+            x, y = torch.cat([b[0] for b in split]), torch.cat([b[1] for b in split])
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits, y).item()  # mean per sample
+            acc = 100.0 * (logits.argmax(1) == y).float().mean().item()
+            for epoch in history.epochs:
+                assert abs(getattr(epoch, f"{name}_loss") - loss) < 1e-6 * loss, name
+                assert getattr(epoch, f"{name}_acc") == acc, name
+    assert history.best_acc == history.epochs[0].test_acc
+    assert history.total_time_s == sum(e.epoch_time_s for e in history.epochs)
+    assert set(history.epochs[0].metrics()) == {"train_loss", "test_loss", "train_acc", "test_acc",
+                                                "epoch_time_s", "train_images_per_s"}
+
+
+def test_fit_stops_after_patience_epochs_without_improvement():
+    torch.manual_seed(0)
+    record = []
+    history = fit(Tiny(), batches(1), 10, 0.0, record, patience=2)  # constant test loss
+    assert [e.epoch for e in history.epochs] == [1, 2, 3] and len(record) == 3
+    assert history.stopped_early and record[-1][2]["early_stopping"]["counter"] == 2
+
+
+def test_lr_momentum_and_weight_decay_reach_rmsprop():
+    hyper = Hyper(epochs=1, lr=0.5, alpha=0.9, gamma=0.25, wd=0.125)
+    group = train.make_optimizer(Tiny(), hyper).param_groups[0]
+    assert (group["lr"], group["alpha"], group["momentum"], group["weight_decay"]) == (0.5, 0.9, 0.25, 0.125)
+
+
+def test_progress_lines_every_log_every_batches():
+    lines = []
+    torch.manual_seed(0)
+    train.fit(Tiny(), batches(1), batches(2), Hyper(epochs=2, lr=1e-2, log_every=2), CPU,
+              torch.Generator().manual_seed(0), log=lines.append)
+    progress = [line.split(" loss")[0] for line in lines if "batches" in line]
+    assert progress == [f"epoch {e} [{b}/4 batches, {16 * b} images]" for e in (1, 2) for b in (2, 4)]
+    assert [line.split(":")[0] for line in lines if "test_acc" in line] == ["epoch 1/2", "epoch 2/2"]
+
+
+def test_precision_and_device_choices():
+    assert train.resolve_precision("fp32", CPU) == "fp32"
+    assert train.resolve_precision("bf16", CPU) == "bf16"
+    assert train.resolve_precision("auto", CPU) == ("bf16" if train.native_cpu_bf16() else "fp32")
+    assert train.pick_device("cpu") == CPU
+    assert train.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError) as err:
+            train.pick_device("cuda")
+        assert str(err.value) == ("parameter device=cuda, but no CUDA GPU is visible: "
+                                  "use -P device=auto or -P device=cpu")
+    x = torch.randn(4, 4)
+    with train.autocast(CPU, "bf16"):
+        assert (x @ x).dtype == torch.bfloat16
+    with train.autocast(CPU, "fp32"):
+        assert (x @ x).dtype == torch.float32
+
+
+def test_rng_state_round_trips():
+    generator = train.seed_everything(7)
+    state = train.rng_state(generator)
+    first = (torch.rand(3), torch.rand(3, generator=generator), np.random.rand(), random.random())
+    train.set_rng_state(state, generator)
+    again = (torch.rand(3), torch.rand(3, generator=generator), np.random.rand(), random.random())
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert first[2:] == again[2:]
+    generator = train.seed_everything(7)
+    assert torch.equal(torch.rand(3), first[0]) and torch.equal(torch.rand(3, generator=generator), first[1])
+    assert (np.random.rand(), random.random()) == first[2:]
+
+
+def test_evaluate_is_the_mean_over_every_image_even_one():
+    torch.manual_seed(0)
+    model = Tiny()
+    x, y = batches(2)[0]
+    with torch.no_grad():
+        logits = model(x[:1])
+    expected = (torch.nn.functional.cross_entropy(logits, y[:1]).item(), 100.0 * float(logits.argmax(1) == y[:1]))
+    loss, acc = train.evaluate(model, [(x[:1], y[:1])], CPU)
+    assert loss == pytest.approx(expected[0], rel=1e-6) and acc == expected[1]
+
+
+def test_evaluate_in_bf16_autocasts_and_stays_close_to_fp32():
+    torch.manual_seed(0)
+    model = Tiny()
+    fp32 = train.evaluate(model, batches(2), CPU, "fp32")
+    bf16 = train.evaluate(model, batches(2), CPU, "bf16")
+    assert fp32 == train.evaluate(model, batches(2), CPU)  # fp32 is the default
+    assert bf16[0] != fp32[0] and bf16[0] == pytest.approx(fp32[0], rel=0.05)
+
+
+
+class FakeClock:
+    """time.perf_counter ticking one second per call: fit's timings become exact."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        self.now += 1.0
+        return self.now
+
+
+# clock reads in an epoch: start, after batch 1 (steady state starts), every progress line, end of
+# training, end of evaluation
+@pytest.mark.parametrize("bs,epoch_time,images_per_s", [
+    (16, 5, 48 / 3),  # 4 batches, 2 progress lines: the last 48 images in 3 ticks
+    (32, 4, 32 / 2),  # 2 batches, 1 progress line
+    (64, 2, 64 / 1),  # one batch: no warm-up to leave out, the whole epoch counts
+])
+def test_timings_leave_out_the_warm_up_batch(monkeypatch, bs, epoch_time, images_per_s):
+    model, lines = trained_tiny(), []
+    train_batches = batches(1, bs=bs)
+    monkeypatch.setattr(train.time, "perf_counter", FakeClock())
+    history = train.fit(model, train_batches, batches(2), Hyper(epochs=2, lr=0.0, log_every=2), CPU,
+                        torch.Generator().manual_seed(0), log=lines.append)
+    for result in history.epochs:
+        assert result.train_images_per_s == images_per_s
+        assert result.epoch_time_s == epoch_time
+    assert history.total_time_s == 2 * epoch_time
+    if bs == 16:  # progress lines: running mean loss and images per second since the epoch began
+        with torch.no_grad():
+            x, y = torch.cat([b[0] for b in train_batches]), torch.cat([b[1] for b in train_batches])
+            losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        progress = [line for line in lines if "batches" in line][:2]
+        assert progress == [f"epoch 1 [2/4 batches, 32 images] loss {losses[:32].mean():.4f}  16 img/s",
+                            f"epoch 1 [4/4 batches, 64 images] loss {losses.mean():.4f}  21 img/s"]
+
+
+def test_bf16_trains_and_evaluates_under_autocast():
+    model, record = trained_tiny(), []
+    history = fit(model, batches(1), 1, 0.0, record, precision="bf16")
+    result = history.epochs[0]
+    for split, got in ((batches(1), result.train_loss), (batches(2), result.test_loss)):
+        bf16, fp32 = (train.evaluate(model, split, CPU, p)[0] for p in ("bf16", "fp32"))
+        assert got == pytest.approx(bf16, rel=1e-6) and got != pytest.approx(fp32, rel=1e-6)
+
+
+def test_tol_reaches_early_stopping():
+    torch.manual_seed(0)
+    history = fit(Tiny(), batches(1), 6, 5e-2, tol=1000.0, patience=2)  # no gain is worth 10 (x100)
+    assert [e.epoch for e in history.epochs] == [1, 2, 3] and history.stopped_early
+    losses = history.column("test_loss")
+    assert losses[1] < losses[0]  # it did improve, by less than tol
+
+
+def test_log_marks_best_epochs_early_stopping_and_resuming():
+    lines, snapshots = [], []
+    torch.manual_seed(0)
+    model = Tiny()
+    train.fit(model, SwappedLaterBatches(3), batches(2), Hyper(epochs=5, lr=5e-2, tol=0.0, patience=1), CPU,
+              torch.Generator().manual_seed(0), log=lines.append,
+              on_epoch=lambda r, b, snap: snapshots.append(copy.deepcopy(snap())))
+    summaries = [line for line in lines if line.startswith("epoch ") and "test_acc" in line]
+    history = train.History.from_state(snapshots[-1]["history"])
+    assert [line.endswith("  *best*") for line in summaries] == \
+        [e.test_acc > max(history.column("test_acc")[:i], default=-1.0) for i, e in enumerate(history.epochs)]
+    assert lines[-1] == ("early stopping: test loss (x100 per sample, the seed's scale) has not improved "
+                         "by more than 0 for 1 epochs")
+    resumed, at_epoch_2 = [], train.History.from_state(snapshots[1]["history"])
+    expected = (f"resuming after epoch 2 (best test_acc {at_epoch_2.best_acc:.3f}% "
+                f"at epoch {at_epoch_2.best_epoch})")
+    train.fit(Tiny(), batches(1), batches(2), Hyper(epochs=3, lr=5e-2), CPU,
+              torch.Generator().manual_seed(0), resume=snapshots[1], log=resumed.append)
+    assert resumed[0] == expected
+
+
+def test_early_stopping_defaults_are_the_seed_s():
+    stop = train.EarlyStopping()
+    assert (stop.patience, stop.tol) == (5, 1e-5)
+    assert stop.state_dict() == {"counter": 0, "lowest_loss": None}
+    # gains below 1e-5 on the seed's x100 scale (1e-7 per sample) do not count
+    assert [stop(x) for x in [1.0] + [1.0 - 9e-8] * 5] == [False] * 5 + [True]
+
+
+def test_native_bf16_follows_the_cpu_flags(monkeypatch, tmp_path):
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    assert train.native_cpu_bf16() == (" avx512_bf16" in text or " amx_bf16" in text)
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(train, "Path", lambda _: cpuinfo)  # the flags of other CPUs
+    for flags, native in [("fpu avx2 avx512f", False), ("fpu avx512_bf16 sse", True),
+                          ("fpu amx_bf16 amx_tile", True), ("fpu avx512_bf16 amx_bf16", True)]:
+        cpuinfo.write_text(f"processor : 0\nflags : {flags}\n")
+        assert train.native_cpu_bf16() is native, flags
+    cpuinfo.unlink()
+    assert train.native_cpu_bf16() is False  # unreadable: assume emulated bf16
+
+
+def test_auto_precision_is_fp32_on_a_cpu_without_native_bf16(monkeypatch):
+    monkeypatch.setattr(train, "native_cpu_bf16", lambda: False)
+    assert train.resolve_precision("auto", CPU) == "fp32"
+    monkeypatch.setattr(train, "native_cpu_bf16", lambda: True)
+    assert train.resolve_precision("auto", CPU) == "bf16"

@@ -1,0 +1,99 @@
+"""Checkpoint and logging overhead per epoch, as a share of the epoch it follows.
+
+Per architecture: train a few batches (so RMSprop has its state), then time what `runner`
+does after an epoch: best.pt (weights), last.pt (model + RMSprop state + history + RNG, the
+snapshot `fit` hands over), each written atomically with fsync into a local artifact folder,
+and one `log_batch` of the epoch's metrics into a SQLite store. The epoch time is the full
+SVHN training split (73,257 images) at the throughput measured here, plus evaluation of the
+test split (26,032) at the measured eval throughput. Overhead % = writes / epoch time, for
+checkpoint_every=1 (today's default) and for last.pt every 5 epochs.
+
+    python benchmarks/checkpoint_overhead.py [--device cpu|cuda] [--batches 6]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pipeline import models, train, tracking  # noqa: E402
+
+TRAIN_IMAGES, TEST_IMAGES = 73_257, 26_032
+
+
+def throughput(model, device, precision, bs, batches, training):
+    criterion = torch.nn.CrossEntropyLoss(reduction="sum")
+    optimizer = train.make_optimizer(model, train.Hyper(epochs=1, lr=1e-4))
+    x = torch.randn(bs, 3, 28, 28, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (bs,), device=device)
+    model.train(training)
+    start = None
+    for i in range(batches + 1):
+        if i == 1:
+            train._sync(device)
+            start = time.perf_counter()
+        with train.autocast(device, precision), torch.set_grad_enabled(training):
+            loss = criterion(model(x).float(), y)
+        if training:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    train._sync(device)
+    return bs * batches / (time.perf_counter() - start), optimizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--bs", type=int, default=256)
+    args = parser.parse_args()
+    device, precision = train.resolve_runtime(args.device, "auto")
+    print(f"torch {torch.__version__}, device {device}, {precision}, bs {args.bs}")
+    print("| arch | train img/s | eval img/s | epoch s (73,257 + 26,032) | best.pt s | last.pt s (MB) "
+          "| log s | overhead, last.pt every epoch | every 5 epochs |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+        run_id = client.create_run(client.create_experiment("overhead")).info.run_id
+        for arch in ("resnet", "vgg"):
+            model = models.build(arch).to(device, memory_format=torch.channels_last)
+            train_ips, optimizer = throughput(model, device, precision, args.bs, args.batches, True)
+            eval_ips, _ = throughput(model, device, precision, args.bs, args.batches, False)
+            epoch_s = TRAIN_IMAGES / train_ips + TEST_IMAGES / eval_ips
+            history = train.History()
+            for epoch in range(1, 31):  # a full 30-epoch history, as the last epoch of a stage has
+                history.epochs.append(train.EpochResult(epoch, 0.5, 0.5, 90.0, 90.0, epoch_s, train_ips))
+            snapshot = {"format": train.CHECKPOINT_FORMAT, "epoch": 30, "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "early_stopping": {"counter": 0, "lowest_loss": 0.5},
+                        "history": history.to_state(), "rng": train.rng_state(torch.Generator())}
+            folder = Path(tmp) / arch
+            start = time.perf_counter()
+            tracking.atomic_save(model.state_dict(), folder / "best.pt")
+            best_s = time.perf_counter() - start
+            start = time.perf_counter()
+            tracking.atomic_save(snapshot, folder / "last.pt")
+            last_s = time.perf_counter() - start
+            size_mb = (folder / "last.pt").stat().st_size / 2**20
+            start = time.perf_counter()
+            ts = mlflow.utils.time.get_current_time_millis()
+            client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, ts, 1) for k, v in
+                                              history.epochs[-1].metrics().items()])
+            log_s = time.perf_counter() - start
+            every = 100 * (best_s + last_s + log_s) / epoch_s
+            every5 = 100 * (best_s + last_s / 5 + log_s) / epoch_s
+            print(f"| {arch} | {train_ips:.0f} | {eval_ips:.0f} | {epoch_s:.0f} | {best_s:.2f} | "
+                  f"{last_s:.2f} ({size_mb:.0f}) | {log_s:.3f} | {every:.2f}% | {every5:.2f}% |")
+
+
+if __name__ == "__main__":
+    main()

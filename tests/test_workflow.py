@@ -1,0 +1,53 @@
+"""`main`'s reuse rule against a real tracking store, without training: a stage is reused only
+when a FINISHED run has its params AND its parent run; a new upstream run makes the rest rerun."""
+import mlflow
+import pytest
+
+from pipeline import config, data, workflow
+from pipeline.workflow import CHAIN
+
+
+def finished_run(store, stage, parameters, start_time):
+    """A FINISHED stage run as `main` would find it: tagged with the stage's training_key."""
+    params = dict(parameters)
+    if not config.load(stage).register:
+        params.pop("registered_model", None)
+    cfg = config.load(stage, params)
+    key = cfg.training_key(data.data_digest(cfg))
+    run_id = store.client.create_run("0", start_time=start_time,
+                                     tags={"stage": stage, "training_key": key}).info.run_id
+    store.client.log_metric(run_id, "best_test_acc", 50.0)
+    store.client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def chain(store, shared, start_time, first_parent="", stages=CHAIN):
+    run_ids, parent = {}, first_parent
+    for offset, stage in enumerate(stages):
+        run_ids[stage] = finished_run(store, stage, dict(shared, **({"parent_run_id": parent} if parent else {})),
+                                      start_time + offset)
+        parent = run_ids[stage]
+    return run_ids
+
+
+def test_a_new_upstream_run_makes_main_use_the_runs_made_from_it(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    # a tripwire, not a stand-in: every stage here must be reused, so starting one is the failure
+    monkeypatch.setattr(mlflow.projects, "run", lambda *a, **k: pytest.fail(f"main started a stage: {a} {k}"))
+    data_params = {"dataset": "synthetic", "data_dir": str(store.data_dir), "synthetic_train": "600",
+                   "synthetic_test": "300"}
+    shared = {**data_params, "max_epochs": "1"}
+    old = chain(store, shared, 1000)
+    # overfit ran again (same params and parent, a newer run); retrain and deepen have runs made
+    # from that new overfit run, but they are older than the ones made from the first overfit run
+    new_overfit = finished_run(store, "overfit", dict(shared, parent_run_id=old["tune_gamma"]), 2000)
+    new = chain(store, shared, 500, first_parent=new_overfit, stages=["retrain", "deepen"])
+    main_run = store.client.create_run("0").info.run_id
+    main_params = {**data_params, "epochs": "1"}
+    rows = workflow.main(config.load("main", main_params), main_params, main_run)
+    used = {row["stage"]: row["run_id"] for row in rows}
+    assert [row["stage"] for row in rows] == CHAIN
+    assert [used[s] for s in CHAIN[:4]] == [old[s] for s in CHAIN[:4]]
+    assert used["overfit"] == new_overfit
+    assert (used["retrain"], used["deepen"]) == (new["retrain"], new["deepen"])  # not the stale ones
+
