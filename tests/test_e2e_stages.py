@@ -197,7 +197,7 @@ def test_main_shows_the_study_at_a_glance_with_each_stage_linked_to_its_run(stud
     """plots/study.png and summary.md: every stage in order, linked to its run, the champion marked."""
     from PIL import Image
 
-    (main,) = finished_top_level(study, "main")
+    (main,) = finished_top_level(study, "main")  # the continued study's main (the first is KILLED)
     experiment = main.info.experiment_id
     summary = open(study.client.download_artifacts(main.info.run_id, "summary.md")).read()
     rows = [[cell.strip() for cell in line.strip("|").split("|")]
