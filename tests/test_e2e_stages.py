@@ -365,7 +365,7 @@ def test_init_scratch_ignores_the_parents_weights_and_parent_loads_them(study, m
     assert scratch.init_state is None and scratch.parent_run_id == parent
 
 
-def test_evaluate_entry_point_reports_the_champions_accuracy_on_the_test_split(study):
+def test_evaluate_entry_point_reports_the_champions_accuracy_on_the_test_split(study, monkeypatch):
     import mlflow
     import numpy as np
     import torch
@@ -378,7 +378,7 @@ def test_evaluate_entry_point_reports_the_champions_accuracy_on_the_test_split(s
     (run,) = study.top_level("evaluate")
     cfg = config.load("evaluate", params)
     dataset = data.load(cfg)
-    mlflow.set_tracking_uri(study.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", study.uri)  # never mlflow.set_tracking_uri: it outlives the test
     model = mlflow.pytorch.load_model("models:/svhn-classifier@champion", map_location="cpu")
     predicted = predict.probabilities(model, dataset.test_images.permute(0, 2, 3, 1).numpy()).argmax(1)
     truth = dataset.test_labels.numpy()
