@@ -34,13 +34,8 @@ class RunResult:
 
     def metrics(self) -> dict[str, float]:
         """What a run's result logs: the selection figure, and test at that checkpoint."""
-        return result_metrics(self.selected_on, self.best_acc, self.best_epoch, self.test_acc_at_best)
-
-
-def result_metrics(selected_on: str, best_acc: float, best_epoch: int,
-                   test_acc_at_best: float) -> dict[str, float]:
-    return {f"best_{selected_on}_acc": best_acc, "best_epoch": best_epoch,
-            "test_acc_at_best": test_acc_at_best}
+        return {f"best_{self.selected_on}_acc": self.best_acc, "best_epoch": self.best_epoch,
+                "test_acc_at_best": self.test_acc_at_best}
 
 
 def hyper(cfg: Config, device) -> train.Hyper:
