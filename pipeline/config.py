@@ -86,6 +86,12 @@ class Config:
     resume_run_id: str = ""
     force: bool = False             # take over a run whose writer looks alive
     checkpoint_every: int = 1       # write last.pt (for resuming) every N epochs
+    # where children train: local = one after another in this process; ray = Ray tasks
+    executor: str = "local"
+    ray_address: str = ""           # "" = start a local Ray; "auto" or "ray://host:port" joins a cluster
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0     # fractions (0.25) pack several children onto one GPU
+    max_retries: int = 3            # Ray retries a child whose worker died this many times
     # registry and prediction
     registered_model: str = "svhn-classifier"
     register: bool = False
@@ -126,7 +132,7 @@ class Config:
         params = self.to_params()
         # where the data lies and how it was fetched do not matter: its digest does
         for volatile in ("log_every", "resume_run_id", "env_manager", "num_workers", "force",
-                         "data_dir", "download", "checkpoint_every"):
+                         "data_dir", "download", "checkpoint_every", *EXECUTION):
             params.pop(volatile, None)
         device, precision = resolve_runtime(self.device, self.precision)
         params.update(data_digest=data_digest, device_type=device.type, resolved_precision=precision)
@@ -135,6 +141,8 @@ class Config:
 
 
 FIELD_TYPES = {f.name: f for f in fields(Config)}
+# where and how children run: never part of what they compute, so never of a training key
+EXECUTION = ("executor", "ray_address", "cpus_per_trial", "gpus_per_trial", "max_retries")
 LIST_ITEM_TYPES = {"lrs": float, "gammas": float, "wds": float, "bss": int, "archs": str}
 
 
@@ -232,6 +240,10 @@ RULES = [
     ("data_pipeline", lambda v: v in ("tensor", "torchvision"), "tensor|torchvision"),
     ("num_workers", lambda v: v >= 0, ">= 0"),
     ("checkpoint_every", lambda v: v >= 1, ">= 1"),
+    ("executor", lambda v: v in ("local", "ray"), "local|ray"),
+    ("cpus_per_trial", lambda v: v > 0, "> 0"),
+    ("gpus_per_trial", lambda v: v >= 0, ">= 0 (fractions such as 0.25 share a GPU)"),
+    ("max_retries", lambda v: v >= 0, ">= 0"),
     ("log_every", lambda v: v >= 1, ">= 1"),
     ("dataset", lambda v: v in ("svhn", "synthetic"), "svhn|synthetic"),
     ("limit_train", lambda v: v >= 0, ">= 0 (0 = all)"),

@@ -9,6 +9,7 @@ import contextlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -87,13 +88,16 @@ def log_static_artifacts(run_id: str, cfg: Config, arch: str, dataset: data_mod.
 
 def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: str,
                  init_state: dict | None = None, resume: dict | None = None,
-                 stage_run_id: str = "", keep_final: bool = False) -> RunResult:
+                 stage_run_id: str = "", keep_final: bool = False,
+                 epoch_hook: Callable[[train.EpochResult], bool | None] | None = None) -> RunResult:
     """Train `arch` inside the existing run `run_id` and log everything about it.
 
     Every epoch refreshes the heartbeat of this run (and of its stage run), so no other process
     takes it over while it trains; last.pt is written every `checkpoint_every` epochs.
     keep_final: also keep the weights after the last epoch (checkpoints/final.pt), for a phase
     that continues from them.
+    epoch_hook(result): called after each epoch is logged and checkpointed (progress, pruning);
+    True ends training after that epoch, and the run still ends FINISHED.
     """
     client = tracking.client()
     beating = [r for r in (run_id, stage_run_id) if r]
@@ -131,6 +135,7 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
         if result.epoch not in already_logged:
             tracking.log_epoch(run_id, result.epoch, result.metrics())
         lifecycle.beat(*beating)
+        return bool(epoch_hook(result)) if epoch_hook else False
 
     run_hyper = hyper(cfg, device)
     log(f"run {run_id}: {arch}, {dataset.n_train} train / {dataset.n_val} val / {dataset.n_test} test images, "
@@ -157,7 +162,7 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
 
 def child_run(parent_run_id: str, name: str, cfg: Config, dataset: data_mod.SVHNData, *,
               arch: str, init_state: dict | None, tags: dict[str, str], init_source: str = "",
-              keep_final: bool = False) -> RunResult:
+              keep_final: bool = False, epoch_hook=None) -> RunResult:
     """A nested run under the stage's run: one repeat, sweep point or phase (its own epochs
     and settings travel in `cfg`, so what it logs is what it trains).
 
@@ -183,7 +188,8 @@ def child_run(parent_run_id: str, name: str, cfg: Config, dataset: data_mod.SVHN
         client.update_run(child_id, status="RUNNING")
         with opened(child_id):
             result = train_in_run(child_id, cfg, dataset, arch=arch, resume=state,
-                                  stage_run_id=parent_run_id, keep_final=keep_final)
+                                  stage_run_id=parent_run_id, keep_final=keep_final,
+                                  epoch_hook=epoch_hook)
         finished(child_id)  # once FINISHED: a kill before that still finds last.pt
         return result
     if found is not None:  # stopped before its first epoch ended: nothing to keep
@@ -194,7 +200,7 @@ def child_run(parent_run_id: str, name: str, cfg: Config, dataset: data_mod.SVHN
     run_id = create_child(parent_run_id, name, {"stage": cfg.stage, "training_key": key, **tags})
     with opened(run_id):
         result = train_in_run(run_id, cfg, dataset, arch=arch, init_state=init_state,
-                              stage_run_id=parent_run_id, keep_final=keep_final)
+                              stage_run_id=parent_run_id, keep_final=keep_final, epoch_hook=epoch_hook)
     finished(run_id)
     return result
 

@@ -17,9 +17,10 @@ import mlflow
 import yaml
 
 from . import data as data_mod
-from . import lifecycle, models, plots, predict, registry, runner, tracking
+from . import executor, lifecycle, models, plots, predict, registry, runner, tracking
 from .config import Config, check_lineage, format_value, from_params
-from .runner import RunResult, child_run, log
+from .executor import ChildSpec
+from .runner import RunResult, log
 from .train import resolve_runtime
 
 
@@ -83,11 +84,14 @@ def finish(run_id: str, results: list[RunResult], extra_tags: dict[str, str] | N
     return best
 
 
-def sweep(run_id: str, points: list[tuple], dataset, arch: str, lineage: Lineage) -> list[RunResult]:
-    """Train each (name, config) point as a child run from the stage's initial weights."""
+def sweep(cfg: Config, run_id: str, points: list[tuple], dataset, arch: str,
+          lineage: Lineage) -> list[RunResult]:
+    """Train each (name, config) point as a child run from the stage's initial weights, on the
+    configured executor (in this process, or as Ray tasks)."""
     source = lineage.parent_run_id if lineage.init_state is not None else "scratch"
-    return [child_run(run_id, name, point, dataset, arch=arch, init_state=lineage.init_state,
-                      tags={"source_run_id": source}, init_source=source) for name, point in points]
+    specs = [ChildSpec(name, point, point.arch or arch, lineage.init_state, {"source_run_id": source},
+                       source) for name, point in points]
+    return executor.run_children(cfg, run_id, specs, dataset)
 
 
 def number(value: float) -> str:
@@ -106,7 +110,9 @@ def model_selection(cfg, run_id, dataset, lineage):
     repeats = cfg.capped_repeats(cfg.repeats)
     points = {arch: [(f"model_selection {arch} #{r + 1}", cfg.replace(arch=arch, seed=cfg.seed + r))
                      for r in range(repeats)] for arch in archs}
-    results = {arch: sweep(run_id, pts, dataset, arch, Lineage()) for arch, pts in points.items()}
+    # one sweep over every arch, so an executor can run all of them at once
+    flat = sweep(cfg, run_id, [p for pts in points.values() for p in pts], dataset, "", Lineage())
+    results = {arch: [r for r in flat if r.arch == arch] for arch in archs}
     client = tracking.client()
     summary = {}
     split = cfg.selects_on
@@ -138,27 +144,27 @@ def baseline(cfg, run_id, dataset, lineage):
         points.append((f"baseline test0 ({probe.epochs} epochs)", probe))
     for r in range(cfg.capped_repeats(cfg.repeats)):
         points.append((f"baseline test{r + 1}", cfg.replace(arch=arch, seed=cfg.seed + r)))
-    return finish(run_id, sweep(run_id, points, dataset, arch, lineage))
+    return finish(run_id, sweep(cfg, run_id, points, dataset, arch, lineage))
 
 
 def tune_lr(cfg, run_id, dataset, lineage):
     arch = stage_arch(cfg, lineage)
     points = [(f"tune_lr lr={number(lr)}", cfg.replace(arch=arch, lr=lr)) for lr in cfg.lrs or [cfg.lr]]
-    return finish(run_id, sweep(run_id, points, dataset, arch, lineage))
+    return finish(run_id, sweep(cfg, run_id, points, dataset, arch, lineage))
 
 
 def tune_gamma(cfg, run_id, dataset, lineage):
     arch = stage_arch(cfg, lineage)
     points = [(f"tune_gamma gamma={number(g)}", cfg.replace(arch=arch, gamma=g))
               for g in cfg.gammas or [cfg.gamma]]
-    return finish(run_id, sweep(run_id, points, dataset, arch, lineage))
+    return finish(run_id, sweep(cfg, run_id, points, dataset, arch, lineage))
 
 
 def overfit(cfg, run_id, dataset, lineage):
     arch = stage_arch(cfg, lineage)
     points = [(f"overfit wd={number(wd)} bs={bs}", cfg.replace(arch=arch, wd=wd, bs=bs))
               for wd in cfg.wds or [cfg.wd] for bs in cfg.bss or [cfg.bs]]
-    return finish(run_id, sweep(run_id, points, dataset, arch, lineage))
+    return finish(run_id, sweep(cfg, run_id, points, dataset, arch, lineage))
 
 
 # What phase 2 continues from, as in the seed: retrain reloads phase 1's best checkpoint
@@ -175,12 +181,11 @@ def two_phases(cfg, run_id, dataset, lineage, arch: str) -> RunResult:
                         wd=cfg.phase1_wd, tol=cfg.phase1_tol, epochs=cfg.phase1_epochs or cfg.epochs)
     results = []
     if cfg.phase1_epochs:
-        results.append(child_run(
-            run_id, f"{cfg.stage} phase1 lr={number(first.lr)}", first, dataset, arch=arch,
-            init_state=lineage.init_state, keep_final=PHASE2_START.get(cfg.stage) == "last",
-            init_source=lineage.parent_run_id if lineage.init_state is not None else "scratch",
-            tags={"source_run_id": lineage.parent_run_id if lineage.init_state is not None else "scratch",
-                  "phase": "1"}))
+        source = lineage.parent_run_id if lineage.init_state is not None else "scratch"
+        results += executor.run_children(cfg, run_id, [ChildSpec(
+            f"{cfg.stage} phase1 lr={number(first.lr)}", first, arch, lineage.init_state,
+            {"source_run_id": source, "phase": "1"}, source,
+            keep_final=PHASE2_START.get(cfg.stage) == "last")], dataset)
     start, source, init_from = lineage.init_state, lineage.parent_run_id or "scratch", ""
     if results:
         if PHASE2_START.get(cfg.stage, "best") == "last":
@@ -188,10 +193,10 @@ def two_phases(cfg, run_id, dataset, lineage, arch: str) -> RunResult:
         else:
             start, init_from = tracking.load_weights(results[0].run_id), f"{results[0].run_id}/{tracking.BEST}"
         source = results[0].run_id
-    results.append(child_run(run_id, f"{cfg.stage} phase2 lr={number(cfg.lr)}", cfg.replace(arch=arch),
-                             dataset, arch=arch, init_state=start, init_source=init_from or source,
-                             tags={"source_run_id": source, "phase": "2",
-                                   **({"init_from": init_from} if init_from else {})}))
+    results += executor.run_children(cfg, run_id, [ChildSpec(
+        f"{cfg.stage} phase2 lr={number(cfg.lr)}", cfg.replace(arch=arch), arch, start,
+        {"source_run_id": source, "phase": "2", **({"init_from": init_from} if init_from else {})},
+        init_from or source)], dataset)
     best = finish(run_id, results, candidates=results[-1:])
     if cfg.register:
         # which digits are hard: confusion matrix, per-digit accuracy, gallery of mistakes

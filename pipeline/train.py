@@ -240,14 +240,15 @@ CHECKPOINT_FORMAT = 2
 
 def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: torch.device,
         generator: torch.Generator, *, val_batches=None, resume: dict | None = None,
-        on_epoch: Callable[[EpochResult, bool, Callable[[], dict]], None] | None = None,
+        on_epoch: Callable[[EpochResult, bool, Callable[[], dict]], bool | None] | None = None,
         log: Callable[[str], None] = print) -> History:
     """Train `model` for up to hyper.epochs, evaluating after each epoch.
 
     With `val_batches`, early stopping and the best epoch follow validation; test is only reported.
 
     on_epoch(result, is_best, snapshot) is called after every epoch; snapshot() returns
-    everything needed to resume (model, optimiser, early stopping, history, RNG states).
+    everything needed to resume (model, optimiser, early stopping, history, RNG states). When it
+    returns True training ends after that epoch (a pruned trial).
     `resume` is such a snapshot: training continues after its epoch.
     """
     optimizer = make_optimizer(model, hyper)
@@ -324,8 +325,9 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
                     "optimizer": optimizer.state_dict(), "early_stopping": stopper.state_dict(),
                     "history": history.to_state(), "rng": rng_state(generator)}
 
-        if on_epoch:
-            on_epoch(result, is_best, snapshot)
+        if on_epoch and on_epoch(result, is_best, snapshot):
+            log(f"stopped after epoch {epoch}: the caller asked to (pruned)")
+            break
         if history.stopped_early:
             log(f"early stopping: {history.selected_on} loss (x100 per sample, the seed's scale) has not "
                 f"improved by more than {hyper.tol:g} for {hyper.patience} epochs")

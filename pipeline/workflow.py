@@ -28,7 +28,7 @@ CHAIN = ["model_selection", "baseline", "tune_lr", "tune_gamma", "overfit", "ret
 SHARED = ("scale", "dataset", "data_dir", "verify", "download", "limit_train", "limit_test", "val_split",
           "data_seed", "synthetic_train", "synthetic_test", "device", "precision", "data_pipeline",
           "compile", "num_workers", "log_every", "max_epochs", "max_repeats", "patience",
-          "registered_model", "checkpoint_every", "force")
+          "registered_model", "checkpoint_every", "force", *config_mod.EXECUTION)
 AS_CAPS = {"epochs": "max_epochs", "repeats": "max_repeats"}
 MAIN_ONLY = ("env_manager",)
 
