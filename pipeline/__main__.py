@@ -53,6 +53,9 @@ def run(argv: list[str]) -> int:
     stage, overrides = parse_args(argv)
     INVOKED[:] = [stage, overrides]
     cfg = config.load(stage, overrides)  # every value checked before any work
+    from .executor import check_tracking
+
+    check_tracking(cfg)  # a Ray cluster beyond this machine needs a tracking server
     if stage == "main":
         from .train import resolve_runtime
 
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import ConfigError
     from .data import DataError
+    from .executor import ChildFailed
     from .models import CheckpointError
     from .predict import PredictError
     from .tracking import LineageError
@@ -114,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
               f"Continue with the same command: {continue_command(stage, overrides)}",
               file=sys.stderr, flush=True)
         return 130
+    except ChildFailed as err:  # the child's run is FAILED; running the command again resumes the rest
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
     except (MlflowException, requests.HTTPError) as err:
         from .tracking import server_refusal
 

@@ -2,7 +2,8 @@
 and rebuilding a finished child's result from what MLflow recorded.
 
 A run is written by one process at a time. Each training run, and the stage run above it, carry
-tag `heartbeat` = "<host> <pid> <unix time>", refreshed every epoch. A run is live when it is
+tag `heartbeat` = "<host> <pid> <unix time> [<owner>]", refreshed every epoch; owner is the Ray
+task that trains it (executor=ray), whose retries may take it over at once. A run is live when it is
 RUNNING and its writer still runs: on this host, its pid is alive (so a run killed with SIGKILL,
 which MLflow still shows RUNNING, is not); on another host, its heartbeat is younger than
 STALE_AFTER_S. A live run is never resumed or adopted by another process, unless force=true.
@@ -27,10 +28,13 @@ STALE_AFTER_S = 900                 # a heartbeat from another host older than t
 
 # Earlier, unfinished runs of the stage being run, whose children it may take over (set by stages).
 ADOPTABLE: set[str] = set()
+# The Ray task this process trains for ("" outside Ray). Ray retries a task under the same id only
+# once its worker is gone, so a run whose heartbeat names this task has no other writer.
+OWNER = {"task": ""}
 
 
 def beat(*run_ids: str) -> None:
-    stamp = f"{socket.gethostname()} {os.getpid()} {time.time():.0f}"
+    stamp = f"{socket.gethostname()} {os.getpid()} {time.time():.0f} {OWNER['task']}".rstrip()
     for run_id in run_ids:
         tracking.client().set_tag(run_id, HEARTBEAT, stamp)
 
@@ -67,8 +71,9 @@ def _pid_runs_pipeline(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a recycled pid that is not ours is not our writer
-        return b"pipeline" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    try:  # a recycled pid that is not ours is not our writer (a Ray worker's reads ray::...)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"pipeline" in cmdline or cmdline.startswith(b"ray::")
     except OSError:
         return True
 
@@ -79,11 +84,13 @@ def live_writer(run) -> str | None:
         return None
     stamp = run.data.tags.get(HEARTBEAT, "")
     try:
-        host, pid, when = stamp.split()
+        host, pid, when, *owner = stamp.split()
         pid, age = int(pid), time.time() - float(when)
     except ValueError:
         return None  # never trained an epoch: no writer to protect
     if pid == os.getpid() and host == socket.gethostname():
+        return None
+    if owner and owner[0] == OWNER["task"]:  # an earlier attempt of this Ray task: its worker died
         return None
     alive = _pid_runs_pipeline(pid) if host == socket.gethostname() else age < STALE_AFTER_S
     return f"{host} pid {pid}, heartbeat {age:.0f} s ago" if alive else None

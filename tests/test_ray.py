@@ -1,0 +1,255 @@
+"""executor=ray: the same MLflow record as executor=local, on a local Ray and on a simulated
+two-node cluster with a real `mlflow server`; a killed worker's child resumes; refusals.
+
+Ray stays on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, no dashboard); every test stops
+exactly the Ray it started: `mlflow run` stops its local Ray on exit, the cluster fixture its
+two nodes.
+"""
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import PROJECT, VENV_BIN, Store
+from test_registry_server import free_port, wait_http
+
+pytestmark = pytest.mark.e2e
+
+LRS = "0.001,0.0005,0.0002,0.0001"
+# varies by executor and by nothing the child computes
+EXECUTION_PARAMS = {"executor", "cpus_per_trial", "ray_address", "torch_threads"}
+EXECUTION_TAGS = {"mlflow.parentRunId", "heartbeat", "ray_node_id", "best_child_run_id"}
+TIMINGS = {"epoch_time_s", "total_time_s", "train_images_per_s"}
+
+
+@pytest.fixture(autouse=True)
+def loopback_ray(monkeypatch):
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def ray_env(store: Store) -> dict[str, str]:
+    store.env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    return store.env
+
+
+def by_name(store: Store, run_id: str) -> dict:
+    return {r.info.run_name: r for r in store.children(run_id)}
+
+
+def record(store: Store, run) -> dict:
+    """What a run's record holds, less what says where or how fast it ran."""
+    return {"params": {k: v for k, v in run.data.params.items() if k not in EXECUTION_PARAMS},
+            "tags": {k: v for k, v in run.data.tags.items() if k not in EXECUTION_TAGS},
+            "metrics": {k: [(m.step, m.value) for m in sorted(store.client.get_metric_history(run.info.run_id, k),
+                                                              key=lambda m: m.step)]
+                        for k in run.data.metrics if k not in TIMINGS and not k.startswith("system/")},
+            "steps": {k: store.steps(run.info.run_id, k) for k in run.data.metrics if not k.startswith("system/")},
+            "artifacts": store.artifacts(run.info.run_id), "status": run.info.status}
+
+
+def test_tune_lr_on_ray_records_what_local_records(store):
+    params = store.params({"init": "scratch", "lrs": LRS, "epochs": "1"})
+    # one torch thread, as each Ray task with cpus_per_trial=1 has: then the numbers agree bit for bit
+    store.env["OMP_NUM_THREADS"] = "1"
+    store.mlflow_run("tune_lr", dict(params, executor="local"))
+    del store.env["OMP_NUM_THREADS"]
+    ray_env(store)
+    proc = store.mlflow_run("tune_lr", dict(params, executor="ray", cpus_per_trial="1"))
+    ray_run = next(r for r in store.top_level("tune_lr") if r.data.params["executor"] == "ray")
+    local_run = next(r for r in store.top_level("tune_lr") if r.data.params["executor"] == "local")
+    local_children, ray_children = by_name(store, local_run.info.run_id), by_name(store, ray_run.info.run_id)
+    assert sorted(ray_children) == sorted(local_children) == sorted(f"tune_lr lr={lr}" for lr in LRS.split(","))
+    for name, child in ray_children.items():
+        assert child.data.tags["ray_node_id"]  # placed by Ray, not trained in the driver
+        assert "ray_node_id" not in local_children[name].data.tags
+        assert record(store, child) == record(store, local_children[name]), name
+    assert record(store, ray_run) == record(store, local_run)
+    winner = store.client.get_run(ray_run.data.tags["best_child_run_id"]).info.run_name
+    assert winner == store.client.get_run(local_run.data.tags["best_child_run_id"]).info.run_name
+    # one progress line per child as it moves: epoch, accuracy, img/s
+    for lr in LRS.split(","):
+        assert f"tune_lr lr={lr:<{len('0.0005')}}  epoch 1/1  test_acc" in proc.stdout
+    assert proc.stdout.count(" img/s  node ") == 4
+
+
+def test_sqlite_store_with_a_ray_cluster_elsewhere_is_refused_in_one_line(store):
+    proc = store.cli("tune_lr", *sum((["--" + k, v] for k, v in store.params(
+        {"init": "scratch", "executor": "ray", "ray_address": "ray://192.0.2.10:10001"}).items()), []))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs a tracking server" in lines[0] and "sqlite" in lines[0]
+    assert store.runs() == []
+
+
+# -- a worker that dies ------------------------------------------------------------------------------
+
+def start(store: Store, entry: str, params: dict) -> subprocess.Popen:
+    cmd = [str(VENV_BIN / "mlflow"), "run", str(PROJECT), "-e", entry, "--env-manager", "local"]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    return subprocess.Popen(cmd, cwd=store.root, env=ray_env(store), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def running_child_after_epoch(store: Store, proc, step: int, timeout: float = 240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run in store.runs("attributes.status = 'RUNNING'"):
+            if "mlflow.parentRunId" in run.data.tags and step in store.steps(run.info.run_id, "test_acc"):
+                return store.client.get_run(run.info.run_id)
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    raise AssertionError(f"no child logged epoch {step}")
+
+
+def kill_worker_mid_child(store: Store, max_retries: str):
+    proc = start(store, "tune_lr", store.params({"init": "scratch", "lrs": "0.001", "epochs": "3",
+                                                 "executor": "ray", "max_retries": max_retries}))
+    child = running_child_after_epoch(store, proc, 1)
+    worker_pid = int(child.data.tags["heartbeat"].split()[1])
+    assert worker_pid != proc.pid
+    os.kill(worker_pid, signal.SIGKILL)  # the Ray worker training the child, mid epoch 2
+    out, err = proc.communicate(timeout=300)
+    return proc, child.info.run_id, worker_pid, out, err
+
+
+def test_a_killed_worker_is_retried_and_its_child_resumes_from_last_pt(store):
+    proc, child_id, dead_pid, out, err = kill_worker_mid_child(store, "3")
+    assert proc.returncode == 0, err[-3000:]
+    (stage,) = store.top_level("tune_lr")
+    assert stage.info.status == "FINISHED"
+    (child,) = store.children(stage.info.run_id)  # the same run, resumed: no second one
+    assert child.info.run_id == child_id and child.info.status == "FINISHED"
+    assert int(child.data.tags["heartbeat"].split()[1]) != dead_pid  # another worker finished it
+    for key in ("test_acc", "train_loss", "epoch_time_s"):
+        assert store.steps(child_id, key) == [1, 2, 3], key  # every epoch logged once
+    assert "checkpoints/last.pt" not in store.artifacts(child_id)
+
+
+def test_a_child_whose_worker_dies_for_good_fails_the_stage_in_one_line(store):
+    proc, child_id, _, out, err = kill_worker_mid_child(store, "0")
+    assert proc.returncode != 0
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: child 'tune_lr lr=0.001' failed: its worker died 1 times "
+                      f"(WorkerCrashedError); run the same command again to resume it, or raise -P max_retries"]
+    assert store.client.get_run(child_id).info.status == "FAILED"
+    (stage,) = store.top_level("tune_lr")
+    assert stage.info.status == "FAILED"
+
+
+def test_ctrl_c_cancels_the_tasks_marks_runs_killed_and_the_command_continues(store):
+    params = store.params({"init": "scratch", "lrs": "0.001", "epochs": "3", "executor": "ray"})
+    proc = start(store, "tune_lr", params)
+    child = running_child_after_epoch(store, proc, 1)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    (stage,) = store.top_level("tune_lr")
+    children = store.children(stage.info.run_id)
+    assert {c.info.status for c in children} == {"KILLED"}, err[-3000:]
+    # ours is KILLED; `mlflow run` then marks its run FAILED on Ctrl-C (it compares a status string
+    # with RunStatus integers, so it overwrites KILLED): either way, not left RUNNING
+    assert stage.info.status in ("KILLED", "FAILED")
+    command = err.split("Continue with the same command: ")[1].splitlines()[0]
+    assert "-P executor=ray" in command
+    store.mlflow_run("tune_lr", params)
+    done = [r for r in store.top_level("tune_lr") if r.info.status == "FINISHED"]
+    (finished,) = done
+    (resumed,) = store.children(finished.info.run_id)
+    assert resumed.info.run_id == child.info.run_id  # taken over and resumed, not trained again
+    assert resumed.info.status == "FINISHED" and store.steps(resumed.info.run_id, "test_acc") == [1, 2, 3]
+
+
+# -- a two-node cluster and a tracking server ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("ray-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc)
+        store = Store(root, data_dir)
+        store.uri = store.env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{port}"
+        yield store
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_children_spread_over_two_nodes_and_every_artifact_reaches_the_server(two_nodes, server):
+    store = server
+    ray_env(store)
+    store.mlflow_run("tune_lr", store.params({"init": "scratch", "lrs": LRS, "epochs": "1", "executor": "ray",
+                                              "ray_address": two_nodes.address}))
+    (stage,) = store.top_level("tune_lr")
+    children = store.children(stage.info.run_id)
+    nodes = {node.node_id for node in two_nodes.list_all_nodes()}
+    assert {c.data.tags["ray_node_id"] for c in children} == nodes  # both nodes trained children
+    for child in children:
+        assert child.info.artifact_uri.startswith("mlflow-artifacts:")  # through the server
+        assert {"checkpoints/best.pt", "config.yaml", "model_summary.txt", "plots/loss.png",
+                "plots/samples.png"} <= store.artifacts(child.info.run_id)
+        weights = torch.load(store.client.download_artifacts(child.info.run_id, "checkpoints/best.pt"),
+                             weights_only=True)
+        assert weights and all(torch.isfinite(t.float()).all() for t in weights.values())
+    best = store.client.download_artifacts(stage.info.run_id, "checkpoints/best.pt")
+    winner = store.client.download_artifacts(stage.data.tags["best_child_run_id"], "checkpoints/best.pt")
+    best, winner = torch.load(best, weights_only=True), torch.load(winner, weights_only=True)
+    assert all(torch.equal(best[k], winner[k]) for k in winner)
+
+
+def test_tasks_read_the_data_from_the_object_store_not_from_disk(two_nodes, server, colour_data, tmp_path,
+                                                                 monkeypatch):
+    """The driver decodes the .mat files once; with them deleted, the children still train."""
+    import mlflow
+    import ray
+
+    from pipeline import config, data, executor, runner
+
+    folder = tmp_path / "copy"
+    shutil.copytree(colour_data / "right", folder)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    cfg = config.load("tune_lr", {"dataset": "svhn", "verify": "false", "data_dir": str(folder), "bs": "32",
+                                  "epochs": "1", "init": "scratch", "lrs": "0.001,0.0005", "log_every": "1000",
+                                  "executor": "ray", "ray_address": two_nodes.address,
+                                  "device": "cpu", "precision": "fp32", "data_pipeline": "tensor"})
+    dataset = data.load(cfg)
+    shutil.rmtree(folder)  # and the decode cache's source is gone with it
+    parent = mlflow.MlflowClient().create_run("0", run_name="object store check").info.run_id
+    specs = [executor.ChildSpec(f"point {lr}", cfg.replace(lr=lr), "resnet") for lr in cfg.lrs]
+    try:
+        results = executor.run_children(cfg, parent, specs, dataset)
+    finally:
+        ray.shutdown()  # only disconnects: the cluster is the fixture's
+        executor.RAY.clear()
+    assert [r.name for r in results] == ["point 0.001", "point 0.0005"]
+    for result in results:
+        run = server.client.get_run(result.run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent
+        assert server.steps(result.run_id, "test_acc") == [1]
+        assert run.data.tags["data_digest"] == dataset.digest
+    assert isinstance(results[0], runner.RunResult)
