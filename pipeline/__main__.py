@@ -100,20 +100,20 @@ def main(argv: list[str] | None = None) -> int:
         from . import runner
 
         if not runner.KILLED_RUNS:
-            print(f"interrupted ({signal_name or 'SIGINT'}) before training started",
+            print(f"interrupted ({str(signal_name) or 'a signal'}) before training started",
                   file=sys.stderr, flush=True)
             return 130
         stage, overrides = INVOKED
         from .workflow import UNDER_MAIN
 
         if stage != "main" and os.environ.get(UNDER_MAIN):  # main prints the one command to run
-            print(f"interrupted ({signal_name or 'SIGINT'}): run {runner.KILLED_RUNS[-1]} marked KILLED",
+            print(f"interrupted ({str(signal_name) or 'a signal'}): run {runner.KILLED_RUNS[-1]} marked KILLED",
                   file=sys.stderr, flush=True)
             return 130
         if stage == "train":  # one run, no children: it continues in place from its last.pt
             overrides = {"resume_run_id": runner.KILLED_RUNS[-1],
                          **({"env_manager": overrides["env_manager"]} if "env_manager" in overrides else {})}
-        print(f"interrupted ({signal_name or 'SIGINT'}): run {runner.KILLED_RUNS[-1]} marked KILLED; "
+        print(f"interrupted ({str(signal_name) or 'a signal'}): run {runner.KILLED_RUNS[-1]} marked KILLED; "
               f"finished runs are kept and the interrupted one resumes from its last checkpoint. "
               f"Continue with the same command: {continue_command(stage, overrides)}",
               file=sys.stderr, flush=True)

@@ -131,12 +131,13 @@ def connect(cfg: Config) -> None:
         return
     held = os.environ.pop("MLFLOW_RUN_ID", None)
     try:
-        if cfg.ray_address in ("", "local"):
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-            RAY["started"] = True
-        else:
-            ray.init(address=cfg.ray_address, log_to_driver=False, configure_logging=False)
-            RAY["started"] = False
+        with interrupts.critical():  # a Ray started halfway is not stopped cleanly: Ctrl-C waits
+            if cfg.ray_address in ("", "local"):
+                ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+                RAY["started"] = True
+            else:
+                ray.init(address=cfg.ray_address, log_to_driver=False, configure_logging=False)
+                RAY["started"] = False
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ConfigError(f"could not reach Ray at ray_address={cfg.ray_address}: "
                           f"{str(err).splitlines()[0][:200]}; start it with `ray start --head` or "
