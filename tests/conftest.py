@@ -1,9 +1,13 @@
 """Shared fixtures: a temporary tracking store, tiny synthetic data, and real `mlflow run` calls."""
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +98,43 @@ class Store:
         for info in self.client.list_artifacts(run_id, path):
             found |= self.artifacts(run_id, info.path) if info.is_dir else {info.path}
         return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} never answered")
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, data_dir: Path, *options: str, env: dict[str, str] | None = None):
+    """A real `mlflow server` on loopback (SQLite backend, proxied artifacts) and a Store on it."""
+    store = Store(root, data_dir)
+    port = free_port()
+    store.uri = store.env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "mlflow"), "server", *options, "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        cwd=root, env=dict(store.env, **(env or {})), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"{store.uri}/health", proc)
+        yield store
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """A shared `mlflow server --app-name basic-auth`: one user trains, another is refused in one line."""
 import base64
 import json
-import subprocess
 import urllib.parse
 import urllib.request
 
@@ -9,9 +8,8 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from conftest import VENV_BIN, Store
+from conftest import Store, mlflow_server
 from pipeline import tracking
-from test_registry_server import free_port, wait_http
 
 pytestmark = pytest.mark.e2e
 
@@ -49,26 +47,12 @@ def auth_server(tmp_path_factory, data_dir):
                       f"database_uri = sqlite:///{root / 'auth.db'}\n"
                       f"admin_username = {ADMIN[0]}\nadmin_password = {ADMIN[1]}\n"
                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    store = Store(root, data_dir)
-    port = free_port()
-    store.uri = f"http://127.0.0.1:{port}"
-    store.env["MLFLOW_TRACKING_URI"] = store.uri
-    server_env = dict(store.env, MLFLOW_AUTH_CONFIG_PATH=str(config),
-                      MLFLOW_FLASK_SERVER_SECRET_KEY="test-only-secret",
-                      MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
-         "--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        cwd=root, env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_http(f"{store.uri}/health", proc)
+    with mlflow_server(root, data_dir, "--app-name", "basic-auth", env={
+            "MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-secret",
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}) as store:
         for user in (ALICE, BOB):
             call(store.uri, "/api/2.0/mlflow/users/create", {"username": user[0], "password": user[1]}, ADMIN)
         yield store
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_owner_trains_and_a_reader_is_refused_in_one_line(auth_server, monkeypatch):

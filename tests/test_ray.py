@@ -14,8 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import PROJECT, VENV_BIN, Store
-from test_registry_server import free_port, wait_http
+from conftest import PROJECT, VENV_BIN, Store, mlflow_server
 
 pytestmark = pytest.mark.e2e
 
@@ -182,21 +181,8 @@ def two_nodes():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, data_dir):
-    root = tmp_path_factory.mktemp("ray-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc)
-        store = Store(root, data_dir)
-        store.uri = store.env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{port}"
+    with mlflow_server(tmp_path_factory.mktemp("ray-server"), data_dir) as store:
         yield store
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_children_spread_over_two_nodes_and_every_artifact_reaches_the_server(two_nodes, server):

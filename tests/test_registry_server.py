@@ -1,11 +1,9 @@
 """Against a real `mlflow server` (SQLite backend, proxied artifacts): register, predict, serve."""
 import csv
 import json
-import socket
 import subprocess
 import sys
 import sysconfig
-import time
 import urllib.request
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import VENV_BIN, Store, colour_params
+from conftest import VENV_BIN, colour_params, free_port, mlflow_server, wait_http
 from pipeline import data, models, registry
 from pipeline.data import read_mat
 from pipeline.predict import read_image
@@ -22,45 +20,13 @@ from pipeline.predict import read_image
 pytestmark = pytest.mark.e2e
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} never answered")
-
-
 @pytest.fixture(scope="module")
 def server_store(tmp_path_factory, data_dir, colour_data):
-    root = tmp_path_factory.mktemp("server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc)
-        store = Store(root, data_dir)
-        store.uri = f"http://127.0.0.1:{port}"
-        store.env["MLFLOW_TRACKING_URI"] = store.uri
+    with mlflow_server(tmp_path_factory.mktemp("server"), data_dir) as store:
         # colour-coded digits, which the model learns in two epochs: its predictions mean something
         store.mlflow_run("retrain", colour_params(store, colour_data, "right", {
             "max_epochs": "2", "phase1_lr": "1e-4", "phase1_bs": "32"}))
         yield store
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,8 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import VENV_BIN
+from conftest import VENV_BIN, free_port, wait_http
 from pipeline import data, models, predict, registry, runner, synthetic, tracking, train
-from test_registry_server import free_port, wait_http
 
 MODEL_NAME = "svhn-no-pickle"
 
