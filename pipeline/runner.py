@@ -1,7 +1,8 @@
 """One tracked training run: the shared piece every stage calls (never a second loop).
 
 It logs the config, model summary and sample images, trains with train.fit, and after every
-epoch writes best.pt / last.pt atomically and logs the epoch's metrics in one batch.
+epoch writes best.pt / last.pt atomically and logs the epoch's metrics in one batch; while it
+trains, MLflow's system/ metrics (CPU, memory, GPU) are sampled into the run.
 """
 from __future__ import annotations
 
