@@ -89,6 +89,13 @@ def report(rows: list[dict], paths: list[str]) -> None:
     seeds = [s for s in dict.fromkeys(r["seed"] for r in rows)
              if all(any(r["seed"] == s and r["path"] == p for r in rows) for p in paths)]
     best = {(r["seed"], r["path"]): r["best"] for r in rows}
+    print(f"\nbest test accuracy (%) per seed, and each path minus {REFERENCE}:\n")
+    others = [p for p in paths if p != REFERENCE and REFERENCE in paths]
+    print("| seed | " + " | ".join(paths) + "".join(f" | {p} - ref" for p in others) + " |")
+    print("|---" * (1 + len(paths) + len(others)) + "|")
+    for s in seeds:
+        print(f"| {s} | " + " | ".join(f"{best[s, p]:.1f}" for p in paths)
+              + "".join(f" | {best[s, p] - best[s, REFERENCE]:+.1f}" for p in others) + " |")
     print(f"\nover {len(seeds)} paired seeds ({', '.join(seeds)}):\n")
     print(f"| path | mean best acc (%) | sd | mean paired diff vs {REFERENCE} (points) | 95% t-interval |")
     print("|---|---|---|---|---|")
@@ -120,8 +127,13 @@ def main() -> int:
     parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {', '.join(PATHS)}")
     parser.add_argument("--seeds", default="1412,1413,1414,1415,1416,1417,1418,1419")
     parser.add_argument("--json", default="", help="write every run's result here (after each run)")
+    parser.add_argument("--report", default="", help="only print the tables of such a JSON file (a study so far)")
     args = parser.parse_args()
     paths = args.paths.split(",")
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        report(saved["rows"], saved["args"]["paths"].split(","))
+        return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
