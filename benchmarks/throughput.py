@@ -1,21 +1,34 @@
-"""Throughput: the seed's input pipeline against ours, in one process, alternating.
+"""Throughput, like for like: baselines, the factor table, the ceiling, and the full epoch a run logs.
 
-seed-style: torchvision's SVHN dataset, per-sample PIL transforms (RandomCrop, RandomRotation,
-ToTensor, Normalize) in a DataLoader, as the seed feeds its model (CPU: num_workers=4; CUDA:
-pin_memory, no workers), NCHW, fp32.
-ours: the .mat decoded once to uint8 tensors, crop/rotation/normalisation on whole batches on
-the training device, channels_last, bf16 autocast where the hardware computes bf16 natively
-(CUDA; CPUs with AVX512-BF16 or AMX), and on CUDA the data resident on the GPU.
-Same data (an SVHN-format .mat), models, batch size and device for both.
+Rows, each measured (same model, batch size, device, data and timing loop; alternating rounds,
+each figure the best round; img/s over the timed batches after one warm-up batch):
 
-    python benchmarks/throughput.py                      # CPU, MyResNet and MyVgg, bs 256
-    python benchmarks/throughput.py --device cuda --epoch-images 73257
+  seed DataLoader    the seed's feed: torchvision SVHN, per-sample PIL transforms, DataLoader
+                     as the seed sets it (CUDA: pin_memory, no workers; CPU: num_workers=4), NCHW, fp32
+  tuned DataLoader   the same, as a user would tune it: num_workers = cores, persistent_workers,
+                     pin_memory (CUDA), NCHW, fp32
+  pipeline alone     ours (data_pipeline=tensor: uint8 batches augmented on the device), NCHW, fp32
+  + channels_last    ours, channels_last, fp32
+  + bf16             ours, channels_last, bf16 autocast (what precision=auto picks where bf16 is native)
+  ceiling            the same model's forward, backward and RMSprop step on ready-made device
+                     batches at the default's precision, channels_last: no data path at all
+
+Then the headline epoch: runner.train_in_run (the `train` entry point's code, into a temporary
+SQLite tracking store) for 2 epochs over --epoch-images training images (the synthetic set tiled)
+and --epoch-test-images test images. Its full epoch is the wall time from the end of epoch 1 to
+the end of epoch 2 as the run goes: training, evaluation, checkpoint writes, logging. Its logged
+train_images_per_s over the ceiling is the fraction of the hardware our training loop gets.
+
+    python benchmarks/throughput.py                                  # CPU, MyResNet, bs 256
+    python benchmarks/throughput.py --device cuda --batches 30 --epoch-images 73257 --epoch-test-images 26032
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline import config, data, models, train  # noqa: E402
+
+ROWS = ("seed DataLoader", "tuned DataLoader", "pipeline alone", "+ channels_last", "+ bf16", "ceiling")
 
 
 def reset_peak(device):
@@ -40,6 +55,10 @@ def peak_mb(device) -> float:
         if line.startswith("VmHWM"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def measure(batches, model, device, optimizer, batches_to_time, training, precision):
@@ -72,98 +91,185 @@ def measure(batches, model, device, optimizer, batches_to_time, training, precis
     return seen / (time.perf_counter() - start)
 
 
-def run_pipeline(name, arch, cfg, dataset, device, args):
-    torch.manual_seed(0)
-    ours = name == "ours"
-    model = models.build(arch).to(device)
-    if ours:
-        model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if ours and args.compile else model
-    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.99)
-    pipeline_cfg = cfg.replace(data_pipeline="tensor" if ours else "torchvision",
-                               num_workers=0 if ours or device.type == "cuda" else 4)
+def loader_batches(cfg, dataset, split, device, bs, generator, tuned: bool, channels_last: bool):
+    """The seed's torchvision pipeline; tuned: num_workers = cores, persistent_workers, pin_memory."""
+    seed_workers = 0 if device.type == "cuda" else 4
+    batches = data.batches(cfg.replace(data_pipeline="torchvision", num_workers=seed_workers),
+                           dataset, split, device, bs, generator, channels_last)
+    if tuned:
+        old = batches.loader
+        batches.loader = torch.utils.data.DataLoader(
+            old.dataset, batch_size=bs, shuffle=split == "train", num_workers=cores(),
+            persistent_workers=True, pin_memory=device.type == "cuda", generator=generator)
+    return batches
+
+
+def ready_made(device, bs, count=4):
+    """Device batches that need no data path: normalised-looking noise, channels_last."""
     generator = torch.Generator().manual_seed(0)
-    train_batches = data.batches(pipeline_cfg, dataset, "train", device, args.bs, generator, ours)
-    test_batches = data.batches(pipeline_cfg, dataset, "test", device, args.bs, None, ours)
-    precision = train.resolve_precision(args.precision, device) if ours else "fp32"
+    out = []
+    for _ in range(count):
+        x = torch.randn(bs, 3, data.CROP, data.CROP, generator=generator).to(device)
+        y = torch.randint(0, 10, (bs,), generator=generator).to(device)
+        out.append((x.contiguous(memory_format=torch.channels_last), y))
+    return out
+
+
+def run_row(row, arch, cfg, dataset, device, args, default_precision):
+    torch.manual_seed(0)
+    channels_last = row in ("+ channels_last", "+ bf16", "ceiling")
+    precision = default_precision if row == "ceiling" else "bf16" if row == "+ bf16" else "fp32"
+    model = models.build(arch).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if args.compile and row in ("+ bf16", "ceiling") else model
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.99)
+    generator = torch.Generator().manual_seed(0)
+    if row == "ceiling":
+        train_batches = test_batches = ready_made(device, args.bs)
+    elif row.endswith("DataLoader"):
+        tuned = row.startswith("tuned")
+        train_batches = loader_batches(cfg, dataset, "train", device, args.bs, generator, tuned, channels_last)
+        test_batches = loader_batches(cfg, dataset, "test", device, args.bs, None, tuned, channels_last)
+    else:
+        tensor_cfg = cfg.replace(data_pipeline="tensor")
+        train_batches = data.batches(tensor_cfg, dataset, "train", device, args.bs, generator, channels_last)
+        test_batches = data.batches(tensor_cfg, dataset, "test", device, args.bs, None, channels_last)
     reset_peak(device)
     train_ips = measure(train_batches, net, device, optimizer, args.batches, True, precision)
     eval_ips = measure(test_batches, net, device, optimizer, args.batches, False, precision)
-    return {"arch": arch, "pipeline": name, "precision": precision, "train_img_s": train_ips,
-            "eval_img_s": eval_ips, "peak_mb": peak_mb(device)}
+    return {"arch": arch, "row": row, "precision": precision, "channels_last": channels_last,
+            "train_img_s": train_ips, "eval_img_s": eval_ips, "peak_mb": peak_mb(device)}
 
 
-def epoch_time(arch, dataset, device, args, images):
-    """Seconds for one training epoch of `images` images on our pipeline (the set tiled)."""
-    repeat = -(-images // dataset.n_train)
-    x = dataset.train_images.repeat(repeat, 1, 1, 1)[:images]
-    y = dataset.train_labels.repeat(repeat)[:images]
-    torch.manual_seed(0)
-    model = models.build(arch).to(device).to(memory_format=torch.channels_last)
-    batches = data.TensorBatches(x, y, args.bs, train=True, augment_images=True, device=device,
-                                 generator=torch.Generator().manual_seed(0), channels_last=True)
-    hyper = train.Hyper(epochs=2, lr=1e-3, tol=0.0, patience=99, log_every=10**9, compile=args.compile,
-                        precision=train.resolve_precision(args.precision, device))
-    empty = data.TensorBatches(x[:args.bs], y[:args.bs], args.bs, train=False, augment_images=False,
-                               device=device, channels_last=True)
-    history = train.fit(model, batches, empty, hyper, device, torch.Generator().manual_seed(0),
-                        log=lambda m: None)
-    return history.epochs[-1].epoch_time_s, history.epochs[-1].train_images_per_s
+def tiled(split: data.Split, count: int) -> data.Split:
+    """`split`'s images repeated to `count` rows (the same .mat rows, for both pipelines)."""
+    repeat = -(-count // len(split.labels))
+    return data.Split(split.role, split.images.repeat(repeat, 1, 1, 1)[:count],
+                      split.labels.repeat(repeat)[:count], split.source, split.file_sha256,
+                      split.indices.repeat(repeat)[:count], split.file_rows)
+
+
+def full_epoch(arch, cfg, dataset, args) -> dict:
+    """Two epochs of the `train` entry point's code (runner.train_in_run) into a temporary
+    tracking store; epoch 2's wall time covers everything a run does in an epoch."""
+    import mlflow
+
+    from pipeline import runner, tracking
+
+    big = data.SVHNData(dataset.folder, tiled(dataset.train, args.epoch_images),
+                        tiled(dataset.test, args.epoch_test_images), None, dataset.digest)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ.pop("MLFLOW_RUN_ID", None)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        client = tracking.client()
+        run_id = client.create_run("0", run_name=f"throughput {arch}").info.run_id
+        run_cfg = cfg.replace(arch=arch, epochs=2, bs=args.bs, log_every=10**6, precision=args.precision,
+                              compile=args.compile, patience=99)
+        marks = [time.perf_counter()]
+
+        def mark(result):  # called once the epoch is evaluated, checkpointed and logged
+            marks.append(time.perf_counter())
+            return False
+
+        runner.train_in_run(run_id, run_cfg, big, arch=arch, epoch_hook=mark)
+        tracking.end_run(run_id, "FINISHED")
+
+        def values(key):
+            return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+        system = {key: values(key) for key in client.get_run(run_id).data.metrics if key.startswith("system/")
+                  and ("utilization" in key or "memory_usage_megabytes" in key)}
+        params = client.get_run(run_id).data.params
+    return {"arch": arch, "train_images": args.epoch_images, "test_images": args.epoch_test_images,
+            "bs": args.bs, "precision": params["precision_resolved"],
+            "full_epoch_s": [b - a for a, b in zip(marks, marks[1:])],
+            "logged_epoch_time_s": values("epoch_time_s"), "logged_train_img_s": values("train_images_per_s"),
+            "system_metrics": system}
+
+
+def describe(device) -> str:
+    """The torch version and device every figure names."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        from pipeline.tracking import cpu_model
+        name = f"{cpu_model()}, {torch.get_num_threads()} threads"
+    return f"torch {torch.__version__}, {device.type} ({name})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--archs", default="resnet,vgg")
+    parser.add_argument("--archs", default="resnet")
     parser.add_argument("--bs", type=int, default=256)
     parser.add_argument("--batches", type=int, default=6, help="timed batches per measurement")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per pipeline")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds over the rows")
+    parser.add_argument("--rows", default=",".join(ROWS), help="a subset of: " + ", ".join(ROWS))
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--compile", action="store_true", help="torch.compile our model")
-    parser.add_argument("--precision", default="auto", help="ours: auto|fp32|bf16 (seed-style: fp32)")
-    parser.add_argument("--epoch-images", type=int, default=0,
-                        help="also time one full epoch of this many images on our pipeline")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the + bf16 and ceiling rows and the epoch")
+    parser.add_argument("--precision", default="auto", help="the default path's precision (auto|fp32|bf16)")
+    parser.add_argument("--epoch-images", type=int, default=2048,
+                        help="training images of the full-epoch run (0: no full epoch); SVHN: 73257")
+    parser.add_argument("--epoch-test-images", type=int, default=1024, help="its test images; SVHN: 26032")
     parser.add_argument("--json", default="", help="write the results here too")
     args = parser.parse_args()
 
     device = train.pick_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    default_precision = train.resolve_precision(args.precision, device)
     cfg = config.load("train", {"dataset": "synthetic", "device": device.type})
     dataset = data.load(cfg)
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, "
-          f"{torch.get_num_threads()} threads), torch {torch.__version__}, bs {args.bs}, "
-          f"{dataset.n_train} train / {dataset.n_test} test images in {dataset.folder}", flush=True)
+    where = describe(device)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ()
+    print(f"{where}; bs {args.bs}; {dataset.n_train} train / {dataset.n_test} test images in {dataset.folder}; "
+          f"default precision {default_precision}; load average {' '.join(f'{v:.2f}' for v in load)}", flush=True)
+    rows = [r.strip() for r in args.rows.split(",")]
     results = []
     for arch in args.archs.split(","):
         for round_ in range(args.rounds):
-            for name in ("seed-style", "ours"):
-                row = run_pipeline(name, arch, cfg, dataset, device, args)
-                row["round"] = round_ + 1
-                results.append(row)
-                print(f"  {arch:7s} {name:10s} {row['precision']} round {round_ + 1}: train {row['train_img_s']:8.0f} img/s  "
-                      f"eval {row['eval_img_s']:8.0f} img/s  peak {row['peak_mb']:7.0f} MB", flush=True)
-    print("\n| model | pipeline | train img/s | eval img/s | peak memory (MB) |")
-    print("|---|---|---|---|---|")
-    summary = {}
+            for row in rows:
+                result = run_row(row, arch, cfg, dataset, device, args, default_precision)
+                results.append({**result, "round": round_ + 1})
+                print(f"  {arch} {row:17s} {result['precision']} round {round_ + 1}: train {result['train_img_s']:8.0f} "
+                      f"img/s  eval {result['eval_img_s']:8.0f} img/s  peak {result['peak_mb']:6.0f} MB", flush=True)
+    best = {}
+    print(f"\n{where}, bs {args.bs}, best of {args.rounds} rounds x {args.batches} batches\n")
+    print("| model | row | precision | layout | train img/s | eval img/s | peak memory (MB) |")
+    print("|---|---|---|---|---|---|---|")
     for arch in args.archs.split(","):
-        for name in ("seed-style", "ours"):
-            rows = [r for r in results if r["arch"] == arch and r["pipeline"] == name]
-            best = {k: max(r[k] for r in rows) for k in ("train_img_s", "eval_img_s", "peak_mb")}
-            summary[(arch, name)] = best
-            print(f"| {arch} | {name} | {best['train_img_s']:.0f} | {best['eval_img_s']:.0f} | "
-                  f"{best['peak_mb']:.0f} |")
-        seed, ours = summary[(arch, "seed-style")], summary[(arch, "ours")]
-        print(f"| {arch} | **ratio ours/seed** | **{ours['train_img_s'] / seed['train_img_s']:.2f}x** | "
-              f"**{ours['eval_img_s'] / seed['eval_img_s']:.2f}x** | |")
+        for row in rows:
+            mine = [r for r in results if r["arch"] == arch and r["row"] == row]
+            best[arch, row] = b = {k: max(r[k] for r in mine) for k in ("train_img_s", "eval_img_s", "peak_mb")}
+            print(f"| {arch} | {row} | {mine[0]['precision']} | {'channels_last' if mine[0]['channels_last'] else 'NCHW'} "
+                  f"| {b['train_img_s']:,.0f} | {b['eval_img_s']:,.0f} | {b['peak_mb']:,.0f} |")
+        ours = "+ bf16" if default_precision == "bf16" else "+ channels_last"
+        for baseline in ("tuned DataLoader", "seed DataLoader"):
+            if (arch, ours) in best and (arch, baseline) in best:
+                print(f"| {arch} | **ours ({ours}) / {baseline}** | | | **{best[arch, ours]['train_img_s'] / best[arch, baseline]['train_img_s']:.2f}x** "
+                      f"| **{best[arch, ours]['eval_img_s'] / best[arch, baseline]['eval_img_s']:.2f}x** | |")
+        if (arch, ours) in best and (arch, "ceiling") in best:
+            print(f"| {arch} | ours ({ours}) / ceiling | | | {best[arch, ours]['train_img_s'] / best[arch, 'ceiling']['train_img_s']:.2f} "
+                  f"| {best[arch, ours]['eval_img_s'] / best[arch, 'ceiling']['eval_img_s']:.2f} | |")
     epochs = {}
     if args.epoch_images:
         for arch in args.archs.split(","):
-            seconds, ips = epoch_time(arch, dataset, device, args, args.epoch_images)
-            epochs[arch] = {"epoch_s": seconds, "train_img_s": ips}
-            print(f"\n{arch}: one epoch of {args.epoch_images} images on our pipeline: {seconds:.2f} s "
-                  f"(steady {ips:.0f} img/s)", flush=True)
+            epochs[arch] = e = full_epoch(arch, cfg, dataset, args)
+            steady = e["logged_train_img_s"][-1]
+            ceiling = best.get((arch, "ceiling"), {}).get("train_img_s")
+            print(f"\n{arch}: `train` run, {e['train_images']} train + {e['test_images']} test images, bs {e['bs']}, "
+                  f"{e['precision']} ({where}):\n  full epoch (train, eval, checkpoints, logging): "
+                  f"{', '.join(f'{s:.2f}' for s in e['full_epoch_s'])} s (epochs 1, 2; epoch 1 includes start-up)\n"
+                  f"  logged epoch_time_s {', '.join(f'{s:.2f}' for s in e['logged_epoch_time_s'])} s, "
+                  f"train_images_per_s {', '.join(f'{s:.0f}' for s in e['logged_train_img_s'])}"
+                  + (f"\n  train throughput / ceiling: {steady:.0f} / {ceiling:.0f} = {steady / ceiling:.2f}" if ceiling else ""),
+                  flush=True)
+            for key, series in sorted(e["system_metrics"].items()):
+                print(f"  {key}: mean {sum(series) / len(series):.1f} over {len(series)} samples")
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "epochs": epochs}, indent=1))
+        Path(args.json).write_text(json.dumps({"where": where, "load_average": load, "args": vars(args),
+                                               "results": results, "epochs": epochs}, indent=1))
 
 
 if __name__ == "__main__":

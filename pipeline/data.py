@@ -302,13 +302,21 @@ def sample_augment_params(batch: int, generator: torch.Generator) -> tuple[torch
     return tops, lefts, angles
 
 
+def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on `device` without a host sync: a plain .to("cuda") from pageable
+    memory waits for the GPU to drain, once per batch; from pinned memory it is queued."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """RandomCrop(28) then RandomRotation([-30, 30]) (nearest, fill 0), each image its own draw.
 
     uint8 (B,3,32,32) on any device -> float (B,3,28,28) in [0,1]; no per-sample Python.
     """
     batch, device = images.shape[0], images.device
-    tops, lefts, angles = (t.to(device) for t in sample_augment_params(batch, generator))
+    tops, lefts, angles = (to_device_async(t, device) for t in sample_augment_params(batch, generator))
     offsets = torch.arange(CROP, device=device)
     rows = (tops[:, None] + offsets)[:, None, :, None]
     cols = (lefts[:, None] + offsets)[:, None, None, :]

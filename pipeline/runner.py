@@ -1,7 +1,8 @@
 """One tracked training run: the shared piece every stage calls (never a second loop).
 
 It logs the config, model summary and sample images, trains with train.fit, and after every
-epoch writes best.pt / last.pt atomically and logs the epoch's metrics in one batch.
+epoch writes best.pt / last.pt atomically and logs the epoch's metrics in one batch; while it
+trains, MLflow's system/ metrics (CPU, memory, GPU) are sampled into the run.
 """
 from __future__ import annotations
 
@@ -134,6 +135,7 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
             tracking.save_checkpoint(run_id, tracking.LAST, snapshot())
         if result.epoch not in already_logged:
             tracking.log_epoch(run_id, result.epoch, result.metrics())
+        system_metrics.epoch_took(result.epoch_time_s)
         lifecycle.beat(*beating)
         return bool(epoch_hook(result)) if epoch_hook else False
 
@@ -141,9 +143,14 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
     log(f"run {run_id}: {arch}, {dataset.n_train} train / {dataset.n_val} val / {dataset.n_test} test images, "
         f"{run_hyper.epochs} epochs, bs {cfg.bs}, lr {cfg.lr:g}, gamma {cfg.gamma:g}, wd {cfg.wd:g}, "
         f"device {device}, {run_hyper.precision}, pipeline {cfg.data_pipeline}")
-    with lifecycle.heartbeat(*beating):  # also between epochs: a long epoch is not a dead writer
-        history = train.fit(model, train_batches, test_batches, run_hyper, device, generator,
-                            val_batches=val_batches, resume=resume, on_epoch=on_epoch, log=log)
+    system_metrics = tracking.SystemMetrics(run_id, tracking.guess_epoch_s(
+        device.type, dataset.n_train, dataset.n_val + dataset.n_test))
+    try:
+        with lifecycle.heartbeat(*beating):  # also between epochs: a long epoch is not a dead writer
+            history = train.fit(model, train_batches, test_batches, run_hyper, device, generator,
+                                val_batches=val_batches, resume=resume, on_epoch=on_epoch, log=log)
+    finally:
+        system_metrics.stop()
     result = RunResult(run_id, client.get_run(run_id).info.run_name, arch, history.best_acc,
                        history.best_epoch, history, history.selected_on, history.test_acc_at_best,
                        {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})

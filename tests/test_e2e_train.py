@@ -70,6 +70,24 @@ def test_train_run_records_metrics_params_tags_and_artifacts(module_store, first
     assert resolved["lr"] == "0.0001" and resolved["stage"] == "train"
 
 
+def test_train_run_records_system_metrics_of_this_machine(module_store, first_run):
+    """MLflow's system/ metrics, sampled while the run trained (runner starts the monitor for a
+    run made with MlflowClient): real readings of this machine, not placeholders."""
+    import psutil
+
+    run_id, total_mb = first_run.info.run_id, psutil.virtual_memory().total / 1e6
+    cpu = history(module_store, run_id, "system/cpu_utilization_percentage")
+    used_mb = history(module_store, run_id, "system/system_memory_usage_megabytes")
+    used_pct = history(module_store, run_id, "system/system_memory_usage_percentage")
+    assert len(cpu) >= 1 and len(used_mb) == len(used_pct) == len(cpu)
+    assert module_store.steps(run_id, "system/cpu_utilization_percentage") == list(range(len(cpu)))
+    assert all(0 <= c <= 100 for c in cpu) and max(cpu) > 0  # training kept a core busy
+    for mb, pct in zip(used_mb, used_pct):
+        # at least what torch and this test hold, at most the machine; the two figures agree
+        assert 300 < mb < total_mb
+        assert pct == pytest.approx(100 * mb / total_mb, abs=0.2)
+
+
 def test_best_checkpoint_loads_into_the_tagged_arch(module_store, first_run):
     path = module_store.client.download_artifacts(first_run.info.run_id, "checkpoints/best.pt")
     state = torch.load(path, weights_only=True)
