@@ -162,7 +162,7 @@ def epoch_hook(ref: TrialRef):
     def hook(result) -> bool:
         trial.report(selection_value(result, ref.selects_on), result.epoch)
         # after its last epoch a trial is over anyway: it completes, whatever the pruner thinks
-        return result.epoch < ref.trial_epochs and trial.should_prune()
+        return result.epoch < ref.trial_epochs and bool(trial.should_prune())
 
     return hook
 
@@ -217,7 +217,10 @@ class Tuner:
     # a trial's number in its child's name: a retried trial keeps the number it was first asked as
     def number(self, trial_number: int) -> int:
         frozen = self.study.get_trials(deepcopy=False)[trial_number]
-        return RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen) or trial_number
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            first = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+        return trial_number if first is None else first
 
     def spec(self, trial) -> ChildSpec:
         values = self.space.suggest(trial)
@@ -244,7 +247,9 @@ class Tuner:
         """Trials left RUNNING by a process that died: failed and queued again with the same values
         and the epochs they reported (Optuna's retry callback). Returns those still live elsewhere."""
         live = 0
-        retry = RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
         for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             child = self.child_of(frozen)
             if child is not None and lifecycle.live_writer(child) and not self.cfg.force:
