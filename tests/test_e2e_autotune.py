@@ -17,7 +17,7 @@ def toy_study(store, **extra):
     params = store.params({"limit_train": "128", "limit_test": "64", "bss": "32", "n_trials": "4", "trial_epochs": str(TRIAL_EPOCHS), "init": "scratch",
                            # aggressive: every trial after the first may be pruned from epoch 1
                            "pruner": "median", "startup_trials": "1", "prune_warmup_epochs": "0",
-                           "lr_range": "1e-5,5e-3", **extra})
+                           "lr_range": "1e-4,1e-3", **extra})
     params.pop("bs")  # bss is the categorical choice
     return params
 
