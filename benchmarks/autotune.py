@@ -51,9 +51,9 @@ def main() -> int:
             print("$ " + " ".join(cmd[1:]), flush=True)
             start = time.monotonic()
             subprocess.run(cmd, cwd=PROJECT, env=env, check=True, stdout=subprocess.DEVNULL)
-            run = client.search_runs(["0"], f"tags.stage = '{name}'", order_by=["attributes.start_time DESC"],
-                                     max_results=1)[0]
-            return run.info.run_id, time.monotonic() - start
+            runs = client.search_runs(["0"], f"tags.stage = '{name}'", order_by=["attributes.start_time DESC"])
+            top = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)  # not one of its children
+            return top.info.run_id, time.monotonic() - start
 
         def epochs_of(run_ids: list[str]) -> int:
             return sum(len(client.get_metric_history(child.info.run_id, "test_acc"))
@@ -69,7 +69,7 @@ def main() -> int:
                                        "--bss", str(int(args.bs) // 2), *execution)
         chain = [lr_run, gamma_run, overfit_run]
         chain_children = sum(len(client.search_runs(["0"], f"tags.mlflow.parentRunId = '{r}'")) for r in chain)
-        bss = ",".join(str(int(args.bs) * f) for f in (0.5, 1, 2))
+        bss = ",".join(str(int(int(args.bs) * f)) for f in (0.5, 1, 2))
         tuned, tuned_s = stage("autotune", "--parent_run_id", parent, "--trial_epochs", epochs,
                                "--n_trials", str(chain_children), "--startup_trials", "3",
                                "--prune_warmup_epochs", "1", "--bss", bss, *execution)
