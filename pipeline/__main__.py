@@ -76,7 +76,7 @@ def run(argv: list[str]) -> int:
     if cfg.resume_run_id:
         stages.resume(cfg)
     else:
-        stages.run(cfg)
+        stages.run(cfg, given=frozenset(overrides))
     return 0
 
 

@@ -18,7 +18,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 PARAMS_DIR = PROJECT_DIR / "params"
 
 ARCHS = ("resnet", "vgg", "resnet2")
-STAGES = ("train", "model_selection", "baseline", "tune_lr", "tune_gamma", "overfit",
+STAGES = ("train", "model_selection", "baseline", "tune_lr", "tune_gamma", "overfit", "autotune",
           "retrain", "deepen", "main", "predict", "evaluate")
 
 
@@ -92,6 +92,19 @@ class Config:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0     # fractions (0.25) pack several children onto one GPU
     max_retries: int = 3            # Ray retries a child whose worker died this many times
+    # autotune: an Optuna study (TPE, seeded) over lr_range, gamma_range, wd_range and bss
+    tuner: str = "seed"             # main: seed = tune_lr -> tune_gamma -> overfit; optuna = one autotune stage
+    n_trials: int = 20              # trials in the study, counted over every run of the same command
+    trial_epochs: int = 10          # epochs of a trial that is not pruned
+    pruner: str = "median"          # median | hyperband | none (Optuna's pruners)
+    startup_trials: int = 5         # the first trials are sampled at random and never pruned
+    prune_warmup_epochs: int = 2    # median: no pruning before this epoch; hyperband: its min_resource
+    trial_batch: int = 0            # trials asked at once; 0 = 1 locally, as many as run at once on Ray
+    optuna_storage: str = ""        # "" = <tracking db>.optuna.db beside a SQLite store, else ./optuna.db
+    lr_range: list = field(default_factory=list)     # [low, high], log-uniform
+    gamma_range: list = field(default_factory=list)  # [low, high], uniform
+    wd_range: list = field(default_factory=list)     # [low, high], log-uniform ...
+    wd_zero_below: float = 0.0      # ... and a draw below this trains with wd = 0 (weight decay off)
     # registry and prediction
     registered_model: str = "svhn-classifier"
     register: bool = False
@@ -132,7 +145,7 @@ class Config:
         params = self.to_params()
         # where the data lies and how it was fetched do not matter: its digest does
         for volatile in ("log_every", "resume_run_id", "env_manager", "num_workers", "force",
-                         "data_dir", "download", "checkpoint_every", *EXECUTION):
+                         "data_dir", "download", "checkpoint_every", *EXECUTION, *TUNING_EXECUTION):
             params.pop(volatile, None)
         device, precision = resolve_runtime(self.device, self.precision)
         params.update(data_digest=data_digest, device_type=device.type, resolved_precision=precision)
@@ -143,7 +156,10 @@ class Config:
 FIELD_TYPES = {f.name: f for f in fields(Config)}
 # where and how children run: never part of what they compute, so never of a training key
 EXECUTION = ("executor", "ray_address", "cpus_per_trial", "gpus_per_trial", "max_retries")
-LIST_ITEM_TYPES = {"lrs": float, "gammas": float, "wds": float, "bss": int, "archs": str}
+# where an Optuna study is kept and how many trials are asked at once: not what a trial computes
+TUNING_EXECUTION = ("optuna_storage", "trial_batch")
+LIST_ITEM_TYPES = {"lrs": float, "gammas": float, "wds": float, "bss": int, "archs": str,
+                   "lr_range": float, "gamma_range": float, "wd_range": float}
 
 
 def format_value(value: Any) -> str:
@@ -241,6 +257,19 @@ RULES = [
     ("num_workers", lambda v: v >= 0, ">= 0"),
     ("checkpoint_every", lambda v: v >= 1, ">= 1"),
     ("executor", lambda v: v in ("local", "ray"), "local|ray"),
+    ("tuner", lambda v: v in ("seed", "optuna"), "seed|optuna"),
+    ("n_trials", lambda v: v >= 1, ">= 1"),
+    ("trial_epochs", lambda v: v >= 1, ">= 1"),
+    ("pruner", lambda v: v in ("median", "hyperband", "none"), "median|hyperband|none"),
+    ("startup_trials", lambda v: v >= 0, ">= 0"),
+    ("prune_warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("trial_batch", lambda v: v >= 0, ">= 0 (0 = as many as run at once)"),
+    ("lr_range", lambda v: not v or (len(v) == 2 and 0 < v[0] <= v[1]), "two numbers 0 < low <= high"),
+    ("gamma_range", lambda v: not v or (len(v) == 2 and 0 <= v[0] <= v[1] < 1),
+     "two numbers 0 <= low <= high < 1"),
+    ("wd_range", lambda v: not v or (len(v) == 2 and 0 < v[0] <= v[1]),
+     "two numbers 0 < low <= high (wd_zero_below turns the low end into wd=0)"),
+    ("wd_zero_below", lambda v: v >= 0, ">= 0 (0 = wd is never 0)"),
     ("cpus_per_trial", lambda v: v > 0, "> 0"),
     ("gpus_per_trial", lambda v: v >= 0, ">= 0 (fractions such as 0.25 share a GPU)"),
     ("max_retries", lambda v: v >= 0, ">= 0"),
@@ -325,6 +354,7 @@ def apply_caps(cfg: Config) -> Config:
         cfg.epochs = min(cfg.epochs, cfg.max_epochs)
         cfg.probe_epochs = min(cfg.probe_epochs, cfg.max_epochs)
         cfg.phase1_epochs = min(cfg.phase1_epochs, cfg.max_epochs)
+        cfg.trial_epochs = min(cfg.trial_epochs, cfg.max_epochs)
     if cfg.max_repeats:
         cfg.repeats = min(cfg.repeats, cfg.max_repeats)
     return cfg

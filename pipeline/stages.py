@@ -18,7 +18,7 @@ import yaml
 
 from . import data as data_mod
 from . import executor, lifecycle, models, plots, predict, registry, runner, tracking
-from .config import Config, check_lineage, format_value, from_params
+from .config import Config, check_lineage, format_value, from_params, parse_value
 from .executor import ChildSpec
 from .runner import RunResult, log
 from .train import resolve_runtime
@@ -206,6 +206,12 @@ def two_phases(cfg, run_id, dataset, lineage, arch: str) -> RunResult:
     return best
 
 
+def autotune(cfg, run_id, dataset, lineage):
+    from . import autotune as tuner  # Optuna is imported by this stage only
+
+    return tuner.run(cfg, run_id, dataset, lineage)
+
+
 def retrain(cfg, run_id, dataset, lineage):
     return two_phases(cfg, run_id, dataset, lineage, stage_arch(cfg, lineage))
 
@@ -215,8 +221,35 @@ def deepen(cfg, run_id, dataset, lineage):
 
 
 STAGES = {"train": train, "model_selection": model_selection, "baseline": baseline,
-          "tune_lr": tune_lr, "tune_gamma": tune_gamma, "overfit": overfit,
+          "tune_lr": tune_lr, "tune_gamma": tune_gamma, "overfit": overfit, "autotune": autotune,
           "retrain": retrain, "deepen": deepen}
+
+TUNED = ("lr", "gamma", "wd", "bs")  # what an autotune run hands on (its tags best_lr, ...)
+
+
+def tuned_by_parent(cfg: Config, given: frozenset = frozenset()) -> tuple[Config, dict[str, str]]:
+    """retrain's phase-2 lr, gamma, wd and bs come from its parent's best values when the parent
+    is an autotune run (a value given with -P wins). Returns the config retrain trains and logs
+    with, and where each value came from; resolved before anything is logged, so the run's params
+    are the values it used."""
+    if cfg.stage != "retrain" or not cfg.parent_run_id:
+        return cfg, {}
+    parent = tracking.get_run(cfg.parent_run_id)
+    if parent.data.tags.get("stage") != "autotune":
+        return cfg, {}
+    changes, sources = {}, {}
+    for name in TUNED:
+        if name in given:
+            sources[name] = "-P"
+            continue
+        raw = parent.data.tags.get(f"best_{name}")
+        if raw is None:
+            raise tracking.LineageError(
+                f"parent autotune run {cfg.parent_run_id} has no tag best_{name}: it never finished its "
+                f"study; run autotune again, or pass -P {name}=<value>")
+        changes[name] = parse_value(name, raw)
+        sources[name] = f"autotune:{cfg.parent_run_id}"
+    return cfg.replace(**changes), sources
 
 
 # -- the top-level run ------------------------------------------------------------------------------
@@ -243,8 +276,10 @@ def top_level_run() -> tuple[str, bool]:
     return run_id, created
 
 
-def run(cfg: Config) -> RunResult:
+def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
+    """Run `cfg`'s stage; `given`: the parameters the user passed (-P), which no parent overrides."""
     lineage = resolve_lineage(cfg)
+    cfg, sources = tuned_by_parent(cfg, given)
     device, precision = resolve_runtime(cfg.device, cfg.precision)  # device=cuda without one: stop here
     run_id, created = top_level_run()
     client = tracking.client()
@@ -255,6 +290,8 @@ def run(cfg: Config) -> RunResult:
         client.set_tag(run_id, "init_from", "scratch" if lineage.init_state is None
                        else f"{cfg.parent_run_id}/{tracking.BEST}")
         tracking.log_config(run_id, cfg, tracking.runtime_params(device, precision, cfg))
+        if sources:
+            tracking.set_tags(run_id, {f"{name}_from": source for name, source in sources.items()})
         dataset = data_mod.load(cfg)
         key = cfg.training_key(dataset.digest)
         earlier = []

@@ -23,6 +23,9 @@ from .train import resolve_runtime
 UNDER_MAIN = "SVHN_MAIN_RUN_ID"
 
 CHAIN = ["model_selection", "baseline", "tune_lr", "tune_gamma", "overfit", "retrain", "deepen"]
+# -P tuner=optuna: one Optuna study from the baseline's checkpoint instead of the seed's three sweeps
+CHAINS = {"seed": CHAIN,
+          "optuna": ["model_selection", "baseline", "autotune", "retrain", "deepen"]}
 
 # What `main` hands on to every stage; epochs and repeats become caps.
 SHARED = ("scale", "dataset", "data_dir", "verify", "download", "limit_train", "limit_test", "val_split",
@@ -30,7 +33,18 @@ SHARED = ("scale", "dataset", "data_dir", "verify", "download", "limit_train", "
           "compile", "num_workers", "log_every", "max_epochs", "max_repeats", "patience",
           "registered_model", "checkpoint_every", "force", *config_mod.EXECUTION)
 AS_CAPS = {"epochs": "max_epochs", "repeats": "max_repeats"}
-MAIN_ONLY = ("env_manager",)
+MAIN_ONLY = ("env_manager", "tuner")
+# what main hands on to autotune alone, with -P tuner=optuna
+FOR_AUTOTUNE = ("n_trials", "trial_epochs", "pruner", "startup_trials", "prune_warmup_epochs", "trial_batch",
+                "optuna_storage")
+
+
+def autotune_overrides(overrides: dict[str, str]) -> dict[str, str]:
+    given = {k: v for k, v in overrides.items() if k in FOR_AUTOTUNE}
+    if given and overrides.get("tuner", "seed") != "optuna":
+        raise ConfigError(f"main passes {', '.join(given)} to the autotune stage, which runs with "
+                          f"-P tuner=optuna only: add it, or drop {', '.join(given)}")
+    return given
 
 
 def stage_overrides(overrides: dict[str, str]) -> dict[str, str]:
@@ -40,14 +54,17 @@ def stage_overrides(overrides: dict[str, str]) -> dict[str, str]:
             shared[AS_CAPS[key]] = value
         elif key in SHARED:
             shared[key] = value
-        elif key not in MAIN_ONLY:
+        elif key not in MAIN_ONLY + FOR_AUTOTUNE:
             raise ConfigError(f"main does not pass '{key}' on to the stages: set it in "
                               f"params/<stage>.yaml or run that stage alone with -P {key}=...")
     return shared
 
 
 def run_stage(stage: str, parameters: dict[str, str], cfg: Config, experiment_id: str) -> str:
+    from .stages import tuned_by_parent
+
     stage_cfg = config_mod.load(stage, parameters)  # the stage's own config: fail fast if invalid
+    stage_cfg, _ = tuned_by_parent(stage_cfg, frozenset(parameters))  # as the stage will resolve it
     found = tracking.find_finished_run(experiment_id, stage_cfg.training_key(data_mod.data_digest(stage_cfg)))
     if found:
         log(f"[main] {stage}: reusing FINISHED run {found.info.run_id} "
@@ -64,6 +81,7 @@ def main(cfg: Config, overrides: dict[str, str], main_run_id: str) -> list[dict]
     client = tracking.client()
     experiment_id = client.get_run(main_run_id).info.experiment_id
     shared = stage_overrides(overrides)
+    for_autotune = autotune_overrides(overrides)
     client.set_tag(main_run_id, "stage", "main")
     device, precision = resolve_runtime(cfg.device, cfg.precision)
     tracking.log_config(main_run_id, cfg, tracking.runtime_params(device, precision, cfg))
@@ -71,8 +89,9 @@ def main(cfg: Config, overrides: dict[str, str], main_run_id: str) -> list[dict]
     os.environ[UNDER_MAIN] = main_run_id  # stage processes leave the "continue with" hint to main
     split = cfg.selects_on
     rows, parent = [], ""
-    for stage in CHAIN:
-        parameters = dict(shared, **({"parent_run_id": parent} if parent else {}))
+    for stage in CHAINS[cfg.tuner]:
+        parameters = dict(shared, **({"parent_run_id": parent} if parent else {}),
+                          **(for_autotune if stage == "autotune" else {}))
         if not config_mod.load(stage).register:
             parameters.pop("registered_model", None)  # so it only invalidates stages that register
         run_id = run_stage(stage, parameters, cfg, experiment_id)

@@ -146,7 +146,9 @@ def test_unknown_scale_is_one_line_naming_the_known_ones():
 VOLATILE = {"log_every", "resume_run_id", "env_manager", "num_workers", "force", "checkpoint_every",
             "data_dir", "download",
             # where a child runs is not what it computes: local and Ray results stand for each other
-            "executor", "ray_address", "cpus_per_trial", "gpus_per_trial", "max_retries"}
+            "executor", "ray_address", "cpus_per_trial", "gpus_per_trial", "max_retries",
+            # where an Optuna study is kept and how many trials are asked at once (like executor)
+            "optuna_storage", "trial_batch"}
 
 
 def changed(value):
@@ -268,7 +270,7 @@ def test_unknown_stage_and_unknown_parameter_messages():
     with pytest.raises(ConfigError) as err:
         config.validate(config.Config(stage="nope"))
     assert str(err.value) == ("unknown stage 'nope': use one of train, model_selection, baseline, tune_lr, "
-                              "tune_gamma, overfit, retrain, deepen, main, predict, evaluate")
+                              "tune_gamma, overfit, autotune, retrain, deepen, main, predict, evaluate")
     with pytest.raises(ConfigError) as err:
         config.parse_value("learning_rate", "1")
     assert "known parameters are alpha, arch, archs, augment, bs," in str(err.value)

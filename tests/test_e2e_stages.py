@@ -425,3 +425,27 @@ def test_main_reuses_by_data_digest_and_retrains_when_one_byte_changes(study, tm
     finally:
         os.killpg(main.pid, signal.SIGKILL)
         main.wait(timeout=60)
+
+
+def test_main_with_tuner_optuna_swaps_the_sweeps_for_autotune_and_retrain_uses_its_values(study):
+    from pipeline import config
+
+    proc = study.mlflow_run("main", main_params(study, tuner="optuna", n_trials="1"))
+    output = proc.stdout + proc.stderr
+    assert "[main] baseline: reusing FINISHED run" in output  # the seed chain's, up to the sweeps
+    main = next(r for r in finished_top_level(study, "main") if r.data.params.get("tuner") == "optuna")
+    assert "run_tune_lr" not in main.data.tags and "run_overfit" not in main.data.tags
+    tuned = study.client.get_run(main.data.tags["run_autotune"])
+    assert tuned.data.tags["init_from"] == f"{main.data.tags['run_baseline']}/checkpoints/best.pt"
+    assert [c.data.tags["trial_number"] for c in study.children(tuned.info.run_id)] == ["0"]  # n_trials=1
+    retrain = study.client.get_run(main.data.tags["run_retrain"])
+    assert retrain.info.status == "FINISHED"
+    assert retrain.data.params["parent_run_id"] == tuned.info.run_id
+    (phase2,) = [c for c in study.children(retrain.info.run_id) if c.data.tags["phase"] == "2"]
+    for name in ("lr", "gamma", "wd", "bs"):
+        best = config.parse_value(name, tuned.data.tags[f"best_{name}"])
+        assert config.parse_value(name, retrain.data.params[name]) == best
+        assert config.parse_value(name, phase2.data.params[name]) == best  # the values it trained with
+        assert retrain.data.tags[f"{name}_from"] == f"autotune:{tuned.info.run_id}"
+    assert (config.parse_value("lr", retrain.data.params["lr"]) !=
+            config.load("retrain").lr)  # not retrain.yaml's own (the draw is log-uniform over a range)

@@ -1,0 +1,99 @@
+"""autotune through `mlflow run`: a toy Optuna study whose pruned trials stop early, whose best
+trial's checkpoint and values land on the stage run, and that the same command continues without
+duplicating a trial. `main -P tuner=optuna` is in test_e2e_stages (it reuses that study's stages)."""
+import optuna
+import pytest
+import torch
+
+from pipeline import config
+
+pytestmark = pytest.mark.e2e
+
+TRIAL_EPOCHS = 3
+
+
+def toy_study(store, **extra):
+    # half of TINY's images: 4 trials x 3 epochs is the longest training of any test file
+    params = store.params({"limit_train": "128", "limit_test": "64", "bss": "32", "n_trials": "4", "trial_epochs": str(TRIAL_EPOCHS), "init": "scratch",
+                           # aggressive: every trial after the first may be pruned from epoch 1
+                           "pruner": "median", "startup_trials": "1", "prune_warmup_epochs": "0",
+                           "lr_range": "1e-4,1e-3", **extra})
+    params.pop("bs")  # bss is the categorical choice
+    return params
+
+
+def load_study(run):
+    return optuna.load_study(study_name=run.data.tags["optuna_study"], storage=run.data.tags["optuna_storage"])
+
+
+def trial_children(store):
+    return [r for r in store.runs("tags.stage = 'autotune'") if "mlflow.parentRunId" in r.data.tags]
+
+
+@pytest.fixture(scope="module")
+def tuned(module_store):
+    module_store.mlflow_run("autotune", toy_study(module_store))
+    (run,) = module_store.top_level("autotune")
+    return run
+
+
+def test_trials_are_named_children_and_a_pruned_one_stops_early(module_store, tuned):
+    store = module_store
+    children = {c.data.tags["trial_number"]: c for c in store.children(tuned.info.run_id)}
+    assert sorted(children) == ["0", "1", "2", "3"]
+    trials = {t.number: t for t in load_study(tuned).trials}
+    pruned = [n for n, c in children.items() if c.data.tags["pruned"] == "true"]
+    assert pruned, "the aggressive pruner pruned no trial"
+    for number, child in children.items():
+        trial = trials[int(number)]
+        assert child.info.status == "FINISHED"
+        assert child.info.run_name.startswith(f"autotune #{number} lr={autotune_short(trial.params['lr'])} ")
+        assert float(child.data.params["lr"]) == trial.params["lr"]  # the child trained the trial's values
+        assert int(child.data.params["bs"]) == trial.params["bs"]
+        steps = store.steps(child.info.run_id, "test_acc")
+        accs = {m.step: m.value for m in store.client.get_metric_history(child.info.run_id, "test_acc")}
+        assert trial.intermediate_values == accs  # every epoch reported to Optuna, as logged
+        if number in pruned:
+            assert trial.state == optuna.trial.TrialState.PRUNED
+            assert len(steps) < TRIAL_EPOCHS  # fewer test_acc steps: stopped when pruned
+        else:
+            assert trial.state == optuna.trial.TrialState.COMPLETE
+            assert steps == [1, 2, 3]
+            assert trial.value == child.data.metrics["best_test_acc"]
+
+
+def autotune_short(value):
+    from pipeline.autotune import short
+
+    return short(value)
+
+
+def test_the_best_trial_checkpoint_and_values_are_on_the_stage_run(module_store, tuned):
+    store = module_store
+    complete = [c for c in store.children(tuned.info.run_id) if c.data.tags["pruned"] == "false"]
+    best = max(complete, key=lambda c: c.data.metrics["best_test_acc"])
+    assert tuned.data.tags["best_child_run_id"] == best.info.run_id
+    assert tuned.data.metrics["best_test_acc"] == best.data.metrics["best_test_acc"]
+    ours = torch.load(store.client.download_artifacts(tuned.info.run_id, "checkpoints/best.pt"), weights_only=True)
+    theirs = torch.load(store.client.download_artifacts(best.info.run_id, "checkpoints/best.pt"), weights_only=True)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    for name in ("lr", "gamma", "wd", "bs"):
+        assert config.parse_value(name, tuned.data.tags[f"best_{name}"]) == \
+            config.parse_value(name, best.data.params[name])
+    assert tuned.data.tags["best_trial_number"] == best.data.tags["trial_number"]
+    plots = store.artifacts(tuned.info.run_id, "plots")
+    assert {"plots/optuna_history.png", "plots/optuna_intermediate_values.png"} <= plots
+    assert ("plots/optuna_param_importances.png" in plots) == (len(complete) >= 2)
+    assert tuned.data.tags["optuna_storage"].endswith("mlflow.optuna.db")  # beside the store, not in it
+
+
+def test_the_same_command_again_continues_the_study_without_duplicate_trials(module_store, tuned):
+    store = module_store
+    before = {c.info.run_id for c in trial_children(store)}
+    proc = store.mlflow_run("autotune", toy_study(store))
+    assert "already has 4 finished trials: kept" in proc.stdout + proc.stderr
+    assert {c.info.run_id for c in trial_children(store)} == before  # no child trained again
+    again = [r for r in store.top_level("autotune") if r.info.run_id != tuned.info.run_id]
+    assert len(again) == 1 and again[0].info.status == "FINISHED"
+    assert len(load_study(again[0]).trials) == 4
+    assert again[0].data.tags["best_child_run_id"] == tuned.data.tags["best_child_run_id"]
