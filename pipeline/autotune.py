@@ -75,6 +75,8 @@ def short(value: float) -> str:
     """3.1e-4, 0.5, 0: two significant digits, readable in a run name."""
     if value == 0:
         return "0"
+    if float(value).is_integer() and abs(value) < 1e6:  # a batch size: 256, not 2.6e+02
+        return str(int(value))
     if 1e-2 <= abs(value) < 1e3:
         return format(value, ".2g")
     mantissa, exponent = format(value, ".1e").split("e")
