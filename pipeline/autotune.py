@@ -204,7 +204,7 @@ class Tuner:
         self.space = SearchSpace.from_config(cfg)
         self.arch = stages.stage_arch(cfg, lineage)
         self.init_state = lineage.init_state
-        self.source = lineage.parent_run_id if lineage.init_state is not None else "scratch"
+        self.source = lineage.source
         self.url = storage_url(cfg, mlflow.get_tracking_uri())
         self.name = study_name(cfg, dataset.digest)
         self.study = optuna.create_study(

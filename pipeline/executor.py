@@ -119,7 +119,7 @@ def check_tracking(cfg: Config) -> None:
         refuse_local_store(f"ray_address={address} (another machine)")
 
 
-RAY: dict = {}  # this process's Ray connection: {"started": bool, "data": {id: ref}}
+RAY: dict = {}  # what this process put in Ray's object store once: {key: ObjectRef}
 
 
 def connect(cfg: Config) -> None:
@@ -134,10 +134,8 @@ def connect(cfg: Config) -> None:
         with interrupts.critical():  # a Ray started halfway is not stopped cleanly: Ctrl-C waits
             if cfg.ray_address in ("", "local"):
                 ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-                RAY["started"] = True
             else:
                 ray.init(address=cfg.ray_address, log_to_driver=False, configure_logging=False)
-                RAY["started"] = False
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ConfigError(f"could not reach Ray at ray_address={cfg.ray_address}: "
                           f"{str(err).splitlines()[0][:200]}; start it with `ray start --head` or "
@@ -146,8 +144,8 @@ def connect(cfg: Config) -> None:
         if held is not None:
             os.environ["MLFLOW_RUN_ID"] = held
     interrupts.install()  # Ray's core worker puts its own SIGINT handler in: ours marks runs KILLED
-    RAY["data"] = {}
-    log(f"ray: {'started a local Ray' if RAY['started'] else 'joined ' + cfg.ray_address}, "
+    RAY.clear()  # refs from an earlier connection are gone with it
+    log(f"ray: {'joined ' + cfg.ray_address if cfg.ray_address not in ('', 'local') else 'started a local Ray'}, "
         f"{len([n for n in ray.nodes() if n['Alive']])} node(s), resources {ray.cluster_resources()}")
 
 
@@ -175,9 +173,9 @@ def shared(value, key: str):
     read it from there, none re-reads a .mat file."""
     import ray
 
-    if key not in RAY["data"]:
-        RAY["data"][key] = ray.put(value)
-    return RAY["data"][key]
+    if key not in RAY:
+        RAY[key] = ray.put(value)
+    return RAY[key]
 
 
 class ProgressBoard:

@@ -32,6 +32,11 @@ class Lineage:
     parent_winner: str = ""
     init_state: dict | None = None
 
+    @property
+    def source(self) -> str:
+        """The run a child's weights come from: the parent when it starts from its weights."""
+        return self.parent_run_id if self.init_state is not None else "scratch"
+
 
 def resolve_lineage(cfg: Config) -> Lineage:
     """Check the parent before any data is read or any training starts."""
@@ -88,9 +93,8 @@ def sweep(cfg: Config, run_id: str, points: list[tuple], dataset, arch: str,
           lineage: Lineage) -> list[RunResult]:
     """Train each (name, config) point as a child run from the stage's initial weights, on the
     configured executor (in this process, or as Ray tasks)."""
-    source = lineage.parent_run_id if lineage.init_state is not None else "scratch"
-    specs = [ChildSpec(name, point, point.arch or arch, lineage.init_state, {"source_run_id": source},
-                       source) for name, point in points]
+    specs = [ChildSpec(name, point, point.arch or arch, lineage.init_state,
+                       {"source_run_id": lineage.source}, lineage.source) for name, point in points]
     return executor.run_children(cfg, run_id, specs, dataset)
 
 
@@ -181,10 +185,9 @@ def two_phases(cfg, run_id, dataset, lineage, arch: str) -> RunResult:
                         wd=cfg.phase1_wd, tol=cfg.phase1_tol, epochs=cfg.phase1_epochs or cfg.epochs)
     results = []
     if cfg.phase1_epochs:
-        source = lineage.parent_run_id if lineage.init_state is not None else "scratch"
         results += executor.run_children(cfg, run_id, [ChildSpec(
             f"{cfg.stage} phase1 lr={number(first.lr)}", first, arch, lineage.init_state,
-            {"source_run_id": source, "phase": "1"}, source,
+            {"source_run_id": lineage.source, "phase": "1"}, lineage.source,
             keep_final=PHASE2_START.get(cfg.stage) == "last")], dataset)
     start, source, init_from = lineage.init_state, lineage.parent_run_id or "scratch", ""
     if results:
