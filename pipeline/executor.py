@@ -100,23 +100,59 @@ def is_local_host(host: str) -> bool:
     return host in local_addresses()
 
 
-def refuse_local_store(where: str) -> None:
-    uri = tracking_uri()
-    if not is_server(uri):
-        raise ConfigError(
-            f"executor=ray with {where} needs a tracking server that every node reaches, but the "
-            f"tracking URI is {uri}: start `mlflow server` and set MLFLOW_TRACKING_URI=http://<host>:5000 "
-            f"(README: Scaling out with Ray)")
+def beyond_this_machine(cfg: Config) -> str:
+    """Where children of `cfg` may train off this machine ("" when all train here): a ray_address
+    on another host (known without connecting), or a cluster with nodes elsewhere (joined to look;
+    a Ray this process starts has only this machine)."""
+    if cfg.executor != "ray":
+        return ""
+    address = cfg.ray_address
+    if address not in ("", "auto", "local"):
+        host = urlparse(address if "://" in address else f"ray://{address}").hostname or ""
+        if not is_local_host(host):
+            return f"ray_address={address} (another machine)"
+    import ray
+
+    if address in ("", "local") and not ray.is_initialized():
+        return ""
+    connect(cfg)
+    remote = sorted({n["NodeManagerAddress"] for n in ray.nodes()
+                     if n["Alive"] and not is_local_host(n["NodeManagerAddress"])})
+    return f"nodes on other machines ({', '.join(remote[:3])})" if remote else ""
+
+
+def require_shared_store(cfg: Config, store: str, uri: str, shared: bool, needs: str, fix: str) -> None:
+    """The one rule for every store children write (MLflow's, Optuna's): a store on this machine
+    (SQLite, a local folder) serves children on this machine only."""
+    if shared:
+        return
+    where = beyond_this_machine(cfg)
+    if where:
+        raise ConfigError(f"executor=ray with {where} needs {needs} that every node reaches, but {store} "
+                          f"is {uri}: {fix} (README: Scaling out with Ray)")
 
 
 def check_tracking(cfg: Config) -> None:
-    """Before anything runs: a Ray address on another machine needs an http(s) tracking URI."""
-    if cfg.executor != "ray" or cfg.ray_address in ("", "auto", "local"):
-        return  # a local Ray, or `auto`, whose nodes are checked once connected
-    address = cfg.ray_address
-    host = urlparse(address if "://" in address else f"ray://{address}").hostname or ""
-    if not is_local_host(host):
-        refuse_local_store(f"ray_address={address} (another machine)")
+    """Children on other machines need an http(s) tracking URI: an explicit ray_address elsewhere
+    is refused before connecting, `auto` (or a local address) once its nodes are known."""
+    uri = tracking_uri()
+    require_shared_store(cfg, "the tracking URI", uri, is_server(uri), "a tracking server",
+                         "start `mlflow server` and set MLFLOW_TRACKING_URI=http://<host>:5000")
+
+
+def check_before_runs(cfg: Config) -> None:
+    """Everything executor=ray refuses, checked before any run exists (the CLI calls this): a
+    store on this machine for children elsewhere, then what the cluster can place. `main` only
+    looks: each of its stages connects (or starts its own Ray) in its own process."""
+    if cfg.executor != "ray":
+        return
+    import ray
+
+    started_here = not ray.is_initialized()
+    check_cluster(cfg)
+    if cfg.stage == "main" and started_here:
+        ray.shutdown()
+        RAY.clear()
 
 
 RAY: dict = {}  # what this process put in Ray's object store once: {key: ObjectRef}
@@ -150,14 +186,14 @@ def connect(cfg: Config) -> None:
 
 
 def check_cluster(cfg: Config) -> None:
-    """What the cluster can place: nodes beyond this machine need a server; a child that fits no
-    node would wait forever; a GPU left unused for CPU-only children is almost surely a mistake."""
+    """What the cluster (joined, or started here) can place: nodes beyond this machine need a
+    server; a child that fits no node would wait forever; a GPU left unused for CPU-only children
+    is almost surely a mistake."""
     import ray
 
+    check_tracking(cfg)  # before connecting: an explicit address elsewhere is refused at once
+    connect(cfg)
     nodes = [n for n in ray.nodes() if n["Alive"]]
-    remote = sorted({n["NodeManagerAddress"] for n in nodes if not is_local_host(n["NodeManagerAddress"])})
-    if remote:
-        refuse_local_store(f"nodes on other machines ({', '.join(remote[:3])})")
     cpus = max(n["Resources"].get("CPU", 0) for n in nodes)
     gpus = max(n["Resources"].get("GPU", 0) for n in nodes)
     if cfg.cpus_per_trial > cpus or cfg.gpus_per_trial > gpus:
@@ -251,9 +287,7 @@ def run_on_ray(cfg: Config, parent_run_id: str, specs: list[ChildSpec],
     results in the order of `specs`, for the stage to aggregate as with executor=local."""
     import ray
 
-    check_tracking(cfg)
-    connect(cfg)
-    check_cluster(cfg)
+    check_cluster(cfg)  # the CLI checked this before any run existed; in-process callers did not
     env = {k: v for k, v in os.environ.items() if k in TRACKING_ENV}
     env["MLFLOW_TRACKING_URI"] = tracking_uri()
     data_ref = shared(dataset, f"data-{dataset.digest}")

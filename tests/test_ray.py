@@ -84,6 +84,19 @@ def test_sqlite_store_with_a_ray_cluster_elsewhere_is_refused_in_one_line(store)
     assert store.runs() == []
 
 
+def test_a_child_that_fits_no_node_of_the_local_ray_is_refused_before_any_run(store):
+    ray_env(store)
+    proc = store.cli("tune_lr", *sum((["--" + k, v] for k, v in store.params(
+        {"init": "scratch", "executor": "ray", "cpus_per_trial": "999"}).items()), []))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    cpus = f"{os.cpu_count():g}"  # the local Ray started for the check: this machine's CPUs
+    # (Ray's own start-up notice may come before it on stderr)
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: cpus_per_trial=999 gpus_per_trial=0 fits no Ray node (the largest has {cpus} CPUs, "
+        f"0 GPUs): lower them"]
+    assert store.runs() == []
+
+
 # -- a worker that dies ------------------------------------------------------------------------------
 
 def start(store: Store, entry: str, params: dict) -> subprocess.Popen:
