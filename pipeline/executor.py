@@ -296,16 +296,17 @@ def run_on_ray(cfg: Config, parent_run_id: str, specs: list[ChildSpec],
     placement = dict(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial, max_retries=cfg.max_retries,
                      retry_exceptions=False, scheduling_strategy="SPREAD")
     refs, states = [], {}  # a parent's weights go to the object store once for all its children
-    for spec in specs:
-        if spec.init_state is not None and id(spec.init_state) not in states:
-            states[id(spec.init_state)] = ray.put(spec.init_state)
-        state_ref = states.get(id(spec.init_state)) if spec.init_state is not None else None
-        refs.append(task.options(name=spec.name, **placement).remote(
-            env, parent_run_id, replace(spec, init_state=None), state_ref, data_ref,
-            set(lifecycle.ADOPTABLE), board))
-    display = Display([s.name for s in specs], board)
     results: dict[int, RunResult] = {}
+    pending = refs  # while submitting, every task submitted so far: a Ctrl-C then cancels those too
     try:
+        for spec in specs:
+            if spec.init_state is not None and id(spec.init_state) not in states:
+                states[id(spec.init_state)] = ray.put(spec.init_state)
+            state_ref = states.get(id(spec.init_state)) if spec.init_state is not None else None
+            refs.append(task.options(name=spec.name, **placement).remote(
+                env, parent_run_id, replace(spec, init_state=None), state_ref, data_ref,
+                set(lifecycle.ADOPTABLE), board))
+        display = Display([s.name for s in specs], board)
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
