@@ -104,9 +104,10 @@ def storage_url(cfg: Config, tracking_uri: str) -> str:
     if url == tracking_uri:
         raise ConfigError(f"optuna_storage={url} is the MLflow tracking database: Optuna needs its own "
                           f"(both keep an alembic_version table); pass another, or leave it empty")
-    if cfg.executor == "ray" and cfg.ray_address not in ("", "local") and url.startswith("sqlite"):
-        raise ConfigError(f"optuna_storage={url} is a SQLite file, which Ray workers on other machines "
-                          f"cannot share: pass -P optuna_storage=postgresql://user@host/db (or mysql://...)")
+    # children report to the study from where they train: the MLflow store's rule, one function
+    executor.require_shared_store(cfg, "optuna_storage", redacted(url), not url.startswith("sqlite"),
+                                  "an Optuna database server",
+                                  "pass -P optuna_storage=postgresql://user@host/db (or mysql+pymysql://...)")
     return url
 
 

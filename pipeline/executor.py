@@ -83,11 +83,17 @@ def is_server(uri: str) -> bool:
 
 
 def local_addresses() -> set[str]:
+    """This machine's names and the addresses of all its interfaces: a Ray started here (`ray start
+    --head`) names its node by the LAN address, which the host name need not resolve to."""
+    import psutil
+
     addresses = {"localhost", socket.gethostname()}
     try:
         addresses |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
     except OSError:
         pass
+    addresses |= {a.address.split("%")[0] for nic in psutil.net_if_addrs().values() for a in nic
+                  if a.family in (socket.AF_INET, socket.AF_INET6)}
     return addresses
 
 
