@@ -124,8 +124,9 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
 
 
 def study_name(cfg: Config, data_digest: str) -> str:
-    """From the stage's training key without n_trials: more trials continue the same study."""
-    key = cfg.replace(n_trials=1).training_key(data_digest)
+    """From the stage's study key (its training key without n_trials): more trials continue the
+    same study, and the same stage runs (tag stage_key)."""
+    key = cfg.study_key(data_digest)
     return f"autotune-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
