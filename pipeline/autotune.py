@@ -249,11 +249,14 @@ class Tuner:
 
     def retry_interrupted(self) -> int:
         """Trials left RUNNING by a process that died: failed and queued again with the same values
-        and the epochs they reported (Optuna's retry callback). Returns those still live elsewhere."""
+        and the epochs they reported (Optuna's retry callback), at most max_retries times each (a
+        trial that always kills its process is given up, its child run FAILED, and the study asks
+        a new one). Returns those still live elsewhere."""
         live = 0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry = RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+            retry = RetryHeartbeatStaleTrialCallback(max_retry=self.cfg.max_retries,
+                                                     inherit_intermediate_values=True)
         for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             child = self.child_of(frozen)
             if child is not None and lifecycle.live_writer(child) and not self.cfg.force:
@@ -262,7 +265,14 @@ class Tuner:
                     f"(child run {child.info.run_id}): left to it")
                 continue
             self.study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+            trials = len(self.study.get_trials(deepcopy=False))
             retry(self.study, self.study.get_trials(deepcopy=False)[frozen.number])
+            if len(self.study.get_trials(deepcopy=False)) == trials:  # not queued again: given up
+                if child is not None and child.info.status == "RUNNING":
+                    tracking.end_run(child.info.run_id, "FAILED")
+                log(f"autotune: trial #{self.number(frozen.number)} was interrupted "
+                    f"{self.cfg.max_retries + 1} times: given up (FAILED), a new trial takes its place")
+                continue
             log(f"autotune: trial #{self.number(frozen.number)} was interrupted: retried with the same "
                 f"values" + (f"; child run {child.info.run_id} resumes from its last.pt" if child else ""))
         return live

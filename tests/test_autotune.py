@@ -194,3 +194,35 @@ def test_a_trial_whose_child_died_is_retried_with_its_values_and_a_live_one_is_l
         assert spec.cfg == specs[dead.number].cfg
     finally:
         writer.kill()
+
+
+def test_a_trial_that_keeps_killing_its_process_is_given_up_after_max_retries(store, monkeypatch):
+    """With max_retries=1 a dead trial is queued again once; when its retry dies too, it is
+    failed for good (its child run FAILED), not queued a third time."""
+    import socket
+    import time
+
+    from pipeline import data
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    params = store.params({"n_trials": "2", "init": "scratch", "bss": "32", "max_retries": "1"})
+    params.pop("bs")
+    cfg = config.load("autotune", params)
+    dataset = data.load(cfg)
+    stage_run = store.client.create_run("0").info.run_id
+    tuner = autotune.Tuner(cfg, stage_run, dataset, stages.Lineage())
+    trial = tuner.study.ask()
+    tuner.spec(trial)
+    child = store.client.create_run("0", tags={  # its process is gone: no such pid
+        "mlflow.parentRunId": stage_run, "training_key": trial.user_attrs["child_key"],
+        "heartbeat": f"{socket.gethostname()} {2 ** 22 + 1} {time.time():.0f}"}).info.run_id
+    State = optuna.trial.TrialState
+    for attempt in range(2):  # each time the same command is run again, the trial has died again
+        again = autotune.Tuner(cfg, stage_run, dataset, stages.Lineage())
+        assert again.retry_interrupted() == 0
+        if attempt == 0:
+            assert [t.state for t in again.study.trials] == [State.FAIL, State.WAITING]
+            retried = again.study.ask()  # the retry starts, and its process dies too
+            assert again.spec(retried).name.startswith("autotune #0 ") and retried.params == trial.params
+    assert [t.state for t in again.study.trials] == [State.FAIL, State.FAIL]  # not queued a third time
+    assert store.client.get_run(child).info.status == "FAILED"
