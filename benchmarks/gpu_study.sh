@@ -17,22 +17,33 @@ if ! python3 -c "import ray, mlflow" 2>/dev/null; then
     echo "no ray or mlflow on this machine: install requirements.lock first" | tee "$out/study.txt"
     exit 1
 fi
-{ date -u; nvidia-smi -L; python3 -c "import torch, ray, mlflow; print('torch', torch.__version__, 'ray', ray.__version__, 'mlflow', mlflow.__version__)"; } \
+# each step below may fail on its own: the summary lines at the end always print
+{ date -u; nvidia-smi -L || true
+  python3 -c "import torch, ray, mlflow; print('torch', torch.__version__, 'ray', ray.__version__, 'mlflow', mlflow.__version__)" || true; } \
     2>&1 | tee "$out/study.txt"
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 2 > "$out/study.nvidia-smi.csv" &
 smi=$!
 trap 'kill $smi 2>/dev/null || true' EXIT
 start=$(date +%s)
+set +e  # the study's own status, not tee's, and the summary even when it fails
 timeout "${STUDY_TIMEOUT_S:-1500}" mlflow run . -e main --env-manager local \
     -P dataset=synthetic -P synthetic_train=73257 -P synthetic_test=26032 \
     -P executor=ray -P gpus_per_trial=0.25 -P cpus_per_trial=2 -P checkpoint_every=5 \
     2>&1 | tee -a "$out/study.txt"
+status=${PIPESTATUS[0]}
+set -e
 end=$(date +%s)
-echo "whole study: $((end - start)) s wall (goal: at most 600 s)" | tee -a "$out/study.txt"
-python3 - "$out/study.nvidia-smi.csv" <<'EOF' | tee -a "$out/study.txt"
+case $status in
+    0) outcome="finished" ;;
+    124) outcome="TIMED OUT after ${STUDY_TIMEOUT_S:-1500} s" ;;
+    *) outcome="FAILED (exit $status)" ;;
+esac
+echo "whole study: $outcome, $((end - start)) s wall (goal: at most 600 s)" | tee -a "$out/study.txt"
+python3 - "$out/study.nvidia-smi.csv" <<'EOF' 2>&1 | tee -a "$out/study.txt" || true
 import sys
 util = [float(line.split(",")[1].split()[0]) for line in open(sys.argv[1]) if "%" in line]
 if util:
     busy = sum(u > 0 for u in util) / len(util)
     print(f"GPU utilisation over {len(util)} samples: mean {sum(util) / len(util):.0f}%, busy {busy:.0%} of the time")
 EOF
+exit "$status"

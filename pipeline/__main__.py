@@ -53,9 +53,15 @@ def run(argv: list[str]) -> int:
     stage, overrides = parse_args(argv)
     INVOKED[:] = [stage, overrides]
     cfg = config.load(stage, overrides)  # every value checked before any work
-    from .executor import check_tracking
+    from .executor import check_before_runs
 
-    check_tracking(cfg)  # a Ray cluster beyond this machine needs a tracking server
+    if stage == "autotune":  # its own store: not the MLflow db, and reachable where trials run
+        import mlflow
+
+        from .autotune import storage_url
+
+        storage_url(cfg, mlflow.get_tracking_uri())
+    check_before_runs(cfg)  # executor=ray: stores every node reaches, children that fit a node
     if stage == "main":
         from .train import resolve_runtime
 

@@ -104,9 +104,10 @@ def storage_url(cfg: Config, tracking_uri: str) -> str:
     if url == tracking_uri:
         raise ConfigError(f"optuna_storage={url} is the MLflow tracking database: Optuna needs its own "
                           f"(both keep an alembic_version table); pass another, or leave it empty")
-    if cfg.executor == "ray" and cfg.ray_address not in ("", "local") and url.startswith("sqlite"):
-        raise ConfigError(f"optuna_storage={url} is a SQLite file, which Ray workers on other machines "
-                          f"cannot share: pass -P optuna_storage=postgresql://user@host/db (or mysql://...)")
+    # children report to the study from where they train: the MLflow store's rule, one function
+    executor.require_shared_store(cfg, "optuna_storage", redacted(url), not url.startswith("sqlite"),
+                                  "an Optuna database server",
+                                  "pass -P optuna_storage=postgresql://user@host/db (or mysql+pymysql://...)")
     return url
 
 
@@ -123,8 +124,9 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
 
 
 def study_name(cfg: Config, data_digest: str) -> str:
-    """From the stage's training key without n_trials: more trials continue the same study."""
-    key = cfg.replace(n_trials=1).training_key(data_digest)
+    """From the stage's study key (its training key without n_trials): more trials continue the
+    same study, and the same stage runs (tag stage_key)."""
+    key = cfg.study_key(data_digest)
     return f"autotune-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -247,11 +249,14 @@ class Tuner:
 
     def retry_interrupted(self) -> int:
         """Trials left RUNNING by a process that died: failed and queued again with the same values
-        and the epochs they reported (Optuna's retry callback). Returns those still live elsewhere."""
+        and the epochs they reported (Optuna's retry callback), at most max_retries times each (a
+        trial that always kills its process is given up, its child run FAILED, and the study asks
+        a new one). Returns those still live elsewhere."""
         live = 0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry = RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+            retry = RetryHeartbeatStaleTrialCallback(max_retry=self.cfg.max_retries,
+                                                     inherit_intermediate_values=True)
         for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             child = self.child_of(frozen)
             if child is not None and lifecycle.live_writer(child) and not self.cfg.force:
@@ -260,7 +265,14 @@ class Tuner:
                     f"(child run {child.info.run_id}): left to it")
                 continue
             self.study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+            trials = len(self.study.get_trials(deepcopy=False))
             retry(self.study, self.study.get_trials(deepcopy=False)[frozen.number])
+            if len(self.study.get_trials(deepcopy=False)) == trials:  # not queued again: given up
+                if child is not None and child.info.status == "RUNNING":
+                    tracking.end_run(child.info.run_id, "FAILED")
+                log(f"autotune: trial #{self.number(frozen.number)} was interrupted "
+                    f"{self.cfg.max_retries + 1} times: given up (FAILED), a new trial takes its place")
+                continue
             log(f"autotune: trial #{self.number(frozen.number)} was interrupted: retried with the same "
                 f"values" + (f"; child run {child.info.run_id} resumes from its last.pt" if child else ""))
         return live

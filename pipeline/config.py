@@ -152,6 +152,12 @@ class Config:
         text = yaml.safe_dump(params, sort_keys=True) + code_version()
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+    def study_key(self, data_digest: str) -> str:
+        """The training key less how far a study goes (n_trials): what a child trains and which
+        study (or stage) it belongs to. A FINISHED stage is reused by its training_key, which
+        keeps n_trials: a study asked for 3 trials is not the one that ran 2."""
+        return self.replace(n_trials=1).training_key(data_digest)
+
 
 FIELD_TYPES = {f.name: f for f in fields(Config)}
 # where and how children run: never part of what they compute, so never of a training key

@@ -2,8 +2,9 @@
 
 `tensor` (default): each .mat is decoded once into a cached uint8 tensor file; batches are
 cropped, rotated and normalised as whole tensors on the training device.
-`torchvision`: the seed's own path, torchvision's SVHN dataset with per-sample PIL transforms
-in a DataLoader, kept for comparison (benchmarks/throughput.py).
+`torchvision`: the seed's own path, the images torchvision's SVHN dataset serves (taken from the
+same decoded tensors, so no worker opens a .mat) with per-sample PIL transforms in a DataLoader,
+kept for comparison (benchmarks/throughput.py).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 from torchvision import transforms as T
 from torchvision.datasets.utils import check_integrity
 
@@ -168,7 +170,7 @@ class Split:
     labels: torch.Tensor            # (N,) int64
     source: Path                    # the .mat file
     file_sha256: str
-    indices: torch.Tensor           # rows of the .mat file, for the torchvision pipeline
+    indices: torch.Tensor           # rows of the .mat file (the digest of a cut)
     file_rows: int                  # rows in the whole file
 
     @property
@@ -372,15 +374,27 @@ def seed_transforms(train: bool, augment_images: bool = True) -> T.Compose:
     return T.Compose([*crop, T.ToTensor(), T.Normalize(mean=MEAN, std=STD)])
 
 
-class LoaderBatches:
-    """torchvision SVHN + per-sample PIL transforms + DataLoader, as the seed feeds its model."""
+class SeedImages(torch.utils.data.Dataset):
+    """A split's decoded uint8 images as torchvision's SVHN dataset serves them (same PIL image,
+    same transform, same int label), read from memory: a Ray worker has no .mat to open."""
 
-    def __init__(self, part: Split, bs, *, train, augment_images, device, verify,
+    def __init__(self, part: Split, transform):
+        self.images, self.labels, self.transform = part.images.numpy(), part.labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = Image.fromarray(np.transpose(self.images[index], (1, 2, 0)))  # as SVHN.__getitem__
+        return self.transform(image), int(self.labels[index])
+
+
+class LoaderBatches:
+    """The seed's per-sample PIL transforms + DataLoader, over the decoded split."""
+
+    def __init__(self, part: Split, bs, *, train, augment_images, device,
                  generator=None, num_workers=0, channels_last=False):
-        split = "test" if part.role == "test" else "train"
-        dataset = SVHNMat(str(part.source.parent), split, verify=verify, filename=part.source.name,
-                          transform=seed_transforms(train, augment_images))
-        dataset = torch.utils.data.Subset(dataset, part.indices.tolist())
+        dataset = SeedImages(part, seed_transforms(train, augment_images))
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=bs, shuffle=train, drop_last=False, num_workers=num_workers,
             generator=generator, pin_memory=device.type == "cuda")
@@ -404,8 +418,7 @@ def batches(cfg: Config, data: SVHNData, split: str, device: torch.device, bs: i
     part = {"train": data.train, "val": data.val, "test": data.test}[split]
     if cfg.data_pipeline == "torchvision":
         return LoaderBatches(part, bs, train=train, augment_images=cfg.augment,
-                             device=device, verify=cfg.verify and cfg.dataset == "svhn",
-                             generator=generator, num_workers=cfg.num_workers,
+                             device=device, generator=generator, num_workers=cfg.num_workers,
                              channels_last=channels_last)
     return TensorBatches(part.images, part.labels, bs, train=train, augment_images=cfg.augment,
                          device=device, generator=generator, channels_last=channels_last)

@@ -83,11 +83,17 @@ def is_server(uri: str) -> bool:
 
 
 def local_addresses() -> set[str]:
+    """This machine's names and the addresses of all its interfaces: a Ray started here (`ray start
+    --head`) names its node by the LAN address, which the host name need not resolve to."""
+    import psutil
+
     addresses = {"localhost", socket.gethostname()}
     try:
         addresses |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
     except OSError:
         pass
+    addresses |= {a.address.split("%")[0] for nic in psutil.net_if_addrs().values() for a in nic
+                  if a.family in (socket.AF_INET, socket.AF_INET6)}
     return addresses
 
 
@@ -100,23 +106,59 @@ def is_local_host(host: str) -> bool:
     return host in local_addresses()
 
 
-def refuse_local_store(where: str) -> None:
-    uri = tracking_uri()
-    if not is_server(uri):
-        raise ConfigError(
-            f"executor=ray with {where} needs a tracking server that every node reaches, but the "
-            f"tracking URI is {uri}: start `mlflow server` and set MLFLOW_TRACKING_URI=http://<host>:5000 "
-            f"(README: Scaling out with Ray)")
+def beyond_this_machine(cfg: Config) -> str:
+    """Where children of `cfg` may train off this machine ("" when all train here): a ray_address
+    on another host (known without connecting), or a cluster with nodes elsewhere (joined to look;
+    a Ray this process starts has only this machine)."""
+    if cfg.executor != "ray":
+        return ""
+    address = cfg.ray_address
+    if address not in ("", "auto", "local"):
+        host = urlparse(address if "://" in address else f"ray://{address}").hostname or ""
+        if not is_local_host(host):
+            return f"ray_address={address} (another machine)"
+    import ray
+
+    if address in ("", "local") and not ray.is_initialized():
+        return ""
+    connect(cfg)
+    remote = sorted({n["NodeManagerAddress"] for n in ray.nodes()
+                     if n["Alive"] and not is_local_host(n["NodeManagerAddress"])})
+    return f"nodes on other machines ({', '.join(remote[:3])})" if remote else ""
+
+
+def require_shared_store(cfg: Config, store: str, uri: str, shared: bool, needs: str, fix: str) -> None:
+    """The one rule for every store children write (MLflow's, Optuna's): a store on this machine
+    (SQLite, a local folder) serves children on this machine only."""
+    if shared:
+        return
+    where = beyond_this_machine(cfg)
+    if where:
+        raise ConfigError(f"executor=ray with {where} needs {needs} that every node reaches, but {store} "
+                          f"is {uri}: {fix} (README: Scaling out with Ray)")
 
 
 def check_tracking(cfg: Config) -> None:
-    """Before anything runs: a Ray address on another machine needs an http(s) tracking URI."""
-    if cfg.executor != "ray" or cfg.ray_address in ("", "auto", "local"):
-        return  # a local Ray, or `auto`, whose nodes are checked once connected
-    address = cfg.ray_address
-    host = urlparse(address if "://" in address else f"ray://{address}").hostname or ""
-    if not is_local_host(host):
-        refuse_local_store(f"ray_address={address} (another machine)")
+    """Children on other machines need an http(s) tracking URI: an explicit ray_address elsewhere
+    is refused before connecting, `auto` (or a local address) once its nodes are known."""
+    uri = tracking_uri()
+    require_shared_store(cfg, "the tracking URI", uri, is_server(uri), "a tracking server",
+                         "start `mlflow server` and set MLFLOW_TRACKING_URI=http://<host>:5000")
+
+
+def check_before_runs(cfg: Config) -> None:
+    """Everything executor=ray refuses, checked before any run exists (the CLI calls this): a
+    store on this machine for children elsewhere, then what the cluster can place. `main` only
+    looks: each of its stages connects (or starts its own Ray) in its own process."""
+    if cfg.executor != "ray":
+        return
+    import ray
+
+    started_here = not ray.is_initialized()
+    check_cluster(cfg)
+    if cfg.stage == "main" and started_here:
+        ray.shutdown()
+        RAY.clear()
 
 
 RAY: dict = {}  # what this process put in Ray's object store once: {key: ObjectRef}
@@ -150,14 +192,14 @@ def connect(cfg: Config) -> None:
 
 
 def check_cluster(cfg: Config) -> None:
-    """What the cluster can place: nodes beyond this machine need a server; a child that fits no
-    node would wait forever; a GPU left unused for CPU-only children is almost surely a mistake."""
+    """What the cluster (joined, or started here) can place: nodes beyond this machine need a
+    server; a child that fits no node would wait forever; a GPU left unused for CPU-only children
+    is almost surely a mistake."""
     import ray
 
+    check_tracking(cfg)  # before connecting: an explicit address elsewhere is refused at once
+    connect(cfg)
     nodes = [n for n in ray.nodes() if n["Alive"]]
-    remote = sorted({n["NodeManagerAddress"] for n in nodes if not is_local_host(n["NodeManagerAddress"])})
-    if remote:
-        refuse_local_store(f"nodes on other machines ({', '.join(remote[:3])})")
     cpus = max(n["Resources"].get("CPU", 0) for n in nodes)
     gpus = max(n["Resources"].get("GPU", 0) for n in nodes)
     if cfg.cpus_per_trial > cpus or cfg.gpus_per_trial > gpus:
@@ -251,9 +293,7 @@ def run_on_ray(cfg: Config, parent_run_id: str, specs: list[ChildSpec],
     results in the order of `specs`, for the stage to aggregate as with executor=local."""
     import ray
 
-    check_tracking(cfg)
-    connect(cfg)
-    check_cluster(cfg)
+    check_cluster(cfg)  # the CLI checked this before any run existed; in-process callers did not
     env = {k: v for k, v in os.environ.items() if k in TRACKING_ENV}
     env["MLFLOW_TRACKING_URI"] = tracking_uri()
     data_ref = shared(dataset, f"data-{dataset.digest}")
@@ -262,16 +302,17 @@ def run_on_ray(cfg: Config, parent_run_id: str, specs: list[ChildSpec],
     placement = dict(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial, max_retries=cfg.max_retries,
                      retry_exceptions=False, scheduling_strategy="SPREAD")
     refs, states = [], {}  # a parent's weights go to the object store once for all its children
-    for spec in specs:
-        if spec.init_state is not None and id(spec.init_state) not in states:
-            states[id(spec.init_state)] = ray.put(spec.init_state)
-        state_ref = states.get(id(spec.init_state)) if spec.init_state is not None else None
-        refs.append(task.options(name=spec.name, **placement).remote(
-            env, parent_run_id, replace(spec, init_state=None), state_ref, data_ref,
-            set(lifecycle.ADOPTABLE), board))
-    display = Display([s.name for s in specs], board)
     results: dict[int, RunResult] = {}
+    pending = refs  # while submitting, every task submitted so far: a Ctrl-C then cancels those too
     try:
+        for spec in specs:
+            if spec.init_state is not None and id(spec.init_state) not in states:
+                states[id(spec.init_state)] = ray.put(spec.init_state)
+            state_ref = states.get(id(spec.init_state)) if spec.init_state is not None else None
+            refs.append(task.options(name=spec.name, **placement).remote(
+                env, parent_run_id, replace(spec, init_state=None), state_ref, data_ref,
+                set(lifecycle.ADOPTABLE), board))
+        display = Display([s.name for s in specs], board)
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=1.0)

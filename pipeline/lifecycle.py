@@ -109,18 +109,19 @@ def refuse_if_live(run, cfg: Config, action: str) -> None:
 def child_key(cfg: Config, data_digest: str, name: str, init_source: str) -> str:
     """A child's training_key: its own config, its data, its place in the stage (name), and the
     run its weights come from (phase 2 depends on phase 1's run)."""
-    text = f"{cfg.training_key(data_digest)}|{name}|{init_source}"
+    text = f"{cfg.study_key(data_digest)}|{name}|{init_source}"  # n_trials changes no trial
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # -- continuing a stage ---------------------------------------------------------------------------
 
-def unfinished_stage_runs(experiment_id: str, stage_key: str, current: str) -> list:
-    """Earlier top-level runs of the same stage, parameters, parent and data that did not finish."""
+def earlier_stage_runs(experiment_id: str, stage_key: str, current: str, finished: bool = False) -> list:
+    """Earlier top-level runs of the same stage, parameters, parent and data that did not finish
+    (and, with `finished`, those that did), not yet continued by another run."""
     runs = tracking.client().search_runs(
         [experiment_id], filter_string=f"tags.{STAGE_KEY} = '{stage_key}'",
         order_by=["attributes.start_time DESC"], max_results=100)
-    return [r for r in runs if r.info.run_id != current and r.info.status != "FINISHED"
+    return [r for r in runs if r.info.run_id != current and (finished or r.info.status != "FINISHED")
             and CONTINUED_IN not in r.data.tags and "mlflow.parentRunId" not in r.data.tags]
 
 

@@ -296,12 +296,12 @@ def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
         if sources:
             tracking.set_tags(run_id, {f"{name}_from": source for name, source in sources.items()})
         dataset = data_mod.load(cfg)
-        key = cfg.training_key(dataset.digest)
+        key, stage_key = cfg.training_key(dataset.digest), cfg.study_key(dataset.digest)
         earlier = []
         if cfg.stage != "train":  # a train run logs its own inputs; a stage's are its children's
             tracking.log_datasets(run_id, dataset)
-            earlier = continue_earlier_runs(cfg, run_id, key)
-        client.set_tag(run_id, lifecycle.STAGE_KEY, key)
+            earlier = continue_earlier_runs(cfg, run_id, stage_key)
+        client.set_tag(run_id, lifecycle.STAGE_KEY, stage_key)
         lifecycle.beat(run_id)
         log(f"{cfg.stage}: run {run_id} in {mlflow.get_tracking_uri()}")
         try:
@@ -321,17 +321,26 @@ def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
     return result
 
 
-def continue_earlier_runs(cfg: Config, run_id: str, key: str) -> list:
+def continue_earlier_runs(cfg: Config, run_id: str, stage_key: str) -> list:
     """Earlier runs of this stage with the same key that never finished: this run takes over
-    their children (reusing the finished, resuming the interrupted) instead of starting over."""
+    their children (reusing the finished, resuming the interrupted) instead of starting over.
+
+    autotune takes over its study's finished runs too: the study (in Optuna's storage) goes on
+    across commands (a larger n_trials adds trials), and its trials' children belong to the run
+    that holds its result now. A finished run taken over is never reused by `main` again."""
     experiment_id = tracking.client().get_run(run_id).info.experiment_id
-    earlier = lifecycle.unfinished_stage_runs(experiment_id, key, run_id)
+    earlier = lifecycle.earlier_stage_runs(experiment_id, stage_key, run_id, finished=cfg.stage == "autotune")
     for old in earlier:
         lifecycle.refuse_if_live(old, cfg, "continued")
+    for old in earlier:
+        if old.info.status == "FINISHED":  # its children move here: its result is not one to reuse
+            tracking.client().set_tag(old.info.run_id, "training_key",
+                                      f"superseded-{old.data.tags.get('training_key', '')}")
     lifecycle.ADOPTABLE.update(r.info.run_id for r in earlier)
     if earlier:
         log(f"{cfg.stage}: continuing {', '.join(r.info.run_id for r in earlier)} (same parameters, "
-            f"parent and data; never finished): finished children are reused, the interrupted one resumed")
+            f"parent and data{'; the same study' if cfg.stage == 'autotune' else '; never finished'}): "
+            f"finished children are reused, the interrupted one resumed")
     return earlier
 
 

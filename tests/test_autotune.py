@@ -55,11 +55,35 @@ def test_the_study_is_kept_beside_a_sqlite_store_never_in_it(tmp_path, monkeypat
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     with pytest.raises(ConfigError, match="is the MLflow tracking database: Optuna needs its own"):
         autotune.storage_url(config.load("autotune", {"optuna_storage": uri}), uri)
-    on_cluster = config.load("autotune", {"executor": "ray", "ray_address": "auto"})
-    with pytest.raises(ConfigError, match="SQLite file, which Ray workers on other machines cannot share"):
-        autotune.storage_url(on_cluster, "http://tracking:5000")
+    elsewhere = config.load("autotune", {"executor": "ray", "ray_address": "ray://192.0.2.10:10001"})
+    with pytest.raises(ConfigError) as refused:
+        autotune.storage_url(elsewhere, "http://tracking:5000")
+    assert str(refused.value) == (
+        f"executor=ray with ray_address=ray://192.0.2.10:10001 (another machine) needs an Optuna database "
+        f"server that every node reaches, but optuna_storage is sqlite:///{tmp_path}/optuna.db: pass "
+        f"-P optuna_storage=postgresql://user@host/db (or mysql+pymysql://...) (README: Scaling out with Ray)")
     server = "postgresql://tuner@db:5432/optuna"
-    assert autotune.storage_url(on_cluster.replace(optuna_storage=server), "http://tracking:5000") == server
+    assert autotune.storage_url(elsewhere.replace(optuna_storage=server), "http://tracking:5000") == server
+
+
+def test_sqlite_study_storage_follows_the_tracking_stores_rule_on_a_one_machine_cluster(tmp_path, monkeypatch):
+    """SQLite is refused where the MLflow store would be (trials on other machines), and only
+    there: `auto` joining a cluster whose nodes are all this machine keeps it."""
+    import ray
+
+    from pipeline import executor
+
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        joined = config.load("autotune", {"executor": "ray", "ray_address": "auto"})
+        executor.check_tracking(joined)  # the MLflow store: SQLite is fine here
+        assert autotune.storage_url(joined, f"sqlite:///{tmp_path}/mlflow.db") == \
+            f"sqlite:///{tmp_path}/mlflow.optuna.db"
+    finally:
+        ray.shutdown()
+        executor.RAY.clear()
 
 
 def test_the_study_name_ignores_n_trials_and_storage_but_not_the_search():
@@ -170,3 +194,35 @@ def test_a_trial_whose_child_died_is_retried_with_its_values_and_a_live_one_is_l
         assert spec.cfg == specs[dead.number].cfg
     finally:
         writer.kill()
+
+
+def test_a_trial_that_keeps_killing_its_process_is_given_up_after_max_retries(store, monkeypatch):
+    """With max_retries=1 a dead trial is queued again once; when its retry dies too, it is
+    failed for good (its child run FAILED), not queued a third time."""
+    import socket
+    import time
+
+    from pipeline import data
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    params = store.params({"n_trials": "2", "init": "scratch", "bss": "32", "max_retries": "1"})
+    params.pop("bs")
+    cfg = config.load("autotune", params)
+    dataset = data.load(cfg)
+    stage_run = store.client.create_run("0").info.run_id
+    tuner = autotune.Tuner(cfg, stage_run, dataset, stages.Lineage())
+    trial = tuner.study.ask()
+    tuner.spec(trial)
+    child = store.client.create_run("0", tags={  # its process is gone: no such pid
+        "mlflow.parentRunId": stage_run, "training_key": trial.user_attrs["child_key"],
+        "heartbeat": f"{socket.gethostname()} {2 ** 22 + 1} {time.time():.0f}"}).info.run_id
+    State = optuna.trial.TrialState
+    for attempt in range(2):  # each time the same command is run again, the trial has died again
+        again = autotune.Tuner(cfg, stage_run, dataset, stages.Lineage())
+        assert again.retry_interrupted() == 0
+        if attempt == 0:
+            assert [t.state for t in again.study.trials] == [State.FAIL, State.WAITING]
+            retried = again.study.ask()  # the retry starts, and its process dies too
+            assert again.spec(retried).name.startswith("autotune #0 ") and retried.params == trial.params
+    assert [t.state for t in again.study.trials] == [State.FAIL, State.FAIL]  # not queued a third time
+    assert store.client.get_run(child).info.status == "FAILED"

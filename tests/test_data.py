@@ -204,3 +204,40 @@ def test_tensor_batches_are_the_seed_transforms_in_shuffled_or_fixed_order(train
     channels_last = data.TensorBatches(images, labels, 4, train=False, augment_images=False,
                                        device=torch.device("cpu"), channels_last=True)
     assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in channels_last)
+
+
+# -- the seed's pipeline from memory ------------------------------------------------------------
+
+def seed_loader_batches(folder, part, bs, train, seed):
+    """The torchvision pipeline as it read the .mat before: torchvision's SVHN reader over the
+    file, the split's rows as a Subset, the seed's transforms, a DataLoader."""
+    split = "test" if part.role == "test" else "train"
+    reader = data.SVHNMat(str(folder), split, verify=False, filename=part.source.name,
+                          transform=data.seed_transforms(train))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(reader, part.indices.tolist()),
+                                         batch_size=bs, shuffle=train,
+                                         generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)  # the PIL transforms draw from torch's global generator
+    return list(loader)
+
+
+def test_the_torchvision_pipeline_gives_the_seed_readers_batches_without_the_mat_file(tmp_path):
+    """A Ray worker gets the decoded split, not the file: with the .mat files gone, the
+    torchvision pipeline serves the same batches (images, augmentation draws, order, labels) as
+    torchvision's own SVHN reader over the file."""
+    import shutil
+
+    folder = synthetic.ensure(tmp_path / "mats", 90, 40)
+    cfg = config.load("train", {"dataset": "svhn", "data_dir": str(folder), "verify": "false",
+                                "val_split": "0.2", "data_pipeline": "torchvision"})
+    loaded = data.load(cfg)  # what the driver puts in Ray's object store
+    expected = {role: seed_loader_batches(folder, getattr(loaded, role), 16, role == "train", 3)
+                for role in ("train", "val", "test")}
+    shutil.rmtree(folder)
+    for role, want in expected.items():
+        batches = data.batches(cfg, loaded, role, torch.device("cpu"), 16, torch.Generator().manual_seed(3))
+        torch.manual_seed(3)
+        got = list(batches)
+        assert len(got) == len(want) == len(batches), role
+        for (x, y), (x_want, y_want) in zip(got, want):
+            assert torch.equal(y, y_want) and torch.equal(x, x_want), role

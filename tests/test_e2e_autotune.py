@@ -87,13 +87,41 @@ def test_the_best_trial_checkpoint_and_values_are_on_the_stage_run(module_store,
     assert tuned.data.tags["optuna_storage"].endswith("mlflow.optuna.db")  # beside the store, not in it
 
 
-def test_the_same_command_again_continues_the_study_without_duplicate_trials(module_store, tuned):
+@pytest.fixture(scope="module")
+def continued(module_store, tuned):
+    """The 4-trial study asked for 5: (the stage run, its trial children before, the output)."""
+    before = {c.data.tags["trial_number"]: c.info.run_id for c in module_store.children(tuned.info.run_id)}
+    proc = module_store.mlflow_run("autotune", toy_study(module_store, n_trials="5"))
+    (run,) = [r for r in module_store.top_level("autotune") if r.info.run_id != tuned.info.run_id]
+    return run, before, proc.stdout + proc.stderr
+
+
+def test_a_larger_n_trials_continues_the_study_and_trains_only_the_missing_trial(module_store, tuned, continued):
     store = module_store
+    run, before, output = continued
+    assert "already has 4 finished trials: kept" in output
+    assert run.info.status == "FINISHED" and len(load_study(run).trials) == 5
+    assert run.data.tags["optuna_study"] == tuned.data.tags["optuna_study"]
+    children = {c.data.tags["trial_number"]: c.info.run_id for c in store.children(run.info.run_id)}
+    assert sorted(children) == ["0", "1", "2", "3", "4"]  # every trial, under the run holding the result
+    assert {n: children[n] for n in before} == before  # the first four: the same runs, not trained again
+    assert len(trial_children(store)) == 5 and run.data.tags["best_child_run_id"] in children.values()
+    earlier = store.client.get_run(tuned.info.run_id)
+    assert earlier.data.tags["continued_in"] == run.info.run_id
+    assert earlier.data.tags["training_key"].startswith("superseded-")  # `main` never reuses it now
+
+
+def test_the_same_command_again_continues_the_study_without_duplicate_trials(module_store, tuned, continued):
+    store = module_store
+    last = continued[0]
     before = {c.info.run_id for c in trial_children(store)}
-    proc = store.mlflow_run("autotune", toy_study(store))
-    assert "already has 4 finished trials: kept" in proc.stdout + proc.stderr
+    proc = store.mlflow_run("autotune", toy_study(store, n_trials="5"))
+    assert "already has 5 finished trials: kept" in proc.stdout + proc.stderr
     assert {c.info.run_id for c in trial_children(store)} == before  # no child trained again
-    again = [r for r in store.top_level("autotune") if r.info.run_id != tuned.info.run_id]
+    again = [r for r in store.top_level("autotune") if r.info.run_id not in (tuned.info.run_id, last.info.run_id)]
     assert len(again) == 1 and again[0].info.status == "FINISHED"
-    assert len(load_study(again[0]).trials) == 4
-    assert again[0].data.tags["best_child_run_id"] == tuned.data.tags["best_child_run_id"]
+    assert len(load_study(again[0]).trials) == 5
+    assert again[0].data.tags["best_child_run_id"] == last.data.tags["best_child_run_id"]
+    # the record holds together: the best child, and every trial, are this run's children
+    assert {c.info.run_id for c in store.children(again[0].info.run_id)} == before
+    assert store.client.get_run(last.info.run_id).data.tags["continued_in"] == again[0].info.run_id

@@ -84,6 +84,19 @@ def test_sqlite_store_with_a_ray_cluster_elsewhere_is_refused_in_one_line(store)
     assert store.runs() == []
 
 
+def test_a_child_that_fits_no_node_of_the_local_ray_is_refused_before_any_run(store):
+    ray_env(store)
+    proc = store.cli("tune_lr", *sum((["--" + k, v] for k, v in store.params(
+        {"init": "scratch", "executor": "ray", "cpus_per_trial": "999"}).items()), []))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    cpus = f"{os.cpu_count():g}"  # the local Ray started for the check: this machine's CPUs
+    # (Ray's own start-up notice may come before it on stderr)
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: cpus_per_trial=999 gpus_per_trial=0 fits no Ray node (the largest has {cpus} CPUs, "
+        f"0 GPUs): lower them"]
+    assert store.runs() == []
+
+
 # -- a worker that dies ------------------------------------------------------------------------------
 
 def start(store: Store, entry: str, params: dict) -> subprocess.Popen:
@@ -209,7 +222,8 @@ def test_children_spread_over_two_nodes_and_every_artifact_reaches_the_server(tw
 
 def test_tasks_read_the_data_from_the_object_store_not_from_disk(two_nodes, server, colour_data, tmp_path,
                                                                  monkeypatch):
-    """The driver decodes the .mat files once; with them deleted, the children still train."""
+    """The driver decodes the .mat files once; with them deleted, the children still train, on
+    either data pipeline (the seed's torchvision one serves the same decoded tensors)."""
     import mlflow
     import ray
 
@@ -226,7 +240,8 @@ def test_tasks_read_the_data_from_the_object_store_not_from_disk(two_nodes, serv
     dataset = data.load(cfg)
     shutil.rmtree(folder)  # and the decode cache's source is gone with it
     parent = mlflow.MlflowClient().create_run("0", run_name="object store check").info.run_id
-    specs = [executor.ChildSpec(f"point {lr}", cfg.replace(lr=lr), "resnet") for lr in cfg.lrs]
+    specs = [executor.ChildSpec(f"point {lr}", cfg.replace(lr=lr, data_pipeline=pipeline), "resnet")
+             for lr, pipeline in zip(cfg.lrs, ("tensor", "torchvision"))]
     try:
         results = executor.run_children(cfg, parent, specs, dataset)
     finally:
@@ -238,4 +253,5 @@ def test_tasks_read_the_data_from_the_object_store_not_from_disk(two_nodes, serv
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent
         assert server.steps(result.run_id, "test_acc") == [1]
         assert run.data.tags["data_digest"] == dataset.digest
+    assert [server.client.get_run(r.run_id).data.params["data_pipeline"] for r in results] == ["tensor", "torchvision"]
     assert isinstance(results[0], runner.RunResult)
