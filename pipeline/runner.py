@@ -121,8 +121,9 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
     # channels_last: measured faster on this CPU (oneDNN) and on CUDA GPUs alike
     model = model.to(device, memory_format=torch.channels_last)
     train_batches = data_mod.batches(cfg, dataset, "train", device, cfg.bs, generator, channels_last=True)
-    test_batches = data_mod.batches(cfg, dataset, "test", device, cfg.bs, None, channels_last=True)
-    val_batches = data_mod.batches(cfg, dataset, "val", device, cfg.bs, None, channels_last=True) \
+    eval_bs = cfg.eval_batch_size(device.type)
+    test_batches = data_mod.batches(cfg, dataset, "test", device, eval_bs, None, channels_last=True)
+    val_batches = data_mod.batches(cfg, dataset, "val", device, eval_bs, None, channels_last=True) \
         if dataset.val is not None else None
     already_logged = tracking.logged_steps(run_id, "test_acc") if resume else set()
     if resume is not None and resume["epoch"] not in already_logged:
@@ -155,7 +156,7 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
 
     run_hyper = hyper(cfg, device)
     log(f"run {run_id}: {arch}, {dataset.n_train} train / {dataset.n_val} val / {dataset.n_test} test images, "
-        f"{run_hyper.epochs} epochs, bs {cfg.bs}, lr {cfg.lr:g}, gamma {cfg.gamma:g}, wd {cfg.wd:g}, "
+        f"{run_hyper.epochs} epochs, bs {cfg.bs} (eval {eval_bs}), lr {cfg.lr:g}, gamma {cfg.gamma:g}, wd {cfg.wd:g}, "
         f"device {device}, {run_hyper.precision}, pipeline {cfg.data_pipeline}")
     system_metrics = tracking.SystemMetrics(run_id, tracking.guess_epoch_s(
         device.type, dataset.n_train, dataset.n_val + dataset.n_test))

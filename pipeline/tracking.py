@@ -91,9 +91,10 @@ def set_tags(run_id: str, tags: dict[str, str]) -> None:
 
 
 def runtime_params(device: torch.device, precision: str, cfg: Config) -> dict[str, str]:
-    """What `device=auto` and `precision=auto` resolved to, and the threads torch used."""
+    """What `device=auto`, `precision=auto` and `eval_bs=0` resolved to, and the threads torch used."""
     return {"device_resolved": str(device), "precision_resolved": precision,
-            "data_pipeline": cfg.data_pipeline, "torch_threads": str(torch.get_num_threads())}
+            "data_pipeline": cfg.data_pipeline, "torch_threads": str(torch.get_num_threads()),
+            "eval_bs_resolved": str(cfg.eval_batch_size(device.type))}
 
 
 # MLflow caps a dataset digest at 36 characters: the digest column holds SHA-256's first 32 hex

@@ -148,7 +148,9 @@ VOLATILE = {"log_every", "resume_run_id", "env_manager", "num_workers", "force",
             # where a child runs is not what it computes: local and Ray results stand for each other
             "executor", "ray_address", "cpus_per_trial", "gpus_per_trial", "max_retries",
             # where an Optuna study is kept and how many trials are asked at once (like executor)
-            "optuna_storage", "trial_batch"}
+            "optuna_storage", "trial_batch",
+            # how fast the same arithmetic runs: the evaluation batch size
+            "eval_bs"}
 
 
 def changed(value):
@@ -219,7 +221,7 @@ BOUNDS = [
     ("arch", "", "resnet3"), ("arch", "resnet2", "vgg16"), ("archs", "resnet,vgg,resnet2", "resnet,alex"),
     ("init", "scratch", "random"), ("device", "cuda", "gpu"), ("precision", "bf16", "fp16"),
     ("data_pipeline", "torchvision", "dali"), ("dataset", "synthetic", "mnist"),
-    ("env_manager", "uv", "docker"),
+    ("env_manager", "uv", "docker"), ("eval_bs", "0", "-1"),
 ]
 
 
@@ -321,3 +323,16 @@ def test_load_reads_defaults_then_the_stage_file(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "PARAMS_DIR", tmp_path)
     cfg = config.load("train", {"seed": "3"})
     assert (cfg.epochs, cfg.lr, cfg.seed, cfg.stage) == (7, 0.25, 3, "train")
+
+
+def test_eval_batch_size_is_bs_on_a_cpu_and_at_least_1024_on_cuda_unless_given():
+    assert [config.load("train", {"bs": bs}).eval_batch_size("cpu") for bs in ("64", "2048")] == [64, 2048]
+    assert [config.load("train", {"bs": bs}).eval_batch_size("cuda") for bs in ("64", "2048")] == [1024, 2048]
+    given = config.load("train", {"bs": "64", "eval_bs": "300"})
+    assert (given.eval_batch_size("cpu"), given.eval_batch_size("cuda")) == (300, 300)
+
+
+def test_main_hands_eval_bs_on_to_every_stage():
+    from pipeline import workflow
+
+    assert workflow.stage_overrides({"eval_bs": "2048"}) == {"eval_bs": "2048"}
