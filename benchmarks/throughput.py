@@ -166,7 +166,7 @@ def full_epoch(arch, cfg, dataset, args) -> dict:
         client = tracking.client()
         run_id = client.create_run("0", run_name=f"throughput {arch}").info.run_id
         run_cfg = cfg.replace(arch=arch, epochs=2, bs=args.bs, log_every=10**6, precision=args.precision,
-                              compile=args.compile, patience=99)
+                              compile="true" if args.compile else "false", patience=99)
         marks = [time.perf_counter()]
 
         def mark(result):  # called once the epoch is evaluated, checkpointed and logged

@@ -45,7 +45,7 @@ class RunResult:
 def hyper(cfg: Config, device) -> train.Hyper:
     return train.Hyper(epochs=cfg.capped_epochs(cfg.epochs), lr=cfg.lr, alpha=cfg.alpha,
                        gamma=cfg.gamma, wd=cfg.wd, tol=cfg.tol, patience=cfg.patience,
-                       log_every=cfg.log_every, compile=cfg.compile,
+                       log_every=cfg.log_every, compile=cfg.compile_mode,
                        precision=train.resolve_precision(cfg.precision, device))
 
 
