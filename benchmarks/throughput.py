@@ -15,12 +15,16 @@ each figure the best round; img/s over the timed batches after one warm-up batch
 
 Then the headline epoch: runner.train_in_run (the `train` entry point's code, into a temporary
 SQLite tracking store) for 2 epochs over --epoch-images training images (the synthetic set tiled)
-and --epoch-test-images test images. Its full epoch is the wall time from the end of epoch 1 to
-the end of epoch 2 as the run goes: training, evaluation, checkpoint writes, logging. Its logged
+and --epoch-test-images test images, at --eval-bs and --compile as `-P eval_bs=... compile=...`
+would run it. Its full epoch is the wall time from the end of epoch 1 to the end of epoch 2 as
+the run goes: training, evaluation, the wait for epoch 1's record (best.pt, last.pt, metrics,
+written in the background while epoch 2 trains), epoch 2's hand-off; "after the last epoch" is
+the rest of the run (the wait for epoch 2's record, the totals, the loss plot). Its logged
 train_images_per_s over the ceiling is the fraction of the hardware our training loop gets.
 
     python benchmarks/throughput.py                                  # CPU, MyResNet, bs 256
     python benchmarks/throughput.py --device cuda --batches 30 --epoch-images 73257 --epoch-test-images 26032
+    python benchmarks/throughput.py --device cuda --rows ceiling --compile max-autotune --epoch-images 73257
 """
 from __future__ import annotations
 
@@ -73,6 +77,8 @@ def measure(batches, model, device, optimizer, batches_to_time, training, precis
         except StopIteration:
             iterator = iter(batches)
             x, y = next(iterator)
+        if device.type == "cuda":  # as train.fit: a CUDA graph (compile modes) step per batch
+            torch.compiler.cudagraph_mark_step_begin()
         with train.autocast(device, precision), torch.set_grad_enabled(training):
             out = model(x)
             loss = criterion(out.float(), y)
@@ -122,7 +128,7 @@ def run_row(row, arch, cfg, dataset, device, args, default_precision):
     model = models.build(arch).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if args.compile and row in ("+ bf16", "ceiling") else model
+    net = train.compiled(model, args.compile_mode) if row in ("+ bf16", "ceiling") else model
     optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.99)
     generator = torch.Generator().manual_seed(0)
     if row == "ceiling":
@@ -166,14 +172,15 @@ def full_epoch(arch, cfg, dataset, args) -> dict:
         client = tracking.client()
         run_id = client.create_run("0", run_name=f"throughput {arch}").info.run_id
         run_cfg = cfg.replace(arch=arch, epochs=2, bs=args.bs, log_every=10**6, precision=args.precision,
-                              compile=args.compile, patience=99)
+                              compile=args.compile, eval_bs=args.eval_bs, patience=99)
         marks = [time.perf_counter()]
 
-        def mark(result):  # called once the epoch is evaluated, checkpointed and logged
+        def mark(result):  # called once the epoch is evaluated and its record handed to the writer
             marks.append(time.perf_counter())
             return False
 
         runner.train_in_run(run_id, run_cfg, big, arch=arch, epoch_hook=mark)
+        after_last_epoch_s = time.perf_counter() - marks[-1]
         tracking.end_run(run_id, "FINISHED")
 
         def values(key):
@@ -183,8 +190,9 @@ def full_epoch(arch, cfg, dataset, args) -> dict:
                   and ("utilization" in key or "memory_usage_megabytes" in key)}
         params = client.get_run(run_id).data.params
     return {"arch": arch, "train_images": args.epoch_images, "test_images": args.epoch_test_images,
-            "bs": args.bs, "precision": params["precision_resolved"],
-            "full_epoch_s": [b - a for a, b in zip(marks, marks[1:])],
+            "bs": args.bs, "precision": params["precision_resolved"], "eval_bs": int(params["eval_bs_resolved"]),
+            "compile": params["compile"], "full_epoch_s": [b - a for a, b in zip(marks, marks[1:])],
+            "after_last_epoch_s": after_last_epoch_s,
             "logged_epoch_time_s": values("epoch_time_s"), "logged_train_img_s": values("train_images_per_s"),
             "system_metrics": system}
 
@@ -207,13 +215,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds over the rows")
     parser.add_argument("--rows", default=",".join(ROWS), help="a subset of: " + ", ".join(ROWS))
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the + bf16 and ceiling rows and the epoch")
+    parser.add_argument("--compile", nargs="?", const="true", default="false",
+                        help="torch.compile the + bf16 and ceiling rows and the epoch: true (default mode) "
+                             "or a mode, as -P compile=...")
+    parser.add_argument("--eval-bs", type=int, default=0, help="the epoch's eval_bs (0: automatic, as -P eval_bs=0)")
     parser.add_argument("--precision", default="auto", help="the default path's precision (auto|fp32|bf16)")
     parser.add_argument("--epoch-images", type=int, default=2048,
                         help="training images of the full-epoch run (0: no full epoch); SVHN: 73257")
     parser.add_argument("--epoch-test-images", type=int, default=1024, help="its test images; SVHN: 26032")
     parser.add_argument("--json", default="", help="write the results here too")
     args = parser.parse_args()
+    checked = config.load("train", {"compile": args.compile, "eval_bs": args.eval_bs})  # one line if bad
+    args.compile, args.compile_mode = checked.compile, checked.compile_mode
 
     device = train.pick_device(args.device)
     if device.type == "cuda":
@@ -259,8 +272,10 @@ def main() -> None:
             steady = e["logged_train_img_s"][-1]
             ceiling = best.get((arch, "ceiling"), {}).get("train_img_s")
             print(f"\n{arch}: `train` run, {e['train_images']} train + {e['test_images']} test images, bs {e['bs']}, "
-                  f"{e['precision']} ({where}):\n  full epoch (train, eval, checkpoints, logging): "
-                  f"{', '.join(f'{s:.2f}' for s in e['full_epoch_s'])} s (epochs 1, 2; epoch 1 includes start-up)\n"
+                  f"eval_bs {e['eval_bs']}, compile {e['compile']}, {e['precision']} ({where}):\n"
+                  f"  full epoch (train, eval, checkpoints, logging): "
+                  f"{', '.join(f'{s:.2f}' for s in e['full_epoch_s'])} s (epochs 1, 2; epoch 1 includes start-up), "
+                  f"after the last epoch {e['after_last_epoch_s']:.2f} s\n"
                   f"  logged epoch_time_s {', '.join(f'{s:.2f}' for s in e['logged_epoch_time_s'])} s, "
                   f"train_images_per_s {', '.join(f'{s:.0f}' for s in e['logged_train_img_s'])}"
                   + (f"\n  train throughput / ceiling: {steady:.0f} / {ceiling:.0f} = {steady / ceiling:.2f}" if ceiling else ""),

@@ -66,8 +66,9 @@ class Config:
     # hardware
     device: str = "auto"
     data_pipeline: str = "tensor"   # tensor: batched uint8 augmentation; torchvision: the seed's DataLoader
-    compile: bool = False
+    compile: str = "false"          # false | true (torch.compile's default mode) | one of COMPILE_MODES
     precision: str = "auto"         # auto: bf16 autocast where the hardware does bf16 natively
+    eval_bs: int = 0                # evaluation batch size; 0 = automatic (eval_batch_size)
     num_workers: int = 0
     log_every: int = 50             # progress line every N batches
     # data
@@ -125,6 +126,18 @@ class Config:
         """The split every choice is made on: validation when held out, else test (the seed's)."""
         return "val" if self.val_split > 0 else "test"
 
+    @property
+    def compile_mode(self) -> str:
+        """The torch.compile mode the `compile` param names; "" = not compiled."""
+        return {"false": "", "true": "default"}.get(self.compile, self.compile)
+
+    def eval_batch_size(self, device_type: str) -> int:
+        """eval_bs, or when it is 0: bs on a CPU (1024 measured no faster there, at 4x the memory),
+        max(bs, 1024) on CUDA (a quarter of the kernel launches and host round trips)."""
+        if self.eval_bs:
+            return self.eval_bs
+        return max(self.bs, AUTO_EVAL_BS_CUDA) if device_type == "cuda" else self.bs
+
     def resolved_data_dir(self) -> Path:
         if self.data_dir:
             return Path(self.data_dir).expanduser().resolve()
@@ -145,7 +158,8 @@ class Config:
         params = self.to_params()
         # where the data lies and how it was fetched do not matter: its digest does
         for volatile in ("log_every", "resume_run_id", "env_manager", "num_workers", "force",
-                         "data_dir", "download", "checkpoint_every", *EXECUTION, *TUNING_EXECUTION):
+                         "data_dir", "download", "checkpoint_every", *EXECUTION, *TUNING_EXECUTION,
+                         *SPEED):
             params.pop(volatile, None)
         device, precision = resolve_runtime(self.device, self.precision)
         params.update(data_digest=data_digest, device_type=device.type, resolved_precision=precision)
@@ -164,6 +178,12 @@ FIELD_TYPES = {f.name: f for f in fields(Config)}
 EXECUTION = ("executor", "ray_address", "cpus_per_trial", "gpus_per_trial", "max_retries")
 # where an Optuna study is kept and how many trials are asked at once: not what a trial computes
 TUNING_EXECUTION = ("optuna_storage", "trial_batch")
+# how fast the same arithmetic runs: compiled kernels and the evaluation batch size change results
+# only by float rounding (as cuDNN's algorithm choice does), so a run at other values stands in
+SPEED = ("compile", "eval_bs")
+# torch.compile's modes besides its default (compile=true); the CUDA graph ones matter on a GPU
+COMPILE_MODES = ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+AUTO_EVAL_BS_CUDA = 1024
 LIST_ITEM_TYPES = {"lrs": float, "gammas": float, "wds": float, "bss": int, "archs": str,
                    "lr_range": float, "gamma_range": float, "wd_range": float}
 
@@ -191,6 +211,11 @@ def parse_value(name: str, raw: Any) -> Any:
         known = ", ".join(sorted(FIELD_TYPES))
         raise ConfigError(f"unknown parameter '{name}': known parameters are {known}")
     kind = _field_kind(name)
+    if name == "compile":  # a bool in every spelling, or a mode's name
+        try:
+            return "true" if _parse_scalar(bool, raw) else "false"
+        except ValueError:
+            return str(raw).strip().lower()
     try:
         if kind is list:
             items = raw if isinstance(raw, list) else [s for s in str(raw).split(",") if s.strip()]
@@ -259,6 +284,9 @@ RULES = [
     ("phase1_tol", lambda v: v >= 0, ">= 0"),
     ("device", lambda v: v in ("auto", "cpu", "cuda"), "auto|cpu|cuda"),
     ("precision", lambda v: v in ("auto", "fp32", "bf16"), "auto|fp32|bf16"),
+    ("compile", lambda v: v in ("false", "true", *COMPILE_MODES),
+     "false|true|" + "|".join(COMPILE_MODES) + " (true: torch.compile's default mode)"),
+    ("eval_bs", lambda v: v >= 0, ">= 0 (0 = automatic: bs on a CPU, max(bs, 1024) on CUDA)"),
     ("data_pipeline", lambda v: v in ("tensor", "torchvision"), "tensor|torchvision"),
     ("num_workers", lambda v: v >= 0, ">= 0"),
     ("checkpoint_every", lambda v: v >= 1, ">= 1"),

@@ -1,12 +1,14 @@
 """One tracked training run: the shared piece every stage calls (never a second loop).
 
 It logs the config, model summary and sample images, trains with train.fit, and after every
-epoch writes best.pt / last.pt atomically and logs the epoch's metrics in one batch; while it
-trains, MLflow's system/ metrics (CPU, memory, GPU) are sampled into the run.
+epoch writes best.pt / last.pt atomically and logs the epoch's metrics in one batch, in a
+background thread while the next epoch trains; while it trains, MLflow's system/ metrics (CPU,
+memory, GPU) are sampled into the run.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Callable
 import torch
 
 from . import data as data_mod
-from . import lifecycle, models, plots, tracking, train
+from . import interrupts, lifecycle, models, plots, tracking, train
 from .config import Config
 
 # Runs a SIGINT/SIGTERM ended, innermost first: __main__ names the outermost in its hint.
@@ -43,7 +45,7 @@ class RunResult:
 def hyper(cfg: Config, device) -> train.Hyper:
     return train.Hyper(epochs=cfg.capped_epochs(cfg.epochs), lr=cfg.lr, alpha=cfg.alpha,
                        gamma=cfg.gamma, wd=cfg.wd, tol=cfg.tol, patience=cfg.patience,
-                       log_every=cfg.log_every, compile=cfg.compile,
+                       log_every=cfg.log_every, compile=cfg.compile_mode,
                        precision=train.resolve_precision(cfg.precision, device))
 
 
@@ -97,7 +99,8 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
     takes it over while it trains; last.pt is written every `checkpoint_every` epochs.
     keep_final: also keep the weights after the last epoch (checkpoints/final.pt), for a phase
     that continues from them.
-    epoch_hook(result): called after each epoch is logged and checkpointed (progress, pruning);
+    epoch_hook(result): called after each epoch, once its record (checkpoints, then metrics) is
+    handed to the background writer (every record is written before this function returns);
     True ends training after that epoch, and the run still ends FINISHED.
     """
     client = tracking.client()
@@ -118,8 +121,9 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
     # channels_last: measured faster on this CPU (oneDNN) and on CUDA GPUs alike
     model = model.to(device, memory_format=torch.channels_last)
     train_batches = data_mod.batches(cfg, dataset, "train", device, cfg.bs, generator, channels_last=True)
-    test_batches = data_mod.batches(cfg, dataset, "test", device, cfg.bs, None, channels_last=True)
-    val_batches = data_mod.batches(cfg, dataset, "val", device, cfg.bs, None, channels_last=True) \
+    eval_bs = cfg.eval_batch_size(device.type)
+    test_batches = data_mod.batches(cfg, dataset, "test", device, eval_bs, None, channels_last=True)
+    val_batches = data_mod.batches(cfg, dataset, "val", device, eval_bs, None, channels_last=True) \
         if dataset.val is not None else None
     already_logged = tracking.logged_steps(run_id, "test_acc") if resume else set()
     if resume is not None and resume["epoch"] not in already_logged:
@@ -127,28 +131,48 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
         done = train.History.from_state(resume["history"]).epochs[-1]
         tracking.log_epoch(run_id, done.epoch, done.metrics())
 
-    def on_epoch(result: train.EpochResult, is_best: bool, snapshot) -> None:
+    writer = tracking.CheckpointWriter()
+
+    def record(epoch: int, metrics: dict, is_best: bool, state: dict | None) -> None:
+        """An epoch's record, in this order: best.pt, last.pt, then its metrics, so an epoch
+        that is logged always has its last.pt (resuming never trains a logged epoch again)."""
         if is_best:
-            tracking.save_checkpoint(run_id, tracking.BEST, model.state_dict())
-        # with best.pt too, so the two never disagree about which epoch is behind them
-        if is_best or result.epoch % cfg.checkpoint_every == 0:
-            tracking.save_checkpoint(run_id, tracking.LAST, snapshot())
-        if result.epoch not in already_logged:
-            tracking.log_epoch(run_id, result.epoch, result.metrics())
+            tracking.write_checkpoint(run_id, tracking.BEST, state["model"])
+        if state is not None:
+            tracking.write_checkpoint(run_id, tracking.LAST, state)
+        if epoch not in already_logged:
+            tracking.log_epoch(run_id, epoch, metrics)
+
+    def on_epoch(result: train.EpochResult, is_best: bool, snapshot) -> None:
+        writer.wait()  # the previous epoch's record first: one at a time, in order
+        # last.pt with best.pt too, so the two never disagree about which epoch is behind them
+        write_last = is_best or result.epoch % cfg.checkpoint_every == 0
+        with interrupts.critical():  # a signal lands once this epoch's record is under way
+            state = tracking.host_copy(snapshot(), device) if write_last else None
+            writer.submit(functools.partial(record, result.epoch, result.metrics(), is_best, state))
         system_metrics.epoch_took(result.epoch_time_s)
         lifecycle.beat(*beating)
         return bool(epoch_hook(result)) if epoch_hook else False
 
     run_hyper = hyper(cfg, device)
     log(f"run {run_id}: {arch}, {dataset.n_train} train / {dataset.n_val} val / {dataset.n_test} test images, "
-        f"{run_hyper.epochs} epochs, bs {cfg.bs}, lr {cfg.lr:g}, gamma {cfg.gamma:g}, wd {cfg.wd:g}, "
+        f"{run_hyper.epochs} epochs, bs {cfg.bs} (eval {eval_bs}), lr {cfg.lr:g}, gamma {cfg.gamma:g}, wd {cfg.wd:g}, "
         f"device {device}, {run_hyper.precision}, pipeline {cfg.data_pipeline}")
     system_metrics = tracking.SystemMetrics(run_id, tracking.guess_epoch_s(
         device.type, dataset.n_train, dataset.n_val + dataset.n_test))
     try:
         with lifecycle.heartbeat(*beating):  # also between epochs: a long epoch is not a dead writer
-            history = train.fit(model, train_batches, test_batches, run_hyper, device, generator,
-                                val_batches=val_batches, resume=resume, on_epoch=on_epoch, log=log)
+            try:
+                history = train.fit(model, train_batches, test_batches, run_hyper, device, generator,
+                                    val_batches=val_batches, resume=resume, on_epoch=on_epoch, log=log)
+            except BaseException:
+                # Ctrl-C, SIGTERM or an error: the epoch being recorded is finished first, so a
+                # stopped run keeps a whole last.pt and the metrics that go with it
+                failed = writer.wait(raise_error=False)
+                if failed is not None:
+                    log(f"run {run_id}: writing the last epoch's record failed too: {type(failed).__name__}: {failed}")
+                raise
+            writer.wait()  # the last epoch's record, before the totals and FINISHED
     finally:
         system_metrics.stop()
     result = RunResult(run_id, client.get_run(run_id).info.run_name, arch, history.best_acc,

@@ -8,8 +8,10 @@ import platform
 import re
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse
 
 import mlflow
@@ -89,9 +91,10 @@ def set_tags(run_id: str, tags: dict[str, str]) -> None:
 
 
 def runtime_params(device: torch.device, precision: str, cfg: Config) -> dict[str, str]:
-    """What `device=auto` and `precision=auto` resolved to, and the threads torch used."""
+    """What `device=auto`, `precision=auto` and `eval_bs=0` resolved to, and the threads torch used."""
     return {"device_resolved": str(device), "precision_resolved": precision,
-            "data_pipeline": cfg.data_pipeline, "torch_threads": str(torch.get_num_threads())}
+            "data_pipeline": cfg.data_pipeline, "torch_threads": str(torch.get_num_threads()),
+            "eval_bs_resolved": str(cfg.eval_batch_size(device.type))}
 
 
 # MLflow caps a dataset digest at 36 characters: the digest column holds SHA-256's first 32 hex
@@ -226,17 +229,86 @@ def local_artifact_dir(run_id: str) -> Path | None:
 
 
 def save_checkpoint(run_id: str, artifact_path: str, obj) -> None:
-    """Write a checkpoint artifact atomically: straight into a local artifact store, or through
-    a local atomic file uploaded whole to a remote one."""
-    local = local_artifact_dir(run_id)
+    """write_checkpoint, which SIGINT/SIGTERM let finish before they stop the process."""
     with interrupts.critical():
-        if local is not None:
-            atomic_save(obj, local / artifact_path)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(artifact_path).name
-            atomic_save(obj, path)
-            client().log_artifact(run_id, str(path), str(Path(artifact_path).parent))
+        write_checkpoint(run_id, artifact_path, obj)
+
+
+def write_checkpoint(run_id: str, artifact_path: str, obj) -> None:
+    """Write a checkpoint artifact atomically: straight into a local artifact store, or through
+    a local atomic file uploaded whole to a remote one. No signal handling of its own: the
+    training thread calls save_checkpoint, a CheckpointWriter's thread this."""
+    local = local_artifact_dir(run_id)
+    if local is not None:
+        atomic_save(obj, local / artifact_path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_path).name
+        atomic_save(obj, path)
+        client().log_artifact(run_id, str(path), str(Path(artifact_path).parent))
+
+
+def host_copy(state, device: torch.device):
+    """`state` (dicts, lists and tuples of tensors and plain values, such as a state_dict or
+    train.fit's snapshot) with every tensor copied to CPU memory of its own, so training can go
+    on changing the originals while the copy is written. On CUDA the copies go to pinned memory,
+    non-blocking, then one synchronize waits for all of them."""
+    def copy(value):
+        if isinstance(value, torch.Tensor):
+            if value.device.type == "cuda":
+                return torch.empty_like(value, device="cpu", pin_memory=True).copy_(value, non_blocking=True)
+            return value.detach().clone()
+        if isinstance(value, dict):
+            out = type(value)((k, copy(v)) for k, v in value.items())
+            if hasattr(value, "_metadata"):  # a state_dict's module versions, read by load_state_dict
+                out._metadata = value._metadata
+            return out
+        if isinstance(value, (list, tuple)):
+            return type(value)(copy(v) for v in value)
+        return value
+
+    out = copy(state)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out
+
+
+class CheckpointWriter:
+    """Runs jobs (an epoch's checkpoint writes and metrics) in a background thread, one at a time
+    and in the order given, so the next epoch trains while the last one is written.
+
+    submit() first waits for the job before it; wait() returns once the last job has finished
+    and raises what it raised. The thread is not a daemon: a process that ends while it writes
+    (Ctrl-C, an error) finishes the write first, and atomic_save's rename means a SIGKILL leaves
+    the previous complete file.
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, job: Callable[[], object]) -> None:
+        self.wait()
+        thread = threading.Thread(target=self._run, args=(job,), name="checkpoint-writer")
+        thread.start()
+        self._thread = thread
+
+    def _run(self, job: Callable[[], object]) -> None:
+        try:
+            job()
+        except BaseException as err:  # noqa: BLE001 - raised in the training thread by wait()
+            self._error = err
+
+    def wait(self, raise_error: bool = True) -> BaseException | None:
+        """Block until the job in flight is done; its error is raised (or, with raise_error=False,
+        returned: for a caller already handling another)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None  # only once joined: an interrupted join is joined again
+        error, self._error = self._error, None
+        if error is not None and raise_error:
+            raise error
+        return error
 
 
 def load_checkpoint(run_id: str, artifact_path: str, map_location="cpu"):

@@ -132,7 +132,7 @@ class Hyper:
     tol: float = 1e-5
     patience: int = 5
     log_every: int = 50
-    compile: bool = False
+    compile: str = ""               # a torch.compile mode ("default", "max-autotune", ...); "" = eager
     precision: str = "fp32"         # fp32 | bf16 (autocast), see resolve_precision
 
 
@@ -167,6 +167,15 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if device.type == "cuda":  # emulated bf16 (e.g. an RTX 2060S) is slower than fp32
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     return "bf16" if native_cpu_bf16() else "fp32"
+
+
+def compiled(model: nn.Module, mode: str) -> nn.Module:
+    """`model`, or torch.compile of it in `mode` (sharing its parameters). Static shapes: a last,
+    smaller batch gets a graph of its own rather than turning every graph dynamic, which CUDA
+    graphs (reduce-overhead, max-autotune) would record per shape anyway."""
+    if not mode:
+        return model
+    return torch.compile(model, mode=mode, dynamic=False)
 
 
 def autocast(device: torch.device, precision: str = "fp32"):
@@ -252,7 +261,11 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
     `resume` is such a snapshot: training continues after its epoch.
     """
     optimizer = make_optimizer(model, hyper)
-    net = torch.compile(model) if hyper.compile else model  # shares model's parameters
+    net = compiled(model, hyper.compile)
+    # CUDA graphs reuse their output memory: each step starts a new generation, whose outputs
+    # (this step's loss, read before the next) may then be overwritten
+    mark_step = torch.compiler.cudagraph_mark_step_begin if hyper.compile and device.type == "cuda" \
+        else (lambda: None)
     criterion = nn.CrossEntropyLoss(reduction="sum")
     stopper = EarlyStopping(hyper.patience, hyper.tol)
     history = History(selected_on="val" if val_batches is not None else "test")
@@ -269,6 +282,7 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
             f"at epoch {history.best_epoch})" + (", where early stopping had fired" if history.stopped_early else ""))
 
     def step(x, y):
+        mark_step()
         with autocast(device, hyper.precision):
             logits = net(x)
             loss = criterion(logits.float(), y)

@@ -30,7 +30,7 @@ CHAINS = {"seed": CHAIN,
 # What `main` hands on to every stage; epochs and repeats become caps.
 SHARED = ("scale", "dataset", "data_dir", "verify", "download", "limit_train", "limit_test", "val_split",
           "data_seed", "synthetic_train", "synthetic_test", "device", "precision", "data_pipeline",
-          "compile", "num_workers", "log_every", "max_epochs", "max_repeats", "patience",
+          "compile", "eval_bs", "num_workers", "log_every", "max_epochs", "max_repeats", "patience",
           "registered_model", "checkpoint_every", "force", *config_mod.EXECUTION)
 AS_CAPS = {"epochs": "max_epochs", "repeats": "max_repeats"}
 MAIN_ONLY = ("env_manager", "tuner")

@@ -148,7 +148,9 @@ VOLATILE = {"log_every", "resume_run_id", "env_manager", "num_workers", "force",
             # where a child runs is not what it computes: local and Ray results stand for each other
             "executor", "ray_address", "cpus_per_trial", "gpus_per_trial", "max_retries",
             # where an Optuna study is kept and how many trials are asked at once (like executor)
-            "optuna_storage", "trial_batch"}
+            "optuna_storage", "trial_batch",
+            # how fast the same arithmetic runs: compiled kernels, the evaluation batch size
+            "compile", "eval_bs"}
 
 
 def changed(value):
@@ -219,7 +221,8 @@ BOUNDS = [
     ("arch", "", "resnet3"), ("arch", "resnet2", "vgg16"), ("archs", "resnet,vgg,resnet2", "resnet,alex"),
     ("init", "scratch", "random"), ("device", "cuda", "gpu"), ("precision", "bf16", "fp16"),
     ("data_pipeline", "torchvision", "dali"), ("dataset", "synthetic", "mnist"),
-    ("env_manager", "uv", "docker"),
+    ("env_manager", "uv", "docker"), ("eval_bs", "0", "-1"),
+    ("compile", "max-autotune-no-cudagraphs", "fast"),
 ]
 
 
@@ -321,3 +324,37 @@ def test_load_reads_defaults_then_the_stage_file(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "PARAMS_DIR", tmp_path)
     cfg = config.load("train", {"seed": "3"})
     assert (cfg.epochs, cfg.lr, cfg.seed, cfg.stage) == (7, 0.25, 3, "train")
+
+
+@pytest.mark.parametrize("raw,canonical,mode", [
+    ("false", "false", ""), (False, "false", ""), ("off", "false", ""), ("0", "false", ""),
+    ("true", "true", "default"), (True, "true", "default"), ("Yes", "true", "default"),
+    ("max-autotune", "max-autotune", "max-autotune"), (" Reduce-Overhead ", "reduce-overhead", "reduce-overhead"),
+    ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"),
+])
+def test_compile_takes_a_bool_or_a_torch_compile_mode(raw, canonical, mode):
+    cfg = config.load("train", {"compile": raw})
+    assert cfg.to_params()["compile"] == canonical and cfg.compile_mode == mode
+    assert config.from_params(cfg.to_params()).compile_mode == mode  # as a run logged it
+
+
+def test_a_bad_compile_mode_is_one_line_listing_the_modes():
+    with pytest.raises(ConfigError) as err:
+        config.load("train", {"compile": "fast"})
+    assert str(err.value) == ("parameter compile=fast is out of range: allowed false|true|reduce-overhead|"
+                              "max-autotune|max-autotune-no-cudagraphs (true: torch.compile's default mode); "
+                              "fix it with -P compile=<value>")
+
+
+def test_eval_batch_size_is_bs_on_a_cpu_and_at_least_1024_on_cuda_unless_given():
+    assert [config.load("train", {"bs": bs}).eval_batch_size("cpu") for bs in ("64", "2048")] == [64, 2048]
+    assert [config.load("train", {"bs": bs}).eval_batch_size("cuda") for bs in ("64", "2048")] == [1024, 2048]
+    given = config.load("train", {"bs": "64", "eval_bs": "300"})
+    assert (given.eval_batch_size("cpu"), given.eval_batch_size("cuda")) == (300, 300)
+
+
+def test_main_hands_compile_and_eval_bs_on_to_every_stage():
+    from pipeline import workflow
+
+    assert workflow.stage_overrides({"compile": "max-autotune", "eval_bs": "2048"}) == \
+        {"compile": "max-autotune", "eval_bs": "2048"}

@@ -65,6 +65,7 @@ def test_train_run_records_metrics_params_tags_and_artifacts(module_store, first
     params = first_run.data.params
     assert params["lr"] == "1e-4"  # as the user spelled it, logged by `mlflow run`
     assert params["alpha"] == "0.99" and params["epochs"] == "2" and params["bs"] == "32"
+    assert params["eval_bs"] == "0" and params["eval_bs_resolved"] == "32"  # automatic: bs on a CPU
     config_text = module_store.client.download_artifacts(run_id, "config.yaml")
     resolved = yaml.safe_load(open(config_text))
     assert resolved["lr"] == "0.0001" and resolved["stage"] == "train"

@@ -410,6 +410,33 @@ def test_evaluate_in_bf16_autocasts_and_stays_close_to_fp32():
     assert bf16[0] != fp32[0] and bf16[0] == pytest.approx(fp32[0], rel=0.05)
 
 
+def test_evaluation_gives_the_same_figures_in_one_batch_or_many():
+    """eval_bs sets how many images go through the model at once, never the result: BatchNorm
+    evaluates on its running statistics, and every image counts once, the short last batch too."""
+    from pipeline import data
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = (images[:, 0, 8:24, 8:24].float().mean((1, 2)) > 127.5).long() * 3  # a bright red centre: 3
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    train_batches = list(data.TensorBatches(images, labels, 64, train=False, augment_images=False, device=CPU))
+    train.fit(model, train_batches, train_batches, Hyper(epochs=3, lr=1e-2), CPU, torch.Generator(),
+              log=lambda m: None)
+    model.eval()
+    with torch.no_grad():
+        logits = model(data.normalise(data.center_crop(images)))
+    expected_acc = 100.0 * (logits.argmax(1) == labels).sum().item() / 300
+    expected_loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    assert 50 < expected_acc < 100  # the model learned something, and not everything: accuracy can move
+    for bs, n_batches in ((300, 1), (7, 43), (1, 300)):
+        batches_ = data.TensorBatches(images, labels, bs, train=False, augment_images=True, device=CPU)
+        assert len(batches_) == n_batches
+        loss, acc = train.evaluate(model, batches_, CPU)
+        assert acc == expected_acc, bs
+        assert loss == pytest.approx(expected_loss, rel=1e-5), bs
+
 
 class FakeClock:
     """time.perf_counter ticking one second per call: fit's timings become exact."""

@@ -1,0 +1,94 @@
+"""Checkpoints that do not block the next epoch: tracking.CheckpointWriter and host_copy, with real
+torch.save writes into a temporary folder (no MLflow: runner.train_in_run's use is covered by
+the end-to-end runs in test_e2e_train, test_faults and test_e2e_continue)."""
+import threading
+import time
+
+import pytest
+import torch
+
+from pipeline import models, tracking, train
+
+CPU = torch.device("cpu")
+
+
+def test_jobs_run_in_order_even_when_the_first_is_slow(tmp_path):
+    writer, order = tracking.CheckpointWriter(), []
+    path = tmp_path / "last.pt"
+
+    def write(value, delay):
+        time.sleep(delay)
+        tracking.atomic_save({"epoch": value}, path)
+        order.append(value)
+
+    writer.submit(lambda: write(1, 0.3))
+    writer.submit(lambda: write(2, 0.0))  # waits for epoch 1's write before it starts
+    writer.wait()
+    assert order == [1, 2]
+    assert torch.load(path, weights_only=True) == {"epoch": 2}
+
+
+def test_wait_returns_once_the_file_is_written_and_submit_does_not(tmp_path):
+    writer, started, release = tracking.CheckpointWriter(), threading.Event(), threading.Event()
+    path = tmp_path / "best.pt"
+
+    def write():
+        started.set()
+        release.wait(5)
+        tracking.atomic_save({"w": torch.arange(3)}, path)
+
+    writer.submit(write)
+    assert started.wait(5) and not path.exists()  # submit returned while the job is still to write
+    release.set()
+    writer.wait()
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temporary file left behind
+
+
+def test_an_error_in_the_writer_surfaces_on_the_next_wait_or_submit_once(tmp_path):
+    writer, ran = tracking.CheckpointWriter(), []
+    disk_full = OSError(28, "No space left on device")
+
+    def fail():
+        raise disk_full
+
+    writer.submit(fail)
+    with pytest.raises(OSError) as err:
+        writer.wait()
+    assert err.value is disk_full
+    assert writer.wait() is None  # raised once
+    writer.submit(fail)
+    with pytest.raises(OSError):
+        writer.submit(lambda: ran.append(1))  # the next epoch's record is refused, not started
+    assert ran == []
+    writer.submit(fail)
+    assert writer.wait(raise_error=False) is disk_full  # for a caller already handling another error
+
+
+def test_host_copy_is_what_the_model_was_when_copied_not_what_training_made_it(tmp_path):
+    torch.manual_seed(0)
+    model = models.build("resnet").to(memory_format=torch.channels_last)
+    optimizer = train.make_optimizer(model, train.Hyper(epochs=1, lr=1e-2))
+
+    def step():
+        loss = model(torch.randn(4, 3, 28, 28).contiguous(memory_format=torch.channels_last)).sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()  # RMSprop has its state now
+    snapshot = {"epoch": 1, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    copied = tracking.host_copy(snapshot, CPU)
+    writer = tracking.CheckpointWriter()
+    writer.submit(lambda: tracking.atomic_save(copied, tmp_path / "last.pt"))
+    step()  # training goes on changing the weights, BatchNorm statistics and optimizer state in place
+    writer.wait()
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["model"].keys() == frozen.keys()
+    assert all(torch.equal(saved["model"][k], v) for k, v in frozen.items())
+    assert not torch.equal(saved["model"]["fc.weight"], model.state_dict()["fc.weight"])
+    assert saved["model"]._metadata == model.state_dict()._metadata  # module versions travel too
+    fresh = models.build("resnet")
+    fresh.load_state_dict(saved["model"])
+    train.make_optimizer(fresh, train.Hyper(epochs=1, lr=1e-2)).load_state_dict(saved["optimizer"])
