@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 PROJECT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -186,3 +187,22 @@ def colour_params(store, colour_data, folder, extra):
     # cpu and fp32, so this process can repeat the run's evaluation exactly
     return store.params({"dataset": "svhn", "verify": "false", "data_dir": str(colour_data / folder),
                          "device": "cpu", "precision": "fp32", "bs": "32", **extra})
+
+
+class Tiny(torch.nn.Module):
+    """A linear model for train.fit's unit tests: it learns `batches` in a few epochs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def batches(seed, n=64, bs=16):
+    """Tiny's task; bs=24 leaves a short last batch (a second static shape for torch.compile)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = (x[:, 0] > 0).long() * 3  # learnable: class 0 or 3
+    return [(x[i:i + bs], y[i:i + bs]) for i in range(0, n, bs)]

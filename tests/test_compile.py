@@ -13,23 +13,9 @@ from torch._dynamo.utils import counters
 from pipeline import train
 from pipeline.train import Hyper
 
+from conftest import Tiny, batches
+
 CPU = torch.device("cpu")
-
-
-class Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(4, 10)
-
-    def forward(self, x):
-        return self.fc(x)
-
-
-def batches(seed, n=64, bs=24):  # a short last batch: a second static shape
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=g)
-    y = (x[:, 0] > 0).long() * 3
-    return [(x[i:i + bs], y[i:i + bs]) for i in range(0, n, bs)]
 
 
 def test_eager_is_the_model_itself():
@@ -45,7 +31,7 @@ def test_a_compiled_fit_trains_as_the_eager_one():
     torch._dynamo.reset()
     counters.clear()
     for model, mode in ((eager_model, ""), (compiled_model, "default")):
-        histories.append(train.fit(model, batches(1), batches(2), Hyper(epochs=2, lr=1e-2, compile=mode), CPU,
+        histories.append(train.fit(model, batches(1, bs=24), batches(2, bs=24), Hyper(epochs=2, lr=1e-2, compile=mode), CPU,
                                    torch.Generator().manual_seed(0), log=lambda m: None))
     assert counters["stats"]["unique_graphs"] >= 2  # the compiled fit ran compiled graphs (train, eval)
     eager, compiled = histories

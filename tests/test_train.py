@@ -12,6 +12,8 @@ from pipeline import train
 from pipeline.config import ConfigError
 from pipeline.train import EarlyStopping, Hyper
 
+from conftest import Tiny, batches
+
 
 def test_early_stopping_really_stops():
     stop = EarlyStopping(patience=3, tol=1.0)  # 1.0 on the seed's x100 scale = 0.01 per sample
@@ -60,22 +62,6 @@ def test_early_stopping_resets_on_improvement_and_round_trips():
     clone = EarlyStopping(2, 0.0)
     clone.load_state_dict(stop.state_dict())
     assert clone(1.0) is False and clone(1.0) is True
-
-
-class Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(4, 10)
-
-    def forward(self, x):
-        return self.fc(x)
-
-
-def batches(seed, n=64, bs=16):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=g)
-    y = (x[:, 0] > 0).long() * 3  # learnable: class 0 or 3
-    return [(x[i:i + bs], y[i:i + bs]) for i in range(0, n, bs)]
 
 
 def run(epochs, resume=None, snapshots=None, model=None):
