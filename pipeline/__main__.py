@@ -55,13 +55,15 @@ def run(argv: list[str]) -> int:
     cfg = config.load(stage, overrides)  # every value checked before any work
     from .executor import check_before_runs
 
-    if stage == "autotune":  # its own store: not the MLflow db, and reachable where trials run
+    checks = []
+    if stage == "autotune" or (stage == "main" and cfg.tuner == "optuna"):
         import mlflow
 
         from .autotune import storage_url
 
-        storage_url(cfg, mlflow.get_tracking_uri())
-    check_before_runs(cfg)  # executor=ray: stores every node reaches, children that fit a node
+        # its own store: not the MLflow db, and reachable where trials run (main: before baseline trains)
+        checks.append(lambda: storage_url(cfg, mlflow.get_tracking_uri()))
+    check_before_runs(cfg, *checks)  # executor=ray: stores every node reaches, children that fit a node
     if stage == "main":
         from .train import resolve_runtime
 

@@ -146,19 +146,27 @@ def check_tracking(cfg: Config) -> None:
                          "start `mlflow server` and set MLFLOW_TRACKING_URI=http://<host>:5000")
 
 
-def check_before_runs(cfg: Config) -> None:
-    """Everything executor=ray refuses, checked before any run exists (the CLI calls this): a
-    store on this machine for children elsewhere, then what the cluster can place. `main` only
-    looks: each of its stages connects (or starts its own Ray) in its own process."""
+def check_before_runs(cfg: Config, *more_checks: Callable[[], object]) -> None:
+    """Everything the stage would refuse once running, checked before any run exists (the CLI
+    calls this): with executor=ray a store on this machine for children elsewhere, then what the
+    cluster can place; then `more_checks` (the Optuna store), with the cluster joined if they ask
+    where children train. `main` only looks: each of its stages connects (or starts its own Ray)
+    in its own process."""
     if cfg.executor != "ray":
+        for check in more_checks:
+            check()
         return
     import ray
 
     started_here = not ray.is_initialized()
-    check_cluster(cfg)
-    if cfg.stage == "main" and started_here:
-        ray.shutdown()
-        RAY.clear()
+    try:
+        check_cluster(cfg)
+        for check in more_checks:
+            check()
+    finally:
+        if cfg.stage == "main" and started_here:
+            ray.shutdown()
+            RAY.clear()
 
 
 RAY: dict = {}  # what this process put in Ray's object store once: {key: ObjectRef}

@@ -85,6 +85,11 @@ def test_device_cuda_without_a_gpu_is_refused(store):
     one_line_refusal(store, "main", "--device", "cuda", fragment="device=cuda, but no CUDA GPU")
 
 
+def test_main_with_optuna_refuses_a_study_store_in_the_mlflow_db_before_any_stage_trains(store):
+    one_line_refusal(store, "main", "--tuner", "optuna", "--optuna_storage", store.uri,
+                     fragment=f"optuna_storage={store.uri} is the MLflow tracking database")
+
+
 def test_a_corrupt_parent_checkpoint_is_refused(store, tmp_path):
     experiment = store.client.get_experiment_by_name("Default").experiment_id
     parent = store.client.create_run(experiment).info.run_id
