@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	touch $@
 
 test: install
-	$(VENV)/bin/python -m pytest tests
+	$(VENV)/bin/python -m pytest tests --durations=15
 
 test-fast: install
 	$(VENV)/bin/python -m pytest tests -m "not e2e"
