@@ -21,8 +21,14 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $@
 
+# Two test processes (pytest-xdist), each file whole in one (its module fixtures built once; every
+# Ray test is in test_ray.py) and one torch thread each: most of an end-to-end test is
+# single-threaded process start-up (torch, torchvision and mlflow imports), so two at a time on
+# two cores took 26 instead of 39 minutes on a slow CI-sized machine. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+
 test: install
-	$(VENV)/bin/python -m pytest tests --durations=15
+	$(VENV)/bin/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-fast: install
 	$(VENV)/bin/python -m pytest tests -m "not e2e"

@@ -1,6 +1,7 @@
 """MLflow calls for training runs: params, metrics, checkpoints, lineage lookups and reuse."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import pickle
@@ -36,6 +37,15 @@ class LineageError(RuntimeError):
 
 def client() -> MlflowClient:
     return MlflowClient()
+
+
+def new_local_store(folder: Path) -> str:
+    """A SQLite tracking store in `folder` (tests, benchmarks), created from there: MLflow puts
+    its experiments' artifacts in ./mlruns of the process that creates the database."""
+    uri = f"sqlite:///{Path(folder).resolve() / 'mlflow.db'}"
+    with contextlib.chdir(folder):
+        MlflowClient(uri).search_experiments()
+    return uri
 
 
 # -- the record every run carries --------------------------------------------------------------

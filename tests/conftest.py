@@ -12,7 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two test processes on two cores:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread each, children included
+
+import torch  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -46,8 +50,11 @@ class Store:
         self.env = base_env(self.uri, data_dir)
 
     def initialise(self) -> "Store":
-        """Create the schema once: processes that create it at the same moment can collide."""
-        self.client.search_experiments()
+        """Create the schema once (processes that create it at the same moment can collide), its
+        artifacts under the store's folder, not the checkout's ./mlruns."""
+        from pipeline.tracking import new_local_store
+
+        assert new_local_store(self.root) == self.uri
         return self
 
     def params(self, extra: dict[str, str] | None = None, tiny: bool = True) -> dict[str, str]:

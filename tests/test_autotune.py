@@ -66,26 +66,6 @@ def test_the_study_is_kept_beside_a_sqlite_store_never_in_it(tmp_path, monkeypat
     assert autotune.storage_url(elsewhere.replace(optuna_storage=server), "http://tracking:5000") == server
 
 
-def test_sqlite_study_storage_follows_the_tracking_stores_rule_on_a_one_machine_cluster(tmp_path, monkeypatch):
-    """SQLite is refused where the MLflow store would be (trials on other machines), and only
-    there: `auto` joining a cluster whose nodes are all this machine keeps it."""
-    import ray
-
-    from pipeline import executor
-
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        joined = config.load("autotune", {"executor": "ray", "ray_address": "auto"})
-        executor.check_tracking(joined)  # the MLflow store: SQLite is fine here
-        assert autotune.storage_url(joined, f"sqlite:///{tmp_path}/mlflow.db") == \
-            f"sqlite:///{tmp_path}/mlflow.optuna.db"
-    finally:
-        ray.shutdown()
-        executor.RAY.clear()
-
-
 def test_the_study_name_ignores_n_trials_and_storage_but_not_the_search():
     base = config.load("autotune", {"dataset": "synthetic"})
     name = autotune.study_name(base, "digest")

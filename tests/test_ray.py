@@ -178,6 +178,27 @@ def test_ctrl_c_cancels_the_tasks_marks_runs_killed_and_the_command_continues(st
 
 # -- a two-node cluster and a tracking server ------------------------------------------------------
 
+def test_sqlite_study_storage_follows_the_tracking_stores_rule_on_a_one_machine_cluster(tmp_path, monkeypatch):
+    """SQLite is refused where the MLflow store would be (trials on other machines), and only
+    there: `auto` joining a cluster whose nodes are all this machine keeps it.
+    (Here, not in test_autotune: under pytest-xdist every test that starts Ray is in this file,
+    so one worker runs them in turn and `auto` finds no other test's Ray.)"""
+    import ray
+
+    from pipeline import autotune, config, executor
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        joined = config.load("autotune", {"executor": "ray", "ray_address": "auto"})
+        executor.check_tracking(joined)  # the MLflow store: SQLite is fine here
+        assert autotune.storage_url(joined, f"sqlite:///{tmp_path}/mlflow.db") == \
+            f"sqlite:///{tmp_path}/mlflow.optuna.db"
+    finally:
+        ray.shutdown()
+        executor.RAY.clear()
+
+
 @pytest.fixture(scope="module")
 def two_nodes():
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
