@@ -281,12 +281,18 @@ def load(cfg: Config) -> SVHNData:
 
 # -- the seed's transforms on whole batches ---------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # made once per device: torch.tensor(..., device="cuda") per batch is a blocking copy, a host sync
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(STD, device=device).view(1, 3, 1, 1))
+
+
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 or [0,1] float (B,3,H,W) -> normalised float, as ToTensor + Normalize."""
     if images.dtype == torch.uint8:
         images = images.float().div_(255)
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(images.device)
     return (images - mean) / std
 
 
@@ -352,7 +358,7 @@ class TensorBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
-        order = order.to(self.images.device)
+        order = to_device_async(order, self.images.device)
         for start in range(0, n, self.bs):
             index = order[start:start + self.bs]
             x = self.images[index].to(self.device, non_blocking=True)

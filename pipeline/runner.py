@@ -165,14 +165,14 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
             try:
                 history = train.fit(model, train_batches, test_batches, run_hyper, device, generator,
                                     val_batches=val_batches, resume=resume, on_epoch=on_epoch, log=log)
+                writer.wait()  # the last epoch's record, before the totals and FINISHED
             except BaseException:
-                # Ctrl-C, SIGTERM or an error: the epoch being recorded is finished first, so a
-                # stopped run keeps a whole last.pt and the metrics that go with it
+                # Ctrl-C, SIGTERM or an error (in the last wait too): the epoch being recorded is
+                # finished first, so a stopped run keeps a whole last.pt and the metrics that go with it
                 failed = writer.wait(raise_error=False)
                 if failed is not None:
                     log(f"run {run_id}: writing the last epoch's record failed too: {type(failed).__name__}: {failed}")
                 raise
-            writer.wait()  # the last epoch's record, before the totals and FINISHED
     finally:
         system_metrics.stop()
     result = RunResult(run_id, client.get_run(run_id).info.run_name, arch, history.best_acc,

@@ -1,6 +1,7 @@
 """Checkpoints that do not block the next epoch: tracking.CheckpointWriter and host_copy, with real
-torch.save writes into a temporary folder (no MLflow: runner.train_in_run's use is covered by
-the end-to-end runs in test_e2e_train, test_faults and test_e2e_continue)."""
+torch.save writes into a temporary folder, and runner.train_in_run stopped by a signal while it
+waits for the last record (a real temporary tracking store; its other uses are covered by the
+end-to-end runs in test_e2e_train, test_faults and test_e2e_continue)."""
 import threading
 import time
 
@@ -92,3 +93,52 @@ def test_host_copy_is_what_the_model_was_when_copied_not_what_training_made_it(t
     fresh = models.build("resnet")
     fresh.load_state_dict(saved["model"])
     train.make_optimizer(fresh, train.Hyper(epochs=1, lr=1e-2)).load_state_dict(saved["optimizer"])
+
+
+def test_a_signal_in_the_last_wait_still_joins_the_writer_before_the_run_stops(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM while train_in_run waits for the last epoch's record: the record is
+    finished (joined again) before the interrupt leaves, so the run stops with it written."""
+    import mlflow
+
+    from pipeline import config, data, runner
+
+    uri = tracking.new_local_store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    cfg = config.load("train", {"dataset": "synthetic", "data_dir": str(tmp_path / "data"), "device": "cpu",
+                                "synthetic_train": "64", "synthetic_test": "32", "bs": "32", "epochs": "1",
+                                "log_every": "1000"})
+    dataset = data.load(cfg)
+    run_id = tracking.client().create_run("0").info.run_id
+    fitted, real_fit, real_log, real_wait = [], train.fit, tracking.log_epoch, tracking.CheckpointWriter.wait
+
+    def fit(*args, **kwargs):
+        history = real_fit(*args, **kwargs)
+        fitted.append(True)
+        return history
+
+    def slow_log(run, step, metrics):  # the epoch's record is still being written when fit returns
+        if step >= 1:
+            time.sleep(1.5)
+        return real_log(run, step, metrics)
+
+    def wait(self, raise_error=True):
+        if fitted and raise_error:
+            fitted.clear()
+            raise KeyboardInterrupt("SIGTERM")  # as a signal landing in the join: the write goes on
+        return real_wait(self, raise_error)
+
+    monkeypatch.setattr(train, "fit", fit)
+    monkeypatch.setattr(tracking, "log_epoch", slow_log)
+    monkeypatch.setattr(tracking.CheckpointWriter, "wait", wait)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runner.train_in_run(run_id, cfg, dataset, arch="resnet")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert not [t for t in threading.enumerate() if t.name == "checkpoint-writer"]
+    client = mlflow.MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(run_id, "test_acc")] == [1]
+    assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/best.pt",
+                                                                             "checkpoints/last.pt"}
