@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))
 
 
 def main() -> int:
@@ -37,8 +38,10 @@ def main() -> int:
     args = parser.parse_args()
     import mlflow
 
+    from pipeline import tracking
+
     with tempfile.TemporaryDirectory() as tmp:
-        uri = f"sqlite:///{tmp}/mlflow.db"
+        uri = tracking.new_local_store(Path(tmp))
         env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
         env.pop("MLFLOW_RUN_ID", None)
         client = mlflow.MlflowClient(uri)

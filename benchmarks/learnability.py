@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))
 PATHS = {"default": [],
          "tensor-fp32": ["--data_pipeline", "tensor", "--precision", "fp32"],
          "torchvision-fp32": ["--data_pipeline", "torchvision", "--precision", "fp32"]}
@@ -151,8 +152,10 @@ def main() -> int:
         report(saved["rows"], saved["args"]["paths"].split(","))
         return 0
     rows = []
+    from pipeline import tracking
+
     with tempfile.TemporaryDirectory() as tmp:
-        uri = f"sqlite:///{tmp}/mlflow.db"
+        uri = tracking.new_local_store(Path(tmp))
         for seed in args.seeds.split(","):
             for path in paths:
                 rows.append(train_once(uri, seed, path, args))

@@ -1,7 +1,10 @@
 """Throughput, like for like: baselines, the factor table, the ceiling, and the full epoch a run logs.
 
 Rows, each measured (same model, batch size, device, data and timing loop; alternating rounds,
-each figure the best round; img/s over the timed batches after one warm-up batch):
+each figure the best round; img/s over the timed batches after the warm-up, in one pass over
+the split, tiled so that no row starts a second pass: for a DataLoader with workers the
+warm-up drains its prefetch queue and at least 4 queues' worth are timed, else one warm-up
+batch and --batches timed):
 
   seed DataLoader    the seed's feed: torchvision SVHN, per-sample PIL transforms, DataLoader
                      as the seed sets it (CUDA: pin_memory, no workers; CPU: num_workers=4), NCHW, fp32
@@ -65,16 +68,40 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def loader_queue(batches) -> int:
+    """Batches a DataLoader's workers have made ahead when the first one arrives (its prefetch
+    queue): 0 for our tensor batches and for a loader without workers."""
+    loader = getattr(batches, "loader", None)
+    if loader is None or not loader.num_workers:
+        return 0
+    return loader.num_workers * (loader.prefetch_factor or 2)
+
+
+def timed_batches(batches, requested: int) -> tuple[int, int]:
+    """(warm-up, timed) batches for a fair figure: the warm-up drains a DataLoader's prefetch
+    queue (made before the clock starts, it would count as free), and at least 4 queues are timed."""
+    queue = loader_queue(batches)
+    return 1 + queue, max(requested, 4 * queue)
+
+
+def batches_needed(requested: int) -> int:
+    """The most batches any row reads in one measurement (the tuned DataLoader's), so no row
+    runs out of images and starts another pass inside the timed window."""
+    warmup, timed = 1 + 2 * max(4, cores()), max(requested, 8 * max(4, cores()))
+    return warmup + timed
+
+
 def measure(batches, model, device, optimizer, batches_to_time, training, precision):
-    """img/s over `batches_to_time` batches after one warm-up batch."""
+    """img/s over the timed batches after the warm-up ones (timed_batches), in one pass."""
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
     model.train(training)
     seen, start = 0, None
+    warmup, batches_to_time = timed_batches(batches, batches_to_time)
     iterator = iter(batches)
-    for index in range(batches_to_time + 1):
+    for index in range(warmup + batches_to_time):
         try:
             x, y = next(iterator)
-        except StopIteration:
+        except StopIteration:  # the ceiling's few ready-made batches, again and again
             iterator = iter(batches)
             x, y = next(iterator)
         if device.type == "cuda":  # as train.fit: a CUDA graph (compile modes) step per batch
@@ -86,11 +113,11 @@ def measure(batches, model, device, optimizer, batches_to_time, training, precis
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        if index == 0:
+        if index == warmup - 1:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        else:
+        elif index >= warmup:
             seen += len(y)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -167,7 +194,7 @@ def full_epoch(arch, cfg, dataset, args) -> dict:
                         tiled(dataset.test, args.epoch_test_images), None, dataset.digest)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.pop("MLFLOW_RUN_ID", None)
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        os.environ["MLFLOW_TRACKING_URI"] = tracking.new_local_store(Path(tmp))
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
         client = tracking.client()
         run_id = client.create_run("0", run_name=f"throughput {arch}").info.run_id
@@ -234,11 +261,16 @@ def main() -> None:
     default_precision = train.resolve_precision(args.precision, device)
     cfg = config.load("train", {"dataset": "synthetic", "device": device.type})
     dataset = data.load(cfg)
+    needed = batches_needed(args.batches) * args.bs  # every row in one pass of its split
+    dataset = data.SVHNData(dataset.folder, tiled(dataset.train, max(needed, dataset.n_train)),
+                            tiled(dataset.test, max(needed, dataset.n_test)), None, dataset.digest)
     where = describe(device)
     load = os.getloadavg() if hasattr(os, "getloadavg") else ()
     print(f"{where}; bs {args.bs}; {dataset.n_train} train / {dataset.n_test} test images in {dataset.folder}; "
           f"default precision {default_precision}; load average {' '.join(f'{v:.2f}' for v in load)}", flush=True)
     rows = [r.strip() for r in args.rows.split(",")]
+    if set(rows) - set(ROWS):
+        parser.error(f"unknown --rows {', '.join(sorted(set(rows) - set(ROWS)))}: choose from {', '.join(ROWS)}")
     results = []
     for arch in args.archs.split(","):
         for round_ in range(args.rounds):
@@ -248,7 +280,8 @@ def main() -> None:
                 print(f"  {arch} {row:17s} {result['precision']} round {round_ + 1}: train {result['train_img_s']:8.0f} "
                       f"img/s  eval {result['eval_img_s']:8.0f} img/s  peak {result['peak_mb']:6.0f} MB", flush=True)
     best = {}
-    print(f"\n{where}, bs {args.bs}, best of {args.rounds} rounds x {args.batches} batches\n")
+    print(f"\n{where}, bs {args.bs}, best of {args.rounds} rounds x {args.batches} batches "
+          f"(a DataLoader with workers: at least 4 prefetch queues' worth)\n")
     print("| model | row | precision | layout | train img/s | eval img/s | peak memory (MB) |")
     print("|---|---|---|---|---|---|---|")
     for arch in args.archs.split(","):
