@@ -30,7 +30,8 @@
 # the background checkpoint writer. A step that fails or runs past its limit does not stop the
 # next; the exit status is non-zero if any failed.
 # A rehearsal on a CPU, tiny, with 5x the time limits:
-#   GPU_CHECK_DEVICE=cpu GPU_CHECK_SCALE=0.01 GPU_CHECK_SLACK=5 bash benchmarks/gpu_check.sh
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_SCALE=0.01 GPU_CHECK_SLACK=5 GPU_CHECK_BS=32 bash benchmarks/gpu_check.sh
+# (bs 32: a DataLoader row times at least 4 prefetch queues of batches, too many at 256 on a CPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
@@ -73,7 +74,7 @@ step() {  # step NAME TIMEOUT_S SCRIPT ARGS...: one step, its output appended to
     fi
 }
 
-batches=$(n 30) train_images=$(n 73257) test_images=$(n 26032) bs=256
+batches=$(n 30) train_images=$(n 73257) test_images=$(n 26032) bs=${GPU_CHECK_BS:-256}
 epoch=(--archs resnet --rows ceiling --batches "$batches" --rounds 2 --bs "$bs"
        --epoch-images "$train_images" --epoch-test-images "$test_images")
 echo "== syncs: pytest tests/test_cuda.py" | tee -a "$log"
@@ -86,11 +87,11 @@ else
     summary+=("syncs: FAILED after $((SECONDS - started)) s (a host sync per batch, or see the log)")
     status=1
 fi
-step factors 90 throughput.py --archs resnet --batches "$batches" --rounds 2 --epoch-images 0 \
+step factors 90 throughput.py --archs resnet --batches "$batches" --rounds 2 --bs "$bs" --epoch-images 0 \
     --json "$out/factors.json"
 step epoch-levers-off 70 throughput.py "${epoch[@]}" --eval-bs "$bs" --json "$out/epoch-levers-off.json"
 step epoch 70 throughput.py "${epoch[@]}" --json "$out/epoch.json"
-step checkpoints 60 checkpoint_overhead.py --archs resnet,vgg --batches "$batches" --overlap-batches "$(n 287)" \
+step checkpoints 60 checkpoint_overhead.py --archs resnet,vgg --bs "$bs" --batches "$batches" --overlap-batches "$(n 287)" \
     --rounds 3
 for mode in ${GPU_CHECK_COMPILE:-max-autotune}; do
     step "compile-$mode" 160 throughput.py "${epoch[@]}" --rounds 1 --compile "$mode" --json "$out/compile-$mode.json"
