@@ -8,8 +8,8 @@
 # .whl/, for the full `train` epoch); then, with the device tool: carry [".whl"], command
 # `bash benchmarks/gpu_check.sh`, timeout_s 600.
 #
-#   0. syncs: tests/test_cuda.py, an epoch of the tensor pipeline's batches and model steps under
-#      torch's sync debug mode ("error"): no host sync per batch;
+#   0. syncs: tests/test_cuda.py, host syncs counted (torch's sync debug mode) in an epoch of
+#      train.fit with 5 and with 10 batches: equal, so none per batch;
 #   1. factors: both DataLoader baselines (seed-faithful; tuned), the factor table (pipeline
 #      alone fp32 NCHW, + channels_last, + bf16) and the no-data-path ceiling, MyResNet, bs 256;
 #   2. epoch-levers-off: one full MyResNet `train` epoch over 73,257 synthetic training images
@@ -51,7 +51,7 @@ if ! python3 -c "import mlflow" 2>/dev/null; then
     if compgen -G ".whl/*.whl" >/dev/null; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target /tmp/site .whl/*.whl 2>&1 | tail -3 \
-            || echo "installing .whl/ failed: the epoch steps will fail, the others run" | tee -a "$log"
+            || echo "installing .whl/ failed: every step but syncs and factors will fail" | tee -a "$log"
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     else
         echo "no mlflow and no .whl/: run benchmarks/gpu_wheels.sh here and carry .whl" | tee -a "$log"
@@ -81,9 +81,11 @@ echo "== syncs: pytest tests/test_cuda.py" | tee -a "$log"
 started=$SECONDS
 if [ "$device" != cuda ]; then
     summary+=("syncs: skipped (device $device)")
-elif timeout $((40 * slack)) python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee -a "$log"; then
+elif SVHN_REQUIRE_CUDA=1 timeout $((40 * slack)) python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+        2>&1 | tee -a "$log"; then
     summary+=("syncs: ok, $((SECONDS - started)) s")
 else
+    echo "== syncs FAILED (or ran past $((40 * slack)) s)" | tee -a "$log"
     summary+=("syncs: FAILED after $((SECONDS - started)) s (a host sync per batch, or see the log)")
     status=1
 fi

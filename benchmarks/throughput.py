@@ -1,10 +1,10 @@
 """Throughput, like for like: baselines, the factor table, the ceiling, and the full epoch a run logs.
 
 Rows, each measured (same model, batch size, device, data and timing loop; alternating rounds,
-each figure the best round; img/s over the timed batches after the warm-up, in one pass over
-the split, tiled so that no row starts a second pass: for a DataLoader with workers the
-warm-up drains its prefetch queue and at least 4 queues' worth are timed, else one warm-up
-batch and --batches timed):
+each figure the best round; img/s over the timed batches after the warm-up: for a DataLoader
+with workers the warm-up drains its prefetch queue and at least 4 queues' worth are timed, in
+one pass over a split tiled for it (a second pass would restart the workers in the timed
+window); else one warm-up batch and --batches timed):
 
   seed DataLoader    the seed's feed: torchvision SVHN, per-sample PIL transforms, DataLoader
                      as the seed sets it (CUDA: pin_memory, no workers; CPU: num_workers=4), NCHW, fp32
@@ -252,6 +252,9 @@ def main() -> None:
     parser.add_argument("--epoch-test-images", type=int, default=1024, help="its test images; SVHN: 26032")
     parser.add_argument("--json", default="", help="write the results here too")
     args = parser.parse_args()
+    rows = [r.strip() for r in args.rows.split(",")]
+    if set(rows) - set(ROWS):
+        parser.error(f"unknown --rows {', '.join(sorted(set(rows) - set(ROWS)))}: choose from {', '.join(ROWS)}")
     checked = config.load("train", {"compile": args.compile, "eval_bs": args.eval_bs})  # one line if bad
     args.compile, args.compile_mode = checked.compile, checked.compile_mode
 
@@ -261,21 +264,20 @@ def main() -> None:
     default_precision = train.resolve_precision(args.precision, device)
     cfg = config.load("train", {"dataset": "synthetic", "device": device.type})
     dataset = data.load(cfg)
-    needed = batches_needed(args.batches) * args.bs  # every row in one pass of its split
-    dataset = data.SVHNData(dataset.folder, tiled(dataset.train, max(needed, dataset.n_train)),
-                            tiled(dataset.test, max(needed, dataset.n_test)), None, dataset.digest)
+    needed = batches_needed(args.batches) * args.bs  # a DataLoader row in one pass of its split
+    loader_dataset = data.SVHNData(dataset.folder, tiled(dataset.train, max(needed, dataset.n_train)),
+                                   tiled(dataset.test, max(needed, dataset.n_test)), None, dataset.digest)
     where = describe(device)
     load = os.getloadavg() if hasattr(os, "getloadavg") else ()
     print(f"{where}; bs {args.bs}; {dataset.n_train} train / {dataset.n_test} test images in {dataset.folder}; "
           f"default precision {default_precision}; load average {' '.join(f'{v:.2f}' for v in load)}", flush=True)
-    rows = [r.strip() for r in args.rows.split(",")]
-    if set(rows) - set(ROWS):
-        parser.error(f"unknown --rows {', '.join(sorted(set(rows) - set(ROWS)))}: choose from {', '.join(ROWS)}")
     results = []
     for arch in args.archs.split(","):
         for round_ in range(args.rounds):
             for row in rows:
-                result = run_row(row, arch, cfg, dataset, device, args, default_precision)
+                # the tensor rows keep the split as it is: a tiled one would inflate their GPU peak memory
+                result = run_row(row, arch, cfg, loader_dataset if row.endswith("DataLoader") else dataset,
+                                 device, args, default_precision)
                 results.append({**result, "round": round_ + 1})
                 print(f"  {arch} {row:17s} {result['precision']} round {round_ + 1}: train {result['train_img_s']:8.0f} "
                       f"img/s  eval {result['eval_img_s']:8.0f} img/s  peak {result['peak_mb']:6.0f} MB", flush=True)

@@ -281,18 +281,18 @@ def load(cfg: Config) -> SVHNData:
 
 # -- the seed's transforms on whole batches ---------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # made once per device: torch.tensor(..., device="cuda") per batch is a blocking copy, a host sync
-    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1),
-            torch.tensor(STD, device=device).view(1, 3, 1, 1))
+# made once per device: torch.tensor(..., device="cuda") per batch is a blocking copy, a host sync
+MEAN_STD_ON: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 or [0,1] float (B,3,H,W) -> normalised float, as ToTensor + Normalize."""
     if images.dtype == torch.uint8:
         images = images.float().div_(255)
-    mean, std = _mean_std(images.device)
+    if images.device not in MEAN_STD_ON:
+        MEAN_STD_ON[images.device] = (torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1),
+                                      torch.tensor(STD, device=images.device).view(1, 3, 1, 1))
+    mean, std = MEAN_STD_ON[images.device]
     return (images - mean) / std
 
 

@@ -148,23 +148,21 @@ def check_tracking(cfg: Config) -> None:
 
 def check_before_runs(cfg: Config, *more_checks: Callable[[], object]) -> None:
     """Everything the stage would refuse once running, checked before any run exists (the CLI
-    calls this): with executor=ray a store on this machine for children elsewhere, then what the
-    cluster can place; then `more_checks` (the Optuna store), with the cluster joined if they ask
-    where children train. `main` only looks: each of its stages connects (or starts its own Ray)
-    in its own process."""
-    if cfg.executor != "ray":
-        for check in more_checks:
-            check()
-        return
-    import ray
-
-    started_here = not ray.is_initialized()
+    calls this): `more_checks` first (the Optuna store: an address elsewhere is refused without
+    connecting), then with executor=ray a store on this machine for children elsewhere and what
+    the cluster can place. `main` only looks: each of its stages connects (or starts its own
+    Ray) in its own process."""
+    ray = None
+    if cfg.executor == "ray":
+        import ray
+    started_here = ray is not None and not ray.is_initialized()
     try:
-        check_cluster(cfg)
         for check in more_checks:
             check()
+        if ray is not None:
+            check_cluster(cfg)
     finally:
-        if cfg.stage == "main" and started_here:
+        if cfg.stage == "main" and started_here and ray.is_initialized():
             ray.shutdown()
             RAY.clear()
 

@@ -54,7 +54,7 @@ class Store:
         artifacts under the store's folder, not the checkout's ./mlruns."""
         from pipeline.tracking import new_local_store
 
-        assert new_local_store(self.root) == self.uri
+        self.uri = self.env["MLFLOW_TRACKING_URI"] = new_local_store(self.root)
         return self
 
     def params(self, extra: dict[str, str] | None = None, tiny: bool = True) -> dict[str, str]:

@@ -182,13 +182,14 @@ def test_sqlite_study_storage_follows_the_tracking_stores_rule_on_a_one_machine_
     """SQLite is refused where the MLflow store would be (trials on other machines), and only
     there: `auto` joining a cluster whose nodes are all this machine keeps it.
     (Here, not in test_autotune: under pytest-xdist every test that starts Ray is in this file,
-    so one worker runs them in turn and `auto` finds no other test's Ray.)"""
+    so one worker runs them in turn; address="local" starts a Ray of its own even while a
+    cluster fixture is up, since a bare ray.init() joins the newest Cluster.)"""
     import ray
 
     from pipeline import autotune, config, executor
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         joined = config.load("autotune", {"executor": "ray", "ray_address": "auto"})
         executor.check_tracking(joined)  # the MLflow store: SQLite is fine here
