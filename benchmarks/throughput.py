@@ -77,18 +77,18 @@ def loader_queue(batches) -> int:
     return loader.num_workers * (loader.prefetch_factor or 2)
 
 
-def timed_batches(batches, requested: int) -> tuple[int, int]:
-    """(warm-up, timed) batches for a fair figure: the warm-up drains a DataLoader's prefetch
-    queue (made before the clock starts, it would count as free), and at least 4 queues are timed."""
-    queue = loader_queue(batches)
+def timed_batches(queue: int, requested: int) -> tuple[int, int]:
+    """(warm-up, timed) batches for a fair figure behind a prefetch queue of `queue` batches: the
+    warm-up drains it (made before the clock starts, it would count as free), and at least 4
+    queues are timed."""
     return 1 + queue, max(requested, 4 * queue)
 
 
 def batches_needed(requested: int) -> int:
-    """The most batches any row reads in one measurement (the tuned DataLoader's), so no row
-    runs out of images and starts another pass inside the timed window."""
-    warmup, timed = 1 + 2 * max(4, cores()), max(requested, 8 * max(4, cores()))
-    return warmup + timed
+    """The most batches any row reads in one measurement, so no DataLoader row starts another
+    pass inside the timed window: the larger queue is the seed's 4 workers' or the tuned
+    loader's (cores), each worker 2 batches ahead (DataLoader's default prefetch_factor)."""
+    return sum(timed_batches(2 * max(4, cores()), requested))
 
 
 def measure(batches, model, device, optimizer, batches_to_time, training, precision):
@@ -96,7 +96,7 @@ def measure(batches, model, device, optimizer, batches_to_time, training, precis
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
     model.train(training)
     seen, start = 0, None
-    warmup, batches_to_time = timed_batches(batches, batches_to_time)
+    warmup, batches_to_time = timed_batches(loader_queue(batches), batches_to_time)
     iterator = iter(batches)
     for index in range(warmup + batches_to_time):
         try:
@@ -183,6 +183,11 @@ def tiled(split: data.Split, count: int) -> data.Split:
                       split.indices.repeat(repeat)[:count], split.file_rows)
 
 
+def tiled_data(dataset: data.SVHNData, train_images: int, test_images: int) -> data.SVHNData:
+    return data.SVHNData(dataset.folder, tiled(dataset.train, train_images), tiled(dataset.test, test_images),
+                         None, dataset.digest)
+
+
 def full_epoch(arch, cfg, dataset, args) -> dict:
     """Two epochs of the `train` entry point's code (runner.train_in_run) into a temporary
     tracking store; epoch 2's wall time covers everything a run does in an epoch."""
@@ -190,8 +195,7 @@ def full_epoch(arch, cfg, dataset, args) -> dict:
 
     from pipeline import runner, tracking
 
-    big = data.SVHNData(dataset.folder, tiled(dataset.train, args.epoch_images),
-                        tiled(dataset.test, args.epoch_test_images), None, dataset.digest)
+    big = tiled_data(dataset, args.epoch_images, args.epoch_test_images)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.pop("MLFLOW_RUN_ID", None)
         os.environ["MLFLOW_TRACKING_URI"] = tracking.new_local_store(Path(tmp))
@@ -265,8 +269,7 @@ def main() -> None:
     cfg = config.load("train", {"dataset": "synthetic", "device": device.type})
     dataset = data.load(cfg)
     needed = batches_needed(args.batches) * args.bs  # a DataLoader row in one pass of its split
-    loader_dataset = data.SVHNData(dataset.folder, tiled(dataset.train, max(needed, dataset.n_train)),
-                                   tiled(dataset.test, max(needed, dataset.n_test)), None, dataset.digest)
+    loader_dataset = tiled_data(dataset, max(needed, dataset.n_train), max(needed, dataset.n_test))
     where = describe(device)
     load = os.getloadavg() if hasattr(os, "getloadavg") else ()
     print(f"{where}; bs {args.bs}; {dataset.n_train} train / {dataset.n_test} test images in {dataset.folder}; "
