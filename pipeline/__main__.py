@@ -88,7 +88,16 @@ def run(argv: list[str]) -> int:
     return 0
 
 
+PICKLE = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+
+
 def main(argv: list[str] | None = None) -> int:
+    # MLflow 3.17 unpickles by default: nothing this process loads from a store may run code. Set
+    # before MLflow reads it, inherited by every process this one starts (stages, Ray workers).
+    os.environ.setdefault(PICKLE, "false")
+    if os.environ[PICKLE].lower() in ("true", "1"):
+        print(f"note: {PICKLE}={os.environ[PICKLE]} (set by you): MLflow may unpickle what it loads; "
+              f"this pipeline still loads pt2 models and weights-only checkpoints only", file=sys.stderr)
     import requests
     from mlflow.exceptions import MlflowException
 
@@ -97,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     from .executor import ChildFailed
     from .models import CheckpointError
     from .predict import PredictError
+    from .registry import ModelRefused
     from .tracking import LineageError
 
     try:
         return run(sys.argv[1:] if argv is None else argv)
-    except (ConfigError, DataError, LineageError, CheckpointError, PredictError) as err:
+    except (ConfigError, DataError, LineageError, CheckpointError, PredictError, ModelRefused) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt as signal_name:

@@ -18,6 +18,8 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 PARAMS_DIR = PROJECT_DIR / "params"
 
 ARCHS = ("resnet", "vgg", "resnet2")
+REAL_MODEL = "svhn-classifier"
+SYNTHETIC_MODEL = "svhn-classifier-synthetic"
 STAGES = ("train", "model_selection", "baseline", "tune_lr", "tune_gamma", "overfit", "autotune",
           "retrain", "deepen", "main", "predict", "evaluate")
 
@@ -107,8 +109,9 @@ class Config:
     wd_range: list = field(default_factory=list)     # [low, high], log-uniform ...
     wd_zero_below: float = 0.0      # ... and a draw below this trains with wd = 0 (weight decay off)
     # registry and prediction
-    registered_model: str = "svhn-classifier"
+    registered_model: str = ""     # "" = svhn-classifier, or svhn-classifier-synthetic for synthetic data
     register: bool = False
+    promote: bool = False           # move `champion` to this run's version whatever the comparison says
     model_uri: str = "models:/svhn-classifier@champion"
     input: str = ""
     output: str = "predictions.csv"
@@ -143,6 +146,14 @@ class Config:
             return Path(self.data_dir).expanduser().resolve()
         return PROJECT_DIR / "data" / self.dataset
 
+    @property
+    def model_name(self) -> str:
+        """The registered model: synthetic data registers under a name of its own, so a toy
+        model never competes with (or replaces) a model of the real digits."""
+        if self.registered_model:
+            return self.registered_model
+        return SYNTHETIC_MODEL if self.dataset == "synthetic" else REAL_MODEL
+
     def replace(self, **changes: Any) -> "Config":
         return validate(dataclasses.replace(self, **changes))
 
@@ -157,7 +168,7 @@ class Config:
 
         params = self.to_params()
         # where the data lies and how it was fetched do not matter: its digest does
-        for volatile in ("log_every", "resume_run_id", "env_manager", "num_workers", "force",
+        for volatile in ("log_every", "resume_run_id", "env_manager", "num_workers", "force", "promote",
                          "data_dir", "download", "checkpoint_every", *EXECUTION, *TUNING_EXECUTION,
                          *SPEED):
             params.pop(volatile, None)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import data as data_mod
-from . import plots, tracking
+from . import plots, registry, tracking
 from .config import Config
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -108,10 +108,11 @@ def collect(source: str) -> Inputs:
 
 
 def load_model(model_uri: str):
-    import mlflow
-
+    """The model at `model_uri`, pt2 only (registry.load_pt2): a refusal or a failed load is one line."""
     try:
-        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        return registry.load_pt2(model_uri)
+    except registry.ModelRefused as err:
+        raise PredictError(str(err)) from None
     except Exception as err:
         tracking.raise_if_refused(err)
         raise PredictError(f"cannot load model {model_uri} ({type(err).__name__}: "
@@ -119,12 +120,7 @@ def load_model(model_uri: str):
                            f"retrain` to register one, or pass -P model_uri=<uri>") from None
 
 
-def probabilities(model, images: np.ndarray, bs: int = 256) -> np.ndarray:
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(images), bs):
-            out.append(model(torch.from_numpy(np.ascontiguousarray(images[start:start + bs]))).numpy())
-    return np.concatenate(out) if out else np.zeros((0, 10), dtype=np.float32)
+probabilities = registry.probabilities
 
 
 def predict(cfg: Config, run_id: str | None) -> int:

@@ -8,6 +8,11 @@ and serves as is with `mlflow models serve`.
 """
 from __future__ import annotations
 
+import os
+import re
+import socket
+from pathlib import Path
+
 import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
@@ -44,6 +49,68 @@ def classifier_from_run(run_id: str, arch: str) -> Classifier:
 # Versions this process registered, withdrawn if the run fails afterwards.
 REGISTERED: list[tuple[str, str, str | None]] = []  # (model name, version, previous champion)
 
+PT2 = "pt2"
+
+
+class ModelRefused(RuntimeError):
+    """A logged or registered model that is not loaded: the message is the one line the user sees."""
+
+
+def model_label(model_uri: str) -> str:
+    """'model NAME version V' for a models:/ URI (an alias resolved), else 'model URI'."""
+    found = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([^/]+))", model_uri)
+    if not found:
+        return f"model {model_uri}"
+    name, version, alias = found.groups()
+    if alias:
+        try:
+            version = tracking.client().get_model_version_by_alias(name, alias).version
+        except MlflowException as err:
+            tracking.raise_if_refused(err)
+            return f"model {name}@{alias}"
+    return f"model {name} version {version}"
+
+
+def stored_format(model_uri: str) -> str:
+    """How a logged pytorch model is stored, read from its MLmodel and file list (nothing loaded):
+    pt2 (torch.export: a graph and tensors), pickle (torch.save of the module: unpickling runs
+    code), or what else makes it unusable here."""
+    import mlflow
+
+    flavor = mlflow.models.get_model_info(model_uri).flavors.get("pytorch")
+    if flavor is None:
+        return "a non-pytorch"
+    if flavor.get("code"):  # a code folder is put on sys.path at load: it runs
+        return "pytorch with a code folder"
+    files = {Path(f.path).name for f in mlflow.artifacts.list_artifacts(
+        artifact_uri=f"{model_uri}/{flavor.get('model_data', 'data')}")}
+    if "model.pth" in files:
+        return "pickle"
+    return PT2 if "model.pt2" in files else "an unknown"
+
+
+def load_pt2(model_uri: str):
+    """The model at `model_uri`, loaded only when stored as pt2: a pickle-format model (or one with
+    a code folder) is refused before anything of it is read. MLflow then checks the pt2 archive
+    itself holds no pickle (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false, which __main__ sets)."""
+    import mlflow
+
+    fmt = stored_format(model_uri)
+    if fmt != PT2:
+        raise ModelRefused(
+            f"{model_label(model_uri)} ({model_uri}) is stored in {fmt} format, not pt2: loading it could "
+            f"run code from the store, so it was refused unread; register a pt2 model (retrain or deepen "
+            f"log one), or load this one yourself if you trust whoever saved it")
+    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+
+
+def probabilities(model, images: np.ndarray, bs: int = 256) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), bs):
+            out.append(model(torch.from_numpy(np.ascontiguousarray(images[start:start + bs]))).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 10), dtype=np.float32)
+
 
 def held_out(dataset: data_mod.SVHNData) -> data_mod.Split:
     """The data a champion is judged on: validation when held out, else test (the seed's)."""
@@ -51,8 +118,6 @@ def held_out(dataset: data_mod.SVHNData) -> data_mod.Split:
 
 
 def accuracy(model, part: data_mod.Split) -> float:
-    from .predict import probabilities
-
     predicted = probabilities(model, part.images.permute(0, 2, 3, 1).numpy()).argmax(1)
     return 100.0 * float((predicted == part.labels.numpy()).mean())
 
@@ -63,38 +128,96 @@ def no_champion(err: MlflowException) -> bool:
         err.error_code == "INVALID_PARAMETER_VALUE" and "not found" in err.message)
 
 
-def judge_champion(name: str, part: data_mod.Split) -> tuple[str | None, float | None, str]:
-    """(version, its accuracy on `part`, problem): the current champion evaluated on this run's
-    data. No champion: (None, None, ""). A failed read or load: the problem, never a figure."""
-    import mlflow
+def first_line(err: BaseException, limit: int = 160) -> str:
+    return str(err).splitlines()[0][:limit] if str(err) else ""
 
+
+def current_champion(name: str):
+    """The version the alias points at now, or None when the model or its alias does not exist."""
     try:
-        version = tracking.client().get_model_version_by_alias(name, CHAMPION).version
+        return tracking.client().get_model_version_by_alias(name, CHAMPION)
     except MlflowException as err:
         tracking.raise_if_refused(err)
         if no_champion(err):
-            return None, None, ""
-        return None, None, f"the current champion could not be read ({str(err).splitlines()[0][:160]})"
+            return None
+        raise
+
+
+def incomparable(champion, dataset: data_mod.SVHNData, part: data_mod.Split) -> str:
+    """Why `champion` cannot be judged against this run's challenger on `part` ("" when it can):
+    both must come from the same data (digest: files, limits, validation split, data seed), so
+    `part` is held out for both and both were meant for it."""
+    tags = champion.tags
+    mine = dataset.digest[:12]
+    if "data_digest" not in tags or "judged_on" not in tags:
+        return f"champion version {champion.version} records no data digest, so nothing is known to be held out for it"
+    if tags["data_digest"] != dataset.digest:
+        return (f"champion version {champion.version} was trained on other data (digest "
+                f"{tags['data_digest'][:12]}, this run {mine}): no split is known to be held out for both")
+    if tags["judged_on"] != part.role or tags.get("judged_on_digest", part.digest) != part.digest:
+        return (f"champion version {champion.version} was judged on its {tags['judged_on']} split, this run "
+                f"on the {part.role} split")
+    return ""
+
+
+def judge_champion(champion, part: data_mod.Split) -> tuple[float | None, str]:
+    """(the champion's accuracy on `part`, problem): evaluated here, in this run. A failed load
+    or a refused format: the problem, never a figure."""
+    uri = f"models:/{champion.name}/{champion.version}"
     try:
-        model = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location="cpu")
-        return version, accuracy(model, part), ""
+        return accuracy(load_pt2(uri), part), ""
+    except ModelRefused as err:
+        return None, str(err)
     except Exception as err:  # noqa: BLE001 - any failure to load or run it: the alias stays
         tracking.raise_if_refused(err)
-        reason = str(err).splitlines()[0][:160] if str(err) else ""
-        return version, None, f"champion version {version} could not be loaded ({type(err).__name__}: {reason})"
+        return None, f"champion version {champion.version} could not be loaded ({type(err).__name__}: {first_line(err)})"
+
+
+def promoter() -> str:
+    import getpass
+
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    try:
+        local = f"{getpass.getuser()}@{socket.gethostname()}"
+    except (KeyError, OSError):
+        local = f"uid {os.getuid()}@{socket.gethostname()}"
+    user = read_mlflow_creds().username
+    return f"{local} (tracking user {user})" if user else local
+
+
+def move_alias(name: str, version: str, judged: str | None) -> str:
+    """Point the alias at `version` if it still points where this run judged (`judged`: that
+    version, or None for no champion); else leave it and say why. MLflow has no compare-and-set
+    for aliases: the alias is read again right before it is set, which narrows the window to
+    two calls."""
+    now = current_champion(name)
+    now_version = str(now.version) if now is not None else None
+    if now_version != judged:
+        return (f"the alias moved to version {now_version} while this run judged "
+                f"{'version ' + judged if judged else 'no champion'}: compare again, or promote by hand")
+    tracking.client().set_registered_model_alias(name, CHAMPION, version)
+    return ""
 
 
 def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData) -> str:
     """Log `best`'s checkpoint (copied to `run_id`) as a model of run `run_id`, register it as
-    cfg.registered_model, and move the champion alias to it only if it beats the current
-    champion on this run's held-out data, both evaluated here, on the same images."""
+    cfg.model_name, and move the champion alias to it only if it beats the current champion on
+    held-out data meant for both (same data digest, same split), both evaluated here on the same
+    images; or, with cfg.promote, whatever the figures, recording who promoted it."""
     import mlflow
     from mlflow.models import infer_signature
 
+    name = cfg.model_name
     model = classifier_from_run(run_id, best.arch)
     part = held_out(dataset)
     challenger_acc = accuracy(model, part)
-    champion, champion_acc, problem = judge_champion(cfg.registered_model, part)
+    champion = current_champion(name)
+    why, champion_acc = "", None
+    if champion is not None:
+        why = incomparable(champion, dataset, part)
+        if not why:
+            champion_acc, why = judge_champion(champion, part)
     example = dataset.test_images[:4].permute(0, 2, 3, 1).contiguous().numpy()  # batch > 1 for pt2
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
@@ -108,38 +231,60 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData) -> str:
     judged = f"{split} split ({len(part.labels)} images, digest {part.digest[:12]})"
     tags = {f"best_{best.selected_on}_acc": repr(best.best_acc), "selected_on": best.selected_on,
             "test_acc_at_best": repr(best.test_acc_at_best), "data_digest": dataset.digest,
-            "judged_on": split, "judged_on_digest": part.digest, "judged_acc": repr(challenger_acc),
-            "arch": best.arch, "stage": cfg.stage}
-    version = mlflow.register_model(info.model_uri, cfg.registered_model, tags=tags).version
-    REGISTERED.append((cfg.registered_model, version, champion))
-    client.set_tag(run_id, "registered_model_version", f"{cfg.registered_model}/{version}")
+            "dataset": cfg.dataset, "judged_on": split, "judged_on_digest": part.digest,
+            "judged_acc": repr(challenger_acc), "arch": best.arch, "stage": cfg.stage}
+    version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
+    previous = str(champion.version) if champion is not None else None
+    REGISTERED.append((name, version, previous))
+    client.set_tag(run_id, "registered_model_version", f"{name}/{version}")
     mine = f"version {version} {challenger_acc:.3f}%"
-    if problem:
-        print(f"registered {cfg.registered_model} version {version}; alias '{CHAMPION}' not moved: {problem}",
+    by_hand = (f"to promote it anyway, run the stage with -P promote=true, or call MlflowClient()"
+               f".set_registered_model_alias('{name}', '{CHAMPION}', '{version}')")
+    if cfg.promote:
+        moved = move_alias(name, version, previous)
+        if moved:
+            print(f"registered {name} {mine}; alias '{CHAMPION}' not moved: {moved}", flush=True)
+            return version
+        who = promoter()
+        client.set_model_version_tag(name, version, "promoted_by", who)
+        client.set_model_version_tag(name, version, "promoted_over", previous or "")
+        client.set_tag(run_id, "promoted_by", who)
+        print(f"registered {name} {mine} on the {judged}: alias '{CHAMPION}' moved to version {version} "
+              f"by -P promote=true ({who}), over {'version ' + previous if previous else 'no champion'}"
+              f"{'; ' + why if why else ''}", flush=True)
+    elif why:
+        print(f"registered {name} {mine}; alias '{CHAMPION}' stays on version {previous}: {why}; {by_hand}",
               flush=True)
     elif champion is None or challenger_acc > champion_acc:
-        client.set_registered_model_alias(cfg.registered_model, CHAMPION, version)
-        than = f" over version {champion} {champion_acc:.3f}%" if champion else " (the first)"
-        print(f"registered {cfg.registered_model} {mine}{than} on the {judged}: alias '{CHAMPION}' "
+        moved = move_alias(name, version, previous)
+        if moved:
+            print(f"registered {name} {mine}; alias '{CHAMPION}' not moved: {moved}", flush=True)
+            return version
+        than = f" over version {previous} {champion_acc:.3f}%" if previous else " (the first)"
+        print(f"registered {name} {mine}{than} on the {judged}: alias '{CHAMPION}' "
               f"moved to version {version}", flush=True)
     else:
-        print(f"registered {cfg.registered_model} {mine} vs champion version {champion} "
-              f"{champion_acc:.3f}% on the {judged}: alias '{CHAMPION}' stays on version {champion}",
-              flush=True)
+        print(f"registered {name} {mine} vs champion version {previous} "
+              f"{champion_acc:.3f}% on the {judged}: alias '{CHAMPION}' stays on version {previous} "
+              f"(it moves only on a strictly higher accuracy); {by_hand}", flush=True)
     return version
 
 
 def withdraw() -> None:
-    """Remove the versions this process registered (the run failed after registering), and put
-    the champion alias back where it was."""
+    """Remove the versions this process registered (the run failed after registering); the alias
+    goes back to where it was only if it still points at the withdrawn version (read right
+    before): an alias another run moved since is left where that run put it."""
     client = tracking.client()
     while REGISTERED:
         name, version, previous = REGISTERED.pop()
         try:
-            client.delete_model_version(name, version)
-            if previous:
+            now = current_champion(name)
+            ours = now is not None and str(now.version) == version
+            client.delete_model_version(name, version)  # deletes its aliases with it
+            if ours and previous:
                 client.set_registered_model_alias(name, CHAMPION, previous)
-            print(f"withdrew {name} version {version}: its run did not finish", flush=True)
+            print(f"withdrew {name} version {version}: its run did not finish"
+                  + (f"; alias '{CHAMPION}' back on version {previous}" if ours and previous else ""), flush=True)
         except MlflowException as err:
-            print(f"could not withdraw {name} version {version} ({str(err).splitlines()[0][:120]}): "
+            print(f"could not withdraw {name} version {version} ({first_line(err, 120)}): "
                   f"delete it by hand", flush=True)

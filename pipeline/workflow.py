@@ -106,7 +106,7 @@ def main(cfg: Config, overrides: dict[str, str], main_run_id: str) -> list[dict]
                      "best_child_run_id": run.data.tags.get("best_child_run_id", "")})
         client.set_tag(main_run_id, f"run_{stage}", run_id)
         parent = run_id
-    log_study(main_run_id, experiment_id, rows, split, cfg.registered_model)
+    log_study(main_run_id, experiment_id, rows, split, cfg.model_name)
     return rows
 
 

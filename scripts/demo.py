@@ -1,7 +1,7 @@
 """The end of `make demo`: sample images to predict, then the predictions and the champion.
 
     python scripts/demo.py samples FOLDER key=value ...   # PNGs from the study's test split
-    python scripts/demo.py report PREDICTIONS.csv         # table, and the champion's accuracy
+    python scripts/demo.py report PREDICTIONS.csv [MODEL] # table, and MODEL's champion (svhn-classifier-synthetic)
 
 `samples` takes the study's own parameters (dataset=synthetic scale=demo ...), so the images
 come from the test split the study held out. Each file is named after its index in that split
@@ -40,7 +40,7 @@ def samples(folder: str, *pairs: str, count: int = 8) -> None:
           f"never trained on) to {out}/", flush=True)
 
 
-def report(predictions: str) -> int:
+def report(predictions: str, model: str = "svhn-classifier-synthetic") -> int:
     from mlflow.exceptions import MlflowException
 
     from pipeline import tracking
@@ -56,7 +56,7 @@ def report(predictions: str) -> int:
         print(f"{row['input']:<24} {truth:>10} {row['label']:>10} {float(row['confidence']):>10.1%}{mark}")
     print(f"{right} of {len(rows)} sample images read correctly")
     try:
-        version = tracking.client().get_model_version_by_alias("svhn-classifier", "champion")
+        version = tracking.client().get_model_version_by_alias(model, "champion")
     except MlflowException as err:
         print(f"no champion registered ({str(err).splitlines()[0]})")
         return 1
@@ -65,7 +65,7 @@ def report(predictions: str) -> int:
     chosen = float(tags.get(f"best_{split}_acc", "nan"))
     test = float(tags.get("test_acc_at_best", "nan"))
     where = "the validation split" if split == "val" else "the test split"
-    print(f"\nchampion: svhn-classifier version {version.version}, registered by {tags.get('stage', '?')} "
+    print(f"\nchampion: {model} version {version.version}, registered by {tags.get('stage', '?')} "
           f"(run {version.run_id}, arch {tags.get('arch', '?')})")
     print(f"  chosen on {where}: {chosen:.2f}%")
     print(f"  held-out test split: {test:.2f}% (images never used for training"
@@ -77,7 +77,7 @@ if __name__ == "__main__":
     command, *args = sys.argv[1:] or ["help"]
     if command == "samples" and args:
         samples(*args)
-    elif command == "report" and len(args) == 1:
-        sys.exit(report(args[0]))
+    elif command == "report" and len(args) in (1, 2):
+        sys.exit(report(*args))
     else:
         sys.exit(__doc__)

@@ -144,6 +144,7 @@ def test_unknown_scale_is_one_line_naming_the_known_ones():
 # Params that may change without changing a run's result (logging, resuming, how it is launched).
 # data_dir and download: where the data lies, not what it is (its digest is in the key).
 VOLATILE = {"log_every", "resume_run_id", "env_manager", "num_workers", "force", "checkpoint_every",
+            "promote",  # who holds the alias, not what the run trains
             "data_dir", "download",
             # where a child runs is not what it computes: local and Ray results stand for each other
             "executor", "ray_address", "cpus_per_trial", "gpus_per_trial", "max_retries",

@@ -1,0 +1,211 @@
+"""The registry in a real local store: the champion alias moves only on a strictly better figure on
+held-out data meant for both; other data, a tie, a worse model or a moved alias leave it; a
+pickle-format model is refused before it is read."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline import config, data, models, registry, runner, tracking
+
+pytestmark = pytest.mark.e2e  # each registration exports a model (torch.export): seconds apiece
+
+# The colour-coded test split's labels are 0,1,...,9,0,1,...: its first 8 images hold digits 0-7.
+ABSENT = 9    # a model that always answers 9 scores 0% on them
+PRESENT = 3   # ... always 3: 12.5% (1 of 8)
+
+
+@pytest.fixture
+def local(module_store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", module_store.uri)
+    registry.REGISTERED.clear()  # what this process registered: each test starts with none
+    yield module_store
+    registry.REGISTERED.clear()
+
+
+def load(colour_data, name, **extra):
+    """The retrain config and data of a registering run: the colour-coded digits, 8 test images."""
+    cfg = config.load("retrain", {"dataset": "svhn", "verify": "false", "data_dir": str(colour_data / "right"),
+                                  "limit_test": "8", "registered_model": name,
+                                  **{k: str(v) for k, v in extra.items()}})
+    return cfg, data.load(cfg)
+
+
+def constant_model_run(store, digit: int) -> runner.RunResult:
+    """A run whose best.pt answers `digit` for every image: its accuracy is that digit's share."""
+    net = models.build("resnet")
+    with torch.no_grad():
+        net.fc.weight.zero_()
+        net.fc.bias.fill_(-10.0)
+        net.fc.bias[digit] = 10.0
+    experiment = store.client.get_experiment_by_name("Default").experiment_id
+    run_id = store.client.create_run(experiment, tags={"stage": "retrain"}).info.run_id
+    tracking.save_checkpoint(run_id, tracking.BEST, net.state_dict())
+    return runner.RunResult(run_id, f"always {digit}", "resnet", 0.0, 1, None, "test", 0.0)
+
+
+def champion(store, name):
+    return str(store.client.get_model_version_by_alias(name, registry.CHAMPION).version)
+
+
+def register(store, cfg, dataset, digit, capsys) -> tuple[str, str]:
+    result = constant_model_run(store, digit)
+    version = registry.register(result.run_id, cfg, result, dataset)
+    return version, capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_only_a_strictly_better_challenger_moves_the_alias(local, colour_data, capsys):
+    cfg, dataset = load(colour_data, "m-better")
+    first, line = register(local, cfg, dataset, ABSENT, capsys)
+    assert champion(local, "m-better") == first and "(the first)" in line
+    better, line = register(local, cfg, dataset, PRESENT, capsys)
+    assert champion(local, "m-better") == better
+    assert f"version {better} 12.500% over version {first} 0.000%" in line
+    tie, line = register(local, cfg, dataset, PRESENT, capsys)
+    assert champion(local, "m-better") == better
+    assert f"version {tie} 12.500% vs champion version {better} 12.500%" in line and "stays" in line
+    worse, line = register(local, cfg, dataset, ABSENT, capsys)
+    assert champion(local, "m-better") == better
+    assert f"version {worse} 0.000% vs champion version {better} 12.500%" in line
+
+
+def test_a_model_from_other_data_never_moves_the_alias(local, colour_data, capsys, monkeypatch):
+    cfg, dataset = load(colour_data, "m-other")
+    held, _ = register(local, cfg, dataset, PRESENT, capsys)  # 1 of 8: 12.5%
+    # 11 test images (digits 0-9, then 0): always-0 scores 18.2% there, the champion's always-3 9.1%
+    other_cfg, other = load(colour_data, "m-other", limit_test=11)
+    assert other.digest != dataset.digest
+    judged = []
+    monkeypatch.setattr(registry, "judge_champion", lambda *a: judged.append(a) or (0.0, ""))
+    challenger, line = register(local, other_cfg, other, 0, capsys)
+    assert champion(local, "m-other") == held and not judged  # not even evaluated
+    assert f"alias 'champion' stays on version {held}" in line and "trained on other data" in line
+    assert "-P promote=true" in line and f"set_registered_model_alias('m-other', 'champion', '{challenger}')" in line
+
+
+def test_a_champion_is_never_judged_on_the_split_it_trained_on(local, colour_data, capsys, monkeypatch):
+    # the champion trained on all of train (val_split=0, judged on test); the challenger holds a
+    # quarter of train out as validation, which the champion trained on
+    cfg, dataset = load(colour_data, "m-split")
+    held, _ = register(local, cfg, dataset, PRESENT, capsys)
+    split_cfg, split = load(colour_data, "m-split", val_split=0.25)
+    assert registry.held_out(split).role == "val"
+    judged = []
+    monkeypatch.setattr(registry, "judge_champion", lambda *a: judged.append(a) or (0.0, ""))
+    register(local, split_cfg, split, PRESENT, capsys)
+    assert champion(local, "m-split") == held and not judged
+
+
+def test_promote_moves_the_alias_over_an_incomparable_champion_and_says_who(local, colour_data, capsys):
+    cfg, dataset = load(colour_data, "m-promote")
+    held, _ = register(local, cfg, dataset, PRESENT, capsys)
+    other_cfg, other = load(colour_data, "m-promote", limit_test=11, promote="true")
+    promoted, line = register(local, other_cfg, other, ABSENT, capsys)  # worse, and on other data
+    assert champion(local, "m-promote") == promoted
+    assert "by -P promote=true" in line and f"over version {held}" in line
+    tags = local.client.get_model_version("m-promote", promoted).tags
+    assert tags["promoted_over"] == held and tags["promoted_by"].split("@")[0]
+
+
+def test_an_alias_moved_while_judging_is_not_overwritten(local, colour_data, capsys, monkeypatch):
+    cfg, dataset = load(colour_data, "m-race")
+    first, _ = register(local, cfg, dataset, ABSENT, capsys)
+    meanwhile, _ = register(local, cfg, dataset, ABSENT, capsys)  # a tie: the alias stays on `first`
+    judge = registry.judge_champion
+
+    def another_run_promotes_meanwhile(champion_version, part):
+        local.client.set_registered_model_alias("m-race", registry.CHAMPION, meanwhile)
+        return judge(champion_version, part)
+
+    monkeypatch.setattr(registry, "judge_champion", another_run_promotes_meanwhile)
+    better, line = register(local, cfg, dataset, PRESENT, capsys)
+    assert champion(local, "m-race") == meanwhile
+    assert f"the alias moved to version {meanwhile} while this run judged version {first}" in line
+
+
+def test_withdraw_puts_the_alias_back_only_if_it_still_points_at_the_withdrawn_version(local, colour_data, capsys):
+    cfg, dataset = load(colour_data, "m-withdraw")
+    first, _ = register(local, cfg, dataset, ABSENT, capsys)
+    other, _ = register(local, cfg, dataset, ABSENT, capsys)  # a tie: the alias stays on `first`
+    registry.REGISTERED.clear()  # earlier runs' versions, not this one's
+    register(local, cfg, dataset, PRESENT, capsys)
+    registry.withdraw()
+    assert champion(local, "m-withdraw") == first
+
+    def versions():
+        return {str(v.version) for v in local.client.search_model_versions("name='m-withdraw'")}
+
+    assert versions() == {first, other}
+    mine, _ = register(local, cfg, dataset, PRESENT, capsys)
+    assert champion(local, "m-withdraw") == mine
+    local.client.set_registered_model_alias("m-withdraw", registry.CHAMPION, other)  # another run's move
+    registry.withdraw()
+    assert champion(local, "m-withdraw") == other and versions() == {first, other}
+
+
+class RunsCode(nn.Module):
+    """Unpickling this module runs a shell command: what a planted pickle-format model could do."""
+
+    def __init__(self, marker):
+        super().__init__()
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def pickled_version(store, name, marker, tags) -> str:
+    import mlflow
+
+    experiment = store.client.get_experiment_by_name("Default").experiment_id
+    with mlflow.start_run(experiment_id=experiment):
+        info = mlflow.pytorch.log_model(RunsCode(marker), name="model", serialization_format="pickle",
+                                        pip_requirements=["torch"])  # no inference: it would load it
+    version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
+    store.client.set_registered_model_alias(name, registry.CHAMPION, version)
+    return version
+
+
+def test_a_pickle_format_champion_is_refused_unread(local, colour_data, tmp_path, capsys):
+    cfg, dataset = load(colour_data, "m-pickle")
+    part = registry.held_out(dataset)
+    marker = tmp_path / "ran"
+    planted = pickled_version(local, "m-pickle", marker, {
+        "data_digest": dataset.digest, "judged_on": part.role, "judged_on_digest": part.digest})
+    challenger, line = register(local, cfg, dataset, PRESENT, capsys)
+    assert champion(local, "m-pickle") == planted and not marker.exists()
+    assert f"model m-pickle version {planted}" in line and "stored in pickle format, not pt2" in line
+    assert "alias 'champion' stays" in line
+
+    # predict, with MLFLOW_ALLOW_PICKLE_DESERIALIZATION unset (MLflow's default: true): one line, exit 2
+    env = dict(local.env)
+    env.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
+    local.env, saved = env, local.env
+    try:
+        proc = local.cli("predict", "--model_uri", "models:/m-pickle@champion",
+                         "--input", str(colour_data / "right" / "test_32x32.mat"), "--output", str(tmp_path / "p.csv"))
+    finally:
+        local.env = saved
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert f"model m-pickle version {planted}" in lines[0] and "pickle format" in lines[0]
+    assert not marker.exists() and not (tmp_path / "p.csv").exists()
+
+
+def test_the_cli_turns_pickle_deserialisation_off_unless_the_user_set_it(monkeypatch, tmp_path):
+    from pipeline.__main__ import PICKLE, main
+
+    monkeypatch.delenv(PICKLE, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", "--bs", "0"]) == 2  # refused as a bad value, after the setting
+    assert os.environ[PICKLE] == "false"
+    monkeypatch.setenv(PICKLE, "true")
+    main(["predict", "--bs", "0"])
+    assert os.environ[PICKLE] == "true"
+
+
+def test_synthetic_data_registers_under_its_own_name():
+    assert config.load("retrain", {"dataset": "synthetic"}).model_name == "svhn-classifier-synthetic"
+    assert config.load("retrain", {"dataset": "svhn"}).model_name == "svhn-classifier"
+    assert config.load("retrain", {"dataset": "synthetic", "registered_model": "mine"}).model_name == "mine"
