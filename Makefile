@@ -11,6 +11,7 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 DEMO_ARGS := -P dataset=synthetic -P scale=demo -P val_split=0.1
 DEMO_SAMPLES := demo_samples
 # synthetic data registers under a model name of its own: it never competes with a real-data model
+# (predict -P dataset=synthetic uses its champion)
 DEMO_MODEL := svhn-classifier-synthetic
 
 .PHONY: install test test-fast mutate demo bench clean
@@ -53,7 +54,7 @@ demo: install
 	@echo
 	$(VENV)/bin/python scripts/demo.py samples $(DEMO_SAMPLES) $(subst -P ,,$(DEMO_ARGS))
 	mlflow run . -e predict --env-manager local -P input=$(DEMO_SAMPLES) -P output=demo_predictions.csv \
-		-P model_uri=models:/$(DEMO_MODEL)@champion
+		-P dataset=synthetic
 	@$(VENV)/bin/python scripts/demo.py report demo_predictions.csv $(DEMO_MODEL)
 	@echo
 	@echo "Done. Browse the runs, compare the sweeps and see the registered model with:"

@@ -69,6 +69,8 @@ def run(argv: list[str]) -> int:
 
         resolve_runtime(cfg.device, cfg.precision)  # device=cuda on a machine without one: stop now
     if stage in ("main", "predict", "evaluate"):
+        # a model in another format than pt2 is refused before this command makes a run
+        model = predict_mod.load_model(cfg.champion_uri) if stage != "main" else None
         run_id, created = stages.top_level_run()
         from . import runner, tracking
 
@@ -78,9 +80,9 @@ def run(argv: list[str]) -> int:
                 workflow.main(cfg, overrides, run_id)
                 return 0
             if stage == "evaluate":
-                predict_mod.evaluate(cfg, run_id)
+                predict_mod.evaluate(cfg, run_id, model)
                 return 0
-            return predict_mod.predict(cfg, run_id)
+            return predict_mod.predict(cfg, run_id, model)
     if cfg.resume_run_id:
         stages.resume(cfg)
     else:
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault(PICKLE, "false")
     if os.environ[PICKLE].lower() in ("true", "1"):
         print(f"note: {PICKLE}={os.environ[PICKLE]} (set by you): MLflow may unpickle what it loads; "
-              f"this pipeline still loads pt2 models and weights-only checkpoints only", file=sys.stderr)
+              f"this pipeline still loads pt2 models and weights-only checkpoints only", flush=True)
     import requests
     from mlflow.exceptions import MlflowException
 

@@ -112,7 +112,7 @@ class Config:
     registered_model: str = ""     # "" = svhn-classifier, or svhn-classifier-synthetic for synthetic data
     register: bool = False
     promote: bool = False           # move `champion` to this run's version whatever the comparison says
-    model_uri: str = "models:/svhn-classifier@champion"
+    model_uri: str = ""             # "" = models:/<model_name>@champion
     input: str = ""
     output: str = "predictions.csv"
     env_manager: str = "local"
@@ -153,6 +153,10 @@ class Config:
         if self.registered_model:
             return self.registered_model
         return SYNTHETIC_MODEL if self.dataset == "synthetic" else REAL_MODEL
+
+    @property
+    def champion_uri(self) -> str:
+        return self.model_uri or f"models:/{self.model_name}@champion"
 
     def replace(self, **changes: Any) -> "Config":
         return validate(dataclasses.replace(self, **changes))

@@ -64,7 +64,8 @@ def run_children(cfg: Config, parent_run_id: str, specs: list[ChildSpec],
 # MLflow tracking settings a worker on another machine needs (it does not share our environment)
 TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                 "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
-                "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+                "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                "MLFLOW_ALLOW_PICKLE_DESERIALIZATION")  # __main__ sets it: workers elsewhere too
 
 
 def tracking_uri() -> str:

@@ -123,9 +123,10 @@ def load_model(model_uri: str):
 probabilities = registry.probabilities
 
 
-def predict(cfg: Config, run_id: str | None) -> int:
-    """Write cfg.output; return the exit code (1 when some inputs could not be read)."""
-    model = load_model(cfg.model_uri)
+def predict(cfg: Config, run_id: str | None, model=None) -> int:
+    """Write cfg.output with `model` (default: cfg.champion_uri's); return the exit code (1 when
+    some inputs could not be read)."""
+    model = load_model(cfg.champion_uri) if model is None else model
     inputs = collect(cfg.input)
     probs = probabilities(model, np.stack(inputs.images)) if inputs.images else np.zeros((0, 10))
     labels, confidence = probs.argmax(1), probs.max(1) if len(probs) else probs
@@ -192,9 +193,10 @@ def evaluation_report(model, images: torch.Tensor, labels: torch.Tensor, run_id:
     return metrics
 
 
-def evaluate(cfg: Config, run_id: str) -> dict[str, float]:
-    """The `evaluate` entry point: the report for cfg.model_uri on cfg's test split."""
-    model = load_model(cfg.model_uri)
+def evaluate(cfg: Config, run_id: str, model=None) -> dict[str, float]:
+    """The `evaluate` entry point: the report for `model` (default: cfg.champion_uri's) on cfg's
+    test split."""
+    model = load_model(cfg.champion_uri) if model is None else model
     dataset = data_mod.load(cfg)
     tracking.client().set_tag(run_id, "stage", "evaluate")
     return evaluation_report(model, dataset.test_images, dataset.test_labels, run_id)

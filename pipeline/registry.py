@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import re
 import socket
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from mlflow.exceptions import MlflowException
 from torch import nn
 
@@ -23,6 +25,7 @@ from . import models, tracking
 from .config import Config
 
 CHAMPION = "champion"
+LINEAGE_DIGEST = "lineage_digest"   # a stage run's: the data its weights descend from, or "mixed"
 
 
 class Classifier(nn.Module):
@@ -71,19 +74,22 @@ def model_label(model_uri: str) -> str:
     return f"model {name} version {version}"
 
 
-def stored_format(model_uri: str) -> str:
-    """How a logged pytorch model is stored, read from its MLmodel and file list (nothing loaded):
-    pt2 (torch.export: a graph and tensors), pickle (torch.save of the module: unpickling runs
-    code), or what else makes it unusable here."""
-    import mlflow
-
-    flavor = mlflow.models.get_model_info(model_uri).flavors.get("pytorch")
-    if flavor is None:
+def stored_format(local: Path) -> str:
+    """How the downloaded model at `local` is stored, read from its MLmodel and file list (nothing
+    loaded): pt2 (torch.export: a graph and tensors), pickle (torch.save of the module: unpickling
+    runs code), or what else makes it unusable here. No MLmodel at all: FileNotFoundError (a
+    model that cannot be read, not one refused for its format)."""
+    text = (local / "MLmodel").read_text()
+    try:
+        flavor = (yaml.safe_load(text) or {}).get("flavors", {}).get("pytorch")
+    except (yaml.YAMLError, AttributeError):
+        return "an unreadable"
+    if not isinstance(flavor, dict):
         return "a non-pytorch"
     if flavor.get("code"):  # a code folder is put on sys.path at load: it runs
         return "pytorch with a code folder"
-    files = {Path(f.path).name for f in mlflow.artifacts.list_artifacts(
-        artifact_uri=f"{model_uri}/{flavor.get('model_data', 'data')}")}
+    folder = local / str(flavor.get("model_data", "data"))
+    files = {f.name for f in folder.iterdir()} if folder.is_dir() else set()
     if "model.pth" in files:
         return "pickle"
     return PT2 if "model.pt2" in files else "an unknown"
@@ -91,17 +97,20 @@ def stored_format(model_uri: str) -> str:
 
 def load_pt2(model_uri: str):
     """The model at `model_uri`, loaded only when stored as pt2: a pickle-format model (or one with
-    a code folder) is refused before anything of it is read. MLflow then checks the pt2 archive
-    itself holds no pickle (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false, which __main__ sets)."""
+    a code folder) is refused before anything of it is read. It is downloaded once, checked and
+    loaded from that one copy (nothing can be swapped in between), and MLflow then checks that the
+    pt2 archive holds no pickle (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false, which __main__ sets)."""
     import mlflow
 
-    fmt = stored_format(model_uri)
-    if fmt != PT2:
-        raise ModelRefused(
-            f"{model_label(model_uri)} ({model_uri}) is stored in {fmt} format, not pt2: loading it could "
-            f"run code from the store, so it was refused unread; register a pt2 model (retrain or deepen "
-            f"log one), or load this one yourself if you trust whoever saved it")
-    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        fmt = stored_format(local)
+        if fmt != PT2:
+            raise ModelRefused(
+                f"{model_label(model_uri)} ({model_uri}) is stored in {fmt} format, not pt2: loading it "
+                f"could run code from the store, so it was refused unread; register a pt2 model (retrain or "
+                f"deepen log one), or load this one yourself if you trust whoever saved it")
+        return mlflow.pytorch.load_model(str(local), map_location="cpu")
 
 
 def probabilities(model, images: np.ndarray, bs: int = 256) -> np.ndarray:
@@ -149,11 +158,14 @@ def incomparable(champion, dataset: data_mod.SVHNData, part: data_mod.Split) -> 
     `part` is held out for both and both were meant for it."""
     tags = champion.tags
     mine = dataset.digest[:12]
-    if "data_digest" not in tags or "judged_on" not in tags:
+    if "data_digest" not in tags or "judged_on" not in tags or LINEAGE_DIGEST not in tags:
         return f"champion version {champion.version} records no data digest, so nothing is known to be held out for it"
     if tags["data_digest"] != dataset.digest:
         return (f"champion version {champion.version} was trained on other data (digest "
                 f"{tags['data_digest'][:12]}, this run {mine}): no split is known to be held out for both")
+    if tags[LINEAGE_DIGEST] != dataset.digest:
+        return (f"champion version {champion.version} grew out of weights trained on other data "
+                f"({tags[LINEAGE_DIGEST][:12]}): this run's held-out images may not be held out for it")
     if tags["judged_on"] != part.role or tags.get("judged_on_digest", part.digest) != part.digest:
         return (f"champion version {champion.version} was judged on its {tags['judged_on']} split, this run "
                 f"on the {part.role} split")
@@ -213,8 +225,13 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData) -> str:
     part = held_out(dataset)
     challenger_acc = accuracy(model, part)
     champion = current_champion(name)
+    client = tracking.client()
+    lineage = client.get_run(run_id).data.tags.get(LINEAGE_DIGEST, "unrecorded")
     why, champion_acc = "", None
-    if champion is not None:
+    if champion is not None and lineage != dataset.digest:  # its parent's data may hold `part`
+        why = (f"this run's weights grow out of a parent trained on other data (lineage {lineage[:12]}), "
+               f"so no split is known to be held out for it")
+    elif champion is not None:
         why = incomparable(champion, dataset, part)
         if not why:
             champion_acc, why = judge_champion(champion, part)
@@ -222,7 +239,6 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData) -> str:
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)
-    client = tracking.client()
     info = mlflow.pytorch.log_model(model, name="model", input_example=example, signature=signature,
                                     serialization_format="pt2", run_id=run_id,  # no fluent run
                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
@@ -231,7 +247,7 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData) -> str:
     judged = f"{split} split ({len(part.labels)} images, digest {part.digest[:12]})"
     tags = {f"best_{best.selected_on}_acc": repr(best.best_acc), "selected_on": best.selected_on,
             "test_acc_at_best": repr(best.test_acc_at_best), "data_digest": dataset.digest,
-            "dataset": cfg.dataset, "judged_on": split, "judged_on_digest": part.digest,
+            "dataset": cfg.dataset, LINEAGE_DIGEST: lineage, "judged_on": split, "judged_on_digest": part.digest,
             "judged_acc": repr(challenger_acc), "arch": best.arch, "stage": cfg.stage}
     version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
     previous = str(champion.version) if champion is not None else None

@@ -32,15 +32,16 @@ def load(colour_data, name, **extra):
     return cfg, data.load(cfg)
 
 
-def constant_model_run(store, digit: int) -> runner.RunResult:
-    """A run whose best.pt answers `digit` for every image: its accuracy is that digit's share."""
+def constant_model_run(store, digit: int, lineage: str) -> runner.RunResult:
+    """A run whose best.pt answers `digit` for every image: its accuracy is that digit's share;
+    `lineage`: the data its weights descend from (a stage run's tag)."""
     net = models.build("resnet")
     with torch.no_grad():
         net.fc.weight.zero_()
         net.fc.bias.fill_(-10.0)
         net.fc.bias[digit] = 10.0
     experiment = store.client.get_experiment_by_name("Default").experiment_id
-    run_id = store.client.create_run(experiment, tags={"stage": "retrain"}).info.run_id
+    run_id = store.client.create_run(experiment, tags={"stage": "retrain", "lineage_digest": lineage}).info.run_id
     tracking.save_checkpoint(run_id, tracking.BEST, net.state_dict())
     return runner.RunResult(run_id, f"always {digit}", "resnet", 0.0, 1, None, "test", 0.0)
 
@@ -49,8 +50,8 @@ def champion(store, name):
     return str(store.client.get_model_version_by_alias(name, registry.CHAMPION).version)
 
 
-def register(store, cfg, dataset, digit, capsys) -> tuple[str, str]:
-    result = constant_model_run(store, digit)
+def register(store, cfg, dataset, digit, capsys, lineage=None) -> tuple[str, str]:
+    result = constant_model_run(store, digit, lineage or dataset.digest)
     version = registry.register(result.run_id, cfg, result, dataset)
     return version, capsys.readouterr().out.strip().splitlines()[-1]
 
@@ -95,6 +96,27 @@ def test_a_champion_is_never_judged_on_the_split_it_trained_on(local, colour_dat
     monkeypatch.setattr(registry, "judge_champion", lambda *a: judged.append(a) or (0.0, ""))
     register(local, split_cfg, split, PRESENT, capsys)
     assert champion(local, "m-split") == held and not judged
+
+
+def test_a_challenger_grown_from_a_parent_on_other_data_is_not_judged(local, colour_data, capsys, monkeypatch):
+    # its parent trained with val_split=0: on every image this run holds out as validation
+    cfg, dataset = load(colour_data, "m-lineage", val_split=0.25)
+    held, _ = register(local, cfg, dataset, ABSENT, capsys)
+    judged = []
+    monkeypatch.setattr(registry, "judge_champion", lambda *a: judged.append(a) or (0.0, ""))
+    challenger, line = register(local, cfg, dataset, PRESENT, capsys, lineage="mixed")
+    assert champion(local, "m-lineage") == held and not judged
+    assert "grow out of a parent trained on other data" in line
+    assert local.client.get_model_version("m-lineage", challenger).tags["lineage_digest"] == "mixed"
+
+
+def test_a_stage_from_a_parent_on_other_data_descends_from_mixed_data():
+    from pipeline.stages import Lineage
+
+    assert Lineage().data_of("d1") == "d1"  # from scratch
+    assert Lineage("p", init_state={}, parent_data="d1").data_of("d1") == "d1"
+    assert Lineage("p", init_state={}, parent_data="d0").data_of("d1") == "mixed"
+    assert Lineage("p", init_state=None, parent_data="d0").data_of("d1") == "d1"  # init=scratch: weights not taken
 
 
 def test_promote_moves_the_alias_over_an_incomparable_champion_and_says_who(local, colour_data, capsys):
@@ -172,7 +194,8 @@ def test_a_pickle_format_champion_is_refused_unread(local, colour_data, tmp_path
     part = registry.held_out(dataset)
     marker = tmp_path / "ran"
     planted = pickled_version(local, "m-pickle", marker, {
-        "data_digest": dataset.digest, "judged_on": part.role, "judged_on_digest": part.digest})
+        "data_digest": dataset.digest, "lineage_digest": dataset.digest, "judged_on": part.role,
+        "judged_on_digest": part.digest})
     challenger, line = register(local, cfg, dataset, PRESENT, capsys)
     assert champion(local, "m-pickle") == planted and not marker.exists()
     assert f"model m-pickle version {planted}" in line and "stored in pickle format, not pt2" in line
@@ -191,6 +214,8 @@ def test_a_pickle_format_champion_is_refused_unread(local, colour_data, tmp_path
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert f"model m-pickle version {planted}" in lines[0] and "pickle format" in lines[0]
     assert not marker.exists() and not (tmp_path / "p.csv").exists()
+    assert not local.runs("tags.stage = 'predict'") and not [  # refused before a run was made
+        r for r in local.runs() if r.info.status == "FAILED"]
 
 
 def test_the_cli_turns_pickle_deserialisation_off_unless_the_user_set_it(monkeypatch, tmp_path):

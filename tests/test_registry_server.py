@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import VENV_BIN, colour_params, free_port, mlflow_server, wait_http
-from pipeline import data, models, registry
+from pipeline import data, models, registry, runner
 from pipeline.data import read_mat
 from pipeline.predict import read_image
 
@@ -157,18 +157,31 @@ def test_predict_on_a_labelled_mat_reports_accuracy(server_store, tmp_path, test
     assert [int(r["label"]) for r in rows] == predicted.tolist()
 
 
-def test_a_worse_model_leaves_the_champion_where_it_was(server_store, monkeypatch):
+def test_a_worse_model_leaves_the_champion_where_it_was(server_store, colour_data, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server_store.uri)
-    from pipeline import config, data, runner
+    from pipeline import config, data, tracking
 
-    (run,) = server_store.top_level("retrain")
-    before = server_store.client.get_model_version_by_alias("svhn-classifier", "champion").version
-    cfg = config.load("retrain", {"dataset": "synthetic", "data_dir": str(server_store.data_dir),
-                                  "synthetic_train": "600", "synthetic_test": "300", "limit_test": "8"})
-    worse = runner.RunResult(run.info.run_id, "worse", "resnet", -1.0, 1, None)
-    new_version = registry.register(run.info.run_id, cfg, worse, data.load(cfg))
-    assert new_version != before
-    assert server_store.client.get_model_version_by_alias("svhn-classifier", "champion").version == before
+    before = server_store.client.get_model_version_by_alias("svhn-classifier", "champion")
+    # the champion's own data (the same digest), so the two are compared on the same test split
+    cfg = config.load("retrain", {"dataset": "svhn", "verify": "false", "data_dir": str(colour_data / "right"),
+                                  "limit_train": "256", "limit_test": "128"})
+    dataset = data.load(cfg)
+    assert dataset.digest == before.tags["data_digest"]
+    net = models.build("resnet")  # answers 0 for every image: 10% of the test split
+    with torch.no_grad():
+        net.fc.weight.zero_()
+        net.fc.bias.zero_()
+        net.fc.bias[0] = 10.0
+    experiment_id = server_store.client.get_run(before.run_id).info.experiment_id
+    run_id = server_store.client.create_run(experiment_id, tags={"stage": "smoke",
+                                                                 "lineage_digest": dataset.digest}).info.run_id
+    tracking.save_checkpoint(run_id, tracking.BEST, net.state_dict())
+    worse = runner.RunResult(run_id, "worse", "resnet", 100.0, 1, None, "test", 100.0)  # whatever it logged
+    new_version = registry.register(run_id, cfg, worse, dataset)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    champion_acc = float(before.tags["judged_acc"])
+    assert f"version {new_version} 10.156% vs champion version {before.version} {champion_acc:.3f}%" in line
+    assert server_store.client.get_model_version_by_alias("svhn-classifier", "champion").version == before.version
 
 
 def test_mlflow_models_serve_answers_invocations(server_store, test_split, reference):
