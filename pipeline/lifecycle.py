@@ -1,12 +1,19 @@
-"""The run lifecycle: who is writing a run (heartbeat), which earlier runs a new one continues,
-and rebuilding a finished child's result from what MLflow recorded.
+"""The run lifecycle: who is writing a run (heartbeat, claims), which earlier runs a new one
+continues, and rebuilding a finished child's result from what MLflow recorded.
 
 A run is written by one process at a time. Each training run, and the stage run above it, carry
-tag `heartbeat` = "<host> <pid> <unix time> [<owner>]", refreshed every epoch; owner is the Ray
-task that trains it (executor=ray), whose retries may take it over at once. A run is live when it is
-RUNNING and its writer still runs: on this host, its pid is alive (so a run killed with SIGKILL,
-which MLflow still shows RUNNING, is not); on another host, its heartbeat is younger than
-STALE_AFTER_S. A live run is never resumed or adopted by another process, unless force=true.
+tag `heartbeat` = the writer's identity and the time, refreshed every epoch: host, boot id, pid
+namespace, pid and the process's start time (so a recycled pid, or a container that shares the
+hostname, is never mistaken for the writer), and the Ray task that trains it (executor=ray), whose
+retries may take it over at once. A run is live when it is RUNNING and its writer still runs: on
+this kernel and pid namespace, that exact process exists (so a run killed with SIGKILL, which
+MLflow still shows RUNNING, is not live); elsewhere, its heartbeat is younger than STALE_AFTER_S.
+A live run is never resumed or adopted by another process, unless force=true.
+
+Taking a run over (resume, adoption) is a claim: param `writer.<n>` holding the new writer's
+identity, n one more than the claims it has. A param is write-once in every MLflow store (the
+database refuses a second value for the same key), so of two processes that claim one run at the
+same moment exactly one succeeds; the other stops with one line.
 """
 from __future__ import annotations
 
@@ -18,10 +25,13 @@ import threading
 import time
 from pathlib import Path
 
-from . import tracking, train
-from .config import Config
+from mlflow.exceptions import MlflowException
+
+from . import pause, tracking, train
+from .config import Config, code_version
 
 HEARTBEAT = "heartbeat"
+CLAIM = "writer."                   # params writer.1, writer.2, ...: one per takeover
 STAGE_KEY = "stage_key"             # set when a stage run starts: finds it again if it never finishes
 CONTINUED_IN = "continued_in"       # on an unfinished stage run whose children a later run took over
 STALE_AFTER_S = 900                 # a heartbeat from another host older than this: its writer is gone
@@ -33,10 +43,65 @@ ADOPTABLE: set[str] = set()
 OWNER = {"task": ""}
 
 
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot ("" where /proc does not say)."""
+    stat = _read(f"/proc/{pid}/stat")
+    fields = stat.rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+def pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
+_identity: dict[int, dict[str, str]] = {}
+
+
+def identity() -> dict[str, str]:
+    """This process as a writer: host, boot id, pid namespace, pid and start time."""
+    pid = os.getpid()
+    if pid not in _identity:  # per pid: a forked child is another writer
+        _identity[pid] = {"host": socket.gethostname(), "boot": _read("/proc/sys/kernel/random/boot_id"),
+                          "pidns": pid_namespace(), "pid": str(pid), "start": process_start(pid)}
+    return _identity[pid]
+
+
+def stamp() -> str:
+    fields = {**identity(), "time": f"{time.time():.0f}"}
+    if OWNER["task"]:
+        fields["task"] = OWNER["task"]
+    return " ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def parse_stamp(text: str) -> dict[str, str] | None:
+    """A stamp's fields; the older "<host> <pid> <time> [<task>]" form too; None if unreadable."""
+    parts = text.split()
+    try:
+        if parts and all("=" in p for p in parts):
+            fields = dict(p.split("=", 1) for p in parts)
+        else:
+            host, pid, when, *task = parts
+            fields = {"host": host, "pid": pid, "time": when, **({"task": task[0]} if task else {})}
+        int(fields["pid"]), float(fields["time"])
+        return fields
+    except (ValueError, KeyError):
+        return None
+
+
 def beat(*run_ids: str) -> None:
-    stamp = f"{socket.gethostname()} {os.getpid()} {time.time():.0f} {OWNER['task']}".rstrip()
+    text = stamp()
     for run_id in run_ids:
-        tracking.client().set_tag(run_id, HEARTBEAT, stamp)
+        tracking.client().set_tag(run_id, HEARTBEAT, text)
 
 
 BEAT_EVERY_S = 60
@@ -78,22 +143,41 @@ def _pid_runs_pipeline(pid: int) -> bool:
         return True
 
 
+def claims(run) -> dict[int, str]:
+    return {int(k[len(CLAIM):]): v for k, v in run.data.params.items()
+            if k.startswith(CLAIM) and k[len(CLAIM):].isdigit()}
+
+
+def writer_alive(fields: dict[str, str]) -> bool:
+    me = identity()
+    pid = int(fields["pid"])
+    if not fields.get("boot") or not me["boot"]:  # the older stamp, or no /proc here: host and pid
+        return _pid_runs_pipeline(pid) if fields["host"] == me["host"] else \
+            time.time() - float(fields["time"]) < STALE_AFTER_S
+    if fields["boot"] == me["boot"] and fields.get("pidns") == me["pidns"] and me["boot"]:
+        return bool(fields.get("start")) and process_start(pid) == fields["start"]
+    return time.time() - float(fields["time"]) < STALE_AFTER_S  # another machine or container
+
+
 def live_writer(run) -> str | None:
-    """Who is writing `run` now ("host pid N, heartbeat 12 s ago"), or None when nobody is."""
+    """Who is writing `run` now ("host pid N, heartbeat 12 s ago"), or None when nobody is: the
+    newest of its heartbeat and its latest claim."""
     if run.info.status != "RUNNING":
         return None
-    stamp = run.data.tags.get(HEARTBEAT, "")
-    try:
-        host, pid, when, *owner = stamp.split()
-        pid, age = int(pid), time.time() - float(when)
-    except ValueError:
+    made = claims(run)
+    stamps = [parse_stamp(run.data.tags.get(HEARTBEAT, "")), parse_stamp(made[max(made)]) if made else None]
+    stamps = [s for s in stamps if s is not None]
+    if not stamps:
         return None  # never trained an epoch: no writer to protect
-    if pid == os.getpid() and host == socket.gethostname():
+    fields = max(stamps, key=lambda f: float(f["time"]))
+    me = identity()
+    if all(fields.get(k) == me[k] for k in ("host", "boot", "pidns", "pid", "start") if k in fields):
         return None
-    if owner and owner[0] == OWNER["task"]:  # an earlier attempt of this Ray task: its worker died
+    if fields.get("task") and fields["task"] == OWNER["task"]:  # an earlier attempt of this Ray task
         return None
-    alive = _pid_runs_pipeline(pid) if host == socket.gethostname() else age < STALE_AFTER_S
-    return f"{host} pid {pid}, heartbeat {age:.0f} s ago" if alive else None
+    if not writer_alive(fields):
+        return None
+    return f"{fields['host']} pid {fields['pid']}, heartbeat {time.time() - float(fields['time']):.0f} s ago"
 
 
 def refuse_if_live(run, cfg: Config, action: str) -> None:
@@ -102,6 +186,45 @@ def refuse_if_live(run, cfg: Config, action: str) -> None:
         raise tracking.LineageError(
             f"run {run.info.run_id} is live ({writer}): another process is writing it, so it was not "
             f"{action}; wait for it or stop it, or add -P force=true if that process is gone")
+
+
+def claim(run, cfg: Config, action: str) -> None:
+    """Become `run`'s one writer: refused if it is live (unless force=true), then claimed with
+    param writer.<n+1>. Of processes claiming it at once, one succeeds; the others get one line."""
+    refuse_if_live(run, cfg, action)
+    pause.point("takeover", cfg.stage, run.info.run_id)
+    number = max(claims(run), default=0) + 1
+    run_id = run.info.run_id
+    try:
+        tracking.client().log_param(run_id, f"{CLAIM}{number}", stamp())
+    except MlflowException as err:
+        tracking.raise_if_refused(err)
+        if "Changing param values is not allowed" not in str(err):
+            raise
+        other = parse_stamp(claims(tracking.client().get_run(run_id)).get(number, "")) or {}
+        raise tracking.LineageError(
+            f"run {run_id} was taken over by another process ({other.get('host', '?')} pid "
+            f"{other.get('pid', '?')}) at the same moment, so it was not {action} here: that process "
+            f"trains it; wait for it to finish") from None
+    beat(run_id)
+
+
+def check_same_record(run, data_digest: str, device_type: str, precision: str) -> None:
+    """A run continues only with what it started with: the same data (digest), code
+    (code_version), device type and precision, read from its own record. Anything else would
+    make one run of two experiments; force=true does not change that."""
+    tags, params = run.data.tags, run.data.params
+    recorded = {"data digest": tags.get("data_digest", ""), "code_version": tags.get("code_version", ""),
+                "device type": params.get("device_resolved", "").split(":")[0],
+                "precision": params.get("precision_resolved", "")}
+    now = {"data digest": data_digest, "code_version": code_version(), "device type": device_type,
+           "precision": precision}
+    differ = [f"{what} {recorded[what][:16] or 'unrecorded'} then, {now[what][:16]} now" for what in now
+              if recorded[what] != now[what]]
+    if differ:
+        raise tracking.LineageError(
+            f"run {run.info.run_id} cannot be continued here: {'; '.join(differ)}; a run is never continued "
+            f"with other data, code or runtime: restore them, or start a new run (without resume_run_id)")
 
 
 # -- keys -----------------------------------------------------------------------------------------

@@ -1,0 +1,111 @@
+"""The run lifecycle's rules as plain functions: who is a live writer, one claim per takeover,
+and a resume that continues the same run or refuses."""
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline import config, lifecycle, tracking
+
+
+def fake_run(status="RUNNING", tags=None, params=None, run_id="r1"):
+    return SimpleNamespace(info=SimpleNamespace(run_id=run_id, status=status),
+                           data=SimpleNamespace(tags=tags or {}, params=params or {}))
+
+
+def stamp_of(pid: int, **changes) -> str:
+    fields = {**lifecycle.identity(), "pid": str(pid), "start": lifecycle.process_start(pid),
+              "time": f"{time.time():.0f}", **changes}
+    return " ".join(f"{k}={v}" for k, v in fields.items())
+
+
+@pytest.fixture
+def sleeper():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_a_live_process_on_this_machine_is_the_writer_and_a_dead_or_recycled_pid_is_not(sleeper):
+    assert lifecycle.live_writer(fake_run(tags={"heartbeat": stamp_of(sleeper.pid)}))
+    # the same pid number, but another process's start time: a recycled pid, not our writer
+    recycled = stamp_of(sleeper.pid, start=str(int(lifecycle.process_start(sleeper.pid)) + 1))
+    assert lifecycle.live_writer(fake_run(tags={"heartbeat": recycled})) is None
+    sleeper.kill()
+    sleeper.wait()
+    assert lifecycle.live_writer(fake_run(tags={"heartbeat": stamp_of(sleeper.pid)})) is None
+    assert lifecycle.live_writer(fake_run(tags={"heartbeat": stamp_of(os.getpid())})) is None  # this process
+
+
+def test_a_writer_in_another_container_with_this_hostname_is_judged_by_its_heartbeat(sleeper):
+    # a pid of another pid namespace means nothing here, alive or not: only the heartbeat's age counts
+    elsewhere = stamp_of(sleeper.pid, pidns="4026531999")
+    assert lifecycle.live_writer(fake_run(tags={"heartbeat": elsewhere}))
+    dead_elsewhere = stamp_of(2 ** 22 + 1, pidns="4026531999", start="1")
+    assert lifecycle.live_writer(fake_run(tags={"heartbeat": dead_elsewhere}))  # fresh: protected
+    stale = stamp_of(2 ** 22 + 1, boot="another-boot", time=f"{time.time() - lifecycle.STALE_AFTER_S - 5:.0f}")
+    assert lifecycle.live_writer(fake_run(tags={"heartbeat": stale})) is None
+
+
+def test_the_newest_of_heartbeat_and_claim_decides(sleeper):
+    old_dead = stamp_of(2 ** 22 + 1, start="1", time=f"{time.time() - 100:.0f}")
+    claim = stamp_of(sleeper.pid)
+    run = fake_run(tags={"heartbeat": old_dead}, params={"writer.1": claim})
+    assert lifecycle.live_writer(run)  # claimed just now by a live process
+    assert lifecycle.live_writer(fake_run(status="KILLED", params={"writer.1": claim})) is None
+
+
+def test_the_older_stamp_is_still_read(sleeper):
+    import socket
+
+    older = f"{socket.gethostname()} {2 ** 22 + 1} {time.time():.0f}"
+    assert lifecycle.parse_stamp(older)["pid"] == str(2 ** 22 + 1)
+    assert lifecycle.live_writer(fake_run(tags={"heartbeat": older})) is None
+
+
+RECORD = {"tags": {"data_digest": "d" * 64, "code_version": "c" * 12},
+          "params": {"device_resolved": "cuda:0", "precision_resolved": "bf16"}}
+
+
+@pytest.mark.parametrize("what,now,line", [
+    ("data", ("e" * 64, "cuda", "bf16"), f"data digest {'d' * 16} then, {'e' * 16} now"),
+    ("device", ("d" * 64, "cpu", "bf16"), "device type cuda then, cpu now"),
+    ("precision", ("d" * 64, "cuda", "fp32"), "precision bf16 then, fp32 now")])
+def test_a_resume_names_what_differs_from_the_runs_record(monkeypatch, what, now, line):
+    monkeypatch.setattr(lifecycle, "code_version", lambda: "c" * 12)
+    run = fake_run(**RECORD)
+    lifecycle.check_same_record(run, "d" * 64, "cuda", "bf16")  # the same: no refusal
+    with pytest.raises(tracking.LineageError) as err:
+        lifecycle.check_same_record(run, *now)
+    message = str(err.value)
+    assert line in message and "\n" not in message and message.count(" then, ") == 1
+
+
+def test_a_resume_with_other_code_or_no_record_is_refused(monkeypatch):
+    monkeypatch.setattr(lifecycle, "code_version", lambda: "f" * 12)
+    with pytest.raises(tracking.LineageError, match=f"code_version {'c' * 12} then, {'f' * 12} now"):
+        lifecycle.check_same_record(fake_run(**RECORD), "d" * 64, "cuda", "bf16")
+    with pytest.raises(tracking.LineageError, match="data digest unrecorded then"):
+        lifecycle.check_same_record(fake_run(), "d" * 64, "cuda", "bf16")
+
+
+def test_of_two_claims_on_one_reading_of_a_run_only_the_first_is_accepted(tmp_path, monkeypatch):
+    uri = tracking.new_local_store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = tracking.client()
+    run_id = client.create_run("0").info.run_id
+    client.set_terminated(run_id, "KILLED")
+    seen = client.get_run(run_id)  # both processes read the run before either claims it
+    cfg = config.load("train")
+    monkeypatch.setattr(lifecycle, "stamp", lambda: "host=a pid=1 time=1")
+    lifecycle.claim(seen, cfg, "resumed")
+    monkeypatch.setattr(lifecycle, "stamp", lambda: "host=b pid=2 time=1")
+    with pytest.raises(tracking.LineageError, match=f"run {run_id} was taken over by another process \\(a pid 1\\)"):
+        lifecycle.claim(seen, cfg, "resumed")
+    assert client.get_run(run_id).data.params == {"writer.1": "host=a pid=1 time=1"}
+    lifecycle.claim(client.get_run(run_id), cfg, "resumed")  # a later reading claims the next
+    assert client.get_run(run_id).data.params["writer.2"] == "host=b pid=2 time=1"
