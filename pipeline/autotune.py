@@ -12,6 +12,7 @@ child resumes from last.pt, and the study stops at n_trials finished trials in a
 """
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import os
@@ -266,7 +267,12 @@ class Tuner:
                 continue
             self.study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
             trials = len(self.study.get_trials(deepcopy=False))
-            retry(self.study, self.study.get_trials(deepcopy=False)[frozen.number])
+            failed = copy.deepcopy(self.study.get_trials(deepcopy=False)[frozen.number])
+            # only the epochs its last.pt covers (those its run logged): the rest are trained again
+            covered = tracking.logged_steps(child.info.run_id, "test_acc") if child is not None else set()
+            failed.intermediate_values = {step: value for step, value in failed.intermediate_values.items()
+                                          if step in covered}
+            retry(self.study, failed)
             if len(self.study.get_trials(deepcopy=False)) == trials:  # not queued again: given up
                 if child is not None and child.info.status == "RUNNING":
                     tracking.end_run(child.info.run_id, "FAILED")

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from . import data as data_mod
-from . import interrupts, lifecycle, models, plots, tracking, train
+from . import interrupts, lifecycle, models, pause, plots, tracking, train
 from .config import Config
 
 # Runs a SIGINT/SIGTERM ended, innermost first: __main__ names the outermost in its hint.
@@ -59,7 +59,8 @@ def opened(run_id: str, end: bool = True):
     run), or KILLED on SIGINT/SIGTERM always (`mlflow run` may die of the same signal)."""
     try:
         yield run_id
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # later signals wait until this is done (interrupts)
+        pause.point("cleanup", run_id=run_id)
         tracking.end_run(run_id, "KILLED")
         KILLED_RUNS.append(run_id)
         raise
@@ -126,32 +127,47 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
     val_batches = data_mod.batches(cfg, dataset, "val", device, eval_bs, None, channels_last=True) \
         if dataset.val is not None else None
     already_logged = tracking.logged_steps(run_id, "test_acc") if resume else set()
-    if resume is not None and resume["epoch"] not in already_logged:
-        # killed between writing last.pt and logging its metrics: log them now, once
-        done = train.History.from_state(resume["history"]).epochs[-1]
-        tracking.log_epoch(run_id, done.epoch, done.metrics())
+    if resume is not None:  # killed between writing last.pt and logging what it covers: log it now, once
+        for done in train.History.from_state(resume["history"]).epochs:
+            if done.epoch not in already_logged:
+                tracking.log_epoch(run_id, done.epoch, done.metrics())
+                already_logged.add(done.epoch)
 
     writer = tracking.CheckpointWriter()
+    train_batches = pause.batches(train_batches, cfg.stage, run_id, before=writer.wait)
+    # Epochs trained since the last last.pt: their metrics are logged only once a last.pt covers
+    # them, so a kill never leaves a logged epoch that a resume would train (and log) again.
+    uncovered: list[tuple[int, dict]] = []
+    latest = {}
 
-    def record(epoch: int, metrics: dict, is_best: bool, state: dict | None) -> None:
-        """An epoch's record, in this order: best.pt, last.pt, then its metrics, so an epoch
-        that is logged always has its last.pt (resuming never trains a logged epoch again)."""
+    def record(is_best: bool, state: dict | None, covered: list[tuple[int, dict]]) -> None:
+        """An epoch's record, in this order: best.pt, last.pt, then the metrics of the epochs
+        that last.pt covers (with checkpoint_every > 1, several)."""
         if is_best:
             tracking.write_checkpoint(run_id, tracking.BEST, state["model"])
         if state is not None:
             tracking.write_checkpoint(run_id, tracking.LAST, state)
-        if epoch not in already_logged:
-            tracking.log_epoch(run_id, epoch, metrics)
+        for epoch, metrics in covered:
+            if epoch not in already_logged:
+                tracking.log_epoch(run_id, epoch, metrics)
+
+    def submit_record(is_best: bool, snapshot) -> None:
+        with interrupts.critical():  # a signal lands once this epoch's record is under way
+            state = tracking.host_copy(snapshot(), device)
+            covered = uncovered[:]
+            uncovered.clear()
+            writer.submit(functools.partial(record, is_best, state, covered))
 
     def on_epoch(result: train.EpochResult, is_best: bool, snapshot) -> None:
         writer.wait()  # the previous epoch's record first: one at a time, in order
+        uncovered.append((result.epoch, result.metrics()))
+        latest["snapshot"] = snapshot
         # last.pt with best.pt too, so the two never disagree about which epoch is behind them
-        write_last = is_best or result.epoch % cfg.checkpoint_every == 0
-        with interrupts.critical():  # a signal lands once this epoch's record is under way
-            state = tracking.host_copy(snapshot(), device) if write_last else None
-            writer.submit(functools.partial(record, result.epoch, result.metrics(), is_best, state))
+        if is_best or result.epoch % cfg.checkpoint_every == 0:
+            submit_record(is_best, snapshot)
         system_metrics.epoch_took(result.epoch_time_s)
         lifecycle.beat(*beating)
+        pause.point("epoch", cfg.stage, run_id, before=writer.wait)
         return bool(epoch_hook(result)) if epoch_hook else False
 
     run_hyper = hyper(cfg, device)
@@ -165,6 +181,9 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
             try:
                 history = train.fit(model, train_batches, test_batches, run_hyper, device, generator,
                                     val_batches=val_batches, resume=resume, on_epoch=on_epoch, log=log)
+                writer.wait()
+                if uncovered:  # the last epochs, since the last last.pt: one that covers them
+                    submit_record(False, latest["snapshot"])
                 writer.wait()  # the last epoch's record, before the totals and FINISHED
             except BaseException:
                 # Ctrl-C, SIGTERM or an error (in the last wait too): the epoch being recorded is
@@ -206,14 +225,19 @@ def child_run(parent_run_id: str, name: str, cfg: Config, dataset: data_mod.SVHN
     key = lifecycle.child_key(cfg, dataset.digest, name, init_source)
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     found = lifecycle.find_child(experiment_id, key, {parent_run_id, *lifecycle.ADOPTABLE})
+    if found is not None and (found.info.status == "FINISHED" or tracking.has_artifact(found.info.run_id,
+                                                                                     tracking.LAST)):
+        # the key says it matches: its own record must say so too, before it is reused or resumed
+        device, precision = train.resolve_runtime(cfg.device, cfg.precision)
+        lifecycle.check_same_record(found, dataset.digest, device.type, precision)
     if found is not None and found.info.status == "FINISHED":
         adopt(found.info.run_id, parent_run_id)
         log(f"{name}: reusing FINISHED child run {found.info.run_id} (same key {key})")
         return result_from_record(found.info.run_id, arch, keep_final)
     if found is not None and tracking.has_artifact(found.info.run_id, tracking.LAST):
         child_id = found.info.run_id
-        lifecycle.refuse_if_live(found, cfg, "resumed")
         state = resume_state(child_id, arch)
+        lifecycle.claim(found, cfg, "resumed")
         adopt(child_id, parent_run_id)
         log(f"{name}: resuming child run {child_id} after epoch {state['epoch']}")
         client.update_run(child_id, status="RUNNING")
@@ -224,7 +248,7 @@ def child_run(parent_run_id: str, name: str, cfg: Config, dataset: data_mod.SVHN
         finished(child_id)  # once FINISHED: a kill before that still finds last.pt
         return result
     if found is not None:  # stopped before its first epoch ended: nothing to keep
-        lifecycle.refuse_if_live(found, cfg, "replaced")
+        lifecycle.claim(found, cfg, "replaced")
         if found.info.status == "RUNNING":
             tracking.end_run(found.info.run_id, "KILLED")
         client.set_tag(found.info.run_id, "training_key", f"superseded-{key}")

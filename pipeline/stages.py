@@ -31,11 +31,18 @@ class Lineage:
     parent_arch: str = ""
     parent_winner: str = ""
     init_state: dict | None = None
+    parent_data: str = ""           # the data the parent's weights descend from (its lineage_digest)
 
     @property
     def source(self) -> str:
         """The run a child's weights come from: the parent when it starts from its weights."""
         return self.parent_run_id if self.init_state is not None else "scratch"
+
+    def data_of(self, digest: str) -> str:
+        """The data a stage's weights descend from, on data `digest`: that digest, or "mixed" when
+        they grow out of a parent's weights trained on other data (which may hold this run's
+        held-out images: registry.incomparable never judges such a model)."""
+        return digest if self.init_state is None or self.parent_data == digest else "mixed"
 
 
 def resolve_lineage(cfg: Config) -> Lineage:
@@ -44,7 +51,9 @@ def resolve_lineage(cfg: Config) -> Lineage:
     if not cfg.parent_run_id:
         return Lineage()
     run = tracking.check_parent(cfg.parent_run_id)
-    lineage = Lineage(cfg.parent_run_id, run.data.tags.get("arch", ""), run.data.tags.get("winner", ""))
+    tags = run.data.tags
+    lineage = Lineage(cfg.parent_run_id, tags.get("arch", ""), tags.get("winner", ""),
+                      parent_data=tags.get(registry.LINEAGE_DIGEST, tags.get("data_digest", "")))
     if cfg.init in ("parent", "auto"):
         lineage.init_state = tracking.parent_state(cfg.parent_run_id)
         arch = cfg.arch or lineage.parent_arch or models.guess_arch(lineage.init_state) or "resnet"
@@ -297,6 +306,7 @@ def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
             tracking.set_tags(run_id, {f"{name}_from": source for name, source in sources.items()})
         dataset = data_mod.load(cfg)
         key, stage_key = cfg.training_key(dataset.digest), cfg.study_key(dataset.digest)
+        client.set_tag(run_id, registry.LINEAGE_DIGEST, lineage.data_of(dataset.digest))
         earlier = []
         if cfg.stage != "train":  # a train run logs its own inputs; a stage's are its children's
             tracking.log_datasets(run_id, dataset)
@@ -330,8 +340,8 @@ def continue_earlier_runs(cfg: Config, run_id: str, stage_key: str) -> list:
     that holds its result now. A finished run taken over is never reused by `main` again."""
     experiment_id = tracking.client().get_run(run_id).info.experiment_id
     earlier = lifecycle.earlier_stage_runs(experiment_id, stage_key, run_id, finished=cfg.stage == "autotune")
-    for old in earlier:
-        lifecycle.refuse_if_live(old, cfg, "continued")
+    for old in earlier:  # one writer: of two commands continuing the same runs, one goes on
+        lifecycle.claim(old, cfg, "continued")
     for old in earlier:
         if old.info.status == "FINISHED":  # its children move here: its result is not one to reuse
             tracking.client().set_tag(old.info.run_id, "training_key",
@@ -353,15 +363,16 @@ def point_holder_at(run_id: str) -> None:
                                   f"This command resumed run {run_id}; its metrics are there.")
 
 
-def resume_stage(run_id: str, cfg: Config) -> RunResult:
+def resume_stage(previous, cfg: Config, dataset) -> RunResult:
     """Reopen an unfinished stage run and finish it: its finished children are reused, the
     interrupted one resumed from last.pt, the missing ones trained, then it aggregates."""
+    run_id = previous.info.run_id
     lineage = resolve_lineage(cfg)
+    lifecycle.claim(previous, cfg, "resumed")
     point_holder_at(run_id)
     client = tracking.client()
     client.update_run(run_id, status="RUNNING")
     with runner.opened(run_id):
-        dataset = data_mod.load(cfg)
         lifecycle.beat(run_id)
         log(f"{cfg.stage}: resuming stage run {run_id} child by child")
         try:
@@ -376,7 +387,9 @@ def resume_stage(run_id: str, cfg: Config) -> RunResult:
 
 def resume(cfg: Config) -> RunResult | None:
     """Reopen run `cfg.resume_run_id` and continue it: a training run from its last completed
-    epoch, a stage run child by child (finished children kept, the interrupted one resumed)."""
+    epoch, a stage run child by child (finished children kept, the interrupted one resumed).
+    Only with the data, code, device type and precision it started with, and only by one process:
+    nothing is written before those checks pass."""
     run_id = cfg.resume_run_id
     previous = tracking.get_run(run_id, "resume")
     if previous.info.status == "FINISHED":
@@ -391,13 +404,17 @@ def resume(cfg: Config) -> RunResult | None:
     original = from_params(yaml.safe_load(text))  # the run's own config, not this command's
     original.force = cfg.force
     stage = previous.data.tags.get("stage", original.stage)
-    if "mlflow.parentRunId" not in previous.data.tags and stage not in ("train", "main"):
-        return resume_stage(run_id, original)
+    stage_run = "mlflow.parentRunId" not in previous.data.tags and stage not in ("train", "main")
     arch = previous.data.tags.get("arch") or original.arch or "resnet"
-    state = runner.resume_state(run_id, arch)
+    state = None if stage_run else runner.resume_state(run_id, arch)  # read as plain data, or refused
+    dataset = data_mod.load(original)
+    device, precision = resolve_runtime(original.device, original.precision)
+    lifecycle.check_same_record(previous, dataset.digest, device.type, precision)
+    if stage_run:
+        return resume_stage(previous, original, dataset)
+    lifecycle.claim(previous, original, "resumed")
     point_holder_at(run_id)
     tracking.client().update_run(run_id, status="RUNNING")
-    dataset = data_mod.load(original)
     keep_final = previous.data.tags.get("phase") == "1" and PHASE2_START.get(stage) == "last"
     with runner.opened(run_id):
         result = runner.train_in_run(run_id, original, dataset, arch=arch, resume=state,
