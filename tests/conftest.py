@@ -108,6 +108,33 @@ class Store:
         return found
 
 
+class Pause:
+    """Holds the processes a test starts at pipeline/pause.py's points (SVHN_PAUSE_AT), so a test
+    acts at a known place whatever this machine's speed: wait() for a process to be held there,
+    release() it (or kill it)."""
+
+    def __init__(self, folder: Path, spec: str):
+        self.folder, self.spec = folder, spec
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def env(self, env: dict[str, str]) -> dict[str, str]:
+        return dict(env, SVHN_PAUSE_AT=self.spec, SVHN_PAUSE_DIR=str(self.folder))
+
+    def wait(self, stem: str, proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+        """(pid, run id) of the process held at `stem` ("epoch-2", "takeover-1", ...)."""
+        marker = self.folder / f"{stem}.paused"
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, f"never held at {stem}"
+            time.sleep(0.05)
+        pid, _, run_id = marker.read_text().strip().partition(" ")
+        return int(pid), run_id
+
+    def release(self, stem: str) -> None:
+        (self.folder / f"{stem}.go").touch()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

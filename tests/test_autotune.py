@@ -154,12 +154,14 @@ def test_a_trial_whose_child_died_is_retried_with_its_values_and_a_live_one_is_l
     dead, live = tuner.study.ask(), tuner.study.ask()
     specs = {trial.number: tuner.spec(trial) for trial in (dead, live)}
     dead.report(12.5, 1)
+    dead.report(20.0, 2)  # reported, but its run died before a last.pt covered epoch 2
     writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "pipeline"])
     try:
         for trial, pid in ((dead, 2 ** 22 + 1), (live, writer.pid)):  # no such pid / a live pipeline
-            store.client.create_run("0", tags={
+            child = store.client.create_run("0", tags={
                 "mlflow.parentRunId": stage_run, "training_key": trial.user_attrs["child_key"],
-                "heartbeat": f"{socket.gethostname()} {pid} {time.time():.0f}"})
+                "heartbeat": f"{socket.gethostname()} {pid} {time.time():.0f}"}).info.run_id
+            store.client.log_metric(child, "test_acc", 12.5, step=1)  # logged: epoch 1 has its last.pt
         again = autotune.Tuner(cfg, stage_run, dataset, stages.Lineage())  # a new process's view
         assert again.retry_interrupted() == 1  # the live one
         states = [t.state for t in again.study.trials]
@@ -167,7 +169,7 @@ def test_a_trial_whose_child_died_is_retried_with_its_values_and_a_live_one_is_l
                           optuna.trial.TrialState.WAITING]
         retried = again.study.ask()
         assert retried.number == 2 and retried.params == dead.params
-        assert again.study.trials[2].intermediate_values == {1: 12.5}
+        assert again.study.trials[2].intermediate_values == {1: 12.5}  # epoch 2 is trained again
         spec = again.spec(retried)
         assert spec.name == specs[dead.number].name and spec.name.startswith("autotune #0 ")
         assert retried.user_attrs["child_key"] == dead.user_attrs["child_key"]  # finds the child run again

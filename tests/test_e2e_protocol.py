@@ -55,7 +55,8 @@ def test_validation_split_drives_every_choice_and_test_is_only_reported(store):
         tags = child.data.tags
         assert (tags["dataset.train.count"], tags["dataset.validation.count"], tags["dataset.test.count"]) \
             == ("229", "27", "128")
-    winner = max(children, key=lambda c: c.data.metrics["best_val_acc"])
+    top = max(c.data.metrics["best_val_acc"] for c in children)  # 27 images: two children may tie
+    winner = next(c for c in reversed(children) if c.data.metrics["best_val_acc"] == top)  # the first swept
     assert run.data.tags["best_child_run_id"] == winner.info.run_id
     assert run.data.metrics["best_val_acc"] == winner.data.metrics["best_val_acc"]
     assert run.data.metrics["test_acc_at_best"] == winner.data.metrics["test_acc_at_best"]
@@ -79,8 +80,8 @@ def test_init_parent_without_a_parent_is_refused(store):
     one_line_refusal(store, "tune_gamma", fragment="init=parent")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only: device=cuda is refused where no GPU is visible")
 def test_device_cuda_without_a_gpu_is_refused(store):
-    assert not torch.cuda.is_available()
     one_line_refusal(store, "train", "--device", "cuda", fragment="device=cuda, but no CUDA GPU")
     one_line_refusal(store, "main", "--device", "cuda", fragment="device=cuda, but no CUDA GPU")
 

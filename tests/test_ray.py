@@ -9,12 +9,12 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 import torch
 
-from conftest import PROJECT, VENV_BIN, Store, mlflow_server
+from conftest import PROJECT, VENV_BIN, Pause, Store, mlflow_server
+from pipeline.lifecycle import parse_stamp
 
 pytestmark = pytest.mark.e2e
 
@@ -28,10 +28,12 @@ TIMINGS = {"epoch_time_s", "total_time_s", "train_images_per_s"}
 @pytest.fixture(autouse=True)
 def loopback_ray(monkeypatch):
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # CPU-only Rays: the same on a GPU machine
 
 
 def ray_env(store: Store) -> dict[str, str]:
     store.env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    store.env["CUDA_VISIBLE_DEVICES"] = ""  # every Ray these tests start sees no GPU, whatever the machine
     return store.env
 
 
@@ -99,32 +101,30 @@ def test_a_child_that_fits_no_node_of_the_local_ray_is_refused_before_any_run(st
 
 # -- a worker that dies ------------------------------------------------------------------------------
 
-def start(store: Store, entry: str, params: dict) -> subprocess.Popen:
+def start(store: Store, entry: str, params: dict, pause: Pause | None = None) -> subprocess.Popen:
     cmd = [str(VENV_BIN / "mlflow"), "run", str(PROJECT), "-e", entry, "--env-manager", "local"]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
-    return subprocess.Popen(cmd, cwd=store.root, env=ray_env(store), stdout=subprocess.PIPE,
+    env = pause.env(ray_env(store)) if pause else ray_env(store)  # Ray's workers inherit it
+    return subprocess.Popen(cmd, cwd=store.root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def running_child_after_epoch(store: Store, proc, step: int, timeout: float = 240):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for run in store.runs("attributes.status = 'RUNNING'"):
-            if "mlflow.parentRunId" in run.data.tags and step in store.steps(run.info.run_id, "test_acc"):
-                return store.client.get_run(run.info.run_id)
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
-    raise AssertionError(f"no child logged epoch {step}")
+def child_held_after_epoch_1(store: Store, params: dict):
+    """(process, the child run) with the child's worker held once epoch 1's record is written: a
+    Ray retry of it passes the point (each marker holds once)."""
+    pause = Pause(store.root / "pause", "epoch:1")
+    proc = start(store, "tune_lr", params, pause)
+    worker_pid, child_id = pause.wait("epoch-1", proc)
+    assert store.steps(child_id, "test_acc") == [1]
+    return proc, worker_pid, store.client.get_run(child_id)
 
 
 def kill_worker_mid_child(store: Store, max_retries: str):
-    proc = start(store, "tune_lr", store.params({"init": "scratch", "lrs": "0.001", "epochs": "3",
-                                                 "executor": "ray", "max_retries": max_retries}))
-    child = running_child_after_epoch(store, proc, 1)
-    worker_pid = int(child.data.tags["heartbeat"].split()[1])
-    assert worker_pid != proc.pid
-    os.kill(worker_pid, signal.SIGKILL)  # the Ray worker training the child, mid epoch 2
+    proc, worker_pid, child = child_held_after_epoch_1(store, store.params({
+        "init": "scratch", "lrs": "0.001", "epochs": "3", "executor": "ray", "max_retries": max_retries}))
+    assert worker_pid != proc.pid and int(parse_stamp(child.data.tags["heartbeat"])["pid"]) == worker_pid
+    os.kill(worker_pid, signal.SIGKILL)  # the Ray worker training the child, after its epoch 1
     out, err = proc.communicate(timeout=300)
     return proc, child.info.run_id, worker_pid, out, err
 
@@ -136,7 +136,7 @@ def test_a_killed_worker_is_retried_and_its_child_resumes_from_last_pt(store):
     assert stage.info.status == "FINISHED"
     (child,) = store.children(stage.info.run_id)  # the same run, resumed: no second one
     assert child.info.run_id == child_id and child.info.status == "FINISHED"
-    assert int(child.data.tags["heartbeat"].split()[1]) != dead_pid  # another worker finished it
+    assert int(parse_stamp(child.data.tags["heartbeat"])["pid"]) != dead_pid  # another worker finished it
     for key in ("test_acc", "train_loss", "epoch_time_s"):
         assert store.steps(child_id, key) == [1, 2, 3], key  # every epoch logged once
     assert "checkpoints/last.pt" not in store.artifacts(child_id)
@@ -155,8 +155,7 @@ def test_a_child_whose_worker_dies_for_good_fails_the_stage_in_one_line(store):
 
 def test_ctrl_c_cancels_the_tasks_marks_runs_killed_and_the_command_continues(store):
     params = store.params({"init": "scratch", "lrs": "0.001", "epochs": "3", "executor": "ray"})
-    proc = start(store, "tune_lr", params)
-    child = running_child_after_epoch(store, proc, 1)
+    proc, _, child = child_held_after_epoch_1(store, params)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
@@ -205,8 +204,8 @@ def two_nodes():
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
+    cluster.add_node(num_cpus=1, num_gpus=0)
     cluster.wait_for_nodes()
     try:
         yield cluster

@@ -44,25 +44,20 @@ def trained(module_store):
     import os
     import signal
     import subprocess
-    import time
 
-    from conftest import PROJECT, VENV_BIN
+    from conftest import PROJECT, VENV_BIN, Pause
 
     module_store.env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
     cmd = [str(VENV_BIN / "mlflow"), "run", str(PROJECT), "-e", "train", "--env-manager", "local"]
     for key, value in module_store.params({"epochs": "2"}).items():
         cmd += ["-P", f"{key}={value}"]
-    proc = subprocess.Popen(cmd, cwd=module_store.root, env=module_store.env, stdout=subprocess.DEVNULL,
+    pause = Pause(module_store.root / "pause", "epoch:1")  # held once epoch 1's record is written
+    proc = subprocess.Popen(cmd, cwd=module_store.root, env=pause.env(module_store.env), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            runs = module_store.top_level("train")
-            if runs and module_store.steps(runs[0].info.run_id, "test_acc") == [1] and \
-                    "checkpoints/last.pt" in module_store.artifacts(runs[0].info.run_id):
-                break
-            assert proc.poll() is None, "train ended before its first epoch was logged"
-            time.sleep(0.1)
+        _, run_id = pause.wait("epoch-1", proc)
+        assert module_store.steps(run_id, "test_acc") == [1]
+        assert "checkpoints/last.pt" in module_store.artifacts(run_id)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
