@@ -223,6 +223,23 @@ def colour_params(store, colour_data, folder, extra):
                          "device": "cpu", "precision": "fp32", "bs": "32", **extra})
 
 
+def constant_model_run(store, digit: int, lineage: str, stage: str = "smoke") -> str:
+    """A run (in this process's tracking store, which must be `store`'s) whose best.pt answers
+    `digit` for every image: its accuracy is that digit's share. `lineage`: the data its weights
+    descend from (a stage run's lineage_digest)."""
+    from pipeline import models, tracking
+
+    net = models.build("resnet")
+    with torch.no_grad():
+        net.fc.weight.zero_()
+        net.fc.bias.fill_(-10.0)
+        net.fc.bias[digit] = 10.0
+    experiment = store.client.get_experiment_by_name("Default").experiment_id
+    run_id = store.client.create_run(experiment, tags={"stage": stage, "lineage_digest": lineage}).info.run_id
+    tracking.save_checkpoint(run_id, tracking.BEST, net.state_dict())
+    return run_id
+
+
 class Tiny(torch.nn.Module):
     """A linear model for train.fit's unit tests: it learns `batches` in a few epochs."""
 

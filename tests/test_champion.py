@@ -4,9 +4,9 @@ never takes the alias, whatever it logged; a champion that fails to load keeps i
 import shutil
 
 import pytest
-import torch
 
-from pipeline import config, data, models, registry, runner, tracking
+from conftest import constant_model_run
+from pipeline import config, data, registry, runner
 
 pytestmark = pytest.mark.e2e
 
@@ -30,15 +30,7 @@ def smoke_cfg(store, same_data: bool = False):
 def wrong_model_run(store, dataset) -> str:
     """A run whose best.pt answers one digit absent from the 8 held-out images: 0% on them."""
     absent = next(d for d in range(10) if d not in set(dataset.test_labels.tolist()))
-    net = models.build("resnet")
-    with torch.no_grad():
-        net.fc.weight.zero_()
-        net.fc.bias.fill_(-10.0)
-        net.fc.bias[absent] = 10.0
-    experiment = store.client.get_experiment_by_name("Default").experiment_id
-    run_id = store.client.create_run(experiment, tags={"stage": "smoke", "lineage_digest": dataset.digest}).info.run_id
-    tracking.save_checkpoint(run_id, tracking.BEST, net.state_dict())
-    return run_id
+    return constant_model_run(store, absent, dataset.digest)
 
 
 def test_a_smoke_run_reading_100_percent_does_not_take_the_alias(champion_store, monkeypatch, capsys):

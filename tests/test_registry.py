@@ -4,10 +4,10 @@ pickle-format model is refused before it is read."""
 import os
 
 import pytest
-import torch
 from torch import nn
 
-from pipeline import config, data, models, registry, runner, tracking
+from conftest import constant_model_run
+from pipeline import config, data, registry, runner
 
 pytestmark = pytest.mark.e2e  # each registration exports a model (torch.export): seconds apiece
 
@@ -32,17 +32,10 @@ def load(colour_data, name, **extra):
     return cfg, data.load(cfg)
 
 
-def constant_model_run(store, digit: int, lineage: str) -> runner.RunResult:
+def constant_result(store, digit: int, lineage: str) -> runner.RunResult:
     """A run whose best.pt answers `digit` for every image: its accuracy is that digit's share;
     `lineage`: the data its weights descend from (a stage run's tag)."""
-    net = models.build("resnet")
-    with torch.no_grad():
-        net.fc.weight.zero_()
-        net.fc.bias.fill_(-10.0)
-        net.fc.bias[digit] = 10.0
-    experiment = store.client.get_experiment_by_name("Default").experiment_id
-    run_id = store.client.create_run(experiment, tags={"stage": "retrain", "lineage_digest": lineage}).info.run_id
-    tracking.save_checkpoint(run_id, tracking.BEST, net.state_dict())
+    run_id = constant_model_run(store, digit, lineage, stage="retrain")
     return runner.RunResult(run_id, f"always {digit}", "resnet", 0.0, 1, None, "test", 0.0)
 
 
@@ -51,7 +44,7 @@ def champion(store, name):
 
 
 def register(store, cfg, dataset, digit, capsys, lineage=None) -> tuple[str, str]:
-    result = constant_model_run(store, digit, lineage or dataset.digest)
+    result = constant_result(store, digit, lineage or dataset.digest)
     version = registry.register(result.run_id, cfg, result, dataset)
     return version, capsys.readouterr().out.strip().splitlines()[-1]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import VENV_BIN, colour_params, free_port, mlflow_server, wait_http
+from conftest import VENV_BIN, colour_params, constant_model_run, free_port, mlflow_server, wait_http
 from pipeline import data, models, registry, runner
 from pipeline.data import read_mat
 from pipeline.predict import read_image
@@ -159,7 +159,7 @@ def test_predict_on_a_labelled_mat_reports_accuracy(server_store, tmp_path, test
 
 def test_a_worse_model_leaves_the_champion_where_it_was(server_store, colour_data, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server_store.uri)
-    from pipeline import config, data, tracking
+    from pipeline import config, data
 
     before = server_store.client.get_model_version_by_alias("svhn-classifier", "champion")
     # the champion's own data (the same digest), so the two are compared on the same test split
@@ -167,15 +167,7 @@ def test_a_worse_model_leaves_the_champion_where_it_was(server_store, colour_dat
                                   "limit_train": "256", "limit_test": "128"})
     dataset = data.load(cfg)
     assert dataset.digest == before.tags["data_digest"]
-    net = models.build("resnet")  # answers 0 for every image: 10% of the test split
-    with torch.no_grad():
-        net.fc.weight.zero_()
-        net.fc.bias.zero_()
-        net.fc.bias[0] = 10.0
-    experiment_id = server_store.client.get_run(before.run_id).info.experiment_id
-    run_id = server_store.client.create_run(experiment_id, tags={"stage": "smoke",
-                                                                 "lineage_digest": dataset.digest}).info.run_id
-    tracking.save_checkpoint(run_id, tracking.BEST, net.state_dict())
+    run_id = constant_model_run(server_store, 0, dataset.digest)  # always 0: 10% of the test split
     worse = runner.RunResult(run_id, "worse", "resnet", 100.0, 1, None, "test", 100.0)  # whatever it logged
     new_version = registry.register(run_id, cfg, worse, dataset)
     line = capsys.readouterr().out.strip().splitlines()[-1]
