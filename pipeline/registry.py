@@ -212,6 +212,19 @@ def move_alias(name: str, version: str, judged: str | None) -> str:
     return ""
 
 
+def compare_with(champion, lineage: str, dataset: data_mod.SVHNData,
+                 part: data_mod.Split) -> tuple[float | None, str]:
+    """(the champion's accuracy on `part`, "") when the challenger (whose weights descend from
+    `lineage`) and the champion can be compared there, else (None, why not). No champion: (None, "")."""
+    if champion is None:
+        return None, ""
+    if lineage != dataset.digest:  # its parent's data may hold `part`
+        return None, (f"this run's weights grow out of a parent trained on other data (lineage "
+                      f"{lineage[:12]}), so no split is known to be held out for it")
+    why = incomparable(champion, dataset, part)
+    return (None, why) if why else judge_champion(champion, part)
+
+
 def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData) -> str:
     """Log `best`'s checkpoint (copied to `run_id`) as a model of run `run_id`, register it as
     cfg.model_name, and move the champion alias to it only if it beats the current champion on
@@ -227,14 +240,7 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData) -> str:
     champion = current_champion(name)
     client = tracking.client()
     lineage = client.get_run(run_id).data.tags.get(LINEAGE_DIGEST, "unrecorded")
-    why, champion_acc = "", None
-    if champion is not None and lineage != dataset.digest:  # its parent's data may hold `part`
-        why = (f"this run's weights grow out of a parent trained on other data (lineage {lineage[:12]}), "
-               f"so no split is known to be held out for it")
-    elif champion is not None:
-        why = incomparable(champion, dataset, part)
-        if not why:
-            champion_acc, why = judge_champion(champion, part)
+    champion_acc, why = compare_with(champion, lineage, dataset, part)
     example = dataset.test_images[:4].permute(0, 2, 3, 1).contiguous().numpy()  # batch > 1 for pt2
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
@@ -256,11 +262,19 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData) -> str:
     mine = f"version {version} {challenger_acc:.3f}%"
     by_hand = (f"to promote it anyway, run the stage with -P promote=true, or call MlflowClient()"
                f".set_registered_model_alias('{name}', '{CHAMPION}', '{version}')")
-    if cfg.promote:
-        moved = move_alias(name, version, previous)
-        if moved:
-            print(f"registered {name} {mine}; alias '{CHAMPION}' not moved: {moved}", flush=True)
-            return version
+    if not cfg.promote and why:
+        print(f"registered {name} {mine}; alias '{CHAMPION}' stays on version {previous}: {why}; {by_hand}",
+              flush=True)
+        return version
+    if not cfg.promote and champion is not None and challenger_acc <= champion_acc:
+        print(f"registered {name} {mine} vs champion version {previous} "
+              f"{champion_acc:.3f}% on the {judged}: alias '{CHAMPION}' stays on version {previous} "
+              f"(it moves only on a strictly higher accuracy); {by_hand}", flush=True)
+        return version
+    moved_meanwhile = move_alias(name, version, previous)
+    if moved_meanwhile:
+        print(f"registered {name} {mine}; alias '{CHAMPION}' not moved: {moved_meanwhile}", flush=True)
+    elif cfg.promote:
         who = promoter()
         client.set_model_version_tag(name, version, "promoted_by", who)
         client.set_model_version_tag(name, version, "promoted_over", previous or "")
@@ -268,21 +282,10 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData) -> str:
         print(f"registered {name} {mine} on the {judged}: alias '{CHAMPION}' moved to version {version} "
               f"by -P promote=true ({who}), over {'version ' + previous if previous else 'no champion'}"
               f"{'; ' + why if why else ''}", flush=True)
-    elif why:
-        print(f"registered {name} {mine}; alias '{CHAMPION}' stays on version {previous}: {why}; {by_hand}",
-              flush=True)
-    elif champion is None or challenger_acc > champion_acc:
-        moved = move_alias(name, version, previous)
-        if moved:
-            print(f"registered {name} {mine}; alias '{CHAMPION}' not moved: {moved}", flush=True)
-            return version
+    else:
         than = f" over version {previous} {champion_acc:.3f}%" if previous else " (the first)"
         print(f"registered {name} {mine}{than} on the {judged}: alias '{CHAMPION}' "
               f"moved to version {version}", flush=True)
-    else:
-        print(f"registered {name} {mine} vs champion version {previous} "
-              f"{champion_acc:.3f}% on the {judged}: alias '{CHAMPION}' stays on version {previous} "
-              f"(it moves only on a strictly higher accuracy); {by_hand}", flush=True)
     return version
 
 
