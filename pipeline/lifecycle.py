@@ -11,9 +11,10 @@ MLflow still shows RUNNING, is not live); elsewhere, its heartbeat is younger th
 A live run is never resumed or adopted by another process, unless force=true.
 
 Taking a run over (resume, adoption) is a claim: param `writer.<n>` holding the new writer's
-identity, n one more than the claims it has. A param is write-once in every MLflow store (the
-database refuses a second value for the same key), so of two processes that claim one run at the
-same moment exactly one succeeds; the other stops with one line.
+identity, n one more than the claims it has. A param is write-once in MLflow's SQL stores and
+through `mlflow server` (the database refuses a second value for the same key), so of two
+processes that claim one run at the same moment exactly one succeeds; the other stops with one
+line.
 """
 from __future__ import annotations
 
@@ -154,8 +155,17 @@ def writer_alive(fields: dict[str, str]) -> bool:
     if not fields.get("boot") or not me["boot"]:  # the older stamp, or no /proc here: host and pid
         return _pid_runs_pipeline(pid) if fields["host"] == me["host"] else \
             time.time() - float(fields["time"]) < STALE_AFTER_S
-    if fields["boot"] == me["boot"] and fields.get("pidns") == me["pidns"] and me["boot"]:
-        return bool(fields.get("start")) and process_start(pid) == fields["start"]
+    if fields["boot"] == me["boot"] and fields.get("pidns") == me["pidns"]:
+        start = process_start(pid)
+        if start:
+            return start == fields.get("start")
+        try:  # no start time: gone, or hidden from this user (/proc mounted hidepid)
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return time.time() - float(fields["time"]) < STALE_AFTER_S
     return time.time() - float(fields["time"]) < STALE_AFTER_S  # another machine or container
 
 

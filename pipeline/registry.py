@@ -25,7 +25,7 @@ from . import models, tracking
 from .config import Config
 
 CHAMPION = "champion"
-LINEAGE_DIGEST = "lineage_digest"   # a stage run's: the data its weights descend from, or "mixed"
+LINEAGE_DIGEST = tracking.LINEAGE_DIGEST
 
 
 class Classifier(nn.Module):
@@ -60,18 +60,18 @@ class ModelRefused(RuntimeError):
 
 
 def model_label(model_uri: str) -> str:
-    """'model NAME version V' for a models:/ URI (an alias resolved), else 'model URI'."""
-    found = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([^/]+))", model_uri)
+    """'model NAME version V' for a models:/NAME/V URI, else 'model URI'."""
+    found = re.fullmatch(r"models:/([^/@]+)/(\d+)", model_uri)
+    return f"model {found.group(1)} version {found.group(2)}" if found else f"model {model_uri}"
+
+
+def pinned(model_uri: str) -> str:
+    """models:/NAME@ALIAS as models:/NAME/VERSION, so what is checked, loaded and named is one
+    version even if the alias moves meanwhile; any other URI as it is."""
+    found = re.fullmatch(r"models:/([^/@]+)@([^/]+)", model_uri)
     if not found:
-        return f"model {model_uri}"
-    name, version, alias = found.groups()
-    if alias:
-        try:
-            version = tracking.client().get_model_version_by_alias(name, alias).version
-        except MlflowException as err:
-            tracking.raise_if_refused(err)
-            return f"model {name}@{alias}"
-    return f"model {name} version {version}"
+        return model_uri
+    return f"models:/{found.group(1)}/{tracking.client().get_model_version_by_alias(*found.groups()).version}"
 
 
 def stored_format(local: Path) -> str:
@@ -89,6 +89,8 @@ def stored_format(local: Path) -> str:
     if flavor.get("code"):  # a code folder is put on sys.path at load: it runs
         return "pytorch with a code folder"
     folder = local / str(flavor.get("model_data", "data"))
+    if not folder.resolve().is_relative_to(local.resolve()):  # an absolute or ../ path: elsewhere
+        return "an outside-the-model data path"
     files = {f.name for f in folder.iterdir()} if folder.is_dir() else set()
     if "model.pth" in files:
         return "pickle"
@@ -102,6 +104,7 @@ def load_pt2(model_uri: str):
     pt2 archive holds no pickle (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false, which __main__ sets)."""
     import mlflow
 
+    model_uri = pinned(model_uri)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
         fmt = stored_format(local)
@@ -159,7 +162,8 @@ def incomparable(champion, dataset: data_mod.SVHNData, part: data_mod.Split) -> 
     tags = champion.tags
     mine = dataset.digest[:12]
     if "data_digest" not in tags or "judged_on" not in tags or LINEAGE_DIGEST not in tags:
-        return f"champion version {champion.version} records no data digest, so nothing is known to be held out for it"
+        return (f"champion version {champion.version} records no data digest or lineage, so nothing is "
+                f"known to be held out for it")
     if tags["data_digest"] != dataset.digest:
         return (f"champion version {champion.version} was trained on other data (digest "
                 f"{tags['data_digest'][:12]}, this run {mine}): no split is known to be held out for both")
@@ -215,12 +219,15 @@ def move_alias(name: str, version: str, judged: str | None) -> str:
 def compare_with(champion, lineage: str, dataset: data_mod.SVHNData,
                  part: data_mod.Split) -> tuple[float | None, str]:
     """(the champion's accuracy on `part`, "") when the challenger (whose weights descend from
-    `lineage`) and the champion can be compared there, else (None, why not). No champion: (None, "")."""
+    `lineage`) and the champion can be compared there, else (None, why not). A challenger whose
+    weights may have trained on `part` never takes the alias, not even as the first champion.
+    No champion: (None, "")."""
+    if lineage != dataset.digest:  # its parent's data may hold `part`
+        known = f"a parent trained on other data (lineage {lineage[:12]})" if lineage else \
+            "a parent that records no lineage"
+        return None, f"this run's weights grow out of {known}, so no split is known to be held out for it"
     if champion is None:
         return None, ""
-    if lineage != dataset.digest:  # its parent's data may hold `part`
-        return None, (f"this run's weights grow out of a parent trained on other data (lineage "
-                      f"{lineage[:12]}), so no split is known to be held out for it")
     why = incomparable(champion, dataset, part)
     return (None, why) if why else judge_champion(champion, part)
 
@@ -239,7 +246,7 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData) -> str:
     challenger_acc = accuracy(model, part)
     champion = current_champion(name)
     client = tracking.client()
-    lineage = client.get_run(run_id).data.tags.get(LINEAGE_DIGEST, "unrecorded")
+    lineage = tracking.descends_from(client.get_run(run_id).data.tags)
     champion_acc, why = compare_with(champion, lineage, dataset, part)
     example = dataset.test_images[:4].permute(0, 2, 3, 1).contiguous().numpy()  # batch > 1 for pt2
     with torch.no_grad():
@@ -263,8 +270,8 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData) -> str:
     by_hand = (f"to promote it anyway, run the stage with -P promote=true, or call MlflowClient()"
                f".set_registered_model_alias('{name}', '{CHAMPION}', '{version}')")
     if not cfg.promote and why:
-        print(f"registered {name} {mine}; alias '{CHAMPION}' stays on version {previous}: {why}; {by_hand}",
-              flush=True)
+        stays = f"stays on version {previous}" if previous else "is not set"
+        print(f"registered {name} {mine}; alias '{CHAMPION}' {stays}: {why}; {by_hand}", flush=True)
         return version
     if not cfg.promote and champion is not None and challenger_acc <= champion_acc:
         print(f"registered {name} {mine} vs champion version {previous} "

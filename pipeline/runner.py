@@ -75,9 +75,10 @@ def opened(run_id: str, end: bool = True):
 
 def create_child(parent_run_id: str, name: str, tags: dict[str, str]) -> str:
     parent = tracking.client().get_run(parent_run_id)
+    lineage = {k: v for k, v in parent.data.tags.items() if k == tracking.LINEAGE_DIGEST}  # the stage's
     run = tracking.client().create_run(parent.info.experiment_id, run_name=name,
                                        tags={"mlflow.parentRunId": parent_run_id,
-                                             **tracking.record_tags(), **tags})
+                                             **tracking.record_tags(), **lineage, **tags})
     return run.info.run_id
 
 
@@ -105,7 +106,8 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
     True ends training after that epoch, and the run still ends FINISHED.
     """
     client = tracking.client()
-    beating = [r for r in (run_id, stage_run_id) if r]
+    # a Ray worker beats its child only: the stage run's writer is the driver (stages.run)
+    beating = [r for r in (run_id, "" if lifecycle.OWNER["task"] else stage_run_id) if r]
     lifecycle.beat(*beating)
     device, precision = train.resolve_runtime(cfg.device, cfg.precision)
     if resume is None:

@@ -53,7 +53,7 @@ def resolve_lineage(cfg: Config) -> Lineage:
     run = tracking.check_parent(cfg.parent_run_id)
     tags = run.data.tags
     lineage = Lineage(cfg.parent_run_id, tags.get("arch", ""), tags.get("winner", ""),
-                      parent_data=tags.get(registry.LINEAGE_DIGEST, tags.get("data_digest", "")))
+                      parent_data=tracking.descends_from(tags))
     if cfg.init in ("parent", "auto"):
         lineage.init_state = tracking.parent_state(cfg.parent_run_id)
         arch = cfg.arch or lineage.parent_arch or models.guess_arch(lineage.init_state) or "resnet"
@@ -306,7 +306,7 @@ def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
             tracking.set_tags(run_id, {f"{name}_from": source for name, source in sources.items()})
         dataset = data_mod.load(cfg)
         key, stage_key = cfg.training_key(dataset.digest), cfg.study_key(dataset.digest)
-        client.set_tag(run_id, registry.LINEAGE_DIGEST, lineage.data_of(dataset.digest))
+        client.set_tag(run_id, tracking.LINEAGE_DIGEST, lineage.data_of(dataset.digest))  # children copy it
         earlier = []
         if cfg.stage != "train":  # a train run logs its own inputs; a stage's are its children's
             tracking.log_datasets(run_id, dataset)
@@ -315,7 +315,8 @@ def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
         lifecycle.beat(run_id)
         log(f"{cfg.stage}: run {run_id} in {mlflow.get_tracking_uri()}")
         try:
-            result = STAGES[cfg.stage](cfg, run_id, dataset, lineage)
+            with lifecycle.heartbeat(run_id):  # this process writes the stage run, Ray workers their children
+                result = STAGES[cfg.stage](cfg, run_id, dataset, lineage)
             for old in earlier:  # their children now belong to this run
                 client.set_tag(old.info.run_id, lifecycle.CONTINUED_IN, run_id)
                 if old.info.status == "RUNNING":
@@ -376,7 +377,8 @@ def resume_stage(previous, cfg: Config, dataset) -> RunResult:
         lifecycle.beat(run_id)
         log(f"{cfg.stage}: resuming stage run {run_id} child by child")
         try:
-            result = STAGES[cfg.stage](cfg, run_id, dataset, lineage)
+            with lifecycle.heartbeat(run_id):
+                result = STAGES[cfg.stage](cfg, run_id, dataset, lineage)
             client.set_tag(run_id, "training_key", cfg.training_key(dataset.digest))
         except BaseException:
             registry.withdraw()

@@ -31,6 +31,20 @@ LAST = "checkpoints/last.pt"
 FINAL = "checkpoints/final.pt"     # the weights after the last epoch, where a next phase needs them
 
 
+# On stage runs and their children: the data digest their weights descend from, or "mixed" when
+# they grew out of a parent's weights trained on other data (stages.Lineage.data_of).
+LINEAGE_DIGEST = "lineage_digest"
+
+
+def descends_from(tags: dict[str, str]) -> str:
+    """The data a run's weights descend from, by its tags: its lineage_digest; for a run without
+    one (made before it existed), its data digest only if it trained from scratch, else ""."""
+    if LINEAGE_DIGEST in tags:
+        return tags[LINEAGE_DIGEST]
+    scratch = tags.get("init_from", tags.get("source_run_id", "")) == "scratch"
+    return tags.get("data_digest", "") if scratch else ""
+
+
 class LineageError(RuntimeError):
     """A parent or resume run that cannot be used: the message is the one line the user sees."""
 

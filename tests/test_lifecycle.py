@@ -35,9 +35,10 @@ def test_a_live_process_on_this_machine_is_the_writer_and_a_dead_or_recycled_pid
     # the same pid number, but another process's start time: a recycled pid, not our writer
     recycled = stamp_of(sleeper.pid, start=str(int(lifecycle.process_start(sleeper.pid)) + 1))
     assert lifecycle.live_writer(fake_run(tags={"heartbeat": recycled})) is None
+    recorded = stamp_of(sleeper.pid)  # its identity while it ran
     sleeper.kill()
     sleeper.wait()
-    assert lifecycle.live_writer(fake_run(tags={"heartbeat": stamp_of(sleeper.pid)})) is None
+    assert lifecycle.live_writer(fake_run(tags={"heartbeat": recorded})) is None
     assert lifecycle.live_writer(fake_run(tags={"heartbeat": stamp_of(os.getpid())})) is None  # this process
 
 
