@@ -25,7 +25,6 @@ from . import models, tracking
 from .config import Config
 
 CHAMPION = "champion"
-LINEAGE_DIGEST = tracking.LINEAGE_DIGEST
 
 
 class Classifier(nn.Module):
@@ -161,15 +160,15 @@ def incomparable(champion, dataset: data_mod.SVHNData, part: data_mod.Split) -> 
     `part` is held out for both and both were meant for it."""
     tags = champion.tags
     mine = dataset.digest[:12]
-    if "data_digest" not in tags or "judged_on" not in tags or LINEAGE_DIGEST not in tags:
+    if "data_digest" not in tags or "judged_on" not in tags or tracking.LINEAGE_DIGEST not in tags:
         return (f"champion version {champion.version} records no data digest or lineage, so nothing is "
                 f"known to be held out for it")
     if tags["data_digest"] != dataset.digest:
         return (f"champion version {champion.version} was trained on other data (digest "
                 f"{tags['data_digest'][:12]}, this run {mine}): no split is known to be held out for both")
-    if tags[LINEAGE_DIGEST] != dataset.digest:
+    if tags[tracking.LINEAGE_DIGEST] != dataset.digest:
         return (f"champion version {champion.version} grew out of weights trained on other data "
-                f"({tags[LINEAGE_DIGEST][:12]}): this run's held-out images may not be held out for it")
+                f"({tags[tracking.LINEAGE_DIGEST][:12]}): this run's held-out images may not be held out for it")
     if tags["judged_on"] != part.role or tags.get("judged_on_digest", part.digest) != part.digest:
         return (f"champion version {champion.version} was judged on its {tags['judged_on']} split, this run "
                 f"on the {part.role} split")
@@ -260,7 +259,8 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData) -> str:
     judged = f"{split} split ({len(part.labels)} images, digest {part.digest[:12]})"
     tags = {f"best_{best.selected_on}_acc": repr(best.best_acc), "selected_on": best.selected_on,
             "test_acc_at_best": repr(best.test_acc_at_best), "data_digest": dataset.digest,
-            "dataset": cfg.dataset, LINEAGE_DIGEST: lineage, "judged_on": split, "judged_on_digest": part.digest,
+            "dataset": cfg.dataset, tracking.LINEAGE_DIGEST: lineage, "judged_on": split,
+            "judged_on_digest": part.digest,
             "judged_acc": repr(challenger_acc), "arch": best.arch, "stage": cfg.stage}
     version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
     previous = str(champion.version) if champion is not None else None

@@ -183,7 +183,6 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
             try:
                 history = train.fit(model, train_batches, test_batches, run_hyper, device, generator,
                                     val_batches=val_batches, resume=resume, on_epoch=on_epoch, log=log)
-                writer.wait()
                 if uncovered:  # the last epochs, since the last last.pt: one that covers them
                     submit_record(False, latest["snapshot"])
                 writer.wait()  # the last epoch's record, before the totals and FINISHED
@@ -227,16 +226,17 @@ def child_run(parent_run_id: str, name: str, cfg: Config, dataset: data_mod.SVHN
     key = lifecycle.child_key(cfg, dataset.digest, name, init_source)
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     found = lifecycle.find_child(experiment_id, key, {parent_run_id, *lifecycle.ADOPTABLE})
-    if found is not None and (found.info.status == "FINISHED" or tracking.has_artifact(found.info.run_id,
-                                                                                     tracking.LAST)):
+    finished_run = found is not None and found.info.status == "FINISHED"
+    resumable = found is not None and not finished_run and tracking.has_artifact(found.info.run_id, tracking.LAST)
+    if finished_run or resumable:
         # the key says it matches: its own record must say so too, before it is reused or resumed
         device, precision = train.resolve_runtime(cfg.device, cfg.precision)
         lifecycle.check_same_record(found, dataset.digest, device.type, precision)
-    if found is not None and found.info.status == "FINISHED":
+    if finished_run:
         adopt(found.info.run_id, parent_run_id)
         log(f"{name}: reusing FINISHED child run {found.info.run_id} (same key {key})")
         return result_from_record(found.info.run_id, arch, keep_final)
-    if found is not None and tracking.has_artifact(found.info.run_id, tracking.LAST):
+    if resumable:
         child_id = found.info.run_id
         state = resume_state(child_id, arch)
         lifecycle.claim(found, cfg, "resumed")
