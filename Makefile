@@ -30,18 +30,21 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 # two cores took 26 instead of 39 minutes on a slow CI-sized machine. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 
+# lint-imports first: the layer contract in pyproject.toml (no room imports one above it, no circles)
 test: install
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-fast: install
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest tests -m "not e2e"
 
 # Mutation testing (not part of `make test`): the training loop, config, models, batched
 # augmentation, the served Classifier and the evaluation metrics, against the unit tests only.
 # One child, one thread, low priority. Score and survivors go to docs/testing.md.
 MUTATE_FUNCTIONS := 'pipeline.train.*' 'pipeline.config.*' 'pipeline.models.*' \
-	'pipeline.data.x_normalise*' 'pipeline.data.x_center_crop*' 'pipeline.data.x_sample_augment_params*' \
-	'pipeline.data.x_augment*' 'pipeline.data.xǁTensorBatchesǁ*' \
+	'pipeline.runtime.*' 'pipeline.keys.*' 'pipeline.batching.x_normalise*' 'pipeline.batching.x_center_crop*' 'pipeline.batching.x_sample_augment_params*' \
+	'pipeline.batching.x_augment*' 'pipeline.batching.xǁTensorBatchesǁ*' \
 	'pipeline.registry.xǁClassifierǁ*' 'pipeline.predict.x_confusion_metrics*'
 
 mutate: install

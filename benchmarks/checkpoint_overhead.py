@@ -9,9 +9,9 @@ test split (26,032) at the measured eval throughput. Overhead % = writes / epoch
 checkpoint_every=1 (today's default) and for last.pt every 5 epochs.
 
 Then what the background writer hides (runner.train_in_run writes an epoch's record in a
-tracking.CheckpointWriter thread while the next epoch trains): the record (best.pt, last.pt,
+checkpoints.CheckpointWriter thread while the next epoch trains): the record (best.pt, last.pt,
 log) written in the training thread, as before, against the training thread's time with the
-writer: the copy and hand-off (tracking.host_copy + submit), then, after --overlap-batches
+writer: the copy and hand-off (checkpoints.host_copy + submit), then, after --overlap-batches
 training batches, the wait for what is left of the write. "hidden" = 1 - (copy and hand-off +
 wait) / record. What the writer's thread takes from training on a busy CPU is not in it.
 
@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlflow  # noqa: E402
 
-from pipeline import interrupts, models, train, tracking  # noqa: E402
+from pipeline import checkpoints, interrupts, models, rng, runtime, train, tracking  # noqa: E402
 
 TRAIN_IMAGES, TEST_IMAGES = 73_257, 26_032
 
@@ -64,13 +64,13 @@ def overlap(model, device, precision, bs, batches, snapshot, folder, client, run
     thread is blocked for the copy and hand-off, then trains `batches` batches while it writes,
     then waits for whatever is left of the write. One tuple per round."""
     def record(state):
-        tracking.atomic_save(state["model"], folder / "best.pt")
-        tracking.atomic_save(state, folder / "last.pt")
+        checkpoints.atomic_save(state["model"], folder / "best.pt")
+        checkpoints.atomic_save(state, folder / "last.pt")
         ts = mlflow.utils.time.get_current_time_millis()
         client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, ts, 1) for k, v in metrics.items()])
 
     written, blocked, waited = [], [], []
-    writer = tracking.CheckpointWriter()
+    writer = checkpoints.CheckpointWriter()
     for _ in range(rounds):
         start = time.perf_counter()
         with interrupts.critical():
@@ -78,7 +78,7 @@ def overlap(model, device, precision, bs, batches, snapshot, folder, client, run
         written.append(time.perf_counter() - start)
         start = time.perf_counter()
         with interrupts.critical():
-            state = tracking.host_copy(snapshot, device)
+            state = checkpoints.host_copy(snapshot, device)
             writer.submit(functools.partial(record, state))
         blocked.append(time.perf_counter() - start)
         throughput(model, device, precision, bs, batches, True)  # the next epoch goes on meanwhile
@@ -98,7 +98,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the overlap measurement")
     parser.add_argument("--archs", default="resnet,vgg")
     args = parser.parse_args()
-    device, precision = train.resolve_runtime(args.device, "auto")
+    resolved = runtime.resolve(args.device, "auto")
+    device, precision = resolved.device, resolved.precision
     print(f"torch {torch.__version__}, device {device}, {precision}, bs {args.bs}")
     print("| arch | train img/s | eval img/s | epoch s (73,257 + 26,032) | best.pt s | last.pt s (MB) "
           "| log s | overhead, last.pt every epoch | every 5 epochs |")
@@ -117,16 +118,16 @@ def main() -> None:
             history = train.History()
             for epoch in range(1, 31):  # a full 30-epoch history, as the last epoch of a stage has
                 history.epochs.append(train.EpochResult(epoch, 0.5, 0.5, 90.0, 90.0, epoch_s, train_ips))
-            snapshot = {"format": train.CHECKPOINT_FORMAT, "epoch": 30, "model": model.state_dict(),
+            snapshot = {"format": checkpoints.CHECKPOINT_FORMAT, "epoch": 30, "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "early_stopping": {"counter": 0, "lowest_loss": 0.5},
-                        "history": history.to_state(), "rng": train.rng_state(torch.Generator())}
+                        "history": history.to_state(), "rng": rng.rng_state(torch.Generator())}
             folder = Path(tmp) / arch
             start = time.perf_counter()
-            tracking.atomic_save(model.state_dict(), folder / "best.pt")
+            checkpoints.atomic_save(model.state_dict(), folder / "best.pt")
             best_s = time.perf_counter() - start
             start = time.perf_counter()
-            tracking.atomic_save(snapshot, folder / "last.pt")
+            checkpoints.atomic_save(snapshot, folder / "last.pt")
             last_s = time.perf_counter() - start
             size_mb = (folder / "last.pt").stat().st_size / 2**20
             start = time.perf_counter()

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline import config, data, models, train  # noqa: E402
+from pipeline import batching, config, data, models, train  # noqa: E402
 
 ROWS = ("seed DataLoader", "tuned DataLoader", "pipeline alone", "+ channels_last", "+ bf16", "ceiling")
 
@@ -127,7 +127,7 @@ def measure(batches, model, device, optimizer, batches_to_time, training, precis
 def loader_batches(cfg, dataset, split, device, bs, generator, tuned: bool, channels_last: bool):
     """The seed's torchvision pipeline; tuned: num_workers = cores, persistent_workers, pin_memory."""
     seed_workers = 0 if device.type == "cuda" else 4
-    batches = data.batches(cfg.replace(data_pipeline="torchvision", num_workers=seed_workers),
+    batches = batching.batches(cfg.replace(data_pipeline="torchvision", num_workers=seed_workers),
                            dataset, split, device, bs, generator, channels_last)
     if tuned:
         old = batches.loader
@@ -142,7 +142,7 @@ def ready_made(device, bs, count=4):
     generator = torch.Generator().manual_seed(0)
     out = []
     for _ in range(count):
-        x = torch.randn(bs, 3, data.CROP, data.CROP, generator=generator).to(device)
+        x = torch.randn(bs, 3, batching.CROP, batching.CROP, generator=generator).to(device)
         y = torch.randint(0, 10, (bs,), generator=generator).to(device)
         out.append((x.contiguous(memory_format=torch.channels_last), y))
     return out
@@ -166,8 +166,8 @@ def run_row(row, arch, cfg, dataset, device, args, default_precision):
         test_batches = loader_batches(cfg, dataset, "test", device, args.bs, None, tuned, channels_last)
     else:
         tensor_cfg = cfg.replace(data_pipeline="tensor")
-        train_batches = data.batches(tensor_cfg, dataset, "train", device, args.bs, generator, channels_last)
-        test_batches = data.batches(tensor_cfg, dataset, "test", device, args.bs, None, channels_last)
+        train_batches = batching.batches(tensor_cfg, dataset, "train", device, args.bs, generator, channels_last)
+        test_batches = batching.batches(tensor_cfg, dataset, "test", device, args.bs, None, channels_last)
     reset_peak(device)
     train_ips = measure(train_batches, net, device, optimizer, args.batches, True, precision)
     eval_ips = measure(test_batches, net, device, optimizer, args.batches, False, precision)
@@ -193,7 +193,7 @@ def full_epoch(arch, cfg, dataset, args) -> dict:
     tracking store; epoch 2's wall time covers everything a run does in an epoch."""
     import mlflow
 
-    from pipeline import runner, tracking
+    from pipeline import runner, runtime, tracking
 
     big = tiled_data(dataset, args.epoch_images, args.epoch_test_images)
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,11 +206,11 @@ def full_epoch(arch, cfg, dataset, args) -> dict:
                               compile=args.compile, eval_bs=args.eval_bs, patience=99)
         marks = [time.perf_counter()]
 
-        def mark(result):  # called once the epoch is evaluated and its record handed to the writer
+        def mark(end):  # called once the epoch is evaluated and its record handed to the writer
             marks.append(time.perf_counter())
             return False
 
-        runner.train_in_run(run_id, run_cfg, big, arch=arch, epoch_hook=mark)
+        runner.train_in_run(run_id, run_cfg, big, arch=arch, runtime=runtime.of(run_cfg), callbacks=(mark,))
         after_last_epoch_s = time.perf_counter() - marks[-1]
         tracking.end_run(run_id, "FINISHED")
 

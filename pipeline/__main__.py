@@ -13,7 +13,8 @@ USAGE = "usage: python -m pipeline STAGE [--key value ...]   (STAGE: {stages})"
 
 
 def parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
-    from .config import STAGES, ConfigError
+    from .config import STAGES
+    from .errors import ConfigError
 
     if not argv or argv[0] in ("-h", "--help"):
         raise ConfigError(USAGE.format(stages="|".join(STAGES)))
@@ -33,9 +34,6 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
     return stage, overrides
 
 
-INVOKED: list = []  # [stage, overrides] of this command, to print the command that continues it
-
-
 def continue_command(stage: str, overrides: dict[str, str]) -> str:
     """The same command again: run again, it reuses what finished and resumes what did not."""
     import shlex
@@ -45,16 +43,13 @@ def continue_command(stage: str, overrides: dict[str, str]) -> str:
     return f"mlflow run . -e {stage} --env-manager {env_manager} {params}".rstrip()
 
 
-def run(argv: list[str]) -> int:
-    from . import config, interrupts, stages, workflow
+def run(stage: str, overrides: dict[str, str]) -> int:
+    from . import config, interrupts, runtime, session, workflow
     from . import predict as predict_mod
+    from .cluster import check_before_runs
 
     interrupts.install()
-    stage, overrides = parse_args(argv)
-    INVOKED[:] = [stage, overrides]
     cfg = config.load(stage, overrides)  # every value checked before any work
-    from .executor import check_before_runs
-
     checks = []
     if stage == "autotune" or (stage == "main" and cfg.tuner == "optuna"):
         import mlflow
@@ -65,13 +60,11 @@ def run(argv: list[str]) -> int:
         checks.append(lambda: storage_url(cfg, mlflow.get_tracking_uri()))
     check_before_runs(cfg, *checks)  # executor=ray: stores every node reaches, children that fit a node
     if stage == "main":
-        from .train import resolve_runtime
-
-        resolve_runtime(cfg.device, cfg.precision)  # device=cuda on a machine without one: stop now
+        runtime.of(cfg)  # device=cuda on a machine without one: stop now
     if stage in ("main", "predict", "evaluate"):
         # a model in another format than pt2 is refused before this command makes a run
         model = predict_mod.load_model(cfg.champion_uri) if stage != "main" else None
-        run_id, created = stages.top_level_run()
+        run_id, created = session.top_level_run()
         from . import runner, tracking
 
         tracking.client().set_tag(run_id, "mlflow.runName", stage)
@@ -84,10 +77,33 @@ def run(argv: list[str]) -> int:
                 return 0
             return predict_mod.predict(cfg, run_id, model)
     if cfg.resume_run_id:
-        stages.resume(cfg)
+        session.resume(cfg)
     else:
-        stages.run(cfg, given=frozenset(overrides))
+        session.run(cfg, given=frozenset(overrides))
     return 0
+
+
+def interrupted(stopped: KeyboardInterrupt, stage: str, overrides: dict[str, str]) -> int:
+    """One line on stderr: which run was marked KILLED and the command that continues it."""
+    from .interrupts import killed_runs
+    from .workflow import UNDER_MAIN
+
+    killed = killed_runs(stopped)
+    signal_name = str(stopped) or "a signal"
+    if not killed:
+        print(f"interrupted ({signal_name}) before training started", file=sys.stderr, flush=True)
+        return 130
+    if stage != "main" and os.environ.get(UNDER_MAIN):  # main prints the one command to run
+        print(f"interrupted ({signal_name}): run {killed[-1]} marked KILLED", file=sys.stderr, flush=True)
+        return 130
+    if stage == "train":  # one run, no children: it continues in place from its last.pt
+        overrides = {"resume_run_id": killed[-1],
+                     **({"env_manager": overrides["env_manager"]} if "env_manager" in overrides else {})}
+    print(f"interrupted ({signal_name}): run {killed[-1]} marked KILLED; "
+          f"finished runs are kept and the interrupted one resumes from its last checkpoint. "
+          f"Continue with the same command: {continue_command(stage, overrides)}",
+          file=sys.stderr, flush=True)
+    return 130
 
 
 PICKLE = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
@@ -103,44 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     import requests
     from mlflow.exceptions import MlflowException
 
-    from .config import ConfigError
-    from .data import DataError
-    from .executor import ChildFailed
-    from .models import CheckpointError
-    from .predict import PredictError
-    from .registry import ModelRefused
-    from .tracking import LineageError
+    from .errors import UserError
 
+    stage, overrides = "", {}
     try:
-        return run(sys.argv[1:] if argv is None else argv)
-    except (ConfigError, DataError, LineageError, CheckpointError, PredictError, ModelRefused) as err:
+        stage, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        return run(stage, overrides)
+    except UserError as err:  # what the user can fix: one line (a failed Ray child: its run is FAILED)
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt as signal_name:
-        from . import runner
-
-        if not runner.KILLED_RUNS:
-            print(f"interrupted ({str(signal_name) or 'a signal'}) before training started",
-                  file=sys.stderr, flush=True)
-            return 130
-        stage, overrides = INVOKED
-        from .workflow import UNDER_MAIN
-
-        if stage != "main" and os.environ.get(UNDER_MAIN):  # main prints the one command to run
-            print(f"interrupted ({str(signal_name) or 'a signal'}): run {runner.KILLED_RUNS[-1]} marked KILLED",
-                  file=sys.stderr, flush=True)
-            return 130
-        if stage == "train":  # one run, no children: it continues in place from its last.pt
-            overrides = {"resume_run_id": runner.KILLED_RUNS[-1],
-                         **({"env_manager": overrides["env_manager"]} if "env_manager" in overrides else {})}
-        print(f"interrupted ({str(signal_name) or 'a signal'}): run {runner.KILLED_RUNS[-1]} marked KILLED; "
-              f"finished runs are kept and the interrupted one resumes from its last checkpoint. "
-              f"Continue with the same command: {continue_command(stage, overrides)}",
-              file=sys.stderr, flush=True)
-        return 130
-    except ChildFailed as err:  # the child's run is FAILED; running the command again resumes the rest
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
+        return err.exit_code
+    except KeyboardInterrupt as stopped:
+        return interrupted(stopped, stage, overrides)
     except (MlflowException, requests.HTTPError) as err:
         from .tracking import server_refusal
 

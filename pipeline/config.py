@@ -6,7 +6,6 @@ into its field's type, and is validated before any data is read or any model is 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -14,18 +13,16 @@ from typing import Any, Mapping
 
 import yaml
 
+from .errors import ConfigError
+from .rules import RULES
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 PARAMS_DIR = PROJECT_DIR / "params"
 
-ARCHS = ("resnet", "vgg", "resnet2")
 REAL_MODEL = "svhn-classifier"
 SYNTHETIC_MODEL = "svhn-classifier-synthetic"
 STAGES = ("train", "model_selection", "baseline", "tune_lr", "tune_gamma", "overfit", "autotune",
           "retrain", "deepen", "main", "predict", "evaluate")
-
-
-class ConfigError(ValueError):
-    """A bad parameter value: the message is the one line the user sees."""
 
 
 @dataclass
@@ -134,13 +131,6 @@ class Config:
         """The torch.compile mode the `compile` param names; "" = not compiled."""
         return {"false": "", "true": "default"}.get(self.compile, self.compile)
 
-    def eval_batch_size(self, device_type: str) -> int:
-        """eval_bs, or when it is 0: bs on a CPU (1024 measured no faster there, at 4x the memory),
-        max(bs, 1024) on CUDA (a quarter of the kernel launches and host round trips)."""
-        if self.eval_bs:
-            return self.eval_bs
-        return max(self.bs, AUTO_EVAL_BS_CUDA) if device_type == "cuda" else self.bs
-
     def resolved_data_dir(self) -> Path:
         if self.data_dir:
             return Path(self.data_dir).expanduser().resolve()
@@ -165,40 +155,38 @@ class Config:
         """Canonical string form, so one value always logs with one spelling."""
         return {f.name: format_value(getattr(self, f.name)) for f in fields(self)}
 
-    def training_key(self, data_digest: str) -> str:
-        """Hash of everything that decides a result: params, code version, the data's digest, and
-        the device type and precision it resolves to here (a bf16 run never stands in for fp32)."""
-        from .train import resolve_runtime  # torch is only needed once a key is asked for
-
-        params = self.to_params()
-        # where the data lies and how it was fetched do not matter: its digest does
-        for volatile in ("log_every", "resume_run_id", "env_manager", "num_workers", "force", "promote",
-                         "data_dir", "download", "checkpoint_every", *EXECUTION, *TUNING_EXECUTION,
-                         *SPEED):
-            params.pop(volatile, None)
-        device, precision = resolve_runtime(self.device, self.precision)
-        params.update(data_digest=data_digest, device_type=device.type, resolved_precision=precision)
-        text = yaml.safe_dump(params, sort_keys=True) + code_version()
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def study_key(self, data_digest: str) -> str:
-        """The training key less how far a study goes (n_trials): what a child trains and which
-        study (or stage) it belongs to. A FINISHED stage is reused by its training_key, which
-        keeps n_trials: a study asked for 3 trials is not the one that ran 2."""
-        return self.replace(n_trials=1).training_key(data_digest)
+    def section(self, name: str) -> dict[str, Any]:
+        """One section's values (SECTIONS), e.g. cfg.section("optimiser")."""
+        return {field_name: getattr(self, field_name) for field_name in SECTIONS[name]}
 
 
 FIELD_TYPES = {f.name: f for f in fields(Config)}
+# Config's fields in sections, in declaration order (as airbench's hyp['opt'|'aug'|'net']). The
+# fields stay flat attributes, so every `-P name=value` and every logged param keeps its name.
+SECTIONS = {
+    "run": ("stage",),
+    "optimiser": ("arch", "epochs", "bs", "lr", "alpha", "gamma", "wd", "tol", "patience", "seed", "repeats",
+                  "augment", "init"),
+    "scale": ("scale", "max_epochs", "max_repeats"),
+    "sweeps": ("lrs", "gammas", "wds", "bss", "archs"),
+    "phases": ("probe_epochs", "probe_tol", "phase1_epochs", "phase1_lr", "phase1_bs", "phase1_gamma",
+               "phase1_wd", "phase1_tol"),
+    "hardware": ("device", "data_pipeline", "compile", "precision", "eval_bs", "num_workers", "log_every"),
+    "data": ("dataset", "data_dir", "verify", "download", "limit_train", "limit_test", "val_split",
+             "data_seed", "synthetic_train", "synthetic_test"),
+    "lineage": ("parent_run_id", "resume_run_id", "force", "checkpoint_every"),
+    "execution": ("executor", "ray_address", "cpus_per_trial", "gpus_per_trial", "max_retries"),
+    "tuning": ("tuner", "n_trials", "trial_epochs", "pruner", "startup_trials", "prune_warmup_epochs",
+               "trial_batch", "optuna_storage", "lr_range", "gamma_range", "wd_range", "wd_zero_below"),
+    "registry": ("registered_model", "register", "promote", "model_uri", "input", "output", "env_manager"),
+}
 # where and how children run: never part of what they compute, so never of a training key
-EXECUTION = ("executor", "ray_address", "cpus_per_trial", "gpus_per_trial", "max_retries")
+EXECUTION = SECTIONS["execution"]
 # where an Optuna study is kept and how many trials are asked at once: not what a trial computes
 TUNING_EXECUTION = ("optuna_storage", "trial_batch")
 # how fast the same arithmetic runs: compiled kernels and the evaluation batch size change results
 # only by float rounding (as cuDNN's algorithm choice does), so a run at other values stands in
 SPEED = ("compile", "eval_bs")
-# torch.compile's modes besides its default (compile=true); the CUDA graph ones matter on a GPU
-COMPILE_MODES = ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-AUTO_EVAL_BS_CUDA = 1024
 LIST_ITEM_TYPES = {"lrs": float, "gammas": float, "wds": float, "bss": int, "archs": str,
                    "lr_range": float, "gamma_range": float, "wd_range": float}
 
@@ -266,72 +254,6 @@ def _parse_scalar(kind: type, raw: Any) -> Any:
             raise ValueError(raw)
         return number
     return "" if raw is None else str(raw).strip()
-
-
-# (name, check, allowed range as the user should read it)
-RULES = [
-    ("arch", lambda v: v in ARCHS or v == "", "one of " + "|".join(ARCHS) + " (or empty: the parent's)"),
-    ("archs", lambda v: all(a in ARCHS for a in v), "a list of " + "|".join(ARCHS)),
-    ("epochs", lambda v: v >= 1, ">= 1"),
-    ("bs", lambda v: v >= 1, ">= 1"),
-    ("lr", lambda v: v > 0, "> 0"),
-    ("alpha", lambda v: 0 <= v < 1, "0 <= alpha < 1"),
-    ("gamma", lambda v: 0 <= v < 1, "0 <= gamma < 1"),
-    ("wd", lambda v: v >= 0, ">= 0"),
-    ("tol", lambda v: v >= 0, ">= 0"),
-    ("patience", lambda v: v >= 1, ">= 1"),
-    ("seed", lambda v: v >= 0, ">= 0"),
-    ("repeats", lambda v: v >= 1, ">= 1"),
-    ("init", lambda v: v in ("parent", "scratch", "auto"), "parent|scratch|auto"),
-    ("max_epochs", lambda v: v >= 0, ">= 0 (0 = no cap)"),
-    ("max_repeats", lambda v: v >= 0, ">= 0 (0 = no cap)"),
-    ("lrs", lambda v: all(x > 0 for x in v), "numbers > 0"),
-    ("gammas", lambda v: all(0 <= x < 1 for x in v), "numbers in [0, 1)"),
-    ("wds", lambda v: all(x >= 0 for x in v), "numbers >= 0"),
-    ("bss", lambda v: all(x >= 1 for x in v), "integers >= 1"),
-    ("probe_epochs", lambda v: v >= 0, ">= 0 (0 = no probe run)"),
-    ("probe_tol", lambda v: v >= 0, ">= 0"),
-    ("phase1_epochs", lambda v: v >= 0, ">= 0 (0 = no first phase)"),
-    ("phase1_lr", lambda v: v > 0, "> 0"),
-    ("phase1_bs", lambda v: v >= 1, ">= 1"),
-    ("phase1_gamma", lambda v: 0 <= v < 1, "0 <= phase1_gamma < 1"),
-    ("phase1_wd", lambda v: v >= 0, ">= 0"),
-    ("phase1_tol", lambda v: v >= 0, ">= 0"),
-    ("device", lambda v: v in ("auto", "cpu", "cuda"), "auto|cpu|cuda"),
-    ("precision", lambda v: v in ("auto", "fp32", "bf16"), "auto|fp32|bf16"),
-    ("compile", lambda v: v in ("false", "true", *COMPILE_MODES),
-     "false|true|" + "|".join(COMPILE_MODES) + " (true: torch.compile's default mode)"),
-    ("eval_bs", lambda v: v >= 0, ">= 0 (0 = automatic: bs on a CPU, max(bs, 1024) on CUDA)"),
-    ("data_pipeline", lambda v: v in ("tensor", "torchvision"), "tensor|torchvision"),
-    ("num_workers", lambda v: v >= 0, ">= 0"),
-    ("checkpoint_every", lambda v: v >= 1, ">= 1"),
-    ("executor", lambda v: v in ("local", "ray"), "local|ray"),
-    ("tuner", lambda v: v in ("seed", "optuna"), "seed|optuna"),
-    ("n_trials", lambda v: v >= 1, ">= 1"),
-    ("trial_epochs", lambda v: v >= 1, ">= 1"),
-    ("pruner", lambda v: v in ("median", "hyperband", "none"), "median|hyperband|none"),
-    ("startup_trials", lambda v: v >= 0, ">= 0"),
-    ("prune_warmup_epochs", lambda v: v >= 0, ">= 0"),
-    ("trial_batch", lambda v: v >= 0, ">= 0 (0 = as many as run at once)"),
-    ("lr_range", lambda v: not v or (len(v) == 2 and 0 < v[0] <= v[1]), "two numbers 0 < low <= high"),
-    ("gamma_range", lambda v: not v or (len(v) == 2 and 0 <= v[0] <= v[1] < 1),
-     "two numbers 0 <= low <= high < 1"),
-    ("wd_range", lambda v: not v or (len(v) == 2 and 0 < v[0] <= v[1]),
-     "two numbers 0 < low <= high (wd_zero_below turns the low end into wd=0)"),
-    ("wd_zero_below", lambda v: v >= 0, ">= 0 (0 = wd is never 0)"),
-    ("cpus_per_trial", lambda v: v > 0, "> 0"),
-    ("gpus_per_trial", lambda v: v >= 0, ">= 0 (fractions such as 0.25 share a GPU)"),
-    ("max_retries", lambda v: v >= 0, ">= 0"),
-    ("log_every", lambda v: v >= 1, ">= 1"),
-    ("dataset", lambda v: v in ("svhn", "synthetic"), "svhn|synthetic"),
-    ("limit_train", lambda v: v >= 0, ">= 0 (0 = all)"),
-    ("limit_test", lambda v: v >= 0, ">= 0 (0 = all)"),
-    ("val_split", lambda v: 0 <= v <= 0.5, "0 <= val_split <= 0.5 (0 = select on test, as the seed)"),
-    ("data_seed", lambda v: v >= 0, ">= 0"),
-    ("synthetic_train", lambda v: v >= 1, ">= 1"),
-    ("synthetic_test", lambda v: v >= 1, ">= 1"),
-    ("env_manager", lambda v: v in ("local", "conda", "virtualenv", "uv"), "local|conda|virtualenv|uv"),
-]
 
 
 def validate(cfg: Config) -> Config:
@@ -422,27 +344,7 @@ def check_sweep_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any
                 f"{sweep}={points}; pass -P {sweep}={overrides[scalar]} for a one-point sweep")
 
 
-def check_lineage(cfg: Config) -> None:
-    """A stage that starts from a parent's checkpoint needs a parent: never fall back to scratch."""
-    if cfg.init == "parent" and not cfg.parent_run_id:
-        raise ConfigError(f"stage {cfg.stage} starts from a parent run's checkpoint (init=parent) but "
-                          f"no parent_run_id was given: pass -P parent_run_id=<run id>, or "
-                          f"-P init=scratch to train from fresh weights")
-
-
 def from_params(params: Mapping[str, str]) -> Config:
     """Rebuild a Config from what a run logged (its config.yaml or params)."""
     values = {k: parse_value(k, v) for k, v in params.items() if k in FIELD_TYPES}
     return validate(Config(**values))
-
-
-def code_version() -> str:
-    """Hash of the code and default params: a changed file invalidates reused runs."""
-    digest = hashlib.sha256()
-    files = sorted((PROJECT_DIR / "pipeline").glob("*.py")) + sorted(PARAMS_DIR.glob("*.yaml"))
-    files.append(PROJECT_DIR / "MLproject")
-    for path in files:
-        if path.exists():
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]

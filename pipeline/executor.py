@@ -4,22 +4,17 @@ runner.child_run, so the MLflow record is the same; the stage then aggregates as
 """
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 import sys
 from dataclasses import dataclass, field, replace
 from typing import Callable
-from urllib.parse import urlparse
 
 from . import data as data_mod
-from . import interrupts, lifecycle, runner, tracking
-from .config import Config, ConfigError
-from .runner import RunResult, child_run, log
-
-
-class ChildFailed(RuntimeError):
-    """A child that failed for good on Ray: the message is the one line the user sees."""
+from . import interrupts, tracking, train
+from .cluster import TRACKING_ENV, check_cluster, shared, tracking_uri
+from .config import Config
+from .errors import ChildFailed
+from .runner import RunResult, Stage, child_run, log
 
 
 @dataclass
@@ -32,200 +27,28 @@ class ChildSpec:
     tags: dict[str, str] = field(default_factory=dict)
     init_source: str = ""
     keep_final: bool = False
-    # builds the per-epoch hook (pruning) where the child trains; picklable for Ray
-    make_hook: Callable[[], Callable] | None = None
+    # builds a train.Callback (pruning) where the child trains; picklable for Ray
+    make_hook: Callable[[], train.Callback] | None = None
 
 
-def train_child(parent_run_id: str, spec: ChildSpec, dataset: data_mod.SVHNData,
-                progress: Callable[[str, object], None] | None = None) -> RunResult:
-    hook = spec.make_hook() if spec.make_hook else None
-
-    def epoch_hook(result):
-        if progress:
-            progress(spec.name, result)
-        return hook(result) if hook else False
-
-    return child_run(parent_run_id, spec.name, spec.cfg, dataset, arch=spec.arch,
+def train_child(stage: Stage, spec: ChildSpec, dataset: data_mod.SVHNData,
+                progress: train.Callback | None = None, task: str = "") -> RunResult:
+    """`spec` as a child run of `stage`, with its progress and its own hook (pruning) as callbacks."""
+    callbacks = tuple(c for c in (progress, spec.make_hook() if spec.make_hook else None) if c)
+    return child_run(stage, spec.name, spec.cfg, dataset, arch=spec.arch,
                      init_state=spec.init_state, tags=spec.tags, init_source=spec.init_source,
-                     keep_final=spec.keep_final, epoch_hook=epoch_hook)
+                     keep_final=spec.keep_final, callbacks=callbacks, task=task)
 
 
-def run_children(cfg: Config, parent_run_id: str, specs: list[ChildSpec],
+def run_children(cfg: Config, stage: Stage, specs: list[ChildSpec],
                  dataset: data_mod.SVHNData) -> list[RunResult]:
-    """Train every child of `specs` under `parent_run_id`; results in the order of `specs`."""
+    """Train every child of `specs` under the stage run; results in the order of `specs`."""
     if cfg.executor == "ray":
-        return run_on_ray(cfg, parent_run_id, specs, dataset)
-    return [train_child(parent_run_id, spec, dataset) for spec in specs]
-
+        return run_on_ray(cfg, stage, specs, dataset)
+    return [train_child(stage, spec, dataset) for spec in specs]
 
 
 # -- executor=ray -------------------------------------------------------------------------------------
-
-# MLflow tracking settings a worker on another machine needs (it does not share our environment)
-TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
-                "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-                "MLFLOW_ALLOW_PICKLE_DESERIALIZATION")  # __main__ sets it: workers elsewhere too
-
-
-def tracking_uri() -> str:
-    """The tracking URI as every process can use it: a relative SQLite path made absolute."""
-    import mlflow
-
-    uri = mlflow.get_tracking_uri()
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        uri = prefix + os.path.abspath(uri[len(prefix):])
-    return uri
-
-
-def is_server(uri: str) -> bool:
-    return urlparse(uri).scheme in ("http", "https")
-
-
-def local_addresses() -> set[str]:
-    """This machine's names and the addresses of all its interfaces: a Ray started here (`ray start
-    --head`) names its node by the LAN address, which the host name need not resolve to."""
-    import psutil
-
-    addresses = {"localhost", socket.gethostname()}
-    try:
-        addresses |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
-    except OSError:
-        pass
-    addresses |= {a.address.split("%")[0] for nic in psutil.net_if_addrs().values() for a in nic
-                  if a.family in (socket.AF_INET, socket.AF_INET6)}
-    return addresses
-
-
-def is_local_host(host: str) -> bool:
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return True
-    except ValueError:
-        pass
-    return host in local_addresses()
-
-
-def beyond_this_machine(cfg: Config) -> str:
-    """Where children of `cfg` may train off this machine ("" when all train here): a ray_address
-    on another host (known without connecting), or a cluster with nodes elsewhere (joined to look;
-    a Ray this process starts has only this machine)."""
-    if cfg.executor != "ray":
-        return ""
-    address = cfg.ray_address
-    if address not in ("", "auto", "local"):
-        host = urlparse(address if "://" in address else f"ray://{address}").hostname or ""
-        if not is_local_host(host):
-            return f"ray_address={address} (another machine)"
-    import ray
-
-    if address in ("", "local") and not ray.is_initialized():
-        return ""
-    connect(cfg)
-    remote = sorted({n["NodeManagerAddress"] for n in ray.nodes()
-                     if n["Alive"] and not is_local_host(n["NodeManagerAddress"])})
-    return f"nodes on other machines ({', '.join(remote[:3])})" if remote else ""
-
-
-def require_shared_store(cfg: Config, store: str, uri: str, shared: bool, needs: str, fix: str) -> None:
-    """The one rule for every store children write (MLflow's, Optuna's): a store on this machine
-    (SQLite, a local folder) serves children on this machine only."""
-    if shared:
-        return
-    where = beyond_this_machine(cfg)
-    if where:
-        raise ConfigError(f"executor=ray with {where} needs {needs} that every node reaches, but {store} "
-                          f"is {uri}: {fix} (README: Scaling out with Ray)")
-
-
-def check_tracking(cfg: Config) -> None:
-    """Children on other machines need an http(s) tracking URI: an explicit ray_address elsewhere
-    is refused before connecting, `auto` (or a local address) once its nodes are known."""
-    uri = tracking_uri()
-    require_shared_store(cfg, "the tracking URI", uri, is_server(uri), "a tracking server",
-                         "start `mlflow server` and set MLFLOW_TRACKING_URI=http://<host>:5000")
-
-
-def check_before_runs(cfg: Config, *more_checks: Callable[[], object]) -> None:
-    """Everything the stage would refuse once running, checked before any run exists (the CLI
-    calls this): `more_checks` first (the Optuna store: an address elsewhere is refused without
-    connecting), then with executor=ray a store on this machine for children elsewhere and what
-    the cluster can place. `main` only looks: each of its stages connects (or starts its own
-    Ray) in its own process."""
-    ray = None
-    if cfg.executor == "ray":
-        import ray
-    started_here = ray is not None and not ray.is_initialized()
-    try:
-        for check in more_checks:
-            check()
-        if ray is not None:
-            check_cluster(cfg)
-    finally:
-        if cfg.stage == "main" and started_here and ray.is_initialized():
-            ray.shutdown()
-            RAY.clear()
-
-
-RAY: dict = {}  # what this process put in Ray's object store once: {key: ObjectRef}
-
-
-def connect(cfg: Config) -> None:
-    """Join cfg.ray_address, or start a local Ray ("") that this process stops when it exits.
-    The driver stays this process; Ray's own processes never see MLFLOW_RUN_ID (mlflow#15713)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    held = os.environ.pop("MLFLOW_RUN_ID", None)
-    try:
-        with interrupts.critical():  # a Ray started halfway is not stopped cleanly: Ctrl-C waits
-            if cfg.ray_address in ("", "local"):
-                ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-            else:
-                ray.init(address=cfg.ray_address, log_to_driver=False, configure_logging=False)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ConfigError(f"could not reach Ray at ray_address={cfg.ray_address}: "
-                          f"{str(err).splitlines()[0][:200]}; start it with `ray start --head` or "
-                          f"leave ray_address empty for a local Ray") from None
-    finally:
-        if held is not None:
-            os.environ["MLFLOW_RUN_ID"] = held
-    interrupts.install()  # Ray's core worker puts its own SIGINT handler in: ours marks runs KILLED
-    RAY.clear()  # refs from an earlier connection are gone with it
-    log(f"ray: {'joined ' + cfg.ray_address if cfg.ray_address not in ('', 'local') else 'started a local Ray'}, "
-        f"{len([n for n in ray.nodes() if n['Alive']])} node(s), resources {ray.cluster_resources()}")
-
-
-def check_cluster(cfg: Config) -> None:
-    """What the cluster (joined, or started here) can place: nodes beyond this machine need a
-    server; a child that fits no node would wait forever; a GPU left unused for CPU-only children
-    is almost surely a mistake."""
-    import ray
-
-    check_tracking(cfg)  # before connecting: an explicit address elsewhere is refused at once
-    connect(cfg)
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    cpus = max(n["Resources"].get("CPU", 0) for n in nodes)
-    gpus = max(n["Resources"].get("GPU", 0) for n in nodes)
-    if cfg.cpus_per_trial > cpus or cfg.gpus_per_trial > gpus:
-        raise ConfigError(f"cpus_per_trial={cfg.cpus_per_trial:g} gpus_per_trial={cfg.gpus_per_trial:g} "
-                          f"fits no Ray node (the largest has {cpus:g} CPUs, {gpus:g} GPUs): lower them")
-    if gpus and not cfg.gpus_per_trial and cfg.device != "cpu":
-        raise ConfigError(f"the Ray cluster has GPUs but gpus_per_trial=0 would train every child on CPU: "
-                          f"set -P gpus_per_trial=0.25 (four children a GPU), or -P device=cpu")
-
-
-def shared(value, key: str):
-    """Put `value` in Ray's object store once per process (the decoded data): tasks on any node
-    read it from there, none re-reads a .mat file."""
-    import ray
-
-    if key not in RAY:
-        RAY[key] = ray.put(value)
-    return RAY[key]
-
 
 class ProgressBoard:
     """Per-child progress that workers report and the driver shows (a Ray actor)."""
@@ -240,27 +63,25 @@ class ProgressBoard:
         return self.updates[since:]
 
 
-def ray_child(env: dict[str, str], parent_run_id: str, spec: ChildSpec, init_state, dataset,
-              adoptable: set[str], board) -> RunResult:
+def ray_child(env: dict[str, str], stage: Stage, spec: ChildSpec, init_state, dataset, board) -> RunResult:
     """One child on a Ray worker: tracked by the same child_run as executor=local."""
     import ray
 
     os.environ.pop("MLFLOW_RUN_ID", None)  # else it silently becomes every run's parent (mlflow#15713)
     os.environ.update(env)
     context = ray.get_runtime_context()
-    lifecycle.OWNER["task"] = f"ray-task:{context.get_task_id()}"
-    lifecycle.ADOPTABLE.update(adoptable)
     node = context.get_node_id()
     spec = replace(spec, init_state=init_state, tags={**spec.tags, "ray_node_id": node})
 
-    def progress(name: str, result) -> None:
+    def progress(end: train.EpochEnd) -> None:
+        result = end.result
         acc = result.val_acc if result.val_acc is not None else result.test_acc
         split = "val" if result.val_acc is not None else "test"
-        board.update.remote(name, f"epoch {result.epoch}/{spec.cfg.epochs}  {split}_acc {acc:6.2f}%  "
-                                  f"{result.train_images_per_s:,.0f} img/s  node {node[:8]}")
+        board.update.remote(spec.name, f"epoch {result.epoch}/{spec.cfg.epochs}  {split}_acc {acc:6.2f}%  "
+                                       f"{result.train_images_per_s:,.0f} img/s  node {node[:8]}")
 
     board.update.remote(spec.name, f"starting on node {node[:8]}")
-    result = train_child(parent_run_id, spec, dataset, progress)
+    result = train_child(stage, spec, dataset, progress, task=f"ray-task:{context.get_task_id()}")
     tracking.client().set_tag(result.run_id, "ray_node_id", node)  # a retry may have moved it
     # waited for: it (and every update before it) is on the board before the driver sees the result
     ray.get(board.update.remote(spec.name, f"done: best {result.selected_on}_acc {result.best_acc:.2f}% "
@@ -293,7 +114,7 @@ class Display:
             self.drawn = len(lines)
 
 
-def run_on_ray(cfg: Config, parent_run_id: str, specs: list[ChildSpec],
+def run_on_ray(cfg: Config, stage: Stage, specs: list[ChildSpec],
                dataset: data_mod.SVHNData) -> list[RunResult]:
     """Each child a Ray task (cpus_per_trial, gpus_per_trial, spread over the nodes, retried
     max_retries times when its worker dies); this process waits, shows progress and returns the
@@ -317,8 +138,7 @@ def run_on_ray(cfg: Config, parent_run_id: str, specs: list[ChildSpec],
                 states[id(spec.init_state)] = ray.put(spec.init_state)
             state_ref = states.get(id(spec.init_state)) if spec.init_state is not None else None
             refs.append(task.options(name=spec.name, **placement).remote(
-                env, parent_run_id, replace(spec, init_state=None), state_ref, data_ref,
-                set(lifecycle.ADOPTABLE), board))
+                env, stage.for_children(), replace(spec, init_state=None), state_ref, data_ref, board))
         display = Display([s.name for s in specs], board)
         pending = list(refs)
         while pending:
@@ -330,12 +150,12 @@ def run_on_ray(cfg: Config, parent_run_id: str, specs: list[ChildSpec],
                     results[index] = ray.get(ref)
                 except ray.exceptions.RayError as err:
                     with interrupts.critical():
-                        stop(pending, parent_run_id, {specs[index].name: "FAILED"})
+                        stop(pending, stage.run_id, {specs[index].name: "FAILED"})
                     raise ChildFailed(failure_line(specs[index].name, err, cfg)) from None
         display.refresh()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stopped:
         with interrupts.critical():  # `mlflow run` follows Ctrl-C with SIGTERM: finish this first
-            runner.KILLED_RUNS.extend(stop(pending, parent_run_id, {}))
+            interrupts.killed_runs(stopped).extend(stop(pending, stage.run_id, {}))
         raise
     finally:
         ray.kill(board)

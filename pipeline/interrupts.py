@@ -44,3 +44,12 @@ def critical():
             if not _stopping:
                 _stopping = True
                 raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def killed_runs(stopped: BaseException) -> list[str]:
+    """The runs a SIGINT/SIGTERM ended KILLED on its way up, innermost first: carried by the
+    KeyboardInterrupt itself (each handler that ends a run adds it), so the CLI can name the run
+    that continues, and no module keeps a list of them."""
+    if not hasattr(stopped, "killed_runs"):
+        stopped.killed_runs = []
+    return stopped.killed_runs

@@ -19,7 +19,6 @@ line.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import socket
 import threading
@@ -29,7 +28,10 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 
 from . import pause, tracking, train
-from .config import Config, code_version
+from .config import Config
+from .errors import LineageError
+from .keys import code_version
+from .runtime import Runtime
 
 HEARTBEAT = "heartbeat"
 CLAIM = "writer."                   # params writer.1, writer.2, ...: one per takeover
@@ -37,11 +39,6 @@ STAGE_KEY = "stage_key"             # set when a stage run starts: finds it agai
 CONTINUED_IN = "continued_in"       # on an unfinished stage run whose children a later run took over
 STALE_AFTER_S = 900                 # a heartbeat from another host older than this: its writer is gone
 
-# Earlier, unfinished runs of the stage being run, whose children it may take over (set by stages).
-ADOPTABLE: set[str] = set()
-# The Ray task this process trains for ("" outside Ray). Ray retries a task under the same id only
-# once its worker is gone, so a run whose heartbeat names this task has no other writer.
-OWNER = {"task": ""}
 
 
 def _read(path: str) -> str:
@@ -77,10 +74,13 @@ def identity() -> dict[str, str]:
     return _identity[pid]
 
 
-def stamp() -> str:
+def stamp(task: str = "") -> str:
+    """This writer's identity and the time; `task`: the Ray task it trains for ("" outside Ray).
+    Ray retries a task under the same id only once its worker is gone, so a run whose heartbeat
+    names the task a process trains for has no other writer."""
     fields = {**identity(), "time": f"{time.time():.0f}"}
-    if OWNER["task"]:
-        fields["task"] = OWNER["task"]
+    if task:
+        fields["task"] = task
     return " ".join(f"{k}={v}" for k, v in fields.items())
 
 
@@ -99,8 +99,8 @@ def parse_stamp(text: str) -> dict[str, str] | None:
         return None
 
 
-def beat(*run_ids: str) -> None:
-    text = stamp()
+def beat(*run_ids: str, task: str = "") -> None:
+    text = stamp(task)
     for run_id in run_ids:
         tracking.client().set_tag(run_id, HEARTBEAT, text)
 
@@ -109,7 +109,7 @@ BEAT_EVERY_S = 60
 
 
 @contextlib.contextmanager
-def heartbeat(*run_ids: str):
+def heartbeat(*run_ids: str, task: str = ""):
     """Refresh the runs' heartbeats every BEAT_EVERY_S from a background thread while the block
     runs, so an epoch longer than STALE_AFTER_S never looks like a dead writer from elsewhere."""
     stop = threading.Event()
@@ -117,7 +117,7 @@ def heartbeat(*run_ids: str):
     def loop():
         while not stop.wait(BEAT_EVERY_S):
             try:
-                beat(*run_ids)
+                beat(*run_ids, task=task)
             except Exception:  # noqa: BLE001 - a missed beat is retried; training goes on
                 pass
 
@@ -169,7 +169,7 @@ def writer_alive(fields: dict[str, str]) -> bool:
     return time.time() - float(fields["time"]) < STALE_AFTER_S  # another machine or container
 
 
-def live_writer(run) -> str | None:
+def live_writer(run, task: str = "") -> str | None:
     """Who is writing `run` now ("host pid N, heartbeat 12 s ago"), or None when nobody is: the
     newest of its heartbeat and its latest claim."""
     if run.info.status != "RUNNING":
@@ -183,43 +183,43 @@ def live_writer(run) -> str | None:
     me = identity()
     if all(fields.get(k) == me[k] for k in ("host", "boot", "pidns", "pid", "start") if k in fields):
         return None
-    if fields.get("task") and fields["task"] == OWNER["task"]:  # an earlier attempt of this Ray task
+    if fields.get("task") and fields["task"] == task:  # an earlier attempt of this Ray task
         return None
     if not writer_alive(fields):
         return None
     return f"{fields['host']} pid {fields['pid']}, heartbeat {time.time() - float(fields['time']):.0f} s ago"
 
 
-def refuse_if_live(run, cfg: Config, action: str) -> None:
-    writer = live_writer(run)
+def refuse_if_live(run, cfg: Config, action: str, task: str = "") -> None:
+    writer = live_writer(run, task)
     if writer and not cfg.force:
-        raise tracking.LineageError(
+        raise LineageError(
             f"run {run.info.run_id} is live ({writer}): another process is writing it, so it was not "
             f"{action}; wait for it or stop it, or add -P force=true if that process is gone")
 
 
-def claim(run, cfg: Config, action: str) -> None:
+def claim(run, cfg: Config, action: str, task: str = "") -> None:
     """Become `run`'s one writer: refused if it is live (unless force=true), then claimed with
     param writer.<n+1>. Of processes claiming it at once, one succeeds; the others get one line."""
-    refuse_if_live(run, cfg, action)
+    refuse_if_live(run, cfg, action, task)
     pause.point("takeover", cfg.stage, run.info.run_id)
     number = max(claims(run), default=0) + 1
     run_id = run.info.run_id
     try:
-        tracking.client().log_param(run_id, f"{CLAIM}{number}", stamp())
+        tracking.client().log_param(run_id, f"{CLAIM}{number}", stamp(task))
     except MlflowException as err:
         tracking.raise_if_refused(err)
         if "Changing param values is not allowed" not in str(err):
             raise
         other = parse_stamp(claims(tracking.client().get_run(run_id)).get(number, "")) or {}
-        raise tracking.LineageError(
+        raise LineageError(
             f"run {run_id} was taken over by another process ({other.get('host', '?')} pid "
             f"{other.get('pid', '?')}) at the same moment, so it was not {action} here: that process "
             f"trains it; wait for it to finish") from None
-    beat(run_id)
+    beat(run_id, task=task)
 
 
-def check_same_record(run, data_digest: str, device_type: str, precision: str) -> None:
+def check_same_record(run, data_digest: str, runtime: Runtime) -> None:
     """A run continues only with what it started with: the same data (digest), code
     (code_version), device type and precision, read from its own record. Anything else would
     make one run of two experiments; force=true does not change that."""
@@ -227,23 +227,14 @@ def check_same_record(run, data_digest: str, device_type: str, precision: str) -
     recorded = {"data digest": tags.get("data_digest", ""), "code_version": tags.get("code_version", ""),
                 "device type": params.get("device_resolved", "").split(":")[0],
                 "precision": params.get("precision_resolved", "")}
-    now = {"data digest": data_digest, "code_version": code_version(), "device type": device_type,
-           "precision": precision}
+    now = {"data digest": data_digest, "code_version": code_version(), "device type": runtime.device_type,
+           "precision": runtime.precision}
     differ = [f"{what} {recorded[what][:16] or 'unrecorded'} then, {now[what][:16]} now" for what in now
               if recorded[what] != now[what]]
     if differ:
-        raise tracking.LineageError(
+        raise LineageError(
             f"run {run.info.run_id} cannot be continued here: {'; '.join(differ)}; a run is never continued "
             f"with other data, code or runtime: restore them, or start a new run (without resume_run_id)")
-
-
-# -- keys -----------------------------------------------------------------------------------------
-
-def child_key(cfg: Config, data_digest: str, name: str, init_source: str) -> str:
-    """A child's training_key: its own config, its data, its place in the stage (name), and the
-    run its weights come from (phase 2 depends on phase 1's run)."""
-    text = f"{cfg.study_key(data_digest)}|{name}|{init_source}"  # n_trials changes no trial
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # -- continuing a stage ---------------------------------------------------------------------------

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from .errors import CheckpointError
+
 INPUT_SHAPE = (3, 28, 28)
 
 
@@ -98,7 +100,3 @@ def guess_arch(state: dict) -> str | None:
         if expected.keys() == state.keys() and all(state[k].shape == s for k, s in expected.items()):
             return name
     return None
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: the message is the one line the user sees."""

@@ -18,12 +18,9 @@ import torch
 from . import data as data_mod
 from . import plots, registry, tracking
 from .config import Config
+from .errors import PredictError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
-
-
-class PredictError(RuntimeError):
-    """A model or input that cannot be used: the message is the one line the user sees."""
 
 
 @dataclass

@@ -21,8 +21,9 @@ from mlflow.exceptions import MlflowException
 from torch import nn
 
 from . import data as data_mod
-from . import models, tracking
+from . import batching, checkpoints, models, tracking
 from .config import Config
+from .errors import ModelRefused
 
 CHAMPION = "champion"
 
@@ -33,8 +34,8 @@ class Classifier(nn.Module):
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
-        self.register_buffer("mean", torch.tensor(data_mod.MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(data_mod.STD).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(batching.MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(batching.STD).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).float() / 255.0
@@ -44,18 +45,11 @@ class Classifier(nn.Module):
 
 def classifier_from_run(run_id: str, arch: str) -> Classifier:
     net = models.build(arch)
-    models.load_state(net, tracking.load_weights(run_id), arch, f"{run_id}/{tracking.BEST}")
+    models.load_state(net, checkpoints.load_weights(run_id), arch, f"{run_id}/{checkpoints.BEST}")
     return Classifier(net).eval()
 
 
-# Versions this process registered, withdrawn if the run fails afterwards.
-REGISTERED: list[tuple[str, str, str | None]] = []  # (model name, version, previous champion)
-
 PT2 = "pt2"
-
-
-class ModelRefused(RuntimeError):
-    """A logged or registered model that is not loaded: the message is the one line the user sees."""
 
 
 def model_label(model_uri: str) -> str:
@@ -231,11 +225,13 @@ def compare_with(champion, lineage: str, dataset: data_mod.SVHNData,
     return (None, why) if why else judge_champion(champion, part)
 
 
-def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData) -> str:
+def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData, registered: list) -> str:
     """Log `best`'s checkpoint (copied to `run_id`) as a model of run `run_id`, register it as
     cfg.model_name, and move the champion alias to it only if it beats the current champion on
     held-out data meant for both (same data digest, same split), both evaluated here on the same
-    images; or, with cfg.promote, whatever the figures, recording who promoted it."""
+    images; or, with cfg.promote, whatever the figures, recording who promoted it.
+    `registered` (the stage's, owned by the session) gets (name, version, previous champion):
+    withdraw(registered) removes it if the stage fails afterwards."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -264,7 +260,7 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData) -> str:
             "judged_acc": repr(challenger_acc), "arch": best.arch, "stage": cfg.stage}
     version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
     previous = str(champion.version) if champion is not None else None
-    REGISTERED.append((name, version, previous))
+    registered.append((name, version, previous))
     client.set_tag(run_id, "registered_model_version", f"{name}/{version}")
     mine = f"version {version} {challenger_acc:.3f}%"
     by_hand = (f"to promote it anyway, run the stage with -P promote=true, or call MlflowClient()"
@@ -296,13 +292,13 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData) -> str:
     return version
 
 
-def withdraw() -> None:
-    """Remove the versions this process registered (the run failed after registering); the alias
+def withdraw(registered: list) -> None:
+    """Remove the versions a stage registered (it failed after registering); the alias
     goes back to where it was only if it still points at the withdrawn version (read right
     before): an alias another run moved since is left where that run put it."""
     client = tracking.client()
-    while REGISTERED:
-        name, version, previous = REGISTERED.pop()
+    while registered:
+        name, version, previous = registered.pop()
         try:
             now = current_champion(name)
             ours = now is not None and str(now.version) == version

@@ -1,18 +1,14 @@
-"""MLflow calls for training runs: params, metrics, checkpoints, lineage lookups and reuse."""
+"""MLflow calls for training runs: the record every run carries (tags, datasets), params and
+metrics, artifacts, run lookups and reuse, and one line for a 401/403 from a tracking server."""
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
-import pickle
 import platform
 import re
 import subprocess
-import tempfile
-import threading
-import warnings
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 import mlflow
@@ -22,14 +18,9 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from . import interrupts
-from .config import PROJECT_DIR, Config, code_version
-from .models import CheckpointError
-
-BEST = "checkpoints/best.pt"
-LAST = "checkpoints/last.pt"
-FINAL = "checkpoints/final.pt"     # the weights after the last epoch, where a next phase needs them
-
+from .config import PROJECT_DIR, Config
+from .errors import LineageError
+from .keys import code_version
 
 # On stage runs and their children: the data digest their weights descend from, or "mixed" when
 # they grew out of a parent's weights trained on other data (stages.Lineage.data_of).
@@ -43,10 +34,6 @@ def descends_from(tags: dict[str, str]) -> str:
         return tags[LINEAGE_DIGEST]
     scratch = tags.get("init_from", tags.get("source_run_id", "")) == "scratch"
     return tags.get("data_digest", "") if scratch else ""
-
-
-class LineageError(RuntimeError):
-    """A parent or resume run that cannot be used: the message is the one line the user sees."""
 
 
 def client() -> MlflowClient:
@@ -112,13 +99,6 @@ def set_tags(run_id: str, tags: dict[str, str]) -> None:
     from mlflow.entities import RunTag
 
     client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-
-def runtime_params(device: torch.device, precision: str, cfg: Config) -> dict[str, str]:
-    """What `device=auto`, `precision=auto` and `eval_bs=0` resolved to, and the threads torch used."""
-    return {"device_resolved": str(device), "precision_resolved": precision,
-            "data_pipeline": cfg.data_pipeline, "torch_threads": str(torch.get_num_threads()),
-            "eval_bs_resolved": str(cfg.eval_batch_size(device.type))}
 
 
 # MLflow caps a dataset digest at 36 characters: the digest column holds SHA-256's first 32 hex
@@ -226,22 +206,7 @@ def logged_steps(run_id: str, key: str) -> set[int]:
     return {m.step for m in client().get_metric_history(run_id, key)}
 
 
-# -- checkpoints -------------------------------------------------------------------------------
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temp file, fsync, rename: a kill never leaves a half-written .pt."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
+# -- artifacts ---------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)  # a run's artifact location never changes
 def local_artifact_dir(run_id: str) -> Path | None:
@@ -250,131 +215,6 @@ def local_artifact_dir(run_id: str) -> Path | None:
     if parsed.scheme in ("", "file"):
         return Path(parsed.path if parsed.scheme else uri)
     return None
-
-
-def save_checkpoint(run_id: str, artifact_path: str, obj) -> None:
-    """write_checkpoint, which SIGINT/SIGTERM let finish before they stop the process."""
-    with interrupts.critical():
-        write_checkpoint(run_id, artifact_path, obj)
-
-
-def write_checkpoint(run_id: str, artifact_path: str, obj) -> None:
-    """Write a checkpoint artifact atomically: straight into a local artifact store, or through
-    a local atomic file uploaded whole to a remote one. No signal handling of its own: the
-    training thread calls save_checkpoint, a CheckpointWriter's thread this."""
-    local = local_artifact_dir(run_id)
-    if local is not None:
-        atomic_save(obj, local / artifact_path)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(artifact_path).name
-        atomic_save(obj, path)
-        client().log_artifact(run_id, str(path), str(Path(artifact_path).parent))
-
-
-def host_copy(state, device: torch.device):
-    """`state` (dicts, lists and tuples of tensors and plain values, such as a state_dict or
-    train.fit's snapshot) with every tensor copied to CPU memory of its own, so training can go
-    on changing the originals while the copy is written. On CUDA the copies go to pinned memory,
-    non-blocking, then one synchronize waits for all of them."""
-    def copy(value):
-        if isinstance(value, torch.Tensor):
-            if value.device.type == "cuda":
-                return torch.empty_like(value, device="cpu", pin_memory=True).copy_(value, non_blocking=True)
-            return value.detach().clone()
-        if isinstance(value, dict):
-            out = type(value)((k, copy(v)) for k, v in value.items())
-            if hasattr(value, "_metadata"):  # a state_dict's module versions, read by load_state_dict
-                out._metadata = value._metadata
-            return out
-        if isinstance(value, (list, tuple)):
-            return type(value)(copy(v) for v in value)
-        return value
-
-    out = copy(state)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out
-
-
-class CheckpointWriter:
-    """Runs jobs (an epoch's checkpoint writes and metrics) in a background thread, one at a time
-    and in the order given, so the next epoch trains while the last one is written.
-
-    submit() first waits for the job before it; wait() returns once the last job has finished
-    and raises what it raised. The thread is not a daemon: a process that ends while it writes
-    (Ctrl-C, an error) finishes the write first, and atomic_save's rename means a SIGKILL leaves
-    the previous complete file.
-    """
-
-    def __init__(self):
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def submit(self, job: Callable[[], object]) -> None:
-        self.wait()
-        thread = threading.Thread(target=self._run, args=(job,), name="checkpoint-writer")
-        thread.start()
-        self._thread = thread
-
-    def _run(self, job: Callable[[], object]) -> None:
-        try:
-            job()
-        except BaseException as err:  # noqa: BLE001 - raised in the training thread by wait()
-            self._error = err
-
-    def wait(self, raise_error: bool = True) -> BaseException | None:
-        """Block until the job in flight is done; its error is raised (or, with raise_error=False,
-        returned: for a caller already handling another)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None  # only once joined: an interrupted join is joined again
-        error, self._error = self._error, None
-        if error is not None and raise_error:
-            raise error
-        return error
-
-
-def load_checkpoint(run_id: str, artifact_path: str, map_location="cpu"):
-    """A checkpoint artifact as tensors and plain containers: torch.load(weights_only=True) runs
-    no code from the file; anything else in it is refused with one line naming run and file."""
-    with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
-                                                    dst_path=tmp)
-        try:
-            with warnings.catch_warnings():  # torch warns about odd pickles on stderr: we say it in one line
-                warnings.simplefilter("ignore")
-                return torch.load(local, map_location=map_location, weights_only=True)
-        except Exception as err:
-            raise CheckpointError(f"run {run_id}: {artifact_path} {refusal_reason(err)}, so it was "
-                                  f"refused unread: use another run, or train this one again") from None
-
-
-def refusal_reason(err: Exception) -> str:
-    """Why torch.load(weights_only=True) failed, in a few words (torch's own text is many lines
-    and suggests weights_only=False, which would run the file's code)."""
-    text = str(err)
-    found = re.search(r"GLOBAL ([\w.]+)", text)
-    if found and found.group(1).startswith("pipeline."):
-        return (f"is in an older format (it pickles {found.group(1)}), which this version "
-                f"does not load")
-    if found:
-        return f"is not plain data: loading it would import and call {found.group(1)}"
-    if isinstance(err, pickle.UnpicklingError):
-        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
-        return f"is not plain data ({detail.group(1)[:120] if detail else 'refused by the weights-only loader'})"
-    first = re.split(r"(?<=\.)\s", text.strip(), maxsplit=1)[0][:120] if text.strip() else ""
-    return f"is not a readable checkpoint ({type(err).__name__}{': ' + first if first else ''})"
-
-
-def load_weights(run_id: str, artifact_path: str = BEST) -> dict:
-    """A model state_dict checkpoint (best.pt): names to tensors, nothing else."""
-    state = load_checkpoint(run_id, artifact_path)
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise CheckpointError(f"run {run_id}: {artifact_path} is not a model state_dict (a dict of "
-                              f"tensors): use another run, or train this one again")
-    return state
 
 
 def delete_artifact(run_id: str, artifact_path: str) -> None:
@@ -409,22 +249,6 @@ def get_run(run_id: str, role: str = "parent"):
                            f"(see the MLflow UI or `mlflow runs list`)") from None
 
 
-def check_parent(run_id: str):
-    """The parent run, once it is known to exist, be FINISHED and hold checkpoints/best.pt."""
-    run = get_run(run_id)
-    if run.info.status != "FINISHED":
-        raise LineageError(f"parent run {run_id} is {run.info.status}, not FINISHED: wait for it, "
-                           f"resume it with -P resume_run_id={run_id}, or pass a finished run")
-    if not has_artifact(run_id, BEST):
-        raise LineageError(f"parent run {run_id} has no {BEST}: pass the id of a training "
-                           f"stage's run (train, baseline, tune_lr, ...)")
-    return run
-
-
-def parent_state(run_id: str) -> dict:
-    return load_weights(run_id, BEST)
-
-
 # -- reuse -------------------------------------------------------------------------------------
 
 def find_finished_run(experiment_id: str, training_key: str):
@@ -438,82 +262,3 @@ def find_finished_run(experiment_id: str, training_key: str):
 
 def end_run(run_id: str, status: str) -> None:
     client().set_terminated(run_id, status=status)
-
-
-
-# -- system/ metrics -----------------------------------------------------------------------------
-
-# About 10 samples an epoch: a short epoch still shows whether the device was busy, and a long one
-# (an hour on a CPU) does not log thousands of rows. Under 1 s sampling would cost more than it
-# shows; over 30 s a stall of half a minute would vanish in the mean.
-SAMPLES_PER_EPOCH = 10
-INTERVAL_RANGE_S = (1.0, 30.0)
-# A first guess of an epoch's length, before one is measured (docs/benchmarks.md: about 150-300
-# img/s on this project's 2-core CPU, 25-40k on an H100), evaluation counted at a third the cost.
-GUESSED_IMAGES_PER_S = {"cpu": 200.0, "cuda": 25_000.0}
-STOP_WAIT_S = 5.0
-
-
-def sampling_interval(epoch_s: float) -> float:
-    low, high = INTERVAL_RANGE_S
-    return min(max(epoch_s / SAMPLES_PER_EPOCH, low), high)
-
-
-def guess_epoch_s(device_type: str, train_images: int, eval_images: int) -> float:
-    return (train_images + eval_images / 3) / GUESSED_IMAGES_PER_S.get(device_type, 200.0)
-
-
-class SystemMetrics:
-    """MLflow's system/ metrics for one run (CPU, memory, disk, network; GPU utilisation and
-    memory where pynvml finds an NVIDIA GPU), sampled in a daemon thread.
-
-    Training runs are made with MlflowClient, never fluent start_run(log_system_metrics=True),
-    so the monitor is started here for the run id given (it never reads MLFLOW_RUN_ID). The
-    interval follows the epoch (sampling_interval) unless MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
-    fixes it; MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false turns it off. Whatever goes wrong in it
-    is a warning: it never fails or holds up a run.
-    """
-
-    def __init__(self, run_id: str, first_epoch_s: float):
-        from mlflow.environment_variables import (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING,
-                                                  MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL)
-
-        self.monitor = None
-        self.fixed_interval = MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() is not None
-        if MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.is_set() and not MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get():
-            return
-        try:
-            import psutil
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            psutil.cpu_percent()  # the first call reads 0.0: start the count now, not at sample 1
-            # resume_logging: a resumed run's samples continue after its earlier ones
-            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_interval(first_epoch_s),
-                                                resume_logging=True, tracking_uri=mlflow.get_tracking_uri())
-            self.monitor.start()
-        except Exception as err:  # noqa: BLE001 - metrics about the run must never stop it
-            warnings.warn(f"system metrics are off for run {run_id}: {type(err).__name__}: {err}")
-            self.monitor = None
-
-    def epoch_took(self, seconds: float) -> None:
-        if self.monitor is not None and not self.fixed_interval:
-            self.monitor.sampling_interval = sampling_interval(seconds)  # read at every wait
-
-    def stop(self) -> None:
-        """Stop sampling and log what the last interval collected (so a run shorter than one
-        interval still gets a sample), waiting at most STOP_WAIT_S for the thread."""
-        monitor, self.monitor = self.monitor, None
-        thread = getattr(monitor, "_process", None)
-        if thread is None:
-            return
-        try:
-            monitor._shutdown_event.set()  # finish() would join without a timeout
-            thread.join(STOP_WAIT_S)
-            if thread.is_alive():  # stuck in a call to the tracking server: leave the daemon
-                warnings.warn(f"system metrics thread still busy after {STOP_WAIT_S:g} s; not waiting")
-                return
-            monitor.collect_metrics()
-            monitor.publish_metrics(monitor.aggregate_metrics())
-            monitor.mlflow_logger.flush()
-        except Exception as err:  # noqa: BLE001
-            warnings.warn(f"system metrics: the last sample was not logged: {type(err).__name__}: {err}")

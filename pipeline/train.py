@@ -8,17 +8,15 @@ With a validation split, early stopping and the best checkpoint follow validatio
 from __future__ import annotations
 
 import contextlib
-import random
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
-import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .rng import rng_state, set_rng_state
+
 
 
 @dataclass
@@ -48,6 +46,17 @@ class History:
     test_acc_at_best: float = -1.0  # what the selected checkpoint scores on test
     stopped_early: bool = False
     total_time_s: float = 0.0
+
+    def add(self, result: EpochResult) -> bool:
+        """Append an epoch; True when it is the best so far on the selection split (epoch 1
+        counts: the seed skips it)."""
+        self.epochs.append(result)
+        self.total_time_s += result.epoch_time_s
+        score = result.val_acc if self.selected_on == "val" else result.test_acc
+        if score > self.best_acc:
+            self.best_acc, self.best_epoch, self.test_acc_at_best = score, result.epoch, result.test_acc
+            return True
+        return False
 
     def column(self, name: str) -> list[float]:
         return [getattr(e, name) for e in self.epochs]
@@ -114,6 +123,13 @@ class EarlyStopping:
             self.counter += 1
         return self.counter >= self.patience
 
+    def on_epoch(self, end) -> bool:
+        """The callback: the selection split's loss decides; history.stopped_early records it."""
+        result = end.result
+        loss = result.val_loss if end.history.selected_on == "val" else result.test_loss
+        end.history.stopped_early = self(loss)
+        return end.history.stopped_early
+
     def state_dict(self) -> dict:
         return {"counter": self.counter, "lowest_loss": self.lowest_loss}
 
@@ -133,40 +149,7 @@ class Hyper:
     patience: int = 5
     log_every: int = 50
     compile: str = ""               # a torch.compile mode ("default", "max-autotune", ...); "" = eager
-    precision: str = "fp32"         # fp32 | bf16 (autocast), see resolve_precision
-
-
-def resolve_runtime(device_name: str, precision_name: str) -> tuple[torch.device, str]:
-    """(device, fp32|bf16) that `device` and `precision` resolve to on this machine."""
-    device = pick_device(device_name)
-    return device, resolve_precision(precision_name, device)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("parameter device=cuda, but no CUDA GPU is visible: use -P device=auto or -P device=cpu")
-    return torch.device(name)
-
-
-def native_cpu_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated
-    and slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """auto: bf16 autocast on CUDA and on CPUs with native bf16 (measured 2x faster here), else fp32."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":  # emulated bf16 (e.g. an RTX 2060S) is slower than fp32
-        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
-    return "bf16" if native_cpu_bf16() else "fp32"
+    precision: str = "fp32"         # fp32 | bf16 (autocast), see runtime.resolve_precision
 
 
 def compiled(model: nn.Module, mode: str) -> nn.Module:
@@ -187,38 +170,6 @@ def autocast(device: torch.device, precision: str = "fp32"):
 def make_optimizer(model: nn.Module, hyper: Hyper) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(model.parameters(), lr=hyper.lr, alpha=hyper.alpha,
                                momentum=hyper.gamma, weight_decay=hyper.wd)
-
-
-def rng_state(generator: torch.Generator) -> dict:
-    """Every RNG's state as tensors and plain numbers, loadable with weights_only=True."""
-    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
-    version, internal, gauss_next = random.getstate()
-    state = {"torch": torch.get_rng_state(), "generator": generator.get_state(),
-             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-             "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict, generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
-    numpy = state["numpy"]
-    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
-                         numpy["has_gauss"], numpy["cached_gaussian"]))
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def _sync(device: torch.device) -> None:
@@ -247,26 +198,90 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device,
 CHECKPOINT_FORMAT = 2
 
 
-def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: torch.device,
-        generator: torch.Generator, *, val_batches=None, resume: dict | None = None,
-        on_epoch: Callable[[EpochResult, bool, Callable[[], dict]], bool | None] | None = None,
-        log: Callable[[str], None] = print) -> History:
-    """Train `model` for up to hyper.epochs, evaluating after each epoch.
+@dataclass
+class EpochEnd:
+    """What every callback sees after an epoch. snapshot() returns everything needed to resume
+    (model, optimiser, early stopping, history, RNG states), as plain data."""
+    result: EpochResult
+    is_best: bool
+    history: History
+    snapshot: Callable[[], dict]
 
-    With `val_batches`, early stopping and the best epoch follow validation; test is only reported.
 
-    on_epoch(result, is_best, snapshot) is called after every epoch; snapshot() returns
-    everything needed to resume (model, optimiser, early stopping, history, RNG states). When it
-    returns True training ends after that epoch (a pruned trial).
-    `resume` is such a snapshot: training continues after its epoch.
-    """
-    optimizer = make_optimizer(model, hyper)
-    net = compiled(model, hyper.compile)
+# One interface for whatever follows an epoch (checkpoints, heartbeat, pruning, progress):
+# called with the epoch's EpochEnd; True ends training after this epoch.
+Callback = Callable[[EpochEnd], "bool | None"]
+
+
+def make_step(net: nn.Module, optimizer: torch.optim.Optimizer, hyper: Hyper, device: torch.device):
+    """One optimiser step on a batch: (summed loss, correct count), both left on the device."""
+    criterion = nn.CrossEntropyLoss(reduction="sum")
     # CUDA graphs reuse their output memory: each step starts a new generation, whose outputs
     # (this step's loss, read before the next) may then be overwritten
     mark_step = torch.compiler.cudagraph_mark_step_begin if hyper.compile and device.type == "cuda" \
         else (lambda: None)
-    criterion = nn.CrossEntropyLoss(reduction="sum")
+
+    def step(x, y):
+        mark_step()
+        with autocast(device, hyper.precision):
+            logits = net(x)
+            loss = criterion(logits.float(), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), (logits.argmax(1) == y).sum()
+
+    return step
+
+
+class TrainPass(NamedTuple):
+    loss: float                     # mean per sample
+    acc: float                      # percent
+    images_per_s: float             # after the warm-up batch
+    started: float                  # perf_counter at its start: the epoch's time counts from here
+
+
+def train_one_epoch(net: nn.Module, batches, step, device: torch.device, epoch: int, log_every: int,
+                    log: Callable[[str], None]) -> TrainPass:
+    """One pass over `batches`. The loss and accuracy stay on the device until the end: no host
+    sync per batch."""
+    net.train()
+    start = time.perf_counter()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    steady_start, steady_seen = None, 0
+    n_batches = len(batches)
+    for index, (x, y) in enumerate(batches, 1):
+        batch_loss, batch_correct = step(x, y)
+        loss_sum += batch_loss
+        correct += batch_correct
+        seen += len(y)
+        if index == 1 and n_batches > 1:  # steady state starts after the warm-up batch
+            _sync(device)
+            steady_start, steady_seen = time.perf_counter(), seen
+        if index % log_every == 0:
+            elapsed = time.perf_counter() - start
+            log(f"epoch {epoch} [{index}/{n_batches} batches, {seen} images] "
+                f"loss {loss_sum.item() / seen:.4f}  {seen / elapsed:.0f} img/s")
+    _sync(device)
+    if steady_start is None:
+        steady_start, steady_seen = start, 0
+    images_per_s = (seen - steady_seen) / max(time.perf_counter() - steady_start, 1e-9)
+    return TrainPass(loss_sum.item() / seen, 100.0 * correct.item() / seen, images_per_s, start)
+
+
+def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: torch.device,
+        generator: torch.Generator, *, val_batches=None, resume: dict | None = None,
+        callbacks: Iterable[Callback] = (), log: Callable[[str], None] = print) -> History:
+    """Train `model` for up to hyper.epochs: each epoch train_one_epoch, evaluate, then the
+    callbacks (early stopping first, then `callbacks` in order; every one sees every epoch).
+
+    With `val_batches`, early stopping and the best epoch follow validation; test is only reported.
+    `resume` is an EpochEnd.snapshot(): training continues after its epoch.
+    """
+    optimizer = make_optimizer(model, hyper)
+    net = compiled(model, hyper.compile)
     stopper = EarlyStopping(hyper.patience, hyper.tol)
     history = History(selected_on="val" if val_batches is not None else "test")
     first_epoch = 1
@@ -280,58 +295,21 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
         first_epoch = hyper.epochs + 1 if history.stopped_early else resume["epoch"] + 1
         log(f"resuming after epoch {resume['epoch']} (best {history.selected_on}_acc {history.best_acc:.3f}% "
             f"at epoch {history.best_epoch})" + (", where early stopping had fired" if history.stopped_early else ""))
-
-    def step(x, y):
-        mark_step()
-        with autocast(device, hyper.precision):
-            logits = net(x)
-            loss = criterion(logits.float(), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), (logits.argmax(1) == y).sum()
+    step = make_step(net, optimizer, hyper, device)
 
     for epoch in range(first_epoch, hyper.epochs + 1):
-        net.train()
-        start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        steady_start, steady_seen = None, 0
-        n_batches = len(train_batches)
-        for index, (x, y) in enumerate(train_batches, 1):
-            batch_loss, batch_correct = step(x, y)
-            loss_sum += batch_loss
-            correct += batch_correct
-            seen += len(y)
-            if index == 1 and n_batches > 1:  # steady state starts after the warm-up batch
-                _sync(device)
-                steady_start, steady_seen = time.perf_counter(), seen
-            if index % hyper.log_every == 0:
-                elapsed = time.perf_counter() - start
-                log(f"epoch {epoch} [{index}/{n_batches} batches, {seen} images] "
-                    f"loss {loss_sum.item() / seen:.4f}  {seen / elapsed:.0f} img/s")
-        _sync(device)
-        train_end = time.perf_counter()
-        if steady_start is None:
-            steady_start, steady_seen = start, 0
-        images_per_s = (seen - steady_seen) / max(train_end - steady_start, 1e-9)
+        train_loss, train_acc, images_per_s, start = train_one_epoch(net, train_batches, step, device, epoch,
+                                                                     hyper.log_every, log)
         val_loss = val_acc = None
         if val_batches is not None:
             val_loss, val_acc = evaluate(net, val_batches, device, hyper.precision)
         test_loss, test_acc = evaluate(net, test_batches, device, hyper.precision)
-        result = EpochResult(epoch, loss_sum.item() / seen, test_loss, 100.0 * correct.item() / seen,
-                             test_acc, time.perf_counter() - start, images_per_s, val_loss, val_acc)
-        history.epochs.append(result)
-        history.total_time_s += result.epoch_time_s
-        score, selection_loss = (val_acc, val_loss) if val_batches is not None else (test_acc, test_loss)
-        is_best = score > history.best_acc  # epoch 1 counts (the seed skips it)
-        if is_best:
-            history.best_acc, history.best_epoch, history.test_acc_at_best = score, epoch, test_acc
-        history.stopped_early = stopper(selection_loss)
+        result = EpochResult(epoch, train_loss, test_loss, train_acc, test_acc, time.perf_counter() - start,
+                             images_per_s, val_loss, val_acc)
+        is_best = history.add(result)
         val_text = "" if val_batches is None else f"val_loss {val_loss:.4f} val_acc {val_acc:.2f}% "
-        log(f"epoch {epoch}/{hyper.epochs}: train_loss {result.train_loss:.4f} {val_text}"
-            f"test_loss {test_loss:.4f} train_acc {result.train_acc:.2f}% test_acc {test_acc:.2f}% "
+        log(f"epoch {epoch}/{hyper.epochs}: train_loss {train_loss:.4f} {val_text}"
+            f"test_loss {test_loss:.4f} train_acc {train_acc:.2f}% test_acc {test_acc:.2f}% "
             f"({result.epoch_time_s:.1f}s, {images_per_s:.0f} img/s)" + ("  *best*" if is_best else ""))
 
         def snapshot(epoch=epoch) -> dict:
@@ -339,7 +317,10 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
                     "optimizer": optimizer.state_dict(), "early_stopping": stopper.state_dict(),
                     "history": history.to_state(), "rng": rng_state(generator)}
 
-        if on_epoch and on_epoch(result, is_best, snapshot):
+        end = EpochEnd(result, is_best, history, snapshot)
+        stopper.on_epoch(end)  # first: the snapshot the others take knows whether it fired
+        asked = [bool(callback(end)) for callback in callbacks]
+        if any(asked):
             log(f"stopped after epoch {epoch}: the caller asked to (pruned)")
             break
         if history.stopped_early:

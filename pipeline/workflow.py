@@ -15,10 +15,11 @@ import mlflow
 
 from . import config as config_mod
 from . import data as data_mod
-from . import plots, tracking
-from .config import Config, ConfigError
+from . import keys, plots, runtime, tracking
+from .config import Config
+from .errors import ConfigError
+from .lineage import tuned_by_parent
 from .runner import log
-from .train import resolve_runtime
 
 UNDER_MAIN = "SVHN_MAIN_RUN_ID"
 
@@ -61,11 +62,10 @@ def stage_overrides(overrides: dict[str, str]) -> dict[str, str]:
 
 
 def run_stage(stage: str, parameters: dict[str, str], cfg: Config, experiment_id: str) -> str:
-    from .stages import tuned_by_parent
-
     stage_cfg = config_mod.load(stage, parameters)  # the stage's own config: fail fast if invalid
     stage_cfg, _ = tuned_by_parent(stage_cfg, frozenset(parameters))  # as the stage will resolve it
-    found = tracking.find_finished_run(experiment_id, stage_cfg.training_key(data_mod.data_digest(stage_cfg)))
+    key = keys.training_key(stage_cfg, data_mod.data_digest(stage_cfg), runtime.of(stage_cfg))
+    found = tracking.find_finished_run(experiment_id, key)
     if found:
         log(f"[main] {stage}: reusing FINISHED run {found.info.run_id} "
             f"(same params, parent run, data, device, precision and code version)")
@@ -83,8 +83,7 @@ def main(cfg: Config, overrides: dict[str, str], main_run_id: str) -> list[dict]
     shared = stage_overrides(overrides)
     for_autotune = autotune_overrides(overrides)
     client.set_tag(main_run_id, "stage", "main")
-    device, precision = resolve_runtime(cfg.device, cfg.precision)
-    tracking.log_config(main_run_id, cfg, tracking.runtime_params(device, precision, cfg))
+    tracking.log_config(main_run_id, cfg, runtime.of(cfg).params(cfg.bs, cfg.data_pipeline))
     tracking.log_datasets(main_run_id, data_mod.load(cfg))  # the data the whole study sees
     os.environ[UNDER_MAIN] = main_run_id  # stage processes leave the "continue with" hint to main
     split = cfg.selects_on

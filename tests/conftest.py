@@ -227,7 +227,7 @@ def constant_model_run(store, digit: int, lineage: str, stage: str = "smoke") ->
     """A run (in this process's tracking store, which must be `store`'s) whose best.pt answers
     `digit` for every image: its accuracy is that digit's share. `lineage`: the data its weights
     descend from (a stage run's lineage_digest)."""
-    from pipeline import models, tracking
+    from pipeline import checkpoints, models
 
     net = models.build("resnet")
     with torch.no_grad():
@@ -236,7 +236,7 @@ def constant_model_run(store, digit: int, lineage: str, stage: str = "smoke") ->
         net.fc.bias[digit] = 10.0
     experiment = store.client.get_experiment_by_name("Default").experiment_id
     run_id = store.client.create_run(experiment, tags={"stage": stage, "lineage_digest": lineage}).info.run_id
-    tracking.save_checkpoint(run_id, tracking.BEST, net.state_dict())
+    checkpoints.save_checkpoint(run_id, checkpoints.BEST, net.state_dict())
     return run_id
 
 

@@ -6,22 +6,26 @@ import pickle
 
 import optuna
 import pytest
+import torch
 
-from pipeline import autotune, config, stages, workflow
-from pipeline.config import ConfigError
-from pipeline.train import EpochResult
+from pipeline import autotune, config, lineage, runtime, tuning, workflow
+from pipeline.errors import ConfigError
+from pipeline.runner import Stage
+from pipeline.train import EpochEnd, EpochResult, History
+
+CPU = runtime.Runtime(torch.device("cpu"), "fp32")
 
 
 def test_search_space_comes_from_params_autotune_yaml():
-    space = autotune.SearchSpace.from_config(config.load("autotune"))
-    assert space == autotune.SearchSpace((1e-5, 2e-3), (0.0, 0.9), (1e-6, 1e-3), 1e-5, (64, 128, 256))
-    custom = autotune.SearchSpace.from_config(config.load("autotune", {"lr_range": "1e-4,1e-3", "bss": "32"}))
+    space = tuning.SearchSpace.from_config(config.load("autotune"))
+    assert space == tuning.SearchSpace((1e-5, 2e-3), (0.0, 0.9), (1e-6, 1e-3), 1e-5, (64, 128, 256))
+    custom = tuning.SearchSpace.from_config(config.load("autotune", {"lr_range": "1e-4,1e-3", "bss": "32"}))
     assert custom.lr == (1e-4, 1e-3) and custom.bs == (32,)
 
 
 def test_an_empty_or_inverted_range_is_one_line():
     with pytest.raises(ConfigError, match=r"autotune needs a search space: lr_range empty"):
-        autotune.SearchSpace.from_config(config.load("autotune", {"lr_range": ""}))
+        tuning.SearchSpace.from_config(config.load("autotune", {"lr_range": ""}))
     with pytest.raises(ConfigError, match=r"parameter lr_range=0.01,0.001 is out of range: allowed two "
                                           r"numbers 0 < low <= high"):
         config.load("autotune", {"lr_range": "1e-2,1e-3"})
@@ -32,7 +36,7 @@ def test_an_empty_or_inverted_range_is_one_line():
 
 
 def test_a_weight_decay_drawn_below_the_floor_trains_as_zero():
-    space = autotune.SearchSpace.from_config(config.load("autotune"))
+    space = tuning.SearchSpace.from_config(config.load("autotune"))
     trial = optuna.trial.FixedTrial({"lr": 3.1e-4, "gamma": 0.5, "wd": 9.9e-6, "bs": 128})
     assert space.suggest(trial) == {"lr": 3.1e-4, "gamma": 0.5, "wd": 0.0, "bs": 128}
     above = optuna.trial.FixedTrial({"lr": 3.1e-4, "gamma": 0.5, "wd": 1e-5, "bs": 128})
@@ -41,44 +45,46 @@ def test_a_weight_decay_drawn_below_the_floor_trains_as_zero():
 
 def test_a_trial_is_named_by_its_number_and_values():
     values = {"lr": 3.1234e-4, "gamma": 0.5, "wd": 0.0, "bs": 128}
-    assert autotune.trial_name(7, values) == "autotune #7 lr=3.1e-4 gamma=0.5 wd=0 bs=128"
-    assert autotune.trial_name(0, {"lr": 1e-3, "gamma": 0.123, "wd": 2.55e-5, "bs": 64}) == \
+    assert tuning.trial_name(7, values) == "autotune #7 lr=3.1e-4 gamma=0.5 wd=0 bs=128"
+    assert tuning.trial_name(0, {"lr": 1e-3, "gamma": 0.123, "wd": 2.55e-5, "bs": 64}) == \
         "autotune #0 lr=1e-3 gamma=0.12 wd=2.5e-5 bs=64"
 
 
 def test_the_study_is_kept_beside_a_sqlite_store_never_in_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert autotune.default_storage(f"sqlite:///{tmp_path}/runs/mlflow.db") == \
+    assert tuning.default_storage(f"sqlite:///{tmp_path}/runs/mlflow.db") == \
         f"sqlite:///{tmp_path}/runs/mlflow.optuna.db"
-    assert autotune.default_storage("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.optuna.db"
-    assert autotune.default_storage("http://tracking:5000") == f"sqlite:///{tmp_path}/optuna.db"
+    assert tuning.default_storage("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.optuna.db"
+    assert tuning.default_storage("http://tracking:5000") == f"sqlite:///{tmp_path}/optuna.db"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     with pytest.raises(ConfigError, match="is the MLflow tracking database: Optuna needs its own"):
-        autotune.storage_url(config.load("autotune", {"optuna_storage": uri}), uri)
+        tuning.storage_url(config.load("autotune", {"optuna_storage": uri}), uri)
     elsewhere = config.load("autotune", {"executor": "ray", "ray_address": "ray://192.0.2.10:10001"})
     with pytest.raises(ConfigError) as refused:
-        autotune.storage_url(elsewhere, "http://tracking:5000")
+        tuning.storage_url(elsewhere, "http://tracking:5000")
     assert str(refused.value) == (
         f"executor=ray with ray_address=ray://192.0.2.10:10001 (another machine) needs an Optuna database "
         f"server that every node reaches, but optuna_storage is sqlite:///{tmp_path}/optuna.db: pass "
         f"-P optuna_storage=postgresql://user@host/db (or mysql+pymysql://...) (README: Scaling out with Ray)")
     server = "postgresql://tuner@db:5432/optuna"
-    assert autotune.storage_url(elsewhere.replace(optuna_storage=server), "http://tracking:5000") == server
+    assert tuning.storage_url(elsewhere.replace(optuna_storage=server), "http://tracking:5000") == server
 
 
 def test_the_study_name_ignores_n_trials_and_storage_but_not_the_search():
     base = config.load("autotune", {"dataset": "synthetic"})
-    name = autotune.study_name(base, "digest")
-    assert autotune.study_name(base.replace(n_trials=50, optuna_storage="sqlite:////x.db", trial_batch=4),
-                               "digest") == name  # more trials continue the same study
+    name = tuning.study_name(base, "digest", CPU)
+    assert tuning.study_name(base.replace(n_trials=50, optuna_storage="sqlite:////x.db", trial_batch=4),
+                             "digest", CPU) == name  # more trials continue the same study
     for changed in (base.replace(trial_epochs=2), base.replace(lr_range=[1e-4, 1e-3]),
                     base.replace(pruner="hyperband"), base.replace(parent_run_id="abc")):
-        assert autotune.study_name(changed, "digest") != name
-    assert autotune.study_name(base, "other data") != name
+        assert tuning.study_name(changed, "digest", CPU) != name
+    assert tuning.study_name(base, "other data", CPU) != name
+    assert tuning.study_name(base, "digest", runtime.Runtime(torch.device("cpu"), "bf16")) != name
 
 
 def epoch(number, test_acc):
-    return EpochResult(number, 1.0, 1.0, 50.0, test_acc, 1.0, 100.0)
+    result = EpochResult(number, 1.0, 1.0, 50.0, test_acc, 1.0, 100.0)
+    return EpochEnd(result, False, History(), lambda: {})
 
 
 def test_the_epoch_hook_reports_to_its_trial_and_prunes_with_optunas_pruner(tmp_path):
@@ -90,8 +96,8 @@ def test_the_epoch_hook_reports_to_its_trial_and_prunes_with_optunas_pruner(tmp_
     study.tell(done, 70.0)
 
     def hook_for(trial):
-        ref = autotune.TrialRef(url, "s", trial._trial_id, "test", "median", 1, 0, 3)
-        make_hook = pickle.loads(pickle.dumps(functools.partial(autotune.epoch_hook, ref)))  # as Ray ships it
+        ref = tuning.TrialRef(url, "s", trial._trial_id, "test", "median", 1, 0, 3)
+        make_hook = pickle.loads(pickle.dumps(functools.partial(tuning.epoch_hook, ref)))  # as Ray ships it
         return make_hook()
 
     behind, ahead = study.ask(), study.ask()
@@ -102,26 +108,26 @@ def test_the_epoch_hook_reports_to_its_trial_and_prunes_with_optunas_pruner(tmp_
     assert hook(epoch(1, 55.0)) is False and hook(epoch(2, 65.0)) is False
     assert hook(epoch(3, 10.0)) is False  # the last epoch: the trial is over and completes
     assert study.trials[ahead.number].intermediate_values == {1: 55.0, 2: 65.0, 3: 10.0}
-    validation = autotune.TrialRef(url, "s", ahead._trial_id, "val", "none", 1, 0, 3)
-    assert autotune.selection_value(EpochResult(4, 1, 1, 1, 5.0, 1, 1, 1.0, 99.0), validation.selects_on) == 99.0
+    validation = tuning.TrialRef(url, "s", ahead._trial_id, "val", "none", 1, 0, 3)
+    assert tuning.selection_value(EpochResult(4, 1, 1, 1, 5.0, 1, 1, 1.0, 99.0), validation.selects_on) == 99.0
 
 
 def test_retrain_takes_its_values_from_an_autotune_parent_and_says_so(store, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
     best = {"best_lr": "0.00031", "best_gamma": "0.5", "best_wd": "0.0", "best_bs": "64"}
     tuned = store.client.create_run("0", tags={"stage": "autotune", **best}).info.run_id
-    cfg, sources = stages.tuned_by_parent(config.load("retrain", {"parent_run_id": tuned}))
+    cfg, sources = lineage.tuned_by_parent(config.load("retrain", {"parent_run_id": tuned}))
     assert (cfg.lr, cfg.gamma, cfg.wd, cfg.bs) == (0.00031, 0.5, 0.0, 64)
     assert sources == {k: f"autotune:{tuned}" for k in ("lr", "gamma", "wd", "bs")}
     given = config.load("retrain", {"parent_run_id": tuned, "lr": "1e-5"})
-    cfg, sources = stages.tuned_by_parent(given, frozenset({"parent_run_id", "lr"}))
+    cfg, sources = lineage.tuned_by_parent(given, frozenset({"parent_run_id", "lr"}))
     assert (cfg.lr, cfg.bs) == (1e-5, 64) and sources["lr"] == "-P"  # what the user gave wins
     other = store.client.create_run("0", tags={"stage": "overfit", **best}).info.run_id
     seed = config.load("retrain", {"parent_run_id": other})
-    assert stages.tuned_by_parent(seed) == (seed, {})  # only an autotune run hands values on
+    assert lineage.tuned_by_parent(seed) == (seed, {})  # only an autotune run hands values on
     unfinished = store.client.create_run("0", tags={"stage": "autotune"}).info.run_id
     with pytest.raises(Exception, match=f"parent autotune run {unfinished} has no tag best_lr"):
-        stages.tuned_by_parent(config.load("retrain", {"parent_run_id": unfinished}))
+        lineage.tuned_by_parent(config.load("retrain", {"parent_run_id": unfinished}))
 
 
 def test_main_swaps_the_seed_sweeps_for_autotune_only_with_tuner_optuna():
@@ -150,7 +156,7 @@ def test_a_trial_whose_child_died_is_retried_with_its_values_and_a_live_one_is_l
     cfg = config.load("autotune", params)
     dataset = data.load(cfg)
     stage_run = store.client.create_run("0").info.run_id
-    tuner = autotune.Tuner(cfg, stage_run, dataset, stages.Lineage())
+    tuner = autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())
     dead, live = tuner.study.ask(), tuner.study.ask()
     specs = {trial.number: tuner.spec(trial) for trial in (dead, live)}
     dead.report(12.5, 1)
@@ -162,7 +168,7 @@ def test_a_trial_whose_child_died_is_retried_with_its_values_and_a_live_one_is_l
                 "mlflow.parentRunId": stage_run, "training_key": trial.user_attrs["child_key"],
                 "heartbeat": f"{socket.gethostname()} {pid} {time.time():.0f}"}).info.run_id
             store.client.log_metric(child, "test_acc", 12.5, step=1)  # logged: epoch 1 has its last.pt
-        again = autotune.Tuner(cfg, stage_run, dataset, stages.Lineage())  # a new process's view
+        again = autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())  # a new process's view
         assert again.retry_interrupted() == 1  # the live one
         states = [t.state for t in again.study.trials]
         assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING,
@@ -192,7 +198,7 @@ def test_a_trial_that_keeps_killing_its_process_is_given_up_after_max_retries(st
     cfg = config.load("autotune", params)
     dataset = data.load(cfg)
     stage_run = store.client.create_run("0").info.run_id
-    tuner = autotune.Tuner(cfg, stage_run, dataset, stages.Lineage())
+    tuner = autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())
     trial = tuner.study.ask()
     tuner.spec(trial)
     child = store.client.create_run("0", tags={  # its process is gone: no such pid
@@ -200,7 +206,7 @@ def test_a_trial_that_keeps_killing_its_process_is_given_up_after_max_retries(st
         "heartbeat": f"{socket.gethostname()} {2 ** 22 + 1} {time.time():.0f}"}).info.run_id
     State = optuna.trial.TrialState
     for attempt in range(2):  # each time the same command is run again, the trial has died again
-        again = autotune.Tuner(cfg, stage_run, dataset, stages.Lineage())
+        again = autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())
         assert again.retry_interrupted() == 0
         if attempt == 0:
             assert [t.state for t in again.study.trials] == [State.FAIL, State.WAITING]

@@ -41,7 +41,7 @@ def test_a_smoke_run_reading_100_percent_does_not_take_the_alias(champion_store,
     dataset = data.load(cfg)
     smoke = wrong_model_run(store, dataset)
     figure = runner.RunResult(smoke, "smoke", "resnet", 100.0, 1, None, "test", 100.0)  # what it logged
-    version = registry.register(smoke, cfg, figure, dataset)
+    version = registry.register(smoke, cfg, figure, dataset, [])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert store.client.get_model_version_by_alias(MODEL, "champion").version == before.version
     assert f"registered {MODEL} version {version} 0.000%; alias 'champion' stays on version {before.version}" in line
@@ -62,7 +62,7 @@ def test_a_champion_that_cannot_be_loaded_keeps_the_alias(champion_store, monkey
     location = store.client.get_logged_model(before.source.rstrip("/").split("/")[-1]).artifact_location
     shutil.rmtree(location.removeprefix("file://"))
     challenger = runner.RunResult(before.run_id, "same", "resnet", 100.0, 1, None, "test", 100.0)
-    version = registry.register(before.run_id, cfg, challenger, dataset)
+    version = registry.register(before.run_id, cfg, challenger, dataset, [])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert store.client.get_model_version_by_alias(MODEL, "champion").version == before.version
     assert f"alias 'champion' stays on version {before.version}: champion version {before.version} could not be loaded" in line

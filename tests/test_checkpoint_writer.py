@@ -1,4 +1,4 @@
-"""Checkpoints that do not block the next epoch: tracking.CheckpointWriter and host_copy, with real
+"""Checkpoints that do not block the next epoch: checkpoints.CheckpointWriter and host_copy, with real
 torch.save writes into a temporary folder, and runner.train_in_run stopped by a signal while it
 waits for the last record (a real temporary tracking store; its other uses are covered by the
 end-to-end runs in test_e2e_train, test_faults and test_e2e_continue)."""
@@ -8,18 +8,18 @@ import time
 import pytest
 import torch
 
-from pipeline import models, tracking, train
+from pipeline import checkpoints, models, runtime, tracking, train
 
 CPU = torch.device("cpu")
 
 
 def test_jobs_run_in_order_even_when_the_first_is_slow(tmp_path):
-    writer, order = tracking.CheckpointWriter(), []
+    writer, order = checkpoints.CheckpointWriter(), []
     path = tmp_path / "last.pt"
 
     def write(value, delay):
         time.sleep(delay)
-        tracking.atomic_save({"epoch": value}, path)
+        checkpoints.atomic_save({"epoch": value}, path)
         order.append(value)
 
     writer.submit(lambda: write(1, 0.3))
@@ -30,13 +30,13 @@ def test_jobs_run_in_order_even_when_the_first_is_slow(tmp_path):
 
 
 def test_wait_returns_once_the_file_is_written_and_submit_does_not(tmp_path):
-    writer, started, release = tracking.CheckpointWriter(), threading.Event(), threading.Event()
+    writer, started, release = checkpoints.CheckpointWriter(), threading.Event(), threading.Event()
     path = tmp_path / "best.pt"
 
     def write():
         started.set()
         release.wait(5)
-        tracking.atomic_save({"w": torch.arange(3)}, path)
+        checkpoints.atomic_save({"w": torch.arange(3)}, path)
 
     writer.submit(write)
     assert started.wait(5) and not path.exists()  # submit returned while the job is still to write
@@ -47,7 +47,7 @@ def test_wait_returns_once_the_file_is_written_and_submit_does_not(tmp_path):
 
 
 def test_an_error_in_the_writer_surfaces_on_the_next_wait_or_submit_once(tmp_path):
-    writer, ran = tracking.CheckpointWriter(), []
+    writer, ran = checkpoints.CheckpointWriter(), []
     disk_full = OSError(28, "No space left on device")
 
     def fail():
@@ -80,9 +80,9 @@ def test_host_copy_is_what_the_model_was_when_copied_not_what_training_made_it(t
     step()  # RMSprop has its state now
     snapshot = {"epoch": 1, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
-    copied = tracking.host_copy(snapshot, CPU)
-    writer = tracking.CheckpointWriter()
-    writer.submit(lambda: tracking.atomic_save(copied, tmp_path / "last.pt"))
+    copied = checkpoints.host_copy(snapshot, CPU)
+    writer = checkpoints.CheckpointWriter()
+    writer.submit(lambda: checkpoints.atomic_save(copied, tmp_path / "last.pt"))
     step()  # training goes on changing the weights, BatchNorm statistics and optimizer state in place
     writer.wait()
     saved = torch.load(tmp_path / "last.pt", weights_only=True)
@@ -111,7 +111,7 @@ def test_a_signal_in_the_last_wait_still_joins_the_writer_before_the_run_stops(t
                                 "log_every": "1000"})
     dataset = data.load(cfg)
     run_id = tracking.client().create_run("0").info.run_id
-    fitted, real_fit, real_log, real_wait = [], train.fit, tracking.log_epoch, tracking.CheckpointWriter.wait
+    fitted, real_fit, real_log, real_wait = [], train.fit, tracking.log_epoch, checkpoints.CheckpointWriter.wait
 
     def fit(*args, **kwargs):
         history = real_fit(*args, **kwargs)
@@ -131,10 +131,10 @@ def test_a_signal_in_the_last_wait_still_joins_the_writer_before_the_run_stops(t
 
     monkeypatch.setattr(train, "fit", fit)
     monkeypatch.setattr(tracking, "log_epoch", slow_log)
-    monkeypatch.setattr(tracking.CheckpointWriter, "wait", wait)
+    monkeypatch.setattr(checkpoints.CheckpointWriter, "wait", wait)
     try:
         with pytest.raises(KeyboardInterrupt):
-            runner.train_in_run(run_id, cfg, dataset, arch="resnet")
+            runner.train_in_run(run_id, cfg, dataset, arch="resnet", runtime=runtime.of(cfg))
     finally:
         mlflow.set_tracking_uri(None)
     assert not [t for t in threading.enumerate() if t.name == "checkpoint-writer"]

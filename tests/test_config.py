@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from pipeline import config
+from pipeline import config, lineage
 from pipeline.config import ConfigError
 
 
@@ -71,25 +71,6 @@ def test_caps_are_baked_into_the_values_every_run_logs():
     assert (config.load("retrain").phase1_epochs, config.load("retrain").epochs) == (15, 30)
 
 
-def key(stage="train", digest="d" * 64, **overrides):
-    return config.load(stage, overrides).training_key(digest)
-
-
-def test_training_key_follows_params_not_spelling():
-    a = key(lr="1e-4")
-    assert a == key(lr="0.0001")
-    assert a != key(lr="0.0002")
-    assert a == key(lr="1e-4", log_every="7")
-
-
-def test_training_key_changes_with_data_parent_and_precision():
-    a = key("tune_lr", parent_run_id="a" * 32)
-    assert a != key("tune_lr", parent_run_id="b" * 32)  # a new upstream run: nothing downstream is stale
-    assert a != key("tune_lr", digest="e" * 64, parent_run_id="a" * 32)  # other data bytes
-    assert a != key("tune_lr", parent_run_id="a" * 32, val_split="0.1")
-    assert key(precision="fp32") != key(precision="bf16")  # a bf16 run never stands in for fp32
-
-
 def test_a_scalar_that_a_sweep_overrides_is_refused():
     with pytest.raises(ConfigError, match=r"-P lr=0.1 would be ignored: stage tune_lr sweeps lrs=.*-P lrs=0.1"):
         config.load("tune_lr", {"lr": "0.1"})
@@ -101,9 +82,9 @@ def test_a_scalar_that_a_sweep_overrides_is_refused():
 
 def test_init_parent_without_a_parent_is_refused():
     with pytest.raises(ConfigError, match="init=parent.*no parent_run_id.*-P init=scratch"):
-        config.check_lineage(config.load("tune_lr"))
-    config.check_lineage(config.load("tune_lr", {"init": "scratch"}))
-    config.check_lineage(config.load("train"))  # init=auto: scratch without a parent
+        lineage.check_lineage(config.load("tune_lr"))
+    lineage.check_lineage(config.load("tune_lr", {"init": "scratch"}))
+    lineage.check_lineage(config.load("train"))  # init=auto: scratch without a parent
 
 
 def test_a_missing_stage_parameter_file_is_refused(tmp_path, monkeypatch):
@@ -141,70 +122,6 @@ def test_unknown_scale_is_one_line_naming_the_known_ones():
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="scale=../defaults is unknown"):
         config.load("train", {"scale": "../defaults"})
-# Params that may change without changing a run's result (logging, resuming, how it is launched).
-# data_dir and download: where the data lies, not what it is (its digest is in the key).
-VOLATILE = {"log_every", "resume_run_id", "env_manager", "num_workers", "force", "checkpoint_every",
-            "promote",  # who holds the alias, not what the run trains
-            "data_dir", "download",
-            # where a child runs is not what it computes: local and Ray results stand for each other
-            "executor", "ray_address", "cpus_per_trial", "gpus_per_trial", "max_retries",
-            # where an Optuna study is kept and how many trials are asked at once (like executor)
-            "optuna_storage", "trial_batch",
-            # how fast the same arithmetic runs: compiled kernels, the evaluation batch size
-            "compile", "eval_bs"}
-
-
-def changed(value):
-    """A different value of the same type (validity does not matter to the key)."""
-    if isinstance(value, bool):
-        return not value
-    if isinstance(value, (int, float)):
-        return value + 1
-    if isinstance(value, list):
-        return value + value[-1:] if value else ["1"]
-    return value + "x"
-
-
-def test_training_key_changes_with_parent_run_id():
-    # a new upstream run must make `main` rerun every stage after it
-    keys = {config.load("tune_lr", {"parent_run_id": parent}).training_key("d" * 64)
-            for parent in ("", "aaaa", "bbbb")}
-    assert len(keys) == 3
-
-
-@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(config.Config)])
-def test_training_key_covers_every_param_that_decides_the_result(name):
-    if name == "device":  # enters as the device type it resolves to: see the precision/device test
-        return
-    cfg = config.load("train")
-    other = dataclasses.replace(cfg, **{name: changed(getattr(cfg, name))})
-    if name in VOLATILE:
-        assert other.training_key("d" * 64) == cfg.training_key("d" * 64)
-    else:
-        assert other.training_key("d" * 64) != cfg.training_key("d" * 64)
-
-
-def test_training_key_covers_the_code(monkeypatch):
-    key = config.load("train").training_key("d" * 64)
-    monkeypatch.setattr(config, "code_version", lambda: "another")
-    assert config.load("train").training_key("d" * 64) != key
-
-
-def test_code_version_follows_code_params_and_mlproject(tmp_path, monkeypatch):
-    for name in ("pipeline/a.py", "params/x.yaml", "MLproject"):
-        (tmp_path / name).parent.mkdir(exist_ok=True)
-        (tmp_path / name).write_text("one")
-    monkeypatch.setattr(config, "PROJECT_DIR", tmp_path)
-    monkeypatch.setattr(config, "PARAMS_DIR", tmp_path / "params")
-    versions = {config.code_version()}
-    for name in ("pipeline/a.py", "params/x.yaml", "MLproject"):
-        (tmp_path / name).write_text("two")
-        versions.add(config.code_version())
-    (tmp_path / "pipeline/a.py").rename(tmp_path / "pipeline/b.py")  # a renamed module counts too
-    versions.add(config.code_version())
-    (tmp_path / "pipeline/notes.txt").write_text("not code")
-    versions.add(config.code_version())
-    assert len(versions) == 5 and len(config.code_version()) == 12
 
 
 # (param, smallest or largest accepted value, first rejected value)
@@ -314,11 +231,6 @@ def test_params_yaml_must_be_a_mapping(tmp_path):
         config.read_yaml(tmp_path / "list.yaml")
 
 
-def test_training_key_is_sixteen_hex_digits():
-    key = config.load("train").training_key("d" * 64)
-    assert len(key) == 16 and int(key, 16) >= 0
-
-
 def test_load_reads_defaults_then_the_stage_file(tmp_path, monkeypatch):
     (tmp_path / "defaults.yaml").write_text("epochs: 7\nlr: 0.5\n")
     (tmp_path / "train.yaml").write_text("lr: 0.25\n")
@@ -347,15 +259,19 @@ def test_a_bad_compile_mode_is_one_line_listing_the_modes():
                               "fix it with -P compile=<value>")
 
 
-def test_eval_batch_size_is_bs_on_a_cpu_and_at_least_1024_on_cuda_unless_given():
-    assert [config.load("train", {"bs": bs}).eval_batch_size("cpu") for bs in ("64", "2048")] == [64, 2048]
-    assert [config.load("train", {"bs": bs}).eval_batch_size("cuda") for bs in ("64", "2048")] == [1024, 2048]
-    given = config.load("train", {"bs": "64", "eval_bs": "300"})
-    assert (given.eval_batch_size("cpu"), given.eval_batch_size("cuda")) == (300, 300)
-
-
 def test_main_hands_compile_and_eval_bs_on_to_every_stage():
     from pipeline import workflow
 
     assert workflow.stage_overrides({"compile": "max-autotune", "eval_bs": "2048"}) == \
         {"compile": "max-autotune", "eval_bs": "2048"}
+
+
+def test_every_field_is_in_exactly_one_section_in_declaration_order():
+    declared = [f.name for f in dataclasses.fields(config.Config)]
+    assert [name for names in config.SECTIONS.values() for name in names] == declared
+    cfg = config.load("tune_lr", {"lrs": "0.01,0.02", "executor": "ray"})
+    assert cfg.section("sweeps")["lrs"] == [0.01, 0.02]
+    assert cfg.section("execution") == {"executor": "ray", "ray_address": "", "cpus_per_trial": 1.0,
+                                        "gpus_per_trial": 0.0, "max_retries": 3}
+    # sections change no name: every param is logged flat, as -P spells it
+    assert set(cfg.to_params()) == set(declared)

@@ -16,15 +16,15 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and not os.environ
 
 def syncs_in_one_epoch(train_images: int) -> int:
     """Host syncs in one epoch of train.fit: `train_images` training images at bs 64, 128 test images."""
-    from pipeline import data, models, train
+    from pipeline import batching, models, train
 
     device = torch.device("cuda")
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (train_images + 128, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (train_images + 128,), generator=generator)
-    train_batches = data.TensorBatches(images[:train_images], labels[:train_images], 64, train=True,
+    train_batches = batching.TensorBatches(images[:train_images], labels[:train_images], 64, train=True,
                                        augment_images=True, device=device, generator=generator, channels_last=True)
-    test_batches = data.TensorBatches(images[train_images:], labels[train_images:], 64, train=False,
+    test_batches = batching.TensorBatches(images[train_images:], labels[train_images:], 64, train=False,
                                       augment_images=False, device=device, channels_last=True)
     model = models.build("resnet").to(device, memory_format=torch.channels_last)
     hyper = train.Hyper(epochs=1, lr=1e-3, log_every=10**6, precision=train.resolve_precision("auto", device))

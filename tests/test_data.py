@@ -10,7 +10,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from pipeline import config, data, synthetic
+from pipeline import batching, config, data, synthetic
 from pipeline.data import DataError
 
 
@@ -104,15 +104,15 @@ def crop_and_angle(out):
 
 
 def denormalise(x):
-    return x * torch.tensor(data.STD).view(1, 3, 1, 1) + torch.tensor(data.MEAN).view(1, 3, 1, 1)
+    return x * torch.tensor(batching.STD).view(1, 3, 1, 1) + torch.tensor(batching.MEAN).view(1, 3, 1, 1)
 
 
 def test_tensor_and_torchvision_augmentations_match_in_distribution():
     n = 600
     images = coordinate_images(n)
-    ours = crop_and_angle(data.augment(images, torch.Generator().manual_seed(0)))
+    ours = crop_and_angle(batching.augment(images, torch.Generator().manual_seed(0)))
     torch.manual_seed(0)
-    transform = data.seed_transforms(train=True)
+    transform = batching.seed_transforms(train=True)
     pil = Image.fromarray(images[0].permute(1, 2, 0).numpy())
     theirs = crop_and_angle(denormalise(torch.stack([transform(pil) for _ in range(n)])))
     for column in (0, 1):  # crop offsets: uniform over 0..4 in both
@@ -128,15 +128,15 @@ def test_tensor_and_torchvision_augmentations_match_in_distribution():
 def test_normalised_statistics_match_between_pipelines():
     X, y = synthetic.generate("train", 256)
     images = torch.from_numpy(np.ascontiguousarray(np.transpose(X, (3, 2, 0, 1))))
-    ours = data.normalise(data.augment(images, torch.Generator().manual_seed(1)))
+    ours = batching.normalise(batching.augment(images, torch.Generator().manual_seed(1)))
     torch.manual_seed(1)
-    transform = data.seed_transforms(train=True)
+    transform = batching.seed_transforms(train=True)
     theirs = torch.stack([transform(Image.fromarray(img.permute(1, 2, 0).numpy())) for img in images])
     assert ours.shape == theirs.shape == (256, 3, 28, 28)
     assert torch.allclose(ours.mean((0, 2, 3)), theirs.mean((0, 2, 3)), atol=0.05)
     assert torch.allclose(ours.std((0, 2, 3)), theirs.std((0, 2, 3)), atol=0.05)
-    test_ours = data.normalise(data.center_crop(images))
-    test_theirs = torch.stack([data.seed_transforms(train=False)(Image.fromarray(img.permute(1, 2, 0).numpy()))
+    test_ours = batching.normalise(batching.center_crop(images))
+    test_theirs = torch.stack([batching.seed_transforms(train=False)(Image.fromarray(img.permute(1, 2, 0).numpy()))
                                for img in images])
     assert torch.allclose(test_ours, test_theirs, atol=1e-5)  # the test transform is exact
 
@@ -144,7 +144,7 @@ def test_normalised_statistics_match_between_pipelines():
 def test_tensor_batches_cover_every_image_once_per_epoch():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 32, 32).contiguous()
     labels = torch.arange(10)
-    batches = data.TensorBatches(images, labels, 4, train=True, augment_images=False,
+    batches = batching.TensorBatches(images, labels, 4, train=True, augment_images=False,
                                  device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
     seen = torch.cat([y for _, y in batches])
     assert len(batches) == 3 and sorted(seen.tolist()) == list(range(10))
@@ -158,8 +158,8 @@ def random_images(n, seed=1):
 
 def test_augment_is_torchvision_crop_then_rotate_with_the_drawn_params():
     images = random_images(64)
-    out = data.augment(images, torch.Generator().manual_seed(5))
-    tops, lefts, angles = data.sample_augment_params(64, torch.Generator().manual_seed(5))
+    out = batching.augment(images, torch.Generator().manual_seed(5))
+    tops, lefts, angles = batching.sample_augment_params(64, torch.Generator().manual_seed(5))
     expected = torch.stack([
         TF.rotate(images[i, :, top:top + 28, left:left + 28], angle, InterpolationMode.NEAREST, fill=0)
         for i, (top, left, angle) in enumerate(zip(tops.tolist(), lefts.tolist(), angles.tolist()))])
@@ -167,7 +167,7 @@ def test_augment_is_torchvision_crop_then_rotate_with_the_drawn_params():
 
 
 def test_augment_params_span_randomcrop_28_and_rotation_30():
-    tops, lefts, angles = data.sample_augment_params(2000, torch.Generator().manual_seed(0))
+    tops, lefts, angles = batching.sample_augment_params(2000, torch.Generator().manual_seed(0))
     for offsets in (tops, lefts):
         assert sorted(offsets.unique().tolist()) == [0, 1, 2, 3, 4]
     assert -30 <= angles.min() < -29.5 and 29.5 < angles.max() <= 30
@@ -176,20 +176,20 @@ def test_augment_params_span_randomcrop_28_and_rotation_30():
 
 def test_normalise_and_center_crop_match_totensor_normalize_and_centercrop():
     images = random_images(4)
-    expected = torch.stack([T.Normalize(data.MEAN, data.STD)(T.CenterCrop(28)(img.float() / 255))
+    expected = torch.stack([T.Normalize(batching.MEAN, batching.STD)(T.CenterCrop(28)(img.float() / 255))
                             for img in images])
-    assert torch.allclose(data.normalise(data.center_crop(images)), expected, atol=1e-6)
-    assert torch.allclose(data.normalise(images.float() / 255), data.normalise(images), atol=1e-6)
-    assert data.center_crop(images, 30).shape == (4, 3, 30, 30)
-    assert torch.equal(data.center_crop(images, 30), images[..., 1:31, 1:31])
+    assert torch.allclose(batching.normalise(batching.center_crop(images)), expected, atol=1e-6)
+    assert torch.allclose(batching.normalise(images.float() / 255), batching.normalise(images), atol=1e-6)
+    assert batching.center_crop(images, 30).shape == (4, 3, 30, 30)
+    assert torch.equal(batching.center_crop(images, 30), images[..., 1:31, 1:31])
     wide = torch.randint(0, 256, (3, 32, 40), dtype=torch.uint8)  # one image, not square
-    assert torch.equal(data.center_crop(wide), T.CenterCrop(28)(wide)) and data.center_crop(wide).shape == (3, 28, 28)
+    assert torch.equal(batching.center_crop(wide), T.CenterCrop(28)(wide)) and batching.center_crop(wide).shape == (3, 28, 28)
 
 
 @pytest.mark.parametrize("train,augment_images", [(True, True), (True, False), (False, True)])
 def test_tensor_batches_are_the_seed_transforms_in_shuffled_or_fixed_order(train, augment_images):
     images, labels = random_images(10), torch.arange(10)
-    batches = data.TensorBatches(images, labels, 4, train=train, augment_images=augment_images,
+    batches = batching.TensorBatches(images, labels, 4, train=train, augment_images=augment_images,
                                  device=torch.device("cpu"), generator=torch.Generator().manual_seed(9))
     generator = torch.Generator().manual_seed(9)
     order = torch.randperm(10, generator=generator) if train else torch.arange(10)
@@ -197,11 +197,11 @@ def test_tensor_batches_are_the_seed_transforms_in_shuffled_or_fixed_order(train
     assert [len(y) for _, y in got] == [4, 4, 2]
     for start, (x, y) in zip(range(0, 10, 4), got):
         index = order[start:start + 4]
-        expected = data.augment(images[index], generator) if train and augment_images \
-            else data.center_crop(images[index])
-        assert torch.equal(y, labels[index]) and torch.equal(x, data.normalise(expected))
+        expected = batching.augment(images[index], generator) if train and augment_images \
+            else batching.center_crop(images[index])
+        assert torch.equal(y, labels[index]) and torch.equal(x, batching.normalise(expected))
     assert all(x.is_contiguous() for x, _ in got)  # NCHW unless asked
-    channels_last = data.TensorBatches(images, labels, 4, train=False, augment_images=False,
+    channels_last = batching.TensorBatches(images, labels, 4, train=False, augment_images=False,
                                        device=torch.device("cpu"), channels_last=True)
     assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in channels_last)
 
@@ -213,7 +213,7 @@ def seed_loader_batches(folder, part, bs, train, seed):
     file, the split's rows as a Subset, the seed's transforms, a DataLoader."""
     split = "test" if part.role == "test" else "train"
     reader = data.SVHNMat(str(folder), split, verify=False, filename=part.source.name,
-                          transform=data.seed_transforms(train))
+                          transform=batching.seed_transforms(train))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(reader, part.indices.tolist()),
                                          batch_size=bs, shuffle=train,
                                          generator=torch.Generator().manual_seed(seed))
@@ -235,7 +235,7 @@ def test_the_torchvision_pipeline_gives_the_seed_readers_batches_without_the_mat
                 for role in ("train", "val", "test")}
     shutil.rmtree(folder)
     for role, want in expected.items():
-        batches = data.batches(cfg, loaded, role, torch.device("cpu"), 16, torch.Generator().manual_seed(3))
+        batches = batching.batches(cfg, loaded, role, torch.device("cpu"), 16, torch.Generator().manual_seed(3))
         torch.manual_seed(3)
         got = list(batches)
         assert len(got) == len(want) == len(batches), role

@@ -3,7 +3,7 @@ seed's scale, and the refusals that replace silent fallbacks."""
 import pytest
 import torch
 
-from pipeline import config, data, models, train
+from pipeline import batching, config, data, models, runtime, train
 
 pytestmark = pytest.mark.e2e
 
@@ -24,9 +24,10 @@ def evaluate_checkpoint(store, run_id, cfg, dataset, split):
     net = models.build("resnet")
     net.load_state_dict(torch.load(store.client.download_artifacts(run_id, "checkpoints/best.pt"),
                                    weights_only=True))
-    device, precision = train.resolve_runtime("cpu", cfg.precision)
+    resolved = runtime.resolve("cpu", cfg.precision)
+    device, precision = resolved.device, resolved.precision
     net = net.to(memory_format=torch.channels_last)
-    batches = data.batches(cfg, dataset, split, device, cfg.bs, channels_last=True)
+    batches = batching.batches(cfg, dataset, split, device, cfg.bs, channels_last=True)
     return train.evaluate(net, batches, device, precision)
 
 

@@ -6,7 +6,7 @@ import torch
 
 from conftest import PROJECT, VENV_BIN
 from pipeline import models
-from pipeline.train import resolve_runtime
+from pipeline.runtime import resolve
 from pipeline.workflow import CHAIN
 
 pytestmark = pytest.mark.e2e
@@ -308,7 +308,8 @@ def test_every_run_records_commit_code_environment_and_runtime(study):
         if run.data.tags["stage"] == "main":
             continue
         params = run.data.params
-        device, precision = resolve_runtime("auto", "auto")  # what this machine resolves: CPU or GPU
+        resolved = resolve("auto", "auto")
+        device, precision = resolved.device, resolved.precision  # what this machine resolves: CPU or GPU
         assert (params["device_resolved"], params["precision_resolved"]) == (str(device), precision)
         assert int(params["torch_threads"]) >= 1 and params["data_pipeline"] == "tensor"
 
@@ -362,14 +363,14 @@ def test_retrain_result_is_phase_two_and_deepen_continues_from_phase_one_last_we
 def test_init_scratch_ignores_the_parents_weights_and_parent_loads_them(study, monkeypatch):
     import torch
 
-    from pipeline import config, stages
+    from pipeline import config, lineage
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", study.uri)
     parent = stage_run(study, "baseline").info.run_id
     parent_best = torch.load(study.client.download_artifacts(parent, "checkpoints/best.pt"), weights_only=True)
-    from_parent = stages.resolve_lineage(config.load("tune_lr", {"parent_run_id": parent}))
+    from_parent = lineage.resolve_lineage(config.load("tune_lr", {"parent_run_id": parent}))
     assert all(torch.equal(from_parent.init_state[k], v) for k, v in parent_best.items())
-    scratch = stages.resolve_lineage(config.load("tune_lr", {"parent_run_id": parent, "init": "scratch"}))
+    scratch = lineage.resolve_lineage(config.load("tune_lr", {"parent_run_id": parent, "init": "scratch"}))
     assert scratch.init_state is None and scratch.parent_run_id == parent
 
 

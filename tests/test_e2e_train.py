@@ -4,7 +4,7 @@ import torch
 import yaml
 
 from conftest import colour_params
-from pipeline import config, data, models, train
+from pipeline import batching, config, data, models, train
 
 pytestmark = pytest.mark.e2e
 
@@ -42,7 +42,7 @@ def evaluate_on_test_split(params, state):
     model = models.build("resnet")
     model.load_state_dict(state)
     model = model.to(memory_format=torch.channels_last)
-    test_batches = data.batches(cfg, data.load(cfg), "test", device, cfg.bs, None, channels_last=True)
+    test_batches = batching.batches(cfg, data.load(cfg), "test", device, cfg.bs, None, channels_last=True)
     return train.evaluate(model, test_batches, device, "fp32")
 
 

@@ -7,8 +7,11 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from pipeline import config, lifecycle, tracking
+from pipeline.errors import LineageError
+from pipeline.runtime import Runtime
 
 
 def fake_run(status="RUNNING", tags=None, params=None, run_id="r1"):
@@ -79,19 +82,20 @@ RECORD = {"tags": {"data_digest": "d" * 64, "code_version": "c" * 12},
 def test_a_resume_names_what_differs_from_the_runs_record(monkeypatch, what, now, line):
     monkeypatch.setattr(lifecycle, "code_version", lambda: "c" * 12)
     run = fake_run(**RECORD)
-    lifecycle.check_same_record(run, "d" * 64, "cuda", "bf16")  # the same: no refusal
-    with pytest.raises(tracking.LineageError) as err:
-        lifecycle.check_same_record(run, *now)
+    lifecycle.check_same_record(run, "d" * 64, Runtime(torch.device("cuda"), "bf16"))  # the same: no refusal
+    with pytest.raises(LineageError) as err:
+        digest, device_type, precision = now
+        lifecycle.check_same_record(run, digest, Runtime(torch.device(device_type), precision))
     message = str(err.value)
     assert line in message and "\n" not in message and message.count(" then, ") == 1
 
 
 def test_a_resume_with_other_code_or_no_record_is_refused(monkeypatch):
     monkeypatch.setattr(lifecycle, "code_version", lambda: "f" * 12)
-    with pytest.raises(tracking.LineageError, match=f"code_version {'c' * 12} then, {'f' * 12} now"):
-        lifecycle.check_same_record(fake_run(**RECORD), "d" * 64, "cuda", "bf16")
-    with pytest.raises(tracking.LineageError, match="data digest unrecorded then"):
-        lifecycle.check_same_record(fake_run(), "d" * 64, "cuda", "bf16")
+    with pytest.raises(LineageError, match=f"code_version {'c' * 12} then, {'f' * 12} now"):
+        lifecycle.check_same_record(fake_run(**RECORD), "d" * 64, Runtime(torch.device("cuda"), "bf16"))
+    with pytest.raises(LineageError, match="data digest unrecorded then"):
+        lifecycle.check_same_record(fake_run(), "d" * 64, Runtime(torch.device("cuda"), "bf16"))
 
 
 def test_of_two_claims_on_one_reading_of_a_run_only_the_first_is_accepted(tmp_path, monkeypatch):
@@ -102,10 +106,10 @@ def test_of_two_claims_on_one_reading_of_a_run_only_the_first_is_accepted(tmp_pa
     client.set_terminated(run_id, "KILLED")
     seen = client.get_run(run_id)  # both processes read the run before either claims it
     cfg = config.load("train")
-    monkeypatch.setattr(lifecycle, "stamp", lambda: "host=a pid=1 time=1")
+    monkeypatch.setattr(lifecycle, "stamp", lambda task="": "host=a pid=1 time=1")
     lifecycle.claim(seen, cfg, "resumed")
-    monkeypatch.setattr(lifecycle, "stamp", lambda: "host=b pid=2 time=1")
-    with pytest.raises(tracking.LineageError, match=f"run {run_id} was taken over by another process \\(a pid 1\\)"):
+    monkeypatch.setattr(lifecycle, "stamp", lambda task="": "host=b pid=2 time=1")
+    with pytest.raises(LineageError, match=f"run {run_id} was taken over by another process \\(a pid 1\\)"):
         lifecycle.claim(seen, cfg, "resumed")
     assert client.get_run(run_id).data.params == {"writer.1": "host=a pid=1 time=1"}
     lifecycle.claim(client.get_run(run_id), cfg, "resumed")  # a later reading claims the next

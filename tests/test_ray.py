@@ -185,18 +185,18 @@ def test_sqlite_study_storage_follows_the_tracking_stores_rule_on_a_one_machine_
     cluster fixture is up, since a bare ray.init() joins the newest Cluster.)"""
     import ray
 
-    from pipeline import autotune, config, executor
+    from pipeline import cluster, config, tuning
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         joined = config.load("autotune", {"executor": "ray", "ray_address": "auto"})
-        executor.check_tracking(joined)  # the MLflow store: SQLite is fine here
-        assert autotune.storage_url(joined, f"sqlite:///{tmp_path}/mlflow.db") == \
+        cluster.check_tracking(joined)  # the MLflow store: SQLite is fine here
+        assert tuning.storage_url(joined, f"sqlite:///{tmp_path}/mlflow.db") == \
             f"sqlite:///{tmp_path}/mlflow.optuna.db"
     finally:
         ray.shutdown()
-        executor.RAY.clear()
+        cluster.RAY.clear()
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +248,8 @@ def test_tasks_read_the_data_from_the_object_store_not_from_disk(two_nodes, serv
     import mlflow
     import ray
 
-    from pipeline import config, data, executor, runner
+    from pipeline import config, data, executor, runner, runtime
+    from pipeline.cluster import RAY
 
     folder = tmp_path / "copy"
     shutil.copytree(colour_data / "right", folder)
@@ -264,10 +265,10 @@ def test_tasks_read_the_data_from_the_object_store_not_from_disk(two_nodes, serv
     specs = [executor.ChildSpec(f"point {lr}", cfg.replace(lr=lr, data_pipeline=pipeline), "resnet")
              for lr, pipeline in zip(cfg.lrs, ("tensor", "torchvision"))]
     try:
-        results = executor.run_children(cfg, parent, specs, dataset)
+        results = executor.run_children(cfg, runner.Stage(parent, runtime.of(cfg)), specs, dataset)
     finally:
         ray.shutdown()  # only disconnects: the cluster is the fixture's
-        executor.RAY.clear()
+        RAY.clear()
     assert [r.name for r in results] == ["point 0.001", "point 0.0005"]
     for result in results:
         run = server.client.get_run(result.run_id)

@@ -19,9 +19,7 @@ PRESENT = 3   # ... always 3: 12.5% (1 of 8)
 @pytest.fixture
 def local(module_store, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", module_store.uri)
-    registry.REGISTERED.clear()  # what this process registered: each test starts with none
     yield module_store
-    registry.REGISTERED.clear()
 
 
 def load(colour_data, name, **extra):
@@ -43,9 +41,9 @@ def champion(store, name):
     return str(store.client.get_model_version_by_alias(name, registry.CHAMPION).version)
 
 
-def register(store, cfg, dataset, digit, capsys, lineage=None) -> tuple[str, str]:
+def register(store, cfg, dataset, digit, capsys, lineage=None, registered=None) -> tuple[str, str]:
     result = constant_result(store, digit, lineage or dataset.digest)
-    version = registry.register(result.run_id, cfg, result, dataset)
+    version = registry.register(result.run_id, cfg, result, dataset, [] if registered is None else registered)
     return version, capsys.readouterr().out.strip().splitlines()[-1]
 
 
@@ -175,19 +173,22 @@ def test_withdraw_puts_the_alias_back_only_if_it_still_points_at_the_withdrawn_v
     cfg, dataset = load(colour_data, "m-withdraw")
     first, _ = register(local, cfg, dataset, ABSENT, capsys)
     other, _ = register(local, cfg, dataset, ABSENT, capsys)  # a tie: the alias stays on `first`
-    registry.REGISTERED.clear()  # earlier runs' versions, not this one's
-    register(local, cfg, dataset, PRESENT, capsys)
-    registry.withdraw()
+    mine = []  # what this stage registered (the session's list): earlier runs' versions are not in it
+    register(local, cfg, dataset, PRESENT, capsys, registered=mine)
+    assert len(mine) == 1
+    registry.withdraw(mine)
+    assert mine == []
     assert champion(local, "m-withdraw") == first
 
     def versions():
         return {str(v.version) for v in local.client.search_model_versions("name='m-withdraw'")}
 
     assert versions() == {first, other}
-    mine, _ = register(local, cfg, dataset, PRESENT, capsys)
+    registered = []
+    mine, _ = register(local, cfg, dataset, PRESENT, capsys, registered=registered)
     assert champion(local, "m-withdraw") == mine
     local.client.set_registered_model_alias("m-withdraw", registry.CHAMPION, other)  # another run's move
-    registry.withdraw()
+    registry.withdraw(registered)
     assert champion(local, "m-withdraw") == other and versions() == {first, other}
 
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import VENV_BIN, colour_params, constant_model_run, free_port, mlflow_server, wait_http
-from pipeline import data, models, registry, runner
+from pipeline import batching, models, registry, runner
 from pipeline.data import read_mat
 from pipeline.predict import read_image
 
@@ -55,7 +55,7 @@ def reference(server_store):
     def probabilities(nhwc: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(nhwc)).permute(0, 3, 1, 2)
         with torch.no_grad():
-            return torch.softmax(net(data.normalise(data.center_crop(x))), dim=1).numpy()
+            return torch.softmax(net(batching.normalise(batching.center_crop(x))), dim=1).numpy()
 
     return probabilities
 
@@ -169,7 +169,7 @@ def test_a_worse_model_leaves_the_champion_where_it_was(server_store, colour_dat
     assert dataset.digest == before.tags["data_digest"]
     run_id = constant_model_run(server_store, 0, dataset.digest)  # always 0: 10% of the test split
     worse = runner.RunResult(run_id, "worse", "resnet", 100.0, 1, None, "test", 100.0)  # whatever it logged
-    new_version = registry.register(run_id, cfg, worse, dataset)
+    new_version = registry.register(run_id, cfg, worse, dataset, [])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     champion_acc = float(before.tags["judged_acc"])
     assert f"version {new_version} 10.156% vs champion version {before.version} {champion_acc:.3f}%" in line

@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from conftest import VENV_BIN, free_port, wait_http
-from pipeline import data, models, predict, registry, runner, synthetic, tracking, train
+from pipeline import checkpoints, data, models, predict, registry, runner, synthetic, train
 
 MODEL_NAME = "svhn-no-pickle"
 
@@ -33,7 +33,7 @@ class RunsCode:
 
 
 def crafted_checkpoint(path: Path, marker: Path) -> Path:
-    torch.save({"format": train.CHECKPOINT_FORMAT, "epoch": 1, "history": RunsCode(marker)}, path)
+    torch.save({"format": checkpoints.CHECKPOINT_FORMAT, "epoch": 1, "history": RunsCode(marker)}, path)
     return path
 
 
@@ -89,7 +89,7 @@ def test_a_last_pt_that_would_run_code_is_refused_unread(trained, tmp_path):
     assert probe.exists()
 
     marker = tmp_path / "marker"
-    run_id = plant(store, source, tracking.LAST, crafted_checkpoint(tmp_path / "last.pt", marker))
+    run_id = plant(store, source, checkpoints.LAST, crafted_checkpoint(tmp_path / "last.pt", marker))
     proc = store.cli("train", "--resume_run_id", run_id)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -132,10 +132,10 @@ def malformed(kind: str, real_last: Path, tmp_path: Path) -> Path:
 def test_a_malformed_last_pt_is_one_line_naming_run_and_file(trained, tmp_path, monkeypatch, kind, expected):
     store, source = trained
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
-    real_last = Path(store.client.download_artifacts(source, tracking.LAST, str(tmp_path)))
-    run_id = plant(store, source, tracking.LAST, malformed(kind, real_last, tmp_path))
+    real_last = Path(store.client.download_artifacts(source, checkpoints.LAST, str(tmp_path)))
+    run_id = plant(store, source, checkpoints.LAST, malformed(kind, real_last, tmp_path))
     with pytest.raises(models.CheckpointError) as err:
-        runner.resume_state(run_id, "resnet")
+        checkpoints.resume_state(run_id, "resnet")
     message = str(err.value)
     assert "\n" not in message and f"run {run_id}: checkpoints/last.pt" in message
     assert expected in message
@@ -147,9 +147,9 @@ def test_a_parent_best_pt_that_does_not_load_is_one_line(trained, tmp_path, monk
     store, source = trained
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
     marker = tmp_path / "marker"
-    run_id = plant(store, source, tracking.BEST, crafted_checkpoint(tmp_path / "best.pt", marker))
+    run_id = plant(store, source, checkpoints.BEST, crafted_checkpoint(tmp_path / "best.pt", marker))
     with pytest.raises(models.CheckpointError) as err:
-        tracking.parent_state(run_id)
+        checkpoints.parent_state(run_id)
     assert f"run {run_id}: checkpoints/best.pt is not plain data" in str(err.value)
     assert "\n" not in str(err.value) and not marker.exists()
 
@@ -182,7 +182,7 @@ def test_resume_predict_and_serve_without_pickle_deserialisation(trained, tmp_pa
     dataset = data.load(cfg)
     best = runner.RunResult(run_id, "resumed", "resnet", client.get_run(run_id).data.metrics["best_test_acc"],
                             1, None)
-    registry.register(run_id, cfg, best, dataset)
+    registry.register(run_id, cfg, best, dataset, [])
     test_mat = next(store.data_dir.glob("*/test_32x32.mat"))
     every_test_image = data.read_mat(test_mat, "test", verify=False)[0].permute(0, 2, 3, 1).numpy()
     expected = predict.probabilities(registry.classifier_from_run(run_id, "resnet"), every_test_image)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import data, models
+from pipeline import batching, models
 from pipeline.predict import confusion_metrics
 from pipeline.registry import Classifier
 
@@ -22,7 +22,7 @@ def net():
 def training_time_probabilities(net, nchw_uint8):
     """How training evaluates a test image: CenterCrop(28), ToTensor, Normalize, then the net."""
     with torch.no_grad():
-        return torch.softmax(net(data.normalise(data.center_crop(nchw_uint8))), dim=1)
+        return torch.softmax(net(batching.normalise(batching.center_crop(nchw_uint8))), dim=1)
 
 
 def test_classifier_equals_the_training_time_evaluation_path(net):
@@ -35,8 +35,8 @@ def test_classifier_equals_the_training_time_evaluation_path(net):
     assert torch.equal(served.argmax(1), expected.argmax(1))
     # the premise: without the normalisation (or with another crop) the answer differs
     with torch.no_grad():
-        unnormalised = torch.softmax(net(data.center_crop(images).float() / 255), dim=1)
-        shifted = torch.softmax(net(data.normalise(images[..., 1:29, 1:29])), dim=1)
+        unnormalised = torch.softmax(net(batching.center_crop(images).float() / 255), dim=1)
+        shifted = torch.softmax(net(batching.normalise(images[..., 1:29, 1:29])), dim=1)
     assert not torch.allclose(unnormalised, expected, atol=1e-3)
     assert not torch.allclose(shifted, expected, atol=1e-3)
 

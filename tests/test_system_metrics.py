@@ -4,19 +4,19 @@ import time
 import pytest
 import torch
 
-from pipeline import tracking
+from pipeline import sysmetrics
 
 
 @pytest.mark.parametrize("epoch_s, interval", [(50.0, 5.0),      # ten samples an epoch
                                                (2.0, 1.0),       # never under 1 s
                                                (3600.0, 30.0)])  # never over 30 s
 def test_sampling_interval_takes_ten_samples_an_epoch_within_bounds(epoch_s, interval):
-    assert tracking.sampling_interval(epoch_s) == interval
+    assert sysmetrics.sampling_interval(epoch_s) == interval
 
 
 def test_first_guess_counts_evaluation_at_a_third_of_training():
-    assert tracking.guess_epoch_s("cpu", 2000, 600) == pytest.approx((2000 + 200) / 200)
-    assert tracking.guess_epoch_s("cuda", 73_257, 26_032) == pytest.approx((73_257 + 26_032 / 3) / 25_000)
+    assert sysmetrics.guess_epoch_s("cpu", 2000, 600) == pytest.approx((2000 + 200) / 200)
+    assert sysmetrics.guess_epoch_s("cuda", 73_257, 26_032) == pytest.approx((73_257 + 26_032 / 3) / 25_000)
 
 
 def history(store, run_id, key):
@@ -28,7 +28,7 @@ def test_samples_arrive_during_the_work_and_the_interval_follows_the_epoch(store
     monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
     monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", raising=False)
     run_id = store.client.create_run("0").info.run_id
-    metrics = tracking.SystemMetrics(run_id, first_epoch_s=10.0)
+    metrics = sysmetrics.SystemMetrics(run_id, first_epoch_s=10.0)
     assert metrics.monitor.sampling_interval == 1.0  # the guess: a 10 s epoch
     deadline = time.monotonic() + 3.5
     while time.monotonic() < deadline:  # keep a core busy, as an epoch would

@@ -2,14 +2,12 @@
 import copy
 import io
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline import train
-from pipeline.config import ConfigError
+from pipeline import batching, checkpoints, rng, train
 from pipeline.train import EarlyStopping, Hyper
 
 from conftest import Tiny, batches
@@ -69,14 +67,15 @@ def run(epochs, resume=None, snapshots=None, model=None):
     model = model or Tiny()
     seen = []
 
-    def on_epoch(result, is_best, snapshot):
+    def on_epoch(end):
+        result, is_best, snapshot = end.result, end.is_best, end.snapshot
         seen.append((result.epoch, is_best))
         if snapshots is not None:
             snapshots.append(copy.deepcopy(snapshot()))
 
     history = train.fit(model, batches(1), batches(2), Hyper(epochs=epochs, lr=1e-2, tol=0.0, patience=50),
                         torch.device("cpu"), torch.Generator().manual_seed(0), resume=resume,
-                        on_epoch=on_epoch, log=lambda m: None)
+                        callbacks=[on_epoch], log=lambda m: None)
     return model, history, seen
 
 
@@ -113,19 +112,19 @@ class TinyConv(torch.nn.Module):
 
 
 def shuffled_augmented_fit(epochs, resume=None, snapshots=None):
-    from pipeline import data
 
     torch.manual_seed(0)
     images = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     labels = torch.arange(48) % 10
-    generator = train.seed_everything(7)
+    generator = rng.seed_everything(7)
     model = TinyConv()
     device = torch.device("cpu")
-    batches = data.TensorBatches(images, labels, 16, train=True, augment_images=True, device=device,
+    batches = batching.TensorBatches(images, labels, 16, train=True, augment_images=True, device=device,
                                  generator=generator)
-    tests = data.TensorBatches(images, labels, 16, train=False, augment_images=False, device=device)
+    tests = batching.TensorBatches(images, labels, 16, train=False, augment_images=False, device=device)
 
-    def on_epoch(result, is_best, snapshot):
+    def on_epoch(end):
+        snapshot = end.snapshot
         if snapshots is not None:  # through a file, as last.pt travels
             buffer = io.BytesIO()
             torch.save(snapshot(), buffer)
@@ -133,7 +132,7 @@ def shuffled_augmented_fit(epochs, resume=None, snapshots=None):
             snapshots.append(torch.load(buffer, weights_only=True))
 
     train.fit(model, batches, tests, Hyper(epochs=epochs, lr=1e-2, tol=0.0, patience=50), device, generator,
-              resume=resume, on_epoch=on_epoch, log=lambda m: None)
+              resume=resume, callbacks=[on_epoch], log=lambda m: None)
     return model
 
 
@@ -168,7 +167,7 @@ def run_with_val(epochs, val):
     seen = []
     history = train.fit(model, batches(1), batches(2), Hyper(epochs=epochs, lr=1e-2, tol=0.0, patience=50),
                         torch.device("cpu"), torch.Generator().manual_seed(0), val_batches=val,
-                        on_epoch=lambda r, best, snap: seen.append((r.epoch, best)), log=lambda m: None)
+                        callbacks=[lambda end: seen.append((end.result.epoch, end.is_best))], log=lambda m: None)
     return model, history, seen
 
 
@@ -190,7 +189,7 @@ def test_snapshot_is_plain_data_and_resumes_after_a_weights_only_load():
     torch.save(snapshots[-1], buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)  # only tensors and plain containers load here
-    assert loaded["format"] == train.CHECKPOINT_FORMAT
+    assert loaded["format"] == checkpoints.CHECKPOINT_FORMAT
     assert train.History.from_state(loaded["history"]).to_state() == snapshots[-1]["history"]
     resumed_model, resumed, _ = run(4, resume=loaded, model=Tiny())
     assert [e.epoch for e in resumed.epochs] == [1, 2, 3, 4]
@@ -204,10 +203,10 @@ def test_rng_states_restore_every_generator_after_a_weights_only_load():
 
     import numpy as np
 
-    generator = train.seed_everything(7)
+    generator = rng.seed_everything(7)
     random.gauss(0, 1), np.random.randn()  # cached gaussians are part of the state too
     buffer = io.BytesIO()
-    torch.save(train.rng_state(generator), buffer)
+    torch.save(rng.rng_state(generator), buffer)
 
     def draws():
         return (random.random(), random.gauss(0, 1), float(np.random.rand()), float(np.random.randn()),
@@ -215,7 +214,7 @@ def test_rng_states_restore_every_generator_after_a_weights_only_load():
 
     first = draws()
     buffer.seek(0)
-    train.set_rng_state(torch.load(buffer, weights_only=True), generator)
+    rng.set_rng_state(torch.load(buffer, weights_only=True), generator)
     assert draws() == first
 
 
@@ -223,23 +222,25 @@ def test_resuming_a_snapshot_taken_as_early_stopping_fired_trains_no_more():
     snapshots = []
     torch.manual_seed(0)
 
-    def keep(result, is_best, snapshot):
+    def keep(end):
+        snapshot = end.snapshot
         snapshots.append(copy.deepcopy(snapshot()))
 
     stopped = train.fit(Tiny(), batches(1), batches(2), Hyper(epochs=10, lr=1e-9, tol=1e6, patience=2),
-                        torch.device("cpu"), torch.Generator().manual_seed(0), on_epoch=keep, log=lambda m: None)
+                        torch.device("cpu"), torch.Generator().manual_seed(0), callbacks=[keep], log=lambda m: None)
     assert stopped.stopped_early and len(stopped.epochs) == 3
     seen = []
     resumed = train.fit(Tiny(), batches(1), batches(2), Hyper(epochs=10, lr=1e-9, tol=1e6, patience=2),
                         torch.device("cpu"), torch.Generator().manual_seed(0), resume=snapshots[-1],
-                        on_epoch=lambda r, b, s: seen.append(r.epoch), log=lambda m: None)
+                        callbacks=[lambda end: seen.append(end.result.epoch)], log=lambda m: None)
     assert seen == [] and len(resumed.epochs) == 3 and resumed.stopped_early
 CPU = torch.device("cpu")
 
 
 def fit(model, train_batches, epochs, lr, record=None, **hyper):
     """train.fit on the Tiny task; `record` collects (epoch, is_best, snapshot copy, best state)."""
-    def on_epoch(result, is_best, snapshot):
+    def on_epoch(end):
+        result, is_best, snapshot = end.result, end.is_best, end.snapshot
         state = copy.deepcopy(snapshot())
         assert state["epoch"] == result.epoch
         best = copy.deepcopy(model.state_dict()) if is_best else None  # what the runner saves as best.pt
@@ -248,7 +249,7 @@ def fit(model, train_batches, epochs, lr, record=None, **hyper):
 
     settings = dict(tol=0.0, patience=50) | hyper
     return train.fit(model, train_batches, batches(2), Hyper(epochs=epochs, lr=lr, **settings), CPU,
-                     torch.Generator().manual_seed(0), on_epoch=on_epoch, log=lambda m: None)
+                     torch.Generator().manual_seed(0), callbacks=[on_epoch], log=lambda m: None)
 
 
 class SwappedLaterBatches:
@@ -345,17 +346,7 @@ def test_progress_lines_every_log_every_batches():
     assert [line.split(":")[0] for line in lines if "test_acc" in line] == ["epoch 1/2", "epoch 2/2"]
 
 
-def test_precision_and_device_choices():
-    assert train.resolve_precision("fp32", CPU) == "fp32"
-    assert train.resolve_precision("bf16", CPU) == "bf16"
-    assert train.resolve_precision("auto", CPU) == ("bf16" if train.native_cpu_bf16() else "fp32")
-    assert train.pick_device("cpu") == CPU
-    assert train.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ConfigError) as err:
-            train.pick_device("cuda")
-        assert str(err.value) == ("parameter device=cuda, but no CUDA GPU is visible: "
-                                  "use -P device=auto or -P device=cpu")
+def test_bf16_autocast_computes_in_bf16_and_fp32_does_not():
     x = torch.randn(4, 4)
     with train.autocast(CPU, "bf16"):
         assert (x @ x).dtype == torch.bfloat16
@@ -364,14 +355,14 @@ def test_precision_and_device_choices():
 
 
 def test_rng_state_round_trips():
-    generator = train.seed_everything(7)
-    state = train.rng_state(generator)
+    generator = rng.seed_everything(7)
+    state = rng.rng_state(generator)
     first = (torch.rand(3), torch.rand(3, generator=generator), np.random.rand(), random.random())
-    train.set_rng_state(state, generator)
+    rng.set_rng_state(state, generator)
     again = (torch.rand(3), torch.rand(3, generator=generator), np.random.rand(), random.random())
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert first[2:] == again[2:]
-    generator = train.seed_everything(7)
+    generator = rng.seed_everything(7)
     assert torch.equal(torch.rand(3), first[0]) and torch.equal(torch.rand(3, generator=generator), first[1])
     assert (np.random.rand(), random.random()) == first[2:]
 
@@ -399,7 +390,6 @@ def test_evaluate_in_bf16_autocasts_and_stays_close_to_fp32():
 def test_evaluation_gives_the_same_figures_in_one_batch_or_many():
     """eval_bs sets how many images go through the model at once, never the result: BatchNorm
     evaluates on its running statistics, and every image counts once, the short last batch too."""
-    from pipeline import data
 
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8, generator=generator)
@@ -407,17 +397,17 @@ def test_evaluation_gives_the_same_figures_in_one_batch_or_many():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
-    train_batches = list(data.TensorBatches(images, labels, 64, train=False, augment_images=False, device=CPU))
+    train_batches = list(batching.TensorBatches(images, labels, 64, train=False, augment_images=False, device=CPU))
     train.fit(model, train_batches, train_batches, Hyper(epochs=3, lr=1e-2), CPU, torch.Generator(),
               log=lambda m: None)
     model.eval()
     with torch.no_grad():
-        logits = model(data.normalise(data.center_crop(images)))
+        logits = model(batching.normalise(batching.center_crop(images)))
     expected_acc = 100.0 * (logits.argmax(1) == labels).sum().item() / 300
     expected_loss = torch.nn.functional.cross_entropy(logits, labels).item()
     assert 50 < expected_acc < 100  # the model learned something, and not everything: accuracy can move
     for bs, n_batches in ((300, 1), (7, 43), (1, 300)):
-        batches_ = data.TensorBatches(images, labels, bs, train=False, augment_images=True, device=CPU)
+        batches_ = batching.TensorBatches(images, labels, bs, train=False, augment_images=True, device=CPU)
         assert len(batches_) == n_batches
         loss, acc = train.evaluate(model, batches_, CPU)
         assert acc == expected_acc, bs
@@ -484,7 +474,7 @@ def test_log_marks_best_epochs_early_stopping_and_resuming():
     model = Tiny()
     train.fit(model, SwappedLaterBatches(3), batches(2), Hyper(epochs=5, lr=5e-2, tol=0.0, patience=1), CPU,
               torch.Generator().manual_seed(0), log=lines.append,
-              on_epoch=lambda r, b, snap: snapshots.append(copy.deepcopy(snap())))
+              callbacks=[lambda end: snapshots.append(copy.deepcopy(end.snapshot()))])
     summaries = [line for line in lines if line.startswith("epoch ") and "test_acc" in line]
     history = train.History.from_state(snapshots[-1]["history"])
     assert [line.endswith("  *best*") for line in summaries] == \
@@ -506,23 +496,3 @@ def test_early_stopping_defaults_are_the_seed_s():
     assert stop.state_dict() == {"counter": 0, "lowest_loss": None}
     # gains below 1e-5 on the seed's x100 scale (1e-7 per sample) do not count
     assert [stop(x) for x in [1.0] + [1.0 - 9e-8] * 5] == [False] * 5 + [True]
-
-
-def test_native_bf16_follows_the_cpu_flags(monkeypatch, tmp_path):
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    assert train.native_cpu_bf16() == (" avx512_bf16" in text or " amx_bf16" in text)
-    cpuinfo = tmp_path / "cpuinfo"
-    monkeypatch.setattr(train, "Path", lambda _: cpuinfo)  # the flags of other CPUs
-    for flags, native in [("fpu avx2 avx512f", False), ("fpu avx512_bf16 sse", True),
-                          ("fpu amx_bf16 amx_tile", True), ("fpu avx512_bf16 amx_bf16", True)]:
-        cpuinfo.write_text(f"processor : 0\nflags : {flags}\n")
-        assert train.native_cpu_bf16() is native, flags
-    cpuinfo.unlink()
-    assert train.native_cpu_bf16() is False  # unreadable: assume emulated bf16
-
-
-def test_auto_precision_is_fp32_on_a_cpu_without_native_bf16(monkeypatch):
-    monkeypatch.setattr(train, "native_cpu_bf16", lambda: False)
-    assert train.resolve_precision("auto", CPU) == "fp32"
-    monkeypatch.setattr(train, "native_cpu_bf16", lambda: True)
-    assert train.resolve_precision("auto", CPU) == "bf16"

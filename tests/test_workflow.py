@@ -3,7 +3,7 @@ when a FINISHED run has its params AND its parent run; a new upstream run makes 
 import mlflow
 import pytest
 
-from pipeline import config, data, workflow
+from pipeline import config, data, keys, runtime, workflow
 from pipeline.workflow import CHAIN
 
 
@@ -13,7 +13,7 @@ def finished_run(store, stage, parameters, start_time):
     if not config.load(stage).register:
         params.pop("registered_model", None)
     cfg = config.load(stage, params)
-    key = cfg.training_key(data.data_digest(cfg))
+    key = keys.training_key(cfg, data.data_digest(cfg), runtime.of(cfg))
     run_id = store.client.create_run("0", start_time=start_time,
                                      tags={"stage": stage, "training_key": key}).info.run_id
     store.client.log_metric(run_id, "best_test_acc", 50.0)

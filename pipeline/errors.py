@@ -1,0 +1,37 @@
+"""What a user can fix: each error's message is the one line they see (`python -m pipeline`
+prints it and exits with `exit_code`). Every refusal in the pipeline is one of these."""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A refusal the user can act on; never a bug."""
+    exit_code = 2
+
+
+class ConfigError(UserError, ValueError):
+    """A bad parameter value."""
+
+
+class DataError(UserError, RuntimeError):
+    """Bad or missing data."""
+
+
+class LineageError(UserError, RuntimeError):
+    """A parent or resume run that cannot be used."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be used."""
+
+
+class PredictError(UserError, RuntimeError):
+    """A model or input that cannot be used."""
+
+
+class ModelRefused(UserError, RuntimeError):
+    """A logged or registered model that is not loaded (not pt2, or not readable)."""
+
+
+class ChildFailed(UserError, RuntimeError):
+    """A child that failed for good on Ray: its run is FAILED; the same command resumes the rest."""
+    exit_code = 1

@@ -1,0 +1,54 @@
+"""The keys that decide reuse: a run's training key, a study's key, a child's key, and the code
+version they all include. Equal keys mean the same computation: same params, data, code, device
+type and precision (a bf16 run never stands in for fp32)."""
+from __future__ import annotations
+
+import hashlib
+
+import yaml
+
+from .config import EXECUTION, PARAMS_DIR, PROJECT_DIR, SPEED, TUNING_EXECUTION, Config
+from .runtime import Runtime
+
+# what never changes a result: where data lies and how it was fetched (its digest counts), how
+# the run is logged, continued, executed or sped up
+VOLATILE = ("log_every", "resume_run_id", "env_manager", "num_workers", "force", "promote", "data_dir",
+            "download", "checkpoint_every", *EXECUTION, *TUNING_EXECUTION, *SPEED)
+
+
+def code_version() -> str:
+    """Hash of the code and default params: a changed file invalidates reused runs."""
+    digest = hashlib.sha256()
+    files = sorted((PROJECT_DIR / "pipeline").glob("*.py")) + sorted(PARAMS_DIR.glob("*.yaml"))
+    files.append(PROJECT_DIR / "MLproject")
+    for path in files:
+        if path.exists():
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def training_key(cfg: Config, data_digest: str, runtime: Runtime) -> str:
+    """Hash of everything that decides a result: params, code version, the data's digest, and
+    the device type and precision the stage runs with."""
+    params = cfg.to_params()
+    for volatile in VOLATILE:
+        params.pop(volatile, None)
+    params.update(data_digest=data_digest, device_type=runtime.device_type,
+                  resolved_precision=runtime.precision)
+    text = yaml.safe_dump(params, sort_keys=True) + code_version()
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def study_key(cfg: Config, data_digest: str, runtime: Runtime) -> str:
+    """The training key less how far a study goes (n_trials): what a child trains and which
+    study (or stage) it belongs to. A FINISHED stage is reused by its training_key, which
+    keeps n_trials: a study asked for 3 trials is not the one that ran 2."""
+    return training_key(cfg.replace(n_trials=1), data_digest, runtime)
+
+
+def child_key(cfg: Config, data_digest: str, runtime: Runtime, name: str, init_source: str) -> str:
+    """A child's training_key: its own config, its data, its place in the stage (name), and the
+    run its weights come from (phase 2 depends on phase 1's run)."""
+    text = f"{study_key(cfg, data_digest, runtime)}|{name}|{init_source}"  # n_trials changes no trial
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,183 @@
+"""What a command does around a stage: open its top-level run (or reopen one to resume it),
+take over the children of earlier runs of the same stage that never finished, hand the stage a
+`Stage` (its run, the Runtime resolved once, what it may adopt, where registrations go), and
+close the run: FINISHED with its training_key, or KILLED/FAILED with what it registered withdrawn.
+"""
+from __future__ import annotations
+
+import os
+
+import mlflow
+import yaml
+
+from . import checkpoints, keys, lifecycle, registry, runner, runtime, tracking
+from . import data as data_mod
+from .config import Config, format_value, from_params
+from .errors import LineageError
+from .lineage import resolve_lineage, tuned_by_parent
+from .runner import RunResult, Stage, log
+from .runtime import Runtime
+from .stages import PHASE2_START, STAGES
+
+
+def run_name(cfg: Config) -> str:
+    if cfg.stage == "train":
+        return f"train {cfg.arch or 'resnet'} lr={format(cfg.lr, 'g')}"
+    return cfg.stage
+
+
+def top_level_run() -> tuple[str, bool]:
+    """(run id, created here): the run `mlflow run` made for us, or a new one. Either way it
+    carries the record: git commit, code version, environment."""
+    env_run = os.environ.get("MLFLOW_RUN_ID")
+    if env_run:
+        run_id, created = env_run, False
+    else:
+        experiment_id = mlflow.tracking.fluent._get_experiment_id()
+        run_id, created = tracking.client().create_run(experiment_id).info.run_id, True
+    tags = tracking.record_tags()
+    if not created and "mlflow.source.git.commit" in tracking.client().get_run(run_id).data.tags:
+        tags.pop("mlflow.source.git.commit")  # `mlflow run` tagged the commit it ran: keep its word
+    tracking.set_tags(run_id, tags)
+    return run_id, created
+
+
+def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
+    """Run `cfg`'s stage; `given`: the parameters the user passed (-P), which no parent overrides."""
+    lineage = resolve_lineage(cfg)
+    cfg, sources = tuned_by_parent(cfg, given)
+    resolved = runtime.of(cfg)  # once, for the stage and its children; device=cuda without one: stop here
+    run_id, created = top_level_run()
+    client = tracking.client()
+    with runner.opened(run_id, end=created):
+        client.set_tag(run_id, "mlflow.runName", run_name(cfg))
+        client.set_tag(run_id, "stage", cfg.stage)
+        client.set_tag(run_id, "source_run_id", cfg.parent_run_id or "scratch")
+        client.set_tag(run_id, "init_from", "scratch" if lineage.init_state is None
+                       else f"{cfg.parent_run_id}/{checkpoints.BEST}")
+        tracking.log_config(run_id, cfg, resolved.params(cfg.bs, cfg.data_pipeline))
+        if sources:
+            tracking.set_tags(run_id, {f"{name}_from": source for name, source in sources.items()})
+        dataset = data_mod.load(cfg)
+        key, stage_key = keys.training_key(cfg, dataset.digest, resolved), keys.study_key(cfg, dataset.digest, resolved)
+        client.set_tag(run_id, tracking.LINEAGE_DIGEST, lineage.data_of(dataset.digest))  # children copy it
+        earlier = []
+        if cfg.stage != "train":  # a train run logs its own inputs; a stage's are its children's
+            tracking.log_datasets(run_id, dataset)
+            earlier = continue_earlier_runs(cfg, run_id, stage_key)
+        stage = Stage(run_id, resolved, frozenset(r.info.run_id for r in earlier))
+        client.set_tag(run_id, lifecycle.STAGE_KEY, stage_key)
+        lifecycle.beat(run_id)
+        log(f"{cfg.stage}: run {run_id} in {mlflow.get_tracking_uri()}")
+        try:
+            with lifecycle.heartbeat(run_id):  # this process writes the stage run, Ray workers their children
+                result = STAGES[cfg.stage](cfg, stage, dataset, lineage)
+            for old in earlier:  # their children now belong to this run
+                client.set_tag(old.info.run_id, lifecycle.CONTINUED_IN, run_id)
+                if old.info.status == "RUNNING":
+                    tracking.end_run(old.info.run_id, "KILLED")
+            # set last: only a stage that finished can be found and reused by `main`
+            client.set_tag(run_id, "training_key", key)
+            runner.finished(run_id)
+        except BaseException:
+            registry.withdraw(stage.registered)  # a version registered by a run that failed is not left behind
+            raise
+    log(f"{cfg.stage} done: run {run_id}, best {result.selected_on}_acc "
+        f"{format_value(result.best_acc)}%, test {format_value(result.test_acc_at_best)}% at that epoch")
+    return result
+
+
+def continue_earlier_runs(cfg: Config, run_id: str, stage_key: str) -> list:
+    """Earlier runs of this stage with the same key that never finished: this run takes over
+    their children (reusing the finished, resuming the interrupted) instead of starting over.
+
+    autotune takes over its study's finished runs too: the study (in Optuna's storage) goes on
+    across commands (a larger n_trials adds trials), and its trials' children belong to the run
+    that holds its result now. A finished run taken over is never reused by `main` again."""
+    experiment_id = tracking.client().get_run(run_id).info.experiment_id
+    earlier = lifecycle.earlier_stage_runs(experiment_id, stage_key, run_id, finished=cfg.stage == "autotune")
+    for old in earlier:  # one writer: of two commands continuing the same runs, one goes on
+        lifecycle.claim(old, cfg, "continued")
+    for old in earlier:
+        if old.info.status == "FINISHED":  # its children move here: its result is not one to reuse
+            tracking.client().set_tag(old.info.run_id, "training_key",
+                                      f"superseded-{old.data.tags.get('training_key', '')}")
+    if earlier:
+        log(f"{cfg.stage}: continuing {', '.join(r.info.run_id for r in earlier)} (same parameters, "
+            f"parent and data{'; the same study' if cfg.stage == 'autotune' else '; never finished'}): "
+            f"finished children are reused, the interrupted one resumed")
+    return earlier
+
+
+def point_holder_at(run_id: str) -> None:
+    """`mlflow run` opened a fresh run for this command: point it at the run we continue."""
+    holder = os.environ.get("MLFLOW_RUN_ID")
+    if holder and holder != run_id:
+        tracking.client().set_tag(holder, "resumed_run_id", run_id)
+        tracking.client().set_tag(holder, "mlflow.note.content",
+                                  f"This command resumed run {run_id}; its metrics are there.")
+
+
+def resume_stage(previous, cfg: Config, dataset, resolved: Runtime) -> RunResult:
+    """Reopen an unfinished stage run and finish it: its finished children are reused, the
+    interrupted one resumed from last.pt, the missing ones trained, then it aggregates."""
+    run_id = previous.info.run_id
+    lineage = resolve_lineage(cfg)
+    lifecycle.claim(previous, cfg, "resumed")
+    point_holder_at(run_id)
+    client = tracking.client()
+    client.update_run(run_id, status="RUNNING")
+    stage = Stage(run_id, resolved)
+    with runner.opened(run_id):
+        lifecycle.beat(run_id)
+        log(f"{cfg.stage}: resuming stage run {run_id} child by child")
+        try:
+            with lifecycle.heartbeat(run_id):
+                result = STAGES[cfg.stage](cfg, stage, dataset, lineage)
+            client.set_tag(run_id, "training_key", keys.training_key(cfg, dataset.digest, resolved))
+        except BaseException:
+            registry.withdraw(stage.registered)
+            raise
+    log(f"resumed stage run {run_id} FINISHED, best {result.selected_on}_acc {result.best_acc:.3f}%")
+    return result
+
+
+def resume(cfg: Config) -> RunResult | None:
+    """Reopen run `cfg.resume_run_id` and continue it: a training run from its last completed
+    epoch, a stage run child by child (finished children kept, the interrupted one resumed).
+    Only with the data, code, device type and precision it started with, and only by one process:
+    nothing is written before those checks pass."""
+    run_id = cfg.resume_run_id
+    previous = tracking.get_run(run_id, "resume")
+    if previous.info.status == "FINISHED":
+        log(f"run {run_id} is FINISHED: nothing to resume")
+        return None
+    lifecycle.refuse_if_live(previous, cfg, "resumed")
+    if lifecycle.CONTINUED_IN in previous.data.tags:
+        raise LineageError(
+            f"run {run_id} was continued in run {previous.data.tags[lifecycle.CONTINUED_IN]}, which holds "
+            f"its children now: resume that run instead (-P resume_run_id=...), or run the stage again")
+    text = mlflow.artifacts.load_text(f"{previous.info.artifact_uri}/config.yaml")
+    original = from_params(yaml.safe_load(text))  # the run's own config, not this command's
+    original.force = cfg.force
+    stage_name = previous.data.tags.get("stage", original.stage)
+    stage_run = "mlflow.parentRunId" not in previous.data.tags and stage_name not in ("train", "main")
+    arch = previous.data.tags.get("arch") or original.arch or "resnet"
+    state = None if stage_run else checkpoints.resume_state(run_id, arch)  # read as plain data, or refused
+    dataset = data_mod.load(original)
+    resolved = runtime.of(original)
+    lifecycle.check_same_record(previous, dataset.digest, resolved)
+    if stage_run:
+        return resume_stage(previous, original, dataset, resolved)
+    lifecycle.claim(previous, original, "resumed")
+    point_holder_at(run_id)
+    tracking.client().update_run(run_id, status="RUNNING")
+    keep_final = previous.data.tags.get("phase") == "1" and PHASE2_START.get(stage_name) == "last"
+    with runner.opened(run_id):
+        result = runner.train_in_run(run_id, original, dataset, arch=arch, runtime=resolved, resume=state,
+                                     keep_final=keep_final)
+        if "mlflow.parentRunId" not in previous.data.tags:  # a stage run: `main` may reuse it now
+            tracking.client().set_tag(run_id, "training_key", keys.training_key(original, dataset.digest, resolved))
+    runner.finished(run_id)
+    log(f"resumed run {run_id} FINISHED, best {result.selected_on}_acc {result.best_acc:.3f}%")
+    return result

@@ -1,0 +1,155 @@
+"""The Optuna pieces a study is built from: the search space, the storage (never the MLflow
+database; one every node reaches), the study's name, the pruner, and the epoch hook that reports
+to a trial where its child trains."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from . import cluster, keys
+from .config import Config
+from .errors import ConfigError
+from .runtime import Runtime
+
+
+# -- the search space -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """lr log-uniform, gamma uniform, wd log-uniform where a draw below wd_zero_below means wd=0
+    (one parameter, so TPE models "no weight decay" as the low end of the range), bs categorical."""
+    lr: tuple[float, float]
+    gamma: tuple[float, float]
+    wd: tuple[float, float]
+    wd_zero_below: float
+    bs: tuple[int, ...]
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "SearchSpace":
+        missing = [name for name in ("lr_range", "gamma_range", "wd_range", "bss") if not getattr(cfg, name)]
+        if missing:
+            raise ConfigError(f"autotune needs a search space: {', '.join(missing)} empty; set them in "
+                              f"params/autotune.yaml or with -P (e.g. -P lr_range=1e-5,2e-3 -P bss=64,128)")
+        return cls(tuple(cfg.lr_range), tuple(cfg.gamma_range), tuple(cfg.wd_range), cfg.wd_zero_below,
+                   tuple(cfg.bss))
+
+    def suggest(self, trial) -> dict:
+        """The trial's values as trained (wd already 0 below the floor)."""
+        trial.suggest_float("lr", *self.lr, log=True)
+        trial.suggest_float("gamma", *self.gamma)
+        trial.suggest_float("wd", *self.wd, log=True)
+        trial.suggest_categorical("bs", list(self.bs))
+        return self.values(trial.params)
+
+    def values(self, params: dict) -> dict:
+        wd = params["wd"]
+        return {"lr": float(params["lr"]), "gamma": float(params["gamma"]),
+                "wd": 0.0 if wd < self.wd_zero_below else float(wd), "bs": int(params["bs"])}
+
+
+def short(value: float) -> str:
+    """3.1e-4, 0.5, 0: two significant digits, readable in a run name."""
+    if value == 0:
+        return "0"
+    if float(value).is_integer() and abs(value) < 1e6:  # a batch size: 256, not 2.6e+02
+        return str(int(value))
+    if 1e-2 <= abs(value) < 1e3:
+        return format(value, ".2g")
+    mantissa, exponent = format(value, ".1e").split("e")
+    return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
+
+
+def trial_name(number: int, values: dict) -> str:
+    return (f"autotune #{number} lr={short(values['lr'])} gamma={short(values['gamma'])} "
+            f"wd={short(values['wd'])} bs={values['bs']}")
+
+
+# -- storage and study ------------------------------------------------------------------------------
+
+def default_storage(tracking_uri: str) -> str:
+    """SQLite beside a SQLite tracking store (mlflow.db -> mlflow.optuna.db), else ./optuna.db.
+    Never the MLflow database itself: both keep their schema version in an alembic_version table."""
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri.removeprefix("sqlite:///")).expanduser().resolve()
+        return f"sqlite:///{path.with_name(path.stem + '.optuna.db')}"
+    return f"sqlite:///{Path('optuna.db').resolve()}"
+
+
+def storage_url(cfg: Config, tracking_uri: str) -> str:
+    url = cfg.optuna_storage or default_storage(tracking_uri)
+    if url == tracking_uri:
+        raise ConfigError(f"optuna_storage={url} is the MLflow tracking database: Optuna needs its own "
+                          f"(both keep an alembic_version table); pass another, or leave it empty")
+    # children report to the study from where they train: the MLflow store's rule, one function
+    cluster.require_shared_store(cfg, "optuna_storage", redacted(url), not url.startswith("sqlite"),
+                                  "an Optuna database server",
+                                  "pass -P optuna_storage=postgresql://user@host/db (or mysql+pymysql://...)")
+    return url
+
+
+def redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    # several processes write one SQLite file (Ray workers): wait for its lock instead of failing
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+
+
+def study_name(cfg: Config, data_digest: str, runtime: Runtime) -> str:
+    """From the stage's study key (its training key without n_trials): more trials continue the
+    same study, and the same stage runs (tag stage_key)."""
+    key = keys.study_key(cfg, data_digest, runtime)
+    return f"autotune-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def build_pruner(name: str, startup_trials: int, warmup_epochs: int, trial_epochs: int):
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, warmup_epochs), max_resource=trial_epochs,
+                                              reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+# -- where a trial trains: its epoch hook --------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrialRef:
+    """What a child needs to report to its trial, wherever it trains (plain values: picklable)."""
+    storage: str
+    study: str
+    trial_id: int
+    selects_on: str
+    pruner: str
+    startup_trials: int
+    warmup_epochs: int
+    trial_epochs: int
+
+
+def epoch_hook(ref: TrialRef):
+    """Built where the child trains: report each epoch's selection accuracy to the trial and
+    return True (end training after this epoch) when Optuna's pruner prunes it."""
+    study = optuna.load_study(study_name=ref.study, storage=open_storage(ref.storage),
+                              sampler=optuna.samplers.RandomSampler(),  # samples nothing here
+                              pruner=build_pruner(ref.pruner, ref.startup_trials, ref.warmup_epochs,
+                                                  ref.trial_epochs))
+    trial = optuna.trial.Trial(study, ref.trial_id)
+
+    def hook(end) -> bool:
+        result = end.result
+        trial.report(selection_value(result, ref.selects_on), result.epoch)
+        # after its last epoch a trial is over anyway: it completes, whatever the pruner thinks
+        return result.epoch < ref.trial_epochs and bool(trial.should_prune())
+
+    return hook
+
+
+def selection_value(epoch, selects_on: str) -> float:
+    return epoch.val_acc if selects_on == "val" else epoch.test_acc

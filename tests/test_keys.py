@@ -1,0 +1,114 @@
+"""keys: the training, study and child keys that decide reuse, and the code version in them."""
+import dataclasses
+
+import pytest
+import torch
+
+from pipeline import config, keys, runtime
+
+CPU = runtime.Runtime(torch.device("cpu"), "fp32")
+
+# Params that may change without changing a run's result (logging, resuming, how it is launched).
+# data_dir and download: where the data lies, not what it is (its digest is in the key).
+VOLATILE = {"log_every", "resume_run_id", "env_manager", "num_workers", "force", "checkpoint_every",
+            "promote",  # who holds the alias, not what the run trains
+            "data_dir", "download",
+            # where a child runs is not what it computes: local and Ray results stand for each other
+            "executor", "ray_address", "cpus_per_trial", "gpus_per_trial", "max_retries",
+            # where an Optuna study is kept and how many trials are asked at once (like executor)
+            "optuna_storage", "trial_batch",
+            # how fast the same arithmetic runs: compiled kernels, the evaluation batch size
+            "compile", "eval_bs"}
+
+
+def key(stage="train", digest="d" * 64, **overrides):
+    cfg = config.load(stage, overrides)
+    return keys.training_key(cfg, digest, runtime.of(cfg))
+
+
+def test_training_key_follows_params_not_spelling():
+    a = key(lr="1e-4")
+    assert a == key(lr="0.0001")
+    assert a != key(lr="0.0002")
+    assert a == key(lr="1e-4", log_every="7")
+
+
+def test_training_key_changes_with_data_parent_and_precision():
+    a = key("tune_lr", parent_run_id="a" * 32)
+    assert a != key("tune_lr", parent_run_id="b" * 32)  # a new upstream run: nothing downstream is stale
+    assert a != key("tune_lr", digest="e" * 64, parent_run_id="a" * 32)  # other data bytes
+    assert a != key("tune_lr", parent_run_id="a" * 32, val_split="0.1")
+    assert key(precision="fp32") != key(precision="bf16")  # a bf16 run never stands in for fp32
+
+
+def test_training_key_changes_with_parent_run_id():
+    # a new upstream run must make `main` rerun every stage after it
+    found = {key("tune_lr", parent_run_id=parent) for parent in ("", "aaaa", "bbbb")}
+    assert len(found) == 3
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(config.Config)])
+def test_training_key_covers_every_param_that_decides_the_result(name):
+    if name == "device":  # enters as the device type it resolves to: see the precision/device test
+        return
+    cfg = config.load("train")
+    other = dataclasses.replace(cfg, **{name: changed(getattr(cfg, name))})
+    if name in VOLATILE:
+        assert keys.training_key(other, "d" * 64, CPU) == keys.training_key(cfg, "d" * 64, CPU)
+    else:
+        assert keys.training_key(other, "d" * 64, CPU) != keys.training_key(cfg, "d" * 64, CPU)
+
+
+def test_training_key_covers_the_code(monkeypatch):
+    before = key()
+    monkeypatch.setattr(keys, "code_version", lambda: "another")
+    assert key() != before
+
+
+def test_code_version_follows_code_params_and_mlproject(tmp_path, monkeypatch):
+    for name in ("pipeline/a.py", "params/x.yaml", "MLproject"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("one")
+    monkeypatch.setattr(keys, "PROJECT_DIR", tmp_path)
+    monkeypatch.setattr(keys, "PARAMS_DIR", tmp_path / "params")
+    versions = {keys.code_version()}
+    for name in ("pipeline/a.py", "params/x.yaml", "MLproject"):
+        (tmp_path / name).write_text("two")
+        versions.add(keys.code_version())
+    (tmp_path / "pipeline/a.py").rename(tmp_path / "pipeline/b.py")  # a renamed module counts too
+    versions.add(keys.code_version())
+    (tmp_path / "pipeline/notes.txt").write_text("not code")
+    versions.add(keys.code_version())
+    assert len(versions) == 5 and len(keys.code_version()) == 12
+
+
+def test_training_key_is_sixteen_hex_digits():
+    found = key()
+    assert len(found) == 16 and int(found, 16) >= 0
+
+
+def changed(value):
+    """A different value of the same type (validity does not matter to the key)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, list):
+        return value + value[-1:] if value else ["1"]
+    return value + "x"
+
+
+
+def test_the_runtime_a_stage_resolved_is_part_of_its_keys():
+    cfg = config.load("train")
+    bf16 = runtime.Runtime(torch.device("cpu"), "bf16")
+    cuda = runtime.Runtime(torch.device("cuda"), "fp32")
+    assert len({keys.training_key(cfg, "d" * 64, r) for r in (CPU, bf16, cuda)}) == 3
+    # a child's key: its stage's study key, its name and where its weights come from
+    child = keys.child_key(cfg, "d" * 64, CPU, "tune_lr lr=0.001", "scratch")
+    assert child != keys.child_key(cfg, "d" * 64, CPU, "tune_lr lr=0.002", "scratch")
+    assert child != keys.child_key(cfg, "d" * 64, CPU, "tune_lr lr=0.001", "run-a")
+    assert child != keys.child_key(cfg, "d" * 64, bf16, "tune_lr lr=0.001", "scratch")
+    # n_trials is how far a study goes, not what a trial trains
+    assert keys.study_key(cfg.replace(n_trials=7), "d" * 64, CPU) == keys.study_key(cfg, "d" * 64, CPU)
+    assert keys.training_key(cfg.replace(n_trials=7), "d" * 64, CPU) != keys.training_key(cfg, "d" * 64, CPU)
