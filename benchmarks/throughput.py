@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline import batching, config, data, models, train  # noqa: E402
+from pipeline import batching, config, data, models, runtime, train  # noqa: E402
 
 ROWS = ("seed DataLoader", "tuned DataLoader", "pipeline alone", "+ channels_last", "+ bf16", "ceiling")
 
@@ -193,7 +193,7 @@ def full_epoch(arch, cfg, dataset, args) -> dict:
     tracking store; epoch 2's wall time covers everything a run does in an epoch."""
     import mlflow
 
-    from pipeline import runner, runtime, tracking
+    from pipeline import runner, tracking
 
     big = tiled_data(dataset, args.epoch_images, args.epoch_test_images)
     with tempfile.TemporaryDirectory() as tmp:
@@ -262,10 +262,10 @@ def main() -> None:
     checked = config.load("train", {"compile": args.compile, "eval_bs": args.eval_bs})  # one line if bad
     args.compile, args.compile_mode = checked.compile, checked.compile_mode
 
-    device = train.pick_device(args.device)
+    device = runtime.pick_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    default_precision = train.resolve_precision(args.precision, device)
+    default_precision = runtime.resolve_precision(args.precision, device)
     cfg = config.load("train", {"dataset": "synthetic", "device": device.type})
     dataset = data.load(cfg)
     needed = batches_needed(args.batches) * args.bs  # a DataLoader row in one pass of its split

@@ -8,7 +8,8 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from conftest import Store, mlflow_server
+from support.processes import mlflow_server
+from support.store import Store
 from pipeline import tracking
 
 pytestmark = pytest.mark.e2e

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from conftest import constant_model_run
+from support.digits import constant_model_run
 from pipeline import config, data, registry, runner
 
 pytestmark = pytest.mark.e2e

@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 from pipeline import train
 from pipeline.train import Hyper
 
-from conftest import Tiny, batches
+from support.digits import Tiny, batches
 
 CPU = torch.device("cpu")
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and not os.environ
 
 def syncs_in_one_epoch(train_images: int) -> int:
     """Host syncs in one epoch of train.fit: `train_images` training images at bs 64, 128 test images."""
-    from pipeline import batching, models, train
+    from pipeline import batching, models, runtime, train
 
     device = torch.device("cuda")
     generator = torch.Generator().manual_seed(0)
@@ -27,7 +27,7 @@ def syncs_in_one_epoch(train_images: int) -> int:
     test_batches = batching.TensorBatches(images[train_images:], labels[train_images:], 64, train=False,
                                       augment_images=False, device=device, channels_last=True)
     model = models.build("resnet").to(device, memory_format=torch.channels_last)
-    hyper = train.Hyper(epochs=1, lr=1e-3, log_every=10**6, precision=train.resolve_precision("auto", device))
+    hyper = train.Hyper(epochs=1, lr=1e-3, log_every=10**6, precision=runtime.resolve_precision("auto", device))
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -4,7 +4,7 @@ duplicating a trial. `main -P tuner=optuna` is in test_e2e_stages (it reuses tha
 import optuna
 import pytest
 import torch
-from conftest import colour_params
+from support.digits import colour_params
 
 from pipeline import config
 

@@ -12,7 +12,9 @@ import time
 import pytest
 import torch
 
-from conftest import PROJECT, VENV_BIN, Pause, colour_params
+from support.digits import colour_params
+from support.processes import Pause
+from support.store import PROJECT, VENV_BIN
 
 pytestmark = pytest.mark.e2e
 

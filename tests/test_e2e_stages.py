@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import PROJECT, VENV_BIN
+from support.store import PROJECT, VENV_BIN
 from pipeline import models
 from pipeline.runtime import resolve
 from pipeline.workflow import CHAIN
@@ -16,13 +16,17 @@ pytestmark = pytest.mark.e2e
 def study(module_store):
     """The study at toy size, interrupted with SIGTERM once tune_lr's first child has finished,
     then continued with the one command the interruption printed: every test below checks the
-    continued study, and test_an_interrupted_study_continues_child_by_child how it continued."""
+    continued study, and test_an_interrupted_study_continues_child_by_child how it continued.
+
+    What the study made is noted as it ends (its runs, its main run, the champion): the tests that
+    run more commands on the same store add runs, and the tests that read the study read only its
+    own, so no test depends on another's order or outcome."""
     import os
     import re
     import signal
     import subprocess
 
-    from conftest import Pause
+    from support.processes import Pause
 
     store = module_store
     cmd = [str(VENV_BIN / "mlflow"), "run", str(PROJECT), "-e", "main", "--env-manager", "local"]
@@ -49,6 +53,10 @@ def study(module_store):
     proc = store.mlflow_run("main", pairs)
     output = proc.stdout + proc.stderr
     assert "[main] model_selection: reusing FINISHED run" in output and "[main] baseline: reusing" in output
+    (store.main_run,) = finished_top_level(store, "main")
+    store.study_runs = {r.info.run_id for r in store.runs()}
+    store.finished_counts = {stage: len(finished_top_level(store, stage)) for stage in CHAIN}
+    store.champion = store.client.get_model_version_by_alias("svhn-classifier-synthetic", "champion").run_id
     return store
 
 
@@ -63,10 +71,18 @@ def main_params(store, **extra):
 
 
 def stage_run(store, stage):
-    """The study's own run of `stage` (the first that finished; later tests add more)."""
-    runs = finished_top_level(store, stage)
-    assert runs, f"{stage}: no finished top-level run"
-    return runs[-1]
+    """The study's own run of `stage`, as its main run names it (later tests add more)."""
+    return store.client.get_run(store.main_run.data.tags[f"run_{stage}"])
+
+
+def new_finished_top_level(store, before: set[str]) -> dict[str, list]:
+    """The FINISHED top-level runs made since `before` (a set of run ids), by stage."""
+    made = {}
+    for run in store.runs():
+        if run.info.run_id not in before and run.info.status == "FINISHED" \
+                and "mlflow.parentRunId" not in run.data.tags:
+            made.setdefault(run.data.tags.get("stage"), []).append(run)
+    return made
 
 
 def best_state(store, run_id):
@@ -85,7 +101,7 @@ def max_weight_change(a, b, arch):
 
 
 def test_one_finished_top_level_run_per_stage_chained_by_run_id(study):
-    assert all(len(finished_top_level(study, stage)) == 1 for stage in CHAIN)
+    assert study.finished_counts == {stage: 1 for stage in CHAIN}
     previous = None
     for stage in CHAIN:
         run = stage_run(study, stage)
@@ -125,8 +141,11 @@ def test_an_interrupted_study_continues_child_by_child(study):
     assert [k for k in left.data.params if k.startswith("writer.")] == ["writer.1"]
     for child in children:
         assert child.info.status == "FINISHED" and study.steps(child.info.run_id, "test_acc") == [1]
-    (main_killed,) = [r for r in study.top_level("main") if r.info.status != "FINISHED"]
+    (main_killed,) = [r for r in study.top_level("main")
+                      if r.info.status != "FINISHED" and r.info.run_id in study.study_runs]
     assert f"run {main_killed.info.run_id} marked KILLED" in study.interrupted["stderr"]
+
+
 def test_checkpoints_follow_the_lineage(study):
     """Each stage carries its best child's best.pt, and each child's best.pt grew out of the
     checkpoint its source_run_id names: BatchNorm's batch counter is the source's plus this
@@ -187,25 +206,23 @@ def test_stage_children_follow_the_seed(study):
 
 
 def test_main_logs_a_summary_and_registers_a_champion(study):
-    (main,) = finished_top_level(study, "main")
-    summary = open(study.client.download_artifacts(main.info.run_id, "summary.md")).read()
+    summary = open(study.client.download_artifacts(study.main_run.info.run_id, "summary.md")).read()
     for stage in CHAIN:
         assert stage_run(study, stage).info.run_id in summary
-    champion = study.client.get_model_version_by_alias("svhn-classifier-synthetic", "champion")
-    assert champion.run_id in {stage_run(study, s).info.run_id for s in ("retrain", "deepen")}
+    assert study.champion in {stage_run(study, s).info.run_id for s in ("retrain", "deepen")}
 
 
 def test_main_shows_the_study_at_a_glance_with_each_stage_linked_to_its_run(study):
     """plots/study.png and summary.md: every stage in order, linked to its run, the champion marked."""
     from PIL import Image
 
-    (main,) = finished_top_level(study, "main")  # the continued study's main (the first is KILLED)
+    main = study.main_run  # the continued study's main (the first is KILLED)
     experiment = main.info.experiment_id
     summary = open(study.client.download_artifacts(main.info.run_id, "summary.md")).read()
     rows = [[cell.strip() for cell in line.strip("|").split("|")]
             for line in summary.splitlines() if line.startswith("| ") and "](#/" in line]
     assert [row[0].split(" ")[0] for row in rows] == CHAIN  # stage, in order
-    champion = study.client.get_model_version_by_alias("svhn-classifier-synthetic", "champion").run_id
+    champion = study.champion  # when the study ended (later tests may register more)
     for stage, (name, link, arch, best, _, children, _, _) in zip(CHAIN, rows):
         run = stage_run(study, stage)
         run_id = run.info.run_id
@@ -238,23 +255,22 @@ def test_running_main_again_reuses_every_stage(study):
 
 
 def test_a_changed_param_reruns_that_stage_and_the_ones_after(study):
-    before = {s: stage_run(study, s).info.run_id for s in CHAIN}
+    runs_before = {r.info.run_id for r in study.runs()}
     # registered_model only matters from retrain on: earlier stages are reused, later ones rerun
     study.mlflow_run("main", main_params(study, registered_model="svhn-alt"))
-    for stage in CHAIN:
-        runs = finished_top_level(study, stage)
-        assert len(runs) == (2 if stage in ("retrain", "deepen") else 1), stage
-    new_retrain = finished_top_level(study, "retrain")[0]
-    assert new_retrain.info.run_id != before["retrain"]
-    assert new_retrain.data.tags["source_run_id"] == before["overfit"]
-    assert finished_top_level(study, "deepen")[0].data.tags["source_run_id"] == new_retrain.info.run_id
+    made = new_finished_top_level(study, runs_before)
+    assert sorted(made) == ["deepen", "main", "retrain"] and all(len(runs) == 1 for runs in made.values())
+    (new_retrain,), (new_deepen,) = made["retrain"], made["deepen"]
+    assert new_retrain.data.tags["source_run_id"] == stage_run(study, "overfit").info.run_id
+    assert new_deepen.data.tags["source_run_id"] == new_retrain.info.run_id
 
 
 def test_tune_lr_sweep_makes_nested_children_and_picks_the_best(study):
     parent = stage_run(study, "baseline")
+    runs_before = {r.info.run_id for r in study.runs()}
     study.mlflow_run("tune_lr", study.params({"parent_run_id": parent.info.run_id, "lrs": "0.0005,1e-12",
                                               "epochs": "1"}))
-    run = study.top_level("tune_lr")[0]
+    (run,) = new_finished_top_level(study, runs_before)["tune_lr"]
     children = {c.info.run_name: c for c in study.children(run.info.run_id)}
     assert sorted(children) == ["tune_lr lr=0.0005", "tune_lr lr=1e-12"]
     accs = {c.info.run_id: c.data.metrics["best_test_acc"] for c in children.values()}
@@ -271,8 +287,7 @@ def test_unfinished_parent_and_parent_without_checkpoint_are_refused(study):
     running = study.client.create_run(experiment).info.run_id
     proc = study.cli("tune_lr", "--parent_run_id", running)
     assert proc.returncode == 2 and f"parent run {running} is RUNNING, not FINISHED" in proc.stderr
-    (main,) = finished_top_level(study, "main")[-1:]
-    proc = study.cli("tune_lr", "--parent_run_id", main.info.run_id)
+    proc = study.cli("tune_lr", "--parent_run_id", study.main_run.info.run_id)
     assert proc.returncode == 2 and "has no checkpoints/best.pt" in proc.stderr
     assert "epoch 1" not in proc.stdout
 
@@ -282,15 +297,15 @@ def test_unfinished_parent_and_parent_without_checkpoint_are_refused(study):
 def training_runs(store):
     """Every FINISHED run of the study (an interrupted run may have stopped before logging)."""
     return [r for r in store.runs() if r.data.tags.get("stage") not in (None, "evaluate", "predict")
-            and r.info.status == "FINISHED"]
+            and r.info.status == "FINISHED" and r.info.run_id in store.study_runs]
 
 
 def test_every_run_records_commit_code_environment_and_runtime(study):
     import subprocess
 
-    from conftest import PROJECT
+    from support.store import PROJECT
 
-    runs = [r for r in study.runs() if "stage" in r.data.tags]  # not the runs tests make by hand
+    runs = [r for r in study.runs() if "stage" in r.data.tags and r.info.run_id in study.study_runs]
     assert len(runs) > len(CHAIN) * 2  # stage runs, their children, and main
     commits = {r.data.tags["mlflow.source.git.commit"] for r in runs}
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT, capture_output=True, text=True,
@@ -347,8 +362,6 @@ def test_every_child_logs_the_epochs_it_trained(study):
 
 
 def test_retrain_result_is_phase_two_and_deepen_continues_from_phase_one_last_weights(study):
-    import torch
-
     for stage in ("retrain", "deepen"):
         run = stage_run(study, stage)
         phases = {c.data.tags["phase"]: c for c in study.children(run.info.run_id)}
@@ -376,15 +389,13 @@ def test_init_scratch_ignores_the_parents_weights_and_parent_loads_them(study, m
 
 def test_evaluate_entry_point_reports_the_champions_accuracy_on_the_test_split(study, monkeypatch):
     import mlflow
-    import numpy as np
-    import torch
 
     from pipeline import config, data, predict
 
     params = main_params(study)
     params.pop("epochs"), params.pop("repeats")
     study.mlflow_run("evaluate", params)
-    (run,) = study.top_level("evaluate")
+    (run,) = study.top_level("evaluate")  # this test's: no other runs evaluate
     cfg = config.load("evaluate", params)
     dataset = data.load(cfg)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", study.uri)  # never mlflow.set_tracking_uri: it outlives the test
@@ -438,6 +449,7 @@ def test_main_with_tuner_optuna_swaps_the_sweeps_for_autotune_and_retrain_uses_i
     output = proc.stdout + proc.stderr
     assert "[main] baseline: reusing FINISHED run" in output  # the seed chain's, up to the sweeps
     main = next(r for r in finished_top_level(study, "main") if r.data.params.get("tuner") == "optuna")
+    assert main.info.run_id not in study.study_runs
     assert "run_tune_lr" not in main.data.tags and "run_overfit" not in main.data.tags
     tuned = study.client.get_run(main.data.tags["run_autotune"])
     assert tuned.data.tags["init_from"] == f"{main.data.tags['run_baseline']}/checkpoints/best.pt"

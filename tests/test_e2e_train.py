@@ -3,7 +3,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import colour_params
+from support.digits import colour_params
 from pipeline import batching, config, data, models, train
 
 pytestmark = pytest.mark.e2e

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import PROJECT, VENV_BIN
+from support.store import PROJECT, VENV_BIN
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -2,12 +2,12 @@
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 import torch
 
-from conftest import PROJECT, VENV_BIN, Pause
+from support.processes import Pause
+from support.store import PROJECT, VENV_BIN
 from pipeline import models
 
 pytestmark = pytest.mark.e2e

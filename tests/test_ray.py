@@ -13,7 +13,8 @@ import subprocess
 import pytest
 import torch
 
-from conftest import PROJECT, VENV_BIN, Pause, Store, mlflow_server
+from support.processes import Pause, mlflow_server
+from support.store import PROJECT, Store, VENV_BIN
 from pipeline.lifecycle import parse_stamp
 
 pytestmark = pytest.mark.e2e
@@ -146,8 +147,8 @@ def test_a_child_whose_worker_dies_for_good_fails_the_stage_in_one_line(store):
     proc, child_id, _, out, err = kill_worker_mid_child(store, "0")
     assert proc.returncode != 0
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: child 'tune_lr lr=0.001' failed: its worker died 1 times "
-                      f"(WorkerCrashedError); run the same command again to resume it, or raise -P max_retries"]
+    assert errors == ["error: child 'tune_lr lr=0.001' failed: its worker died 1 times "
+                      "(WorkerCrashedError); run the same command again to resume it, or raise -P max_retries"]
     assert store.client.get_run(child_id).info.status == "FAILED"
     (stage,) = store.top_level("tune_lr")
     assert stage.info.status == "FAILED"

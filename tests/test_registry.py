@@ -6,7 +6,7 @@ import os
 import pytest
 from torch import nn
 
-from conftest import constant_model_run
+from support.digits import constant_model_run
 from pipeline import config, data, registry, runner
 
 pytestmark = pytest.mark.e2e  # each registration exports a model (torch.export): seconds apiece

@@ -5,14 +5,15 @@ import subprocess
 import sys
 import sysconfig
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import VENV_BIN, colour_params, constant_model_run, free_port, mlflow_server, wait_http
+from support.digits import colour_params, constant_model_run
+from support.processes import free_port, mlflow_server, wait_http
+from support.store import VENV_BIN
 from pipeline import batching, models, registry, runner
 from pipeline.data import read_mat
 from pipeline.predict import read_image

@@ -16,7 +16,8 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import VENV_BIN, free_port, wait_http
+from support.processes import free_port, wait_http
+from support.store import VENV_BIN
 from pipeline import checkpoints, data, models, predict, registry, runner, synthetic, train
 
 MODEL_NAME = "svhn-no-pickle"
@@ -45,7 +46,8 @@ def trained(module_store):
     import signal
     import subprocess
 
-    from conftest import PROJECT, VENV_BIN, Pause
+    from support.processes import Pause
+    from support.store import PROJECT, VENV_BIN
 
     module_store.env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
     cmd = [str(VENV_BIN / "mlflow"), "run", str(PROJECT), "-e", "train", "--env-manager", "local"]

@@ -10,7 +10,7 @@ import torch
 from pipeline import batching, checkpoints, rng, train
 from pipeline.train import EarlyStopping, Hyper
 
-from conftest import Tiny, batches
+from support.digits import Tiny, batches
 
 
 def test_early_stopping_really_stops():

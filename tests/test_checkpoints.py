@@ -1,7 +1,7 @@
-"""Checkpoints that do not block the next epoch: checkpoints.CheckpointWriter and host_copy, with real
-torch.save writes into a temporary folder, and runner.train_in_run stopped by a signal while it
-waits for the last record (a real temporary tracking store; its other uses are covered by the
-end-to-end runs in test_e2e_train, test_faults and test_e2e_continue)."""
+"""checkpoints: the CheckpointWriter and host_copy (real torch.save writes into a temporary
+folder), the EpochRecorder's order and hold-back of an epoch's record (a real temporary tracking
+store), and runner.train_in_run stopped by a signal while it waits for the last record. Resuming
+from what it writes is covered end to end in test_e2e_train, test_faults and test_e2e_continue."""
 import threading
 import time
 
@@ -142,3 +142,83 @@ def test_a_signal_in_the_last_wait_still_joins_the_writer_before_the_run_stops(t
     assert [m.step for m in client.get_metric_history(run_id, "test_acc")] == [1]
     assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/best.pt",
                                                                              "checkpoints/last.pt"}
+
+
+# -- the EpochRecorder -------------------------------------------------------------------------------
+
+def epoch_end(epoch: int, is_best: bool, history: train.History) -> train.EpochEnd:
+    result = train.EpochResult(epoch, 1.0 / epoch, 2.0 / epoch, 10.0 * epoch, 5.0 * epoch, 1.0, 100.0)
+    history.add(result)
+    weights = {"w": torch.full((2,), float(epoch))}
+    return train.EpochEnd(result, is_best, history,
+                          lambda: {"format": checkpoints.CHECKPOINT_FORMAT, "epoch": epoch, "model": weights,
+                                   "history": history.to_state()})
+
+
+@pytest.fixture
+def recorded_run(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    run_id = store.client.create_run("0").info.run_id
+
+    def saved(path):
+        return torch.load(store.client.download_artifacts(run_id, path), weights_only=True)
+
+    return store, run_id, saved
+
+
+def test_an_epochs_metrics_wait_for_a_last_pt_that_covers_them(recorded_run):
+    store, run_id, saved = recorded_run
+    recorder = checkpoints.EpochRecorder(run_id, CPU, every=3, logged=set())
+    history = train.History()
+    logged_after = []
+    for epoch, best in ((1, True), (2, False), (3, False), (4, False)):
+        assert recorder(epoch_end(epoch, best, history)) is False  # it never stops training
+        recorder.writer.wait()
+        logged_after.append(store.steps(run_id, "test_acc"))
+    # epoch 1 (a best) is written at once; 2 waits for epoch 3's last.pt; 4 for close()
+    assert logged_after == [[1], [1], [1, 2, 3], [1, 2, 3]]
+    assert saved(checkpoints.LAST)["epoch"] == 3
+    assert torch.equal(saved(checkpoints.BEST)["w"], torch.full((2,), 1.0))  # best.pt: the weights alone
+    recorder.close()
+    assert store.steps(run_id, "test_acc") == [1, 2, 3, 4] and saved(checkpoints.LAST)["epoch"] == 4
+    assert [m.value for m in store.client.get_metric_history(run_id, "test_acc")] == [5.0, 10.0, 15.0, 20.0]
+
+
+def test_a_best_epoch_writes_best_pt_and_last_pt_together(recorded_run):
+    store, run_id, saved = recorded_run
+    recorder = checkpoints.EpochRecorder(run_id, CPU, every=10, logged=set())
+    history = train.History()
+    recorder(epoch_end(1, False, history))
+    recorder(epoch_end(2, True, history))
+    recorder.writer.wait()
+    assert saved(checkpoints.LAST)["epoch"] == 2 and torch.equal(saved(checkpoints.BEST)["w"], torch.full((2,), 2.0))
+    assert store.steps(run_id, "test_acc") == [1, 2]
+
+
+def test_a_resumed_run_logs_what_its_last_pt_covers_once(recorded_run):
+    store, run_id, _ = recorded_run
+    history = train.History()
+    for epoch in (1, 2, 3):
+        epoch_end(epoch, False, history)
+    store.client.log_metric(run_id, "test_acc", 5.0, step=1)  # epoch 1 logged before the kill
+    recorder = checkpoints.EpochRecorder(run_id, CPU, every=1, logged={1})
+    recorder.catch_up(history)
+    assert store.steps(run_id, "test_acc") == [1, 2, 3]
+    recorder.catch_up(history)  # nothing twice
+    assert store.steps(run_id, "test_acc") == [1, 2, 3]
+
+
+def test_abandon_finishes_the_record_in_flight_and_returns_its_error(recorded_run, monkeypatch):
+    store, run_id, saved = recorded_run
+    recorder = checkpoints.EpochRecorder(run_id, CPU, every=1, logged=set())
+    history = train.History()
+    refused = OSError(28, "No space left on device")
+
+    def slow_log(run, step, metrics):
+        time.sleep(0.3)
+        raise refused
+
+    monkeypatch.setattr(tracking, "log_epoch", slow_log)
+    recorder(epoch_end(1, True, history))
+    assert recorder.abandon() is refused  # waited for: last.pt is whole before the error surfaces
+    assert saved(checkpoints.LAST)["epoch"] == 1

@@ -1,0 +1,96 @@
+"""A temporary tracking store and real `mlflow run` / `python -m pipeline` calls against it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+# Tiny synthetic data: a few hundred images, so a whole stage takes seconds on 2 cores.
+TINY = {"dataset": "synthetic", "limit_train": "256", "limit_test": "128", "bs": "64",
+        "synthetic_train": "600", "synthetic_test": "300", "log_every": "1000"}
+
+
+def base_env(tracking_uri: str, data_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    # `mlflow run --env-manager local` runs the entry point's `python` from PATH: ours first
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env["SVHN_TEST_DATA_DIR"] = str(data_dir)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    env.pop("MLFLOW_RUN_ID", None)
+    env.pop("MLFLOW_EXPERIMENT_ID", None)
+    env.pop("MLFLOW_EXPERIMENT_NAME", None)
+    return env
+
+
+class Store:
+    """A temporary SQLite tracking store and helpers to drive and inspect it."""
+
+    def __init__(self, root: Path, data_dir: Path):
+        self.root = root
+        self.uri = f"sqlite:///{root / 'mlflow.db'}"
+        self.data_dir = data_dir
+        self.env = base_env(self.uri, data_dir)
+
+    def initialise(self) -> "Store":
+        """Create the schema once (processes that create it at the same moment can collide), its
+        artifacts under the store's folder, not the checkout's ./mlruns."""
+        from pipeline.tracking import new_local_store
+
+        self.uri = self.env["MLFLOW_TRACKING_URI"] = new_local_store(self.root)
+        return self
+
+    def params(self, extra: dict[str, str] | None = None, tiny: bool = True) -> dict[str, str]:
+        params = dict(TINY, data_dir=str(self.data_dir)) if tiny else {}
+        params.update(extra or {})
+        return params
+
+    def mlflow_run(self, entry: str, params: dict[str, str], check: bool = True, timeout: int = 600,
+                   **popen) -> subprocess.CompletedProcess:
+        cmd = [str(VENV_BIN / "mlflow"), "run", str(PROJECT), "-e", entry, "--env-manager", "local"]
+        for key, value in params.items():
+            cmd += ["-P", f"{key}={value}"]
+        proc = subprocess.run(cmd, cwd=self.root, env=self.env, capture_output=True, text=True,
+                              timeout=timeout, **popen)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"mlflow run -e {entry} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        return proc
+
+    def cli(self, *args: str, check: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=PROJECT, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"pipeline {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return proc
+
+    @property
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+    def runs(self, filter_string: str = "") -> list:
+        return self.client.search_runs(["0"], filter_string=filter_string,
+                                       order_by=["attributes.start_time DESC"], max_results=500)
+
+    def top_level(self, stage: str) -> list:
+        return [r for r in self.runs(f"tags.stage = '{stage}'")
+                if "mlflow.parentRunId" not in r.data.tags]
+
+    def children(self, run_id: str) -> list:
+        return self.runs(f"tags.mlflow.parentRunId = '{run_id}'")
+
+    def steps(self, run_id: str, key: str) -> list[int]:
+        return sorted(m.step for m in self.client.get_metric_history(run_id, key))
+
+    def artifacts(self, run_id: str, path: str | None = None) -> set[str]:
+        found = set()
+        for info in self.client.list_artifacts(run_id, path):
+            found |= self.artifacts(run_id, info.path) if info.is_dir else {info.path}
+        return found

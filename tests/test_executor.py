@@ -1,0 +1,55 @@
+"""executor: children trained in this process (executor=local), in the order given, with the
+caller's callbacks (progress, a pruning hook) and the Ray task's identity in their heartbeat;
+in a real temporary tracking store. executor=ray is in test_ray.py."""
+import functools
+
+import pytest
+import torch
+
+from pipeline import config, data, executor, lifecycle, runner
+from pipeline.runtime import Runtime
+
+CPU = Runtime(torch.device("cpu"), "fp32")
+
+
+@pytest.fixture
+def tiny(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    cfg = config.load("tune_lr", store.params({"epochs": "2", "limit_train": "64", "limit_test": "32",
+                                               "bs": "32", "init": "scratch", "device": "cpu",
+                                               "precision": "fp32", "patience": "50"}))
+    stage = runner.Stage(store.client.create_run("0").info.run_id, CPU)
+    return store, cfg, data.load(cfg), stage
+
+
+def stop_after(epoch: int):
+    """A make_hook as autotune's: built where the child trains, True ends it after `epoch`."""
+    return lambda end: end.result.epoch >= epoch
+
+
+def test_local_children_train_in_order_and_a_hook_ends_one_early(tiny):
+    store, cfg, dataset, stage = tiny
+    specs = [executor.ChildSpec("lr 0.01", cfg.replace(lr=0.01), "resnet"),
+             executor.ChildSpec("lr 0.001", cfg.replace(lr=0.001), "resnet",
+                                make_hook=functools.partial(stop_after, 1))]
+    results = executor.run_children(cfg, stage, specs, dataset)
+    assert [r.name for r in results] == ["lr 0.01", "lr 0.001"]
+    assert [len(r.history.epochs) for r in results] == [2, 1]
+    assert [store.steps(r.run_id, "test_acc") for r in results] == [[1, 2], [1]]
+    assert {store.client.get_run(r.run_id).info.status for r in results} == {"FINISHED"}
+    assert [store.client.get_run(r.run_id).data.params["lr"] for r in results] == ["0.01", "0.001"]
+
+
+def test_progress_sees_every_epoch_and_a_tasks_child_carries_the_task_in_its_heartbeat(tiny):
+    store, cfg, dataset, stage = tiny
+    seen = []
+    result = executor.train_child(stage, executor.ChildSpec("point", cfg, "resnet"), dataset,
+                                  progress=lambda end: seen.append(end.result.epoch), task="ray-task:abc")
+    assert seen == [1, 2]
+    stamp = lifecycle.parse_stamp(store.client.get_run(result.run_id).data.tags[lifecycle.HEARTBEAT])
+    assert stamp["task"] == "ray-task:abc"
+    # a task beats its child only: the stage run's writer is the driver
+    assert lifecycle.HEARTBEAT not in store.client.get_run(stage.run_id).data.tags
+    local = executor.train_child(stage, executor.ChildSpec("local point", cfg, "resnet"), dataset)
+    assert "task" not in lifecycle.parse_stamp(store.client.get_run(local.run_id).data.tags[lifecycle.HEARTBEAT])
+    assert lifecycle.HEARTBEAT in store.client.get_run(stage.run_id).data.tags

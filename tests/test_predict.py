@@ -1,0 +1,85 @@
+"""predict: reading inputs (images, folders, .mat), labelling them with a model, the CSV and the
+evaluation report, with in-memory models whose answers are known."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import config, predict, synthetic
+from pipeline.errors import PredictError
+from support.digits import svhn_labels
+
+
+class Answers(torch.nn.Module):
+    """A served-model stand-in: digit (red channel mean // 26) with probability 0.5 + digit / 20,
+    the rest spread evenly, so each test image's label and confidence are known."""
+
+    def forward(self, images):  # NHWC uint8, as the served Classifier takes them
+        digits = (images[..., 0].float().mean(dim=(1, 2)) // 26).long().clamp(0, 9)
+        sure = (0.5 + digits.float() / 20)[:, None]
+        hot = torch.nn.functional.one_hot(digits, 10).float()
+        return hot * sure + (1 - hot) * (1 - sure) / 9
+
+
+def image_of(digit: int) -> np.ndarray:
+    return np.full((32, 32, 3), digit * 26 + 5, dtype=np.uint8)
+
+
+def test_a_folder_is_read_in_name_order_and_unreadable_files_are_named_not_fatal(tmp_path, capsys):
+    Image.fromarray(image_of(3)).save(tmp_path / "b.png")
+    Image.fromarray(np.full((64, 48, 3), 7 * 26 + 5, dtype=np.uint8)).save(tmp_path / "a.jpg", quality=100)
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / ".hidden.png").write_bytes(b"")
+    inputs = predict.collect(str(tmp_path))
+    assert inputs.names == ["a.jpg", "b.png"] and inputs.labels is None
+    assert [image.shape for image in inputs.images] == [(32, 32, 3), (32, 32, 3)]  # resized to 32x32
+    assert inputs.failures == [str(tmp_path / "notes.txt")]
+    assert f"cannot read image {tmp_path / 'notes.txt'}" in capsys.readouterr().out
+
+
+def test_a_mat_file_brings_its_labels_and_bad_inputs_are_one_line(tmp_path):
+    images = np.stack([image_of(d) for d in (1, 0, 9)], axis=-1)  # SVHN's (32, 32, 3, N)
+    synthetic.write_mat(tmp_path / "test_32x32.mat", images, svhn_labels(np.array([1, 0, 9])))
+    inputs = predict.collect(str(tmp_path / "test_32x32.mat"))
+    assert inputs.names == ["test_32x32.mat[0]", "test_32x32.mat[1]", "test_32x32.mat[2]"]
+    assert inputs.labels.tolist() == [1, 0, 9]  # SVHN's 10 is the digit 0
+    assert np.array_equal(inputs.images[2], image_of(9))
+    for source, expected in (("", "no input given"), (str(tmp_path / "nowhere"), "does not exist")):
+        with pytest.raises(PredictError, match=expected) as err:
+            predict.collect(source)
+        assert "\n" not in str(err.value)
+
+
+def test_predict_writes_each_inputs_label_and_confidence_and_reports_accuracy(tmp_path, capsys):
+    images = np.stack([image_of(d) for d in (4, 4, 2)], axis=-1)
+    synthetic.write_mat(tmp_path / "test_32x32.mat", images, svhn_labels(np.array([4, 5, 2])))
+    cfg = config.load("predict", {"input": str(tmp_path / "test_32x32.mat"), "output": str(tmp_path / "out.csv")})
+    assert predict.predict(cfg, None, Answers()) == 0
+    rows = list(csv.DictReader(open(tmp_path / "out.csv")))
+    assert [(r["input"], r["label"], r["confidence"]) for r in rows] == [
+        ("test_32x32.mat[0]", "4", "0.7000"), ("test_32x32.mat[1]", "4", "0.7000"), ("test_32x32.mat[2]", "2", "0.6000")]
+    assert "accuracy on 3 labelled images: 66.667%" in capsys.readouterr().out
+
+
+def test_predict_exits_1_when_some_inputs_could_not_be_read(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(image_of(6)).save(folder / "six.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    cfg = config.load("predict", {"input": str(folder), "output": str(tmp_path / "out.csv")})
+    assert predict.predict(cfg, None, Answers()) == 1
+    rows = list(csv.DictReader(open(tmp_path / "out.csv")))
+    assert [(r["input"], r["label"]) for r in rows] == [("six.png", "6")]
+
+
+def test_confusion_metrics_count_each_true_digit_as_a_row():
+    truth = np.array([0, 0, 1, 1, 1, 9])
+    predicted = np.array([0, 1, 1, 1, 7, 9])
+    matrix, per_digit, accuracy = predict.confusion_metrics(truth, predicted)
+    assert matrix[0].tolist()[:2] == [1, 1] and matrix[1, 1] == 2 and matrix[1, 7] == 1 and matrix[9, 9] == 1
+    assert matrix.sum() == 6
+    assert per_digit[0] == 50.0 and per_digit[1] == pytest.approx(200 / 3) and per_digit[9] == 100.0
+    assert per_digit[5] == 0.0  # no images of 5
+    assert accuracy == pytest.approx(400 / 6)

@@ -1,0 +1,86 @@
+"""runner: one tracked training run. How a run ends (opened), which child is trained, reused or
+adopted (child_run, by key), and what a Stage hands down; in a real temporary tracking store,
+training resnet for one epoch on 64 synthetic images."""
+import pytest
+import torch
+
+from pipeline import config, data, interrupts, runner
+from pipeline.runtime import Runtime
+
+CPU = Runtime(torch.device("cpu"), "fp32")
+
+
+@pytest.fixture
+def tiny(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    cfg = config.load("train", store.params({"epochs": "1", "limit_train": "64", "limit_test": "32",
+                                             "bs": "32", "init": "scratch", "device": "cpu", "precision": "fp32"}))
+    return store, cfg, data.load(cfg)
+
+
+@pytest.mark.parametrize("raised,end,status", [(KeyboardInterrupt("SIGTERM"), False, "KILLED"),
+                                               (ValueError("boom"), True, "FAILED"),
+                                               (ValueError("boom"), False, "RUNNING"),
+                                               (None, True, "FINISHED")])
+def test_opened_ends_the_run_as_it_went_and_names_a_killed_run_on_the_interrupt(store, monkeypatch, raised, end,
+                                                                              status):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    run_id = store.client.create_run("0").info.run_id
+    try:
+        with runner.opened(run_id, end=end):
+            if raised is not None:
+                raise raised
+    except BaseException as err:  # noqa: BLE001 - the test re-checks what came out
+        assert err is raised
+        if isinstance(err, KeyboardInterrupt):
+            assert interrupts.killed_runs(err) == [run_id]  # what __main__ names in its hint
+    assert store.client.get_run(run_id).info.status == status
+
+
+def child(stage, cfg, dataset, name="point"):
+    return runner.child_run(stage, name, cfg, dataset, arch="resnet", init_state=None,
+                            tags={"source_run_id": "scratch"}, init_source="scratch")
+
+
+def test_a_finished_child_with_the_same_key_is_reused_and_another_name_trains(tiny, capsys):
+    store, cfg, dataset = tiny
+    stage = runner.Stage(store.client.create_run("0").info.run_id, CPU)
+    first = child(stage, cfg, dataset)
+    assert store.client.get_run(first.run_id).info.status == "FINISHED"
+    assert store.steps(first.run_id, "test_acc") == [1]
+    again = child(stage, cfg, dataset)
+    assert again.run_id == first.run_id and f"reusing FINISHED child run {first.run_id}" in capsys.readouterr().out
+    assert again.best_acc == first.best_acc and again.history.column("test_acc") == first.history.column("test_acc")
+    other = child(stage, cfg, dataset, name="another point")
+    assert other.run_id != first.run_id
+    assert len(store.children(stage.run_id)) == 2
+
+
+def test_only_an_adoptable_earlier_stage_runs_children_are_taken_over(tiny):
+    store, cfg, dataset = tiny
+    earlier = runner.Stage(store.client.create_run("0").info.run_id, CPU)
+    trained = child(earlier, cfg, dataset)
+    stranger = runner.Stage(store.client.create_run("0").info.run_id, CPU)  # adopts nothing
+    assert child(stranger, cfg, dataset).run_id != trained.run_id
+    continuing = runner.Stage(store.client.create_run("0").info.run_id, CPU, frozenset({earlier.run_id}))
+    assert child(continuing, cfg, dataset).run_id == trained.run_id
+    assert store.client.get_run(trained.run_id).data.tags["mlflow.parentRunId"] == continuing.run_id
+
+
+def test_a_child_keyed_on_another_runtime_is_not_reused(tiny):
+    store, cfg, dataset = tiny
+    stage = runner.Stage(store.client.create_run("0").info.run_id, CPU)
+    first = child(stage, cfg, dataset)
+    bf16 = runner.Stage(stage.run_id, Runtime(torch.device("cpu"), "bf16"))
+    assert child(bf16, cfg, dataset).run_id != first.run_id
+
+
+def test_hyper_caps_epochs_and_takes_the_stages_precision():
+    cfg = config.load("train", {"epochs": "7", "max_epochs": "0", "lr": "0.01", "precision": "auto"})
+    hyper = runner.hyper(cfg.replace(max_epochs=3), Runtime(torch.device("cpu"), "bf16"))
+    assert (hyper.epochs, hyper.lr, hyper.precision) == (3, 0.01, "bf16")
+
+
+def test_a_stage_hands_its_children_everything_but_its_registrations():
+    stage = runner.Stage("run", CPU, frozenset({"earlier"}), [("m", "1", None)])
+    assert stage.for_children() == runner.Stage("run", CPU, frozenset({"earlier"}))
