@@ -43,7 +43,7 @@ test-fast: install
 # augmentation, the served Classifier and the evaluation metrics, against the unit tests only.
 # One child, one thread, low priority. Score and survivors go to docs/testing.md.
 MUTATE_FUNCTIONS := 'pipeline.train.*' 'pipeline.config.*' 'pipeline.models.*' \
-	'pipeline.runtime.*' 'pipeline.keys.*' 'pipeline.batching.x_normalise*' 'pipeline.batching.x_center_crop*' 'pipeline.batching.x_sample_augment_params*' \
+	'pipeline.runtime.*' 'pipeline.keys.*' 'pipeline.rng.*' 'pipeline.batching.x_normalise*' 'pipeline.batching.x_center_crop*' 'pipeline.batching.x_sample_augment_params*' \
 	'pipeline.batching.x_augment*' 'pipeline.batching.xǁTensorBatchesǁ*' \
 	'pipeline.registry.xǁClassifierǁ*' 'pipeline.predict.x_confusion_metrics*'
 

@@ -23,7 +23,7 @@ from .errors import LineageError
 from .keys import code_version
 
 # On stage runs and their children: the data digest their weights descend from, or "mixed" when
-# they grew out of a parent's weights trained on other data (stages.Lineage.data_of).
+# they grew out of a parent's weights trained on other data (lineage.Lineage.data_of).
 LINEAGE_DIGEST = "lineage_digest"
 
 

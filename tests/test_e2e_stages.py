@@ -51,8 +51,7 @@ def study(module_store):
     store.interrupted = {"tune_lr": tune_lr[0].info.run_id, "stderr": err,
                          "finished_child": next(c.info.run_id for c in children if c.info.status == "FINISHED")}
     proc = store.mlflow_run("main", pairs)
-    output = proc.stdout + proc.stderr
-    assert "[main] model_selection: reusing FINISHED run" in output and "[main] baseline: reusing" in output
+    store.continued_output = proc.stdout + proc.stderr
     (store.main_run,) = finished_top_level(store, "main")
     store.study_runs = {r.info.run_id for r in store.runs()}
     store.finished_counts = {stage: len(finished_top_level(store, stage)) for stage in CHAIN}
@@ -124,6 +123,12 @@ def test_one_finished_top_level_run_per_stage_chained_by_run_id(study):
         assert len(keys) == 1 and {"lr", "gamma", "wd", "bs", "seed"} <= set(next(iter(keys)))
         assert all(study.steps(c.info.run_id, "test_acc") == [1] for c in children.values())
         previous = run
+
+
+def test_the_continued_study_reuses_the_stages_that_finished_before_the_interruption(study):
+    output = study.continued_output
+    assert "[main] model_selection: reusing FINISHED run" in output and "[main] baseline: reusing" in output
+    assert "[main] tune_lr: starting `mlflow run -e tune_lr`" in output  # interrupted: continued, not reused
 
 
 def test_an_interrupted_study_continues_child_by_child(study):

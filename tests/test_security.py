@@ -16,9 +16,10 @@ import torch
 import yaml
 from PIL import Image
 
+from pipeline import checkpoints, data, predict, registry, runner, synthetic, train
+from pipeline.errors import CheckpointError, DataError, PredictError
 from support.processes import free_port, wait_http
 from support.store import VENV_BIN
-from pipeline import checkpoints, data, models, predict, registry, runner, synthetic, train
 
 MODEL_NAME = "svhn-no-pickle"
 
@@ -136,7 +137,7 @@ def test_a_malformed_last_pt_is_one_line_naming_run_and_file(trained, tmp_path, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
     real_last = Path(store.client.download_artifacts(source, checkpoints.LAST, str(tmp_path)))
     run_id = plant(store, source, checkpoints.LAST, malformed(kind, real_last, tmp_path))
-    with pytest.raises(models.CheckpointError) as err:
+    with pytest.raises(CheckpointError) as err:
         checkpoints.resume_state(run_id, "resnet")
     message = str(err.value)
     assert "\n" not in message and f"run {run_id}: checkpoints/last.pt" in message
@@ -150,7 +151,7 @@ def test_a_parent_best_pt_that_does_not_load_is_one_line(trained, tmp_path, monk
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
     marker = tmp_path / "marker"
     run_id = plant(store, source, checkpoints.BEST, crafted_checkpoint(tmp_path / "best.pt", marker))
-    with pytest.raises(models.CheckpointError) as err:
+    with pytest.raises(CheckpointError) as err:
         checkpoints.parent_state(run_id)
     assert f"run {run_id}: checkpoints/best.pt is not plain data" in str(err.value)
     assert "\n" not in str(err.value) and not marker.exists()
@@ -267,8 +268,8 @@ def test_a_mat_of_the_wrong_shape_or_dtype_is_one_line(tmp_path, problem, expect
         y = y + 20
     path = tmp_path / "test_32x32.mat"
     scipy.io.savemat(path, {"X": X, "y": y})
-    with pytest.raises(data.DataError) as err:
+    with pytest.raises(DataError) as err:
         data.read_mat(path, "test", verify=False)
     assert str(path) in str(err.value) and expected in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(predict.PredictError, match=expected):  # the same line for predict's input
+    with pytest.raises(PredictError, match=expected):  # the same line for predict's input
         predict.collect(str(path))

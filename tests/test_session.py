@@ -1,0 +1,76 @@
+"""session: what a command does around a stage, with the stage itself replaced by a stand-in
+(no training): the Stage it hands down, the runs it continues, how it closes the run, what it
+withdraws when the stage fails, and what it refuses to resume; in a real temporary store."""
+import pytest
+
+from pipeline import config, data, keys, lifecycle, registry, runner, runtime, session, stages
+from pipeline.errors import LineageError
+
+
+@pytest.fixture
+def tiny(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    cfg = config.load("tune_lr", store.params({"init": "scratch", "epochs": "1", "lrs": "0.001"}))
+    return store, cfg
+
+
+def result(run_id: str) -> runner.RunResult:
+    return runner.RunResult(run_id, "stand-in", "resnet", 50.0, 1, None, "test", 40.0)
+
+
+def test_a_stage_that_fails_after_registering_has_its_versions_withdrawn(tiny, monkeypatch):
+    store, cfg = tiny
+    withdrawn = []
+    monkeypatch.setattr(registry, "withdraw", lambda registered: withdrawn.append(list(registered)))
+
+    def registers_then_fails(cfg, stage, dataset, lineage):
+        stage.registered.append(("svhn-classifier-synthetic", "3", "2"))
+        raise RuntimeError("the stage broke after registering")
+
+    monkeypatch.setitem(stages.STAGES, "tune_lr", registers_then_fails)
+    with pytest.raises(RuntimeError, match="broke after registering"):
+        session.run(cfg)
+    assert withdrawn == [[("svhn-classifier-synthetic", "3", "2")]]
+    (run,) = store.top_level("tune_lr")
+    assert run.info.status == "FAILED" and "training_key" not in run.data.tags  # never reused by main
+
+
+def test_a_stage_continues_an_earlier_unfinished_run_of_the_same_key_and_finishes_with_its_key(tiny, monkeypatch):
+    store, cfg = tiny
+    dataset = data.load(cfg)
+    resolved = runtime.of(cfg)
+    stage_key = keys.study_key(cfg, dataset.digest, resolved)
+    earlier = store.client.create_run("0", tags={"stage": "tune_lr", lifecycle.STAGE_KEY: stage_key}).info.run_id
+    other = store.client.create_run("0", tags={"stage": "tune_lr", lifecycle.STAGE_KEY: "another key"}).info.run_id
+    handed = []
+
+    def stand_in(cfg, stage, dataset, lineage):
+        handed.append(stage)
+        return result(stage.run_id)
+
+    monkeypatch.setitem(stages.STAGES, "tune_lr", stand_in)
+    session.run(cfg)
+    (stage,) = handed
+    assert stage.adoptable == frozenset({earlier})  # not the run of another key
+    assert (stage.runtime, stage.code_version) == (resolved, keys.code_version())  # resolved once, handed down
+    run = store.client.get_run(stage.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["training_key"] == keys.training_key(cfg, dataset.digest, resolved)
+    old = store.client.get_run(earlier)
+    assert old.data.tags[lifecycle.CONTINUED_IN] == stage.run_id and old.info.status == "KILLED"
+    assert [k for k in old.data.params if k.startswith(lifecycle.CLAIM)] == ["writer.1"]  # claimed once
+    assert store.client.get_run(other).info.status == "RUNNING"  # left alone
+
+
+def test_resume_refuses_a_continued_run_and_leaves_a_finished_one(tiny, capsys):
+    store, cfg = tiny
+    continued = store.client.create_run("0", tags={"stage": "tune_lr", lifecycle.CONTINUED_IN: "newer"}).info.run_id
+    with pytest.raises(LineageError, match=f"run {continued} was continued in run newer"):
+        session.resume(cfg.replace(resume_run_id=continued))
+    done = store.client.create_run("0").info.run_id
+    store.client.set_terminated(done, "FINISHED")
+    assert session.resume(cfg.replace(resume_run_id=done)) is None
+    assert f"run {done} is FINISHED: nothing to resume" in capsys.readouterr().out
+    with pytest.raises(LineageError, match="resume run 'nope' was not found"):
+        session.resume(cfg.replace(resume_run_id="nope"))
