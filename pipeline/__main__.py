@@ -59,8 +59,8 @@ def run(stage: str, overrides: dict[str, str]) -> int:
         # its own store: not the MLflow db, and reachable where trials run (main: before baseline trains)
         checks.append(lambda: storage_url(cfg, mlflow.get_tracking_uri()))
     check_before_runs(cfg, *checks)  # executor=ray: stores every node reaches, children that fit a node
-    if stage == "main":
-        runtime.of(cfg)  # device=cuda on a machine without one: stop now
+    # main's stages run with what it resolves here (device=cuda on a machine without one: stop now)
+    resolved = runtime.of(cfg) if stage == "main" else None
     if stage in ("main", "predict", "evaluate"):
         # a model in another format than pt2 is refused before this command makes a run
         model = predict_mod.load_model(cfg.champion_uri) if stage != "main" else None
@@ -70,7 +70,7 @@ def run(stage: str, overrides: dict[str, str]) -> int:
         tracking.client().set_tag(run_id, "mlflow.runName", stage)
         with runner.opened(run_id, end=created):
             if stage == "main":
-                workflow.main(cfg, overrides, run_id)
+                workflow.main(cfg, overrides, run_id, resolved)
                 return 0
             if stage == "evaluate":
                 predict_mod.evaluate(cfg, run_id, model)
@@ -106,6 +106,19 @@ def interrupted(stopped: KeyboardInterrupt, stage: str, overrides: dict[str, str
     return 130
 
 
+def stopped_runs_hint(err: BaseException, stage: str, overrides: dict[str, str]) -> None:
+    """After an error that stopped runs on its way up (a driver's children marked KILLED): the
+    command that continues them."""
+    from .interrupts import killed_runs
+    from .workflow import UNDER_MAIN
+
+    killed = killed_runs(err)
+    if killed and not (stage != "main" and os.environ.get(UNDER_MAIN)):
+        print(f"runs {', '.join(killed)} marked KILLED; finished runs are kept and the stopped ones resume from "
+              f"their last checkpoints. Continue with the same command: {continue_command(stage, overrides)}",
+              file=sys.stderr, flush=True)
+
+
 PICKLE = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 
 
@@ -138,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"error: {refusal or first}", file=sys.stderr, flush=True)
+        stopped_runs_hint(err, stage, overrides)
         return 2 if refusal else 1
+    except Exception as err:  # a bug: its traceback follows, and the runs it stopped can continue
+        stopped_runs_hint(err, stage, overrides)
+        raise
 
 
 if __name__ == "__main__":

@@ -112,10 +112,12 @@ class Tuner:
         return runs[0] if runs else None
 
     def retry_interrupted(self) -> int:
-        """Trials left RUNNING by a process that died: failed and queued again with the same values
-        and the epochs they reported (Optuna's retry callback), at most max_retries times each (a
-        trial that always kills its process is given up, its child run FAILED, and the study asks
-        a new one). Returns those still live elsewhere."""
+        """Trials left RUNNING by an earlier command: failed and queued again with the same values
+        and the epochs their runs logged. A trial whose command was stopped (its child KILLED by
+        the cleanup, or never started) is no crash: queued again whatever its count. One whose
+        process died is retried by Optuna's retry callback at most max_retries times (a trial that
+        always kills its process is given up, its child run FAILED, and the study asks a new one).
+        Returns those still live elsewhere."""
         live = 0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -135,6 +137,11 @@ class Tuner:
             covered = tracking.logged_steps(child.info.run_id, "test_acc") if child is not None else set()
             failed.intermediate_values = {step: value for step, value in failed.intermediate_values.items()
                                           if step in covered}
+            if child is None or child.info.status == "KILLED":
+                requeue(self.study, failed)
+                log(f"autotune: trial #{self.number(frozen.number)} was stopped with its command: queued "
+                    f"again with the same values (no retry counted)")
+                continue
             retry(self.study, failed)
             if len(self.study.get_trials(deepcopy=False)) == trials:  # not queued again: given up
                 if child is not None and child.info.status == "RUNNING":
@@ -209,6 +216,17 @@ class Tuner:
         log(f"autotune: best trial #{self.number(number)}: " + " ".join(f"{k}={short(v)}" for k, v in values.items())
             + f" ({len(complete)} complete, {pruned} pruned)")
         return best
+
+
+def requeue(study, stopped) -> None:
+    """Queue a stopped trial again as Optuna's retry callback does (same values, the intermediate
+    values given, and `failed_trial` naming the first attempt), leaving its retry history as it
+    is: only a worker or process that died counts against max_retries."""
+    system_attrs = {"failed_trial": stopped.number, "retry_history": [], **stopped.system_attrs}
+    study.add_trial(optuna.create_trial(
+        state=TrialState.WAITING, params=stopped.params, distributions=stopped.distributions,
+        user_attrs=stopped.user_attrs, system_attrs=system_attrs,
+        intermediate_values=stopped.intermediate_values))
 
 
 def log_plots(study, run_id: str) -> None:

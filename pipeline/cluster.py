@@ -62,8 +62,8 @@ def is_local_host(host: str) -> bool:
 
 def beyond_this_machine(cfg: Config) -> str:
     """Where children of `cfg` may train off this machine ("" when all train here): a ray_address
-    on another host (known without connecting), or a cluster with nodes elsewhere (joined to look;
-    a Ray this process starts has only this machine)."""
+    on another host (known without connecting), or else, once connected (whatever the address),
+    nodes the cluster has elsewhere."""
     if cfg.executor != "ray":
         return ""
     address = cfg.ray_address
@@ -73,8 +73,6 @@ def beyond_this_machine(cfg: Config) -> str:
             return f"ray_address={address} (another machine)"
     import ray
 
-    if address in ("", "local") and not ray.is_initialized():
-        return ""
     connect(cfg)
     remote = sorted({n["NodeManagerAddress"] for n in ray.nodes()
                      if n["Alive"] and not is_local_host(n["NodeManagerAddress"])})
@@ -125,7 +123,8 @@ RAY: dict = {}  # what this process put in Ray's object store once: {key: Object
 
 
 def connect(cfg: Config) -> None:
-    """Join cfg.ray_address, or start a local Ray ("") that this process stops when it exits.
+    """Join cfg.ray_address, or start a private local Ray ("" or "local") that this process stops
+    when it exits: address="local" never joins RAY_ADDRESS or another cluster on this machine.
     The driver stays this process; Ray's own processes never see MLFLOW_RUN_ID (mlflow#15713)."""
     import ray
 
@@ -135,7 +134,7 @@ def connect(cfg: Config) -> None:
     try:
         with interrupts.critical():  # a Ray started halfway is not stopped cleanly: Ctrl-C waits
             if cfg.ray_address in ("", "local"):
-                ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+                ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
             else:
                 ray.init(address=cfg.ray_address, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as err:

@@ -32,6 +32,10 @@ class ModelRefused(UserError, RuntimeError):
     """A logged or registered model that is not loaded (not pt2, or not readable)."""
 
 
+class NotLikeTheDriver(UserError, RuntimeError):
+    """A Ray worker whose code or runtime differs from the driver's: it refuses to train."""
+
+
 class ChildFailed(UserError, RuntimeError):
     """A child that failed for good on Ray: its run is FAILED; the same command resumes the rest."""
     exit_code = 1

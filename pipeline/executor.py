@@ -4,16 +4,17 @@ runner.child_run, so the MLflow record is the same; the stage then aggregates as
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from . import data as data_mod
-from . import interrupts, tracking, train
+from . import interrupts, keys, pause, runtime, tracking, train
 from .cluster import TRACKING_ENV, check_cluster, shared, tracking_uri
 from .config import Config
-from .errors import ChildFailed
+from .errors import ChildFailed, ConfigError, NotLikeTheDriver
 from .runner import RunResult, Stage, child_run, log
 
 
@@ -63,6 +64,27 @@ class ProgressBoard:
         return self.updates[since:]
 
 
+def like_the_driver(stage: Stage, cfg: Config, node: str) -> None:
+    """A task trains only what its stage is keyed on: the driver's code version, and the device
+    type and precision the driver resolved, which this node must resolve alike."""
+    differ = []
+    code = keys.code_version()
+    if stage.code_version and code != stage.code_version:
+        differ.append(f"code version {code} here, {stage.code_version} on the driver")
+    try:
+        mine = runtime.of(cfg)
+        here = f"{mine.device_type}/{mine.precision}"
+    except ConfigError as err:
+        here = f"none ({err})"
+    driver = f"{stage.runtime.device_type}/{stage.runtime.precision}"
+    if here != driver:
+        differ.append(f"device/precision {here} here, {driver} on the driver")
+    if differ:
+        raise NotLikeTheDriver(f"node {node[:8]} refused to train: {'; '.join(differ)}; run the driver's "
+                               f"checkout on every node, and pass -P device=... -P precision=... that "
+                               f"the driver and every node resolve alike")
+
+
 def ray_child(env: dict[str, str], stage: Stage, spec: ChildSpec, init_state, dataset, board) -> RunResult:
     """One child on a Ray worker: tracked by the same child_run as executor=local."""
     import ray
@@ -71,21 +93,27 @@ def ray_child(env: dict[str, str], stage: Stage, spec: ChildSpec, init_state, da
     os.environ.update(env)
     context = ray.get_runtime_context()
     node = context.get_node_id()
+    like_the_driver(stage, spec.cfg, node)  # before any run is made or touched
     spec = replace(spec, init_state=init_state, tags={**spec.tags, "ray_node_id": node})
+
+    def show(text: str, wait: bool = False) -> None:
+        """Progress is best-effort: a lost board never fails the child."""
+        with contextlib.suppress(Exception):
+            sent = board.update.remote(spec.name, text)
+            if wait:  # it, and every update before it, is on the board before the driver sees the result
+                ray.get(sent, timeout=30)
 
     def progress(end: train.EpochEnd) -> None:
         result = end.result
         acc = result.val_acc if result.val_acc is not None else result.test_acc
         split = "val" if result.val_acc is not None else "test"
-        board.update.remote(spec.name, f"epoch {result.epoch}/{spec.cfg.epochs}  {split}_acc {acc:6.2f}%  "
-                                       f"{result.train_images_per_s:,.0f} img/s  node {node[:8]}")
+        show(f"epoch {result.epoch}/{spec.cfg.epochs}  {split}_acc {acc:6.2f}%  "
+             f"{result.train_images_per_s:,.0f} img/s  node {node[:8]}")
 
-    board.update.remote(spec.name, f"starting on node {node[:8]}")
+    show(f"starting on node {node[:8]}")
     result = train_child(stage, spec, dataset, progress, task=f"ray-task:{context.get_task_id()}")
     tracking.client().set_tag(result.run_id, "ray_node_id", node)  # a retry may have moved it
-    # waited for: it (and every update before it) is on the board before the driver sees the result
-    ray.get(board.update.remote(spec.name, f"done: best {result.selected_on}_acc {result.best_acc:.2f}% "
-                                           f"at epoch {result.best_epoch}"))
+    show(f"done: best {result.selected_on}_acc {result.best_acc:.2f}% at epoch {result.best_epoch}", wait=True)
     return result
 
 
@@ -101,7 +129,14 @@ class Display:
     def refresh(self) -> None:
         import ray
 
-        updates = ray.get(self.board.read.remote(self.seen))
+        if self.board is None:
+            return
+        try:
+            updates = ray.get(self.board.read.remote(self.seen), timeout=30)
+        except (ray.exceptions.RayError, TimeoutError) as err:  # best-effort: training goes on without it
+            log(f"[ray] progress display lost ({type(err).__name__}): the children train on; their runs show progress")
+            self.board = None
+            return
         self.seen += len(updates)
         for name, text in updates:
             self.rows[name] = text
@@ -122,7 +157,7 @@ def run_on_ray(cfg: Config, stage: Stage, specs: list[ChildSpec],
     import ray
 
     check_cluster(cfg)  # the CLI checked this before any run existed; in-process callers did not
-    env = {k: v for k, v in os.environ.items() if k in TRACKING_ENV}
+    env = {k: v for k, v in os.environ.items() if k in TRACKING_ENV + pause.ENV}
     env["MLFLOW_TRACKING_URI"] = tracking_uri()
     data_ref = shared(dataset, f"data-{dataset.digest}")
     board = ray.remote(num_cpus=0)(ProgressBoard).remote()
@@ -153,12 +188,17 @@ def run_on_ray(cfg: Config, stage: Stage, specs: list[ChildSpec],
                         stop(pending, stage.run_id, {specs[index].name: "FAILED"})
                     raise ChildFailed(failure_line(specs[index].name, err, cfg)) from None
         display.refresh()
-    except KeyboardInterrupt as stopped:
+    except ChildFailed:
+        raise  # stopped above, the failed child FAILED
+    except BaseException as stopped:
+        # Ctrl-C, SIGTERM, or any error in this driver (the tracking server, Ray, a bug): no task
+        # outlives it and no child run stays RUNNING; the CLI prints the command that continues
         with interrupts.critical():  # `mlflow run` follows Ctrl-C with SIGTERM: finish this first
             interrupts.killed_runs(stopped).extend(stop(pending, stage.run_id, {}))
         raise
     finally:
-        ray.kill(board)
+        with contextlib.suppress(Exception):  # the board may be gone already
+            ray.kill(board)
     return [results[i] for i in range(len(specs))]
 
 
@@ -180,14 +220,20 @@ def stop(pending: list, parent_run_id: str, status_of: dict[str, str]) -> list[s
     import ray
 
     for ref in pending:
-        ray.cancel(ref, force=True)
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=True)
     if pending:
-        ray.wait(pending, num_returns=len(pending), timeout=10)
-    client = tracking.client()
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
+        with contextlib.suppress(Exception):
+            ray.wait(pending, num_returns=len(pending), timeout=10)
     ended = []
-    for run in client.search_runs([experiment_id], max_results=1000, filter_string=(
-            f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'")):
-        tracking.end_run(run.info.run_id, status_of.get(run.info.run_name, "KILLED"))
-        ended.append(run.info.run_id)
+    try:
+        client = tracking.client()
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+        for run in client.search_runs([experiment_id], max_results=1000, filter_string=(
+                f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'")):
+            tracking.end_run(run.info.run_id, status_of.get(run.info.run_name, "KILLED"))
+            ended.append(run.info.run_id)
+    except Exception as err:  # noqa: BLE001 - the tasks are cancelled; the runs wait for a resume
+        log(f"[ray] tasks cancelled, but their runs could not be marked ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:160] if str(err) else ''}); running the command again resumes them")
     return ended

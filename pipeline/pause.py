@@ -16,6 +16,9 @@ import os
 import time
 from pathlib import Path
 
+# the variables that turn pause points on: the executor hands them to Ray workers with MLflow's
+ENV = ("SVHN_PAUSE_AT", "SVHN_PAUSE_DIR")
+
 _hits: dict[tuple[str, str], int] = {}
 
 

@@ -43,16 +43,18 @@ class RunResult:
 @dataclass
 class Stage:
     """A stage run as its children see it, handed down by the session (never a module global):
-    its run, the one Runtime it resolved, the earlier unfinished runs of the same stage whose
-    children it takes over, and the model versions it registered (withdrawn if it fails)."""
+    its run, the one Runtime and code version it resolved (what its key and its children's keys
+    say they ran), the earlier unfinished runs of the same stage whose children it takes over,
+    and the model versions it registered, (name, version, previous champion), withdrawn if it fails."""
     run_id: str
     runtime: Runtime
     adoptable: frozenset[str] = frozenset()
-    registered: list = field(default_factory=list)
+    registered: list[tuple[str, str, str | None]] = field(default_factory=list)
+    code_version: str = ""
 
     def for_children(self) -> "Stage":
         """What a child task needs (no registrations: only the driver registers)."""
-        return Stage(self.run_id, self.runtime, self.adoptable)
+        return Stage(self.run_id, self.runtime, self.adoptable, code_version=self.code_version)
 
 
 def hyper(cfg: Config, runtime: Runtime) -> train.Hyper:

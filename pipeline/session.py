@@ -65,7 +65,7 @@ def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
         if cfg.stage != "train":  # a train run logs its own inputs; a stage's are its children's
             tracking.log_datasets(run_id, dataset)
             earlier = continue_earlier_runs(cfg, run_id, stage_key)
-        stage = Stage(run_id, resolved, frozenset(r.info.run_id for r in earlier))
+        stage = Stage(run_id, resolved, frozenset(r.info.run_id for r in earlier), code_version=keys.code_version())
         client.set_tag(run_id, lifecycle.STAGE_KEY, stage_key)
         lifecycle.beat(run_id)
         log(f"{cfg.stage}: run {run_id} in {mlflow.get_tracking_uri()}")
@@ -127,7 +127,7 @@ def resume_stage(previous, cfg: Config, dataset, resolved: Runtime) -> RunResult
     point_holder_at(run_id)
     client = tracking.client()
     client.update_run(run_id, status="RUNNING")
-    stage = Stage(run_id, resolved)
+    stage = Stage(run_id, resolved, code_version=keys.code_version())
     with runner.opened(run_id):
         lifecycle.beat(run_id)
         log(f"{cfg.stage}: resuming stage run {run_id} child by child")

@@ -15,11 +15,12 @@ import mlflow
 
 from . import config as config_mod
 from . import data as data_mod
-from . import keys, plots, runtime, tracking
+from . import keys, plots, tracking
 from .config import Config
 from .errors import ConfigError
 from .lineage import tuned_by_parent
 from .runner import log
+from .runtime import Runtime
 
 UNDER_MAIN = "SVHN_MAIN_RUN_ID"
 
@@ -61,10 +62,10 @@ def stage_overrides(overrides: dict[str, str]) -> dict[str, str]:
     return shared
 
 
-def run_stage(stage: str, parameters: dict[str, str], cfg: Config, experiment_id: str) -> str:
+def run_stage(stage: str, parameters: dict[str, str], cfg: Config, experiment_id: str, resolved: Runtime) -> str:
     stage_cfg = config_mod.load(stage, parameters)  # the stage's own config: fail fast if invalid
     stage_cfg, _ = tuned_by_parent(stage_cfg, frozenset(parameters))  # as the stage will resolve it
-    key = keys.training_key(stage_cfg, data_mod.data_digest(stage_cfg), runtime.of(stage_cfg))
+    key = keys.training_key(stage_cfg, data_mod.data_digest(stage_cfg), resolved)
     found = tracking.find_finished_run(experiment_id, key)
     if found:
         log(f"[main] {stage}: reusing FINISHED run {found.info.run_id} "
@@ -77,13 +78,15 @@ def run_stage(stage: str, parameters: dict[str, str], cfg: Config, experiment_id
     return submitted.run_id
 
 
-def main(cfg: Config, overrides: dict[str, str], main_run_id: str) -> list[dict]:
+def main(cfg: Config, overrides: dict[str, str], main_run_id: str, resolved: Runtime) -> list[dict]:
+    """The chain, each stage keyed with `resolved` (main's device and precision, which it passes
+    on to every stage)."""
     client = tracking.client()
     experiment_id = client.get_run(main_run_id).info.experiment_id
     shared = stage_overrides(overrides)
     for_autotune = autotune_overrides(overrides)
     client.set_tag(main_run_id, "stage", "main")
-    tracking.log_config(main_run_id, cfg, runtime.of(cfg).params(cfg.bs, cfg.data_pipeline))
+    tracking.log_config(main_run_id, cfg, resolved.params(cfg.bs, cfg.data_pipeline))
     tracking.log_datasets(main_run_id, data_mod.load(cfg))  # the data the whole study sees
     os.environ[UNDER_MAIN] = main_run_id  # stage processes leave the "continue with" hint to main
     split = cfg.selects_on
@@ -93,7 +96,7 @@ def main(cfg: Config, overrides: dict[str, str], main_run_id: str) -> list[dict]
                           **(for_autotune if stage == "autotune" else {}))
         if not config_mod.load(stage).register:
             parameters.pop("registered_model", None)  # so it only invalidates stages that register
-        run_id = run_stage(stage, parameters, cfg, experiment_id)
+        run_id = run_stage(stage, parameters, cfg, experiment_id, resolved)
         run = client.get_run(run_id)
         rows.append({"stage": stage, "run_id": run_id,
                      "run_name": run.data.tags.get("mlflow.runName", stage),

@@ -214,3 +214,37 @@ def test_a_trial_that_keeps_killing_its_process_is_given_up_after_max_retries(st
             assert again.spec(retried).name.startswith("autotune #0 ") and retried.params == trial.params
     assert [t.state for t in again.study.trials] == [State.FAIL, State.FAIL]  # not queued a third time
     assert store.client.get_run(child).info.status == "FAILED"
+
+
+def test_a_trial_whose_command_was_stopped_is_queued_again_without_counting_a_retry(store, monkeypatch):
+    """A stopped command (Ctrl-C, SIGTERM) leaves its trial RUNNING and the trial's child KILLED:
+    that is no crash, so however often it happens the trial is queued again with its values, and
+    max_retries (for workers that die) is never spent on it."""
+    from pipeline import data
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    params = store.params({"n_trials": "2", "init": "scratch", "bss": "32", "max_retries": "1"})
+    params.pop("bs")
+    cfg = config.load("autotune", params)
+    dataset = data.load(cfg)
+    stage_run = store.client.create_run("0").info.run_id
+    tuner = autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())
+    trial = tuner.study.ask()
+    tuner.spec(trial)
+    child = store.client.create_run("0", tags={"mlflow.parentRunId": stage_run,
+                                               "training_key": trial.user_attrs["child_key"]}).info.run_id
+    store.client.log_metric(child, "test_acc", 12.5, step=1)
+    store.client.set_terminated(child, "KILLED")  # what a stopped command's cleanup marks
+    trial.report(12.5, 1)
+    State = optuna.trial.TrialState
+    for stop in range(4):  # stopped four times over, with max_retries=1
+        again = autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())
+        assert again.retry_interrupted() == 0
+        assert [t.state for t in again.study.trials][-1] == State.WAITING, stop
+        queued = again.study.trials[-1]
+        assert queued.params == trial.params and queued.intermediate_values == {1: 12.5}
+        assert queued.system_attrs.get("retry_history", []) == []  # no retry counted
+        resumed = again.study.ask()  # the next command takes it up, and is stopped too
+        assert again.spec(resumed).name.startswith("autotune #0 ")
+        assert resumed.user_attrs["child_key"] == trial.user_attrs["child_key"]  # resumes the same child
+    assert store.client.get_run(child).info.status == "KILLED"  # never given up as FAILED

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 
 import pytest
 import torch
@@ -278,3 +279,181 @@ def test_tasks_read_the_data_from_the_object_store_not_from_disk(two_nodes, serv
         assert run.data.tags["data_digest"] == dataset.digest
     assert [server.client.get_run(r.run_id).data.params["data_pipeline"] for r in results] == ["tensor", "torchvision"]
     assert isinstance(results[0], runner.RunResult)
+
+
+# -- the driver: what it hands its tasks, and what it leaves when it breaks -------------------------
+
+def in_process_stage(server, two_nodes, monkeypatch, **extra):
+    """(cfg, dataset, parent run id) for a tune_lr driven from this process, children on the nodes."""
+    import mlflow
+
+    from pipeline import config, data
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    cfg = config.load("tune_lr", server.params({"init": "scratch", "lrs": "0.001", "epochs": "1",
+                                                "executor": "ray", "ray_address": two_nodes.address,
+                                                "device": "cpu", **extra}))
+    parent = mlflow.MlflowClient().create_run("0", run_name="driver check").info.run_id
+    return cfg, data.load(cfg), parent
+
+
+def disconnect():
+    import ray
+
+    from pipeline.cluster import RAY
+
+    ray.shutdown()  # only disconnects: the cluster is the fixture's
+    RAY.clear()
+
+
+def test_a_worker_that_differs_from_the_driver_refuses_in_one_line_before_any_run(two_nodes, server, monkeypatch):
+    from pipeline import executor, keys, runner, runtime
+    from pipeline.errors import ChildFailed
+
+    cfg, dataset, parent = in_process_stage(server, two_nodes, monkeypatch)
+    mine = runtime.of(cfg)
+    other_precision = runtime.Runtime(mine.device, "fp32" if mine.precision == "bf16" else "bf16")
+    cases = [(runner.Stage(parent, mine, code_version="0" * 12),
+              f"code version {keys.code_version()} here, {'0' * 12} on the driver"),
+             (runner.Stage(parent, other_precision, code_version=keys.code_version()),
+              f"device/precision cpu/{mine.precision} here, cpu/{other_precision.precision} on the driver")]
+    try:
+        for stage, differs in cases:
+            with pytest.raises(ChildFailed) as err:
+                executor.run_children(cfg, stage, [executor.ChildSpec("point", cfg, "resnet")], dataset)
+            line = str(err.value)
+            assert "\n" not in line and differs in line, line
+            assert line.startswith("child 'point' failed: NotLikeTheDriver: node ")
+            node = line.split("node ")[1][:8]
+            assert node in {n.node_id[:8] for n in two_nodes.list_all_nodes()}  # names the node
+    finally:
+        disconnect()
+    assert server.children(parent) == []  # refused before any run was made
+
+
+def test_any_driver_error_cancels_the_tasks_and_marks_their_runs_killed(two_nodes, server, monkeypatch):
+    """An error in the driver itself (here its progress loop breaks once a child has logged an
+    epoch), not only Ctrl-C or a Ray error: the task is cancelled and its run KILLED, named on the
+    error for the command's hint; nothing trains on."""
+    from pipeline import executor, interrupts, keys, runner, runtime
+
+    cfg, dataset, parent = in_process_stage(server, two_nodes, monkeypatch, epochs="3")
+    real_refresh = executor.Display.refresh
+
+    def breaks_once_an_epoch_is_logged(self):
+        real_refresh(self)
+        if any(server.steps(c.info.run_id, "test_acc") for c in server.children(parent)):
+            raise RuntimeError("the driver broke")
+
+    monkeypatch.setattr(executor.Display, "refresh", breaks_once_an_epoch_is_logged)
+    stage = runner.Stage(parent, runtime.of(cfg), code_version=keys.code_version())
+    try:
+        with pytest.raises(RuntimeError, match="the driver broke") as err:
+            executor.run_children(cfg, stage, [executor.ChildSpec("point", cfg, "resnet")], dataset)
+    finally:
+        disconnect()
+    (child,) = server.children(parent)
+    assert child.info.status == "KILLED"
+    assert interrupts.killed_runs(err.value) == [child.info.run_id]
+    steps = server.steps(child.info.run_id, "test_acc")
+    time.sleep(5)  # a task still running would log its next epoch
+    assert server.steps(child.info.run_id, "test_acc") == steps and len(steps) < 3
+
+
+def test_losing_the_progress_board_never_fails_a_child(two_nodes, server, monkeypatch):
+    import ray
+
+    from pipeline import executor, keys, runner, runtime
+
+    cfg, dataset, parent = in_process_stage(server, two_nodes, monkeypatch, epochs="2")
+    real_refresh = executor.Display.refresh
+
+    def board_dies(self):
+        if self.board is not None and any(server.children(parent)):
+            ray.kill(self.board)  # as a node losing the actor would
+        real_refresh(self)
+
+    monkeypatch.setattr(executor.Display, "refresh", board_dies)
+    stage = runner.Stage(parent, runtime.of(cfg), code_version=keys.code_version())
+    try:
+        (result,) = executor.run_children(cfg, stage, [executor.ChildSpec("point", cfg, "resnet")], dataset)
+    finally:
+        disconnect()
+    run = server.client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and server.steps(result.run_id, "test_acc") == [1, 2]
+
+
+def test_the_default_ray_is_private_even_beside_another_cluster(two_nodes, store):
+    """ray_address="" starts a Ray of this command's own: never the cluster RAY_ADDRESS names, nor
+    the newest one on this machine."""
+    ray_env(store)["RAY_ADDRESS"] = two_nodes.address
+    proc = store.mlflow_run("tune_lr", store.params({"init": "scratch", "lrs": "0.001", "epochs": "1",
+                                                     "executor": "ray"}))
+    (stage,) = store.top_level("tune_lr")
+    (child,) = store.children(stage.info.run_id)
+    assert child.data.tags["ray_node_id"] not in {n.node_id for n in two_nodes.list_all_nodes()}
+    assert "ray: started a local Ray, 1 node(s)" in proc.stdout
+
+
+# -- the cluster path: PostgreSQL under MLflow and Optuna, two nodes, faults ------------------------
+
+def test_the_study_on_two_nodes_and_postgresql_survives_a_killed_worker_and_a_server_outage(
+        two_nodes, tmp_path_factory, data_dir):
+    """README's cluster recipe at toy size: `mlflow server` on PostgreSQL 15, Optuna's study in a
+    database of its own there, `main -P executor=ray -P tuner=optuna` on two Ray nodes. Mid-run,
+    a worker training a trial is SIGKILLed in its second epoch (Ray retries the task; the child
+    resumes from last.pt), and the tracking server is stopped for 15 s in retrain's first epoch
+    (the worker's calls wait for it). The study finishes with a true record."""
+    from support.postgres import available, postgres
+
+    if available():
+        pytest.skip(available())
+    with postgres() as database:
+        backend = database.create_database("mlflow")
+        optuna_url = database.create_database("optuna")
+        with mlflow_server(tmp_path_factory.mktemp("pg-server"), data_dir, backend=backend) as store:
+            # 256 images at bs 64: 4 batches an epoch; batch 6 is a trial's second epoch
+            pause = Pause(store.root / "pause", "batch:6@autotune,batch:2@retrain")
+            params = store.params({"epochs": "2", "repeats": "1", "executor": "ray",
+                                   "ray_address": two_nodes.address, "tuner": "optuna", "n_trials": "2",
+                                   "optuna_storage": optuna_url})
+            params.pop("bs")
+            cmd = [str(VENV_BIN / "mlflow"), "run", str(PROJECT), "-e", "main", "--env-manager", "local"]
+            for key, value in params.items():
+                cmd += ["-P", f"{key}={value}"]
+            proc = subprocess.Popen(cmd, cwd=store.root, env=pause.env(ray_env(store)), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
+            try:
+                killed_pid, trial_child = pause.wait("batch-6", proc, timeout=900)
+                os.kill(killed_pid, signal.SIGKILL)  # a worker mid-trial; Ray retries its task
+                _, _ = pause.wait("batch-2", proc, timeout=900)  # retrain phase 1, mid-epoch
+                store.server.stop()
+                pause.release("batch-2")
+                time.sleep(15)
+                store.server.start()
+                out, err = proc.communicate(timeout=900)
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            assert proc.returncode == 0, (out[-3000:], err[-5000:])
+            runs = store.runs()
+            assert runs and {r.info.status for r in runs} == {"FINISHED"}, \
+                sorted((r.info.run_name, r.info.status) for r in runs if r.info.status != "FINISHED")
+            children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+            assert {c.data.tags["ray_node_id"] for c in children} == {n.node_id for n in two_nodes.list_all_nodes()}
+            for child in children:  # each epoch logged once, through the outage and the retry
+                epochs = len(store.steps(child.info.run_id, "epoch_time_s"))
+                assert store.steps(child.info.run_id, "test_acc") == list(range(1, epochs + 1)), child.info.run_name
+            resumed = store.client.get_run(trial_child)
+            assert resumed.info.status == "FINISHED" and store.steps(trial_child, "test_acc") == [1, 2]
+            assert int(parse_stamp(resumed.data.tags["heartbeat"])["pid"]) != killed_pid  # a retry finished it
+            (main,) = store.top_level("main")
+            autotune = store.client.get_run(main.data.tags["run_autotune"])
+            champion = store.client.get_model_version_by_alias("svhn-classifier-synthetic", "champion")
+            assert champion.run_id in {main.data.tags["run_retrain"], main.data.tags["run_deepen"]}
+        studies = database.query("optuna", "SELECT study_name FROM studies")
+        assert studies == [(autotune.data.tags["optuna_study"],)]  # the study lives in PostgreSQL
+        states = database.query("optuna", "SELECT state FROM trials ORDER BY number")
+        assert [state for (state,) in states] == ["COMPLETE", "COMPLETE"]
+        assert autotune.data.tags["optuna_storage"].startswith("postgresql://postgres@127.0.0.1:")

@@ -44,7 +44,8 @@ def test_a_new_upstream_run_makes_main_use_the_runs_made_from_it(store, monkeypa
     new = chain(store, shared, 500, first_parent=new_overfit, stages=["retrain", "deepen"])
     main_run = store.client.create_run("0").info.run_id
     main_params = {**data_params, "epochs": "1"}
-    rows = workflow.main(config.load("main", main_params), main_params, main_run)
+    main_cfg = config.load("main", main_params)
+    rows = workflow.main(main_cfg, main_params, main_run, runtime.of(main_cfg))
     used = {row["stage"]: row["run_id"] for row in rows}
     assert [row["stage"] for row in rows] == CHAIN
     assert [used[s] for s in CHAIN[:4]] == [old[s] for s in CHAIN[:4]]

@@ -55,20 +55,44 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     raise AssertionError(f"{url} never answered")
 
 
+class MlflowServer:
+    """A real `mlflow server` on loopback with proxied artifacts; stop() and start() again on the
+    same port (an outage, as a client sees it: connections refused)."""
+
+    def __init__(self, root: Path, backend: str, port: int, options: tuple[str, ...], env: dict[str, str]):
+        self.root, self.backend, self.port, self.options, self.env = root, backend, port, options, env
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "mlflow"), "server", *self.options, "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", self.backend, "--artifacts-destination", str(self.root / "artifacts"),
+             "--workers", "1"],
+            cwd=self.root, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_http(f"{self.uri}/health", self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
 @contextlib.contextmanager
-def mlflow_server(root: Path, data_dir: Path, *options: str, env: dict[str, str] | None = None):
-    """A real `mlflow server` on loopback (SQLite backend, proxied artifacts) and a Store on it."""
+def mlflow_server(root: Path, data_dir: Path, *options: str, env: dict[str, str] | None = None,
+                  backend: str = ""):
+    """A real `mlflow server` on loopback (SQLite backend unless `backend` names another, proxied
+    artifacts) and a Store on it; the Store's `server` can stop and start it again."""
     store = Store(root, data_dir)
-    port = free_port()
-    store.uri = store.env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "server", *options, "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        cwd=root, env=dict(store.env, **(env or {})), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = MlflowServer(root, backend or f"sqlite:///{root / 'server.db'}", free_port(), options,
+                          dict(store.env, **(env or {})))
+    store.uri = store.env["MLFLOW_TRACKING_URI"] = server.uri
+    store.server = server
+    server.start()
     try:
-        wait_http(f"{store.uri}/health", proc)
         yield store
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        server.stop()

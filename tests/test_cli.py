@@ -1,0 +1,47 @@
+"""The CLI (`python -m pipeline`): every refusal is one line with its exit code, and a command
+whose runs were stopped on an error's way up says how to continue them."""
+import pytest
+from mlflow.exceptions import MlflowException
+
+from pipeline import __main__ as cli
+from pipeline import interrupts, session
+from pipeline.errors import ChildFailed, ConfigError
+
+
+def test_a_user_error_is_one_line_with_its_exit_code(monkeypatch, capsys):
+    assert cli.main(["train", "--epochs", "0"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: parameter epochs=0 is out of range: allowed >= 1; fix it with -P epochs=<value>"]
+    monkeypatch.setattr(session, "run", lambda cfg, given: (_ for _ in ()).throw(ChildFailed("child 'x' failed")))
+    assert cli.main(["train"]) == 1
+    assert capsys.readouterr().err.splitlines() == ["error: child 'x' failed"]
+    assert issubclass(ChildFailed, Exception) and ConfigError.exit_code == 2
+
+
+def test_an_error_that_stopped_runs_prints_the_command_that_continues_them(monkeypatch, capsys):
+    def server_gone(cfg, given):
+        err = MlflowException("API request to http://tracking:5000/api/2.0/mlflow/runs/get failed")
+        interrupts.killed_runs(err).extend(["child-a", "child-b"])  # what the Ray driver marked KILLED
+        raise err
+
+    monkeypatch.delenv("SVHN_MAIN_RUN_ID", raising=False)
+    monkeypatch.setattr(session, "run", server_gone)
+    assert cli.main(["tune_lr", "--lrs", "0.001", "--log_every", "7"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("error: API request to http://tracking:5000")
+    assert err[1].startswith("runs child-a, child-b marked KILLED;")
+    assert err[1].endswith("Continue with the same command: "
+                           "mlflow run . -e tune_lr --env-manager local -P lrs=0.001 -P log_every=7")
+
+
+def test_a_bug_that_stopped_runs_says_so_before_its_traceback(monkeypatch, capsys):
+    def bug(cfg, given):
+        err = KeyError("oops")
+        interrupts.killed_runs(err).append("child-a")
+        raise err
+
+    monkeypatch.delenv("SVHN_MAIN_RUN_ID", raising=False)
+    monkeypatch.setattr(session, "run", bug)
+    with pytest.raises(KeyError):
+        cli.main(["train"])
+    assert "runs child-a marked KILLED" in capsys.readouterr().err
