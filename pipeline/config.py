@@ -28,7 +28,7 @@ STAGES = ("train", "model_selection", "baseline", "tune_lr", "tune_gamma", "over
 @dataclass
 class Config:
     stage: str = "train"
-    # model and optimiser (the seed's full_procedure defaults)
+    # -- training: the model and its optimiser (the seed's full_procedure defaults)
     arch: str = ""                  # "" = the parent run's arch (its winner for model_selection), else resnet
     epochs: int = 3
     bs: int = 256
@@ -41,19 +41,25 @@ class Config:
     seed: int = 1412
     repeats: int = 1
     augment: bool = True
+    # -- lineage: where a run starts from, and how it is continued
     init: str = "parent"            # parent: parent_run_id's best.pt; scratch: fresh; auto: parent if given
+    parent_run_id: str = ""
+    resume_run_id: str = ""
+    force: bool = False             # take over a run whose writer looks alive
+    checkpoint_every: int = 1       # write last.pt (for resuming) every N epochs
+    # -- scale: how big the study is
     # a named set of sizes over every stage (params/scale_<name>.yaml); full = the seed's own
     scale: str = "full"
     # caps that `main` passes to every stage so the whole study can run at toy size (0 = no cap)
     max_epochs: int = 0
     max_repeats: int = 0
-    # sweeps (empty = the single value above)
+    # -- sweeps: sweeps (empty = the single value above)
     lrs: list = field(default_factory=list)
     gammas: list = field(default_factory=list)
     wds: list = field(default_factory=list)
     bss: list = field(default_factory=list)
     archs: list = field(default_factory=list)
-    # multi-phase stages: baseline's short probe run (test0), retrain/deepen's first phase
+    # -- phases: multi-phase stages: baseline's short probe run (test0), retrain/deepen's first phase
     probe_epochs: int = 0
     probe_tol: float = 1e-5
     phase1_epochs: int = 0
@@ -62,7 +68,7 @@ class Config:
     phase1_gamma: float = 0.0
     phase1_wd: float = 0.0
     phase1_tol: float = 1e-10
-    # hardware
+    # -- hardware: how the arithmetic runs
     device: str = "auto"
     data_pipeline: str = "tensor"   # tensor: batched uint8 augmentation; torchvision: the seed's DataLoader
     compile: str = "false"          # false | true (torch.compile's default mode) | one of COMPILE_MODES
@@ -70,7 +76,7 @@ class Config:
     eval_bs: int = 0                # evaluation batch size; 0 = automatic (eval_batch_size)
     num_workers: int = 0
     log_every: int = 50             # progress line every N batches
-    # data
+    # -- data: the data
     dataset: str = "svhn"
     data_dir: str = ""              # "" = data/svhn or data/synthetic under the project
     verify: bool = True
@@ -81,19 +87,13 @@ class Config:
     data_seed: int = 1412           # fixes the synthetic set and the validation split, apart from `seed`
     synthetic_train: int = 8000
     synthetic_test: int = 2000
-    # lineage and reliability
-    parent_run_id: str = ""
-    resume_run_id: str = ""
-    force: bool = False             # take over a run whose writer looks alive
-    checkpoint_every: int = 1       # write last.pt (for resuming) every N epochs
-    # where children train: local = one after another in this process; ray = Ray tasks
+    # -- execution: where children train: local = one after another in this process; ray = Ray tasks
     executor: str = "local"
     ray_address: str = ""           # "" = start a local Ray; "auto" or "ray://host:port" joins a cluster
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0     # fractions (0.25) pack several children onto one GPU
     max_retries: int = 3            # Ray retries a child whose worker died this many times
-    # autotune: an Optuna study (TPE, seeded) over lr_range, gamma_range, wd_range and bss
-    tuner: str = "seed"             # main: seed = tune_lr -> tune_gamma -> overfit; optuna = one autotune stage
+    # -- study: autotune: an Optuna study (TPE, seeded), how far it goes and where it is kept
     n_trials: int = 20              # trials in the study, counted over every run of the same command
     trial_epochs: int = 10          # epochs of a trial that is not pruned
     pruner: str = "median"          # median | hyperband | none (Optuna's pruners)
@@ -101,19 +101,22 @@ class Config:
     prune_warmup_epochs: int = 2    # median: no pruning before this epoch; hyperband: its min_resource
     trial_batch: int = 0            # trials asked at once; 0 = 1 locally, as many as run at once on Ray
     optuna_storage: str = ""        # "" = <tracking db>.optuna.db beside a SQLite store, else ./optuna.db
+    # -- search: autotune's search space: lr_range, gamma_range, wd_range and bss
     lr_range: list = field(default_factory=list)     # [low, high], log-uniform
     gamma_range: list = field(default_factory=list)  # [low, high], uniform
     wd_range: list = field(default_factory=list)     # [low, high], log-uniform ...
     wd_zero_below: float = 0.0      # ... and a draw below this trains with wd = 0 (weight decay off)
-    # registry and prediction
+    # -- registry: the registered model
     registered_model: str = ""     # "" = svhn-classifier, or svhn-classifier-synthetic for synthetic data
     register: bool = False
     promote: bool = False           # move `champion` to this run's version whatever the comparison says
     model_uri: str = ""             # "" = models:/<model_name>@champion
+    # -- prediction: predict's input and output
     input: str = ""
     output: str = "predictions.csv"
+    # -- main: what only `main` reads: which chain, and how it starts each stage
+    tuner: str = "seed"             # main: seed = tune_lr -> tune_gamma -> overfit; optuna = one autotune stage
     env_manager: str = "local"
-
     # -- derived values -------------------------------------------------------------------
     def capped_epochs(self, epochs: int) -> int:
         return min(epochs, self.max_epochs) if self.max_epochs else epochs
@@ -162,11 +165,13 @@ class Config:
 
 FIELD_TYPES = {f.name: f for f in fields(Config)}
 # Config's fields in sections, in declaration order (as airbench's hyp['opt'|'aug'|'net']). The
-# fields stay flat attributes, so every `-P name=value` and every logged param keeps its name.
+# fields stay flat attributes, so every `-P name=value` and every logged param keeps its name; what
+# reads a whole section (main's hand-on, the key's volatile params) reads it from here.
 SECTIONS = {
     "run": ("stage",),
-    "optimiser": ("arch", "epochs", "bs", "lr", "alpha", "gamma", "wd", "tol", "patience", "seed", "repeats",
-                  "augment", "init"),
+    "training": ("arch", "epochs", "bs", "lr", "alpha", "gamma", "wd", "tol", "patience", "seed", "repeats",
+                 "augment"),
+    "lineage": ("init", "parent_run_id", "resume_run_id", "force", "checkpoint_every"),
     "scale": ("scale", "max_epochs", "max_repeats"),
     "sweeps": ("lrs", "gammas", "wds", "bss", "archs"),
     "phases": ("probe_epochs", "probe_tol", "phase1_epochs", "phase1_lr", "phase1_bs", "phase1_gamma",
@@ -174,19 +179,14 @@ SECTIONS = {
     "hardware": ("device", "data_pipeline", "compile", "precision", "eval_bs", "num_workers", "log_every"),
     "data": ("dataset", "data_dir", "verify", "download", "limit_train", "limit_test", "val_split",
              "data_seed", "synthetic_train", "synthetic_test"),
-    "lineage": ("parent_run_id", "resume_run_id", "force", "checkpoint_every"),
     "execution": ("executor", "ray_address", "cpus_per_trial", "gpus_per_trial", "max_retries"),
-    "tuning": ("tuner", "n_trials", "trial_epochs", "pruner", "startup_trials", "prune_warmup_epochs",
-               "trial_batch", "optuna_storage", "lr_range", "gamma_range", "wd_range", "wd_zero_below"),
-    "registry": ("registered_model", "register", "promote", "model_uri", "input", "output", "env_manager"),
+    "study": ("n_trials", "trial_epochs", "pruner", "startup_trials", "prune_warmup_epochs", "trial_batch",
+              "optuna_storage"),
+    "search": ("lr_range", "gamma_range", "wd_range", "wd_zero_below"),
+    "registry": ("registered_model", "register", "promote", "model_uri"),
+    "prediction": ("input", "output"),
+    "main": ("tuner", "env_manager"),
 }
-# where and how children run: never part of what they compute, so never of a training key
-EXECUTION = SECTIONS["execution"]
-# where an Optuna study is kept and how many trials are asked at once: not what a trial computes
-TUNING_EXECUTION = ("optuna_storage", "trial_batch")
-# how fast the same arithmetic runs: compiled kernels and the evaluation batch size change results
-# only by float rounding (as cuDNN's algorithm choice does), so a run at other values stands in
-SPEED = ("compile", "eval_bs")
 LIST_ITEM_TYPES = {"lrs": float, "gammas": float, "wds": float, "bss": int, "archs": str,
                    "lr_range": float, "gamma_range": float, "wd_range": float}
 

@@ -7,13 +7,18 @@ import hashlib
 
 import yaml
 
-from .config import EXECUTION, PARAMS_DIR, PROJECT_DIR, SPEED, TUNING_EXECUTION, Config
+from .config import PARAMS_DIR, PROJECT_DIR, SECTIONS, Config
 from .runtime import Runtime
 
-# what never changes a result: where data lies and how it was fetched (its digest counts), how
-# the run is logged, continued, executed or sped up
+# where an Optuna study is kept and how many trials are asked at once: not what a trial computes
+TUNING_EXECUTION = ("optuna_storage", "trial_batch")
+# how fast the same arithmetic runs: compiled kernels and the evaluation batch size change results
+# only by float rounding (as cuDNN's algorithm choice does), so a run at other values stands in
+SPEED = ("compile", "eval_bs")
+# what never changes a result: where data lies and how it was fetched (its digest counts), how the
+# run is logged, continued or sped up, and where children run (never part of what they compute)
 VOLATILE = ("log_every", "resume_run_id", "env_manager", "num_workers", "force", "promote", "data_dir",
-            "download", "checkpoint_every", *EXECUTION, *TUNING_EXECUTION, *SPEED)
+            "download", "checkpoint_every", *SECTIONS["execution"], *TUNING_EXECUTION, *SPEED)
 
 
 def code_version() -> str:

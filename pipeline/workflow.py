@@ -29,16 +29,14 @@ CHAIN = ["model_selection", "baseline", "tune_lr", "tune_gamma", "overfit", "ret
 CHAINS = {"seed": CHAIN,
           "optuna": ["model_selection", "baseline", "autotune", "retrain", "deepen"]}
 
-# What `main` hands on to every stage; epochs and repeats become caps.
-SHARED = ("scale", "dataset", "data_dir", "verify", "download", "limit_train", "limit_test", "val_split",
-          "data_seed", "synthetic_train", "synthetic_test", "device", "precision", "data_pipeline",
-          "compile", "eval_bs", "num_workers", "log_every", "max_epochs", "max_repeats", "patience",
-          "registered_model", "checkpoint_every", "force", *config_mod.EXECUTION)
+SECTIONS = config_mod.SECTIONS
+# What `main` hands on to every stage, by section; epochs and repeats become caps.
+SHARED = (*SECTIONS["scale"], *SECTIONS["data"], *SECTIONS["hardware"], *SECTIONS["execution"],
+          "patience", "registered_model", "checkpoint_every", "force")
 AS_CAPS = {"epochs": "max_epochs", "repeats": "max_repeats"}
-MAIN_ONLY = ("env_manager", "tuner")
-# what main hands on to autotune alone, with -P tuner=optuna
-FOR_AUTOTUNE = ("n_trials", "trial_epochs", "pruner", "startup_trials", "prune_warmup_epochs", "trial_batch",
-                "optuna_storage")
+MAIN_ONLY = SECTIONS["main"]
+# what main hands on to autotune alone, with -P tuner=optuna: how far its study goes, where it is kept
+FOR_AUTOTUNE = SECTIONS["study"]
 
 
 def autotune_overrides(overrides: dict[str, str]) -> dict[str, str]:

@@ -4,6 +4,7 @@ import mlflow
 import pytest
 
 from pipeline import config, data, keys, runtime, workflow
+from pipeline.errors import ConfigError
 from pipeline.workflow import CHAIN
 
 
@@ -52,3 +53,19 @@ def test_a_new_upstream_run_makes_main_use_the_runs_made_from_it(store, monkeypa
     assert used["overfit"] == new_overfit
     assert (used["retrain"], used["deepen"]) == (new["retrain"], new["deepen"])  # not the stale ones
 
+
+
+def test_main_hands_on_whole_sections_and_autotune_gets_its_study_section():
+    assert set(workflow.SHARED) == {
+        "scale", "max_epochs", "max_repeats",  # how big the study is
+        "dataset", "data_dir", "verify", "download", "limit_train", "limit_test", "val_split", "data_seed",
+        "synthetic_train", "synthetic_test",  # the data
+        "device", "data_pipeline", "compile", "precision", "eval_bs", "num_workers", "log_every",  # hardware
+        "executor", "ray_address", "cpus_per_trial", "gpus_per_trial", "max_retries",  # where children run
+        "patience", "registered_model", "checkpoint_every", "force"}
+    assert workflow.stage_overrides({"epochs": "2", "dataset": "synthetic", "eval_bs": "64"}) == \
+        {"max_epochs": "2", "dataset": "synthetic", "eval_bs": "64"}
+    assert workflow.autotune_overrides({"tuner": "optuna", "n_trials": "3", "optuna_storage": "sqlite:///x.db"}) == \
+        {"n_trials": "3", "optuna_storage": "sqlite:///x.db"}
+    with pytest.raises(ConfigError, match="main does not pass 'lr' on to the stages"):
+        workflow.stage_overrides({"lr": "0.1"})
