@@ -1,7 +1,7 @@
 """The autotune stage: an Optuna study over lr, gamma, wd and bs, each trial a nested child run.
 
-This process (the driver) asks Optuna for trials (TPE, seeded), hands them to executor.run_children
-like any sweep, and tells Optuna how each ended. Pruning happens where a child trains: its epoch
+This process (the driver) asks Optuna for trials (TPE, seeded, constant_liar), hands them to
+executor.stream, which starts a new one as soon as a slot frees, and tells Optuna how each ended. Pruning happens where a child trains: its epoch
 hook, built there by a picklable make_hook, reports the epoch's selection accuracy to the trial and
 ends the child when Optuna's pruner says so; the child still ends FINISHED with the epochs it ran.
 
@@ -42,7 +42,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # -- the driver ------------------------------------------------------------------------------------
 
 def parallel_trials(cfg: Config) -> int:
-    """Trials asked at once: 1 locally; with Ray, as many as its CPUs (and GPUs) run at once."""
+    """Trials in flight at once: 1 locally; with Ray, as many as its CPUs (and GPUs) run at once."""
     if cfg.trial_batch:
         return cfg.trial_batch
     if cfg.executor != "ray":
@@ -77,7 +77,7 @@ class Tuner:
             study_name=self.name, storage=open_storage(self.url), direction="maximize", load_if_exists=True,
             pruner=build_pruner(cfg.pruner, cfg.startup_trials, cfg.prune_warmup_epochs, cfg.trial_epochs))
         # seeded, and offset by the trials already there: a continued study draws new points, not
-        # the first run's again; constant_liar keeps a batch asked at once apart
+        # the first run's again; constant_liar keeps trials in flight at once apart
         self.study.sampler = optuna.samplers.TPESampler(
             seed=self.cfg.seed + len(self.study.get_trials(deepcopy=False)), constant_liar=True,
             n_startup_trials=cfg.startup_trials)
@@ -186,17 +186,25 @@ class Tuner:
         return results
 
     def tune(self) -> RunResult:
+        """Asynchronous trials: a new trial is asked for as soon as a slot frees (a pruned trial's
+        slot does not wait for the slowest of a batch), until n_trials have finished."""
         live = self.retry_interrupted()
         results = self.earlier_results()
-        while True:
-            done = len(self.study.get_trials(deepcopy=False, states=FINISHED)) + live
-            if done >= self.cfg.n_trials:
-                break
-            trials = [self.study.ask() for _ in range(min(self.cfg.n_trials - done, parallel_trials(self.cfg)))]
-            specs = [self.spec(trial) for trial in trials]
-            for trial, result in zip(trials, executor.run_children(self.cfg, self.stage, specs, self.dataset)):
-                self.record(trial, result)
-                results[trial.number] = result
+        asked = {}  # trial number -> Trial, in flight
+
+        def next_trial():
+            finished = len(self.study.get_trials(deepcopy=False, states=FINISHED))
+            if finished + live + len(asked) >= self.cfg.n_trials:
+                return None
+            trial = self.study.ask()
+            asked[trial.number] = trial
+            return trial.number, self.spec(trial)
+
+        def finished(number: int, result: RunResult) -> None:
+            self.record(asked.pop(number), result)
+            results[number] = result
+
+        executor.stream(self.cfg, self.stage, self.dataset, next_trial, finished, parallel_trials(self.cfg))
         return self.conclude(results)
 
     def conclude(self, results: dict[int, RunResult]) -> RunResult:

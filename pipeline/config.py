@@ -99,7 +99,7 @@ class Config:
     pruner: str = "median"          # median | hyperband | none (Optuna's pruners)
     startup_trials: int = 5         # the first trials are sampled at random and never pruned
     prune_warmup_epochs: int = 2    # median: no pruning before this epoch; hyperband: its min_resource
-    trial_batch: int = 0            # trials asked at once; 0 = 1 locally, as many as run at once on Ray
+    trial_batch: int = 0            # trials in flight at once; 0 = 1 locally, as many as run at once on Ray
     optuna_storage: str = ""        # "" = <tracking db>.optuna.db beside a SQLite store, else ./optuna.db
     # -- search: autotune's search space: lr_range, gamma_range, wd_range and bss
     lr_range: list = field(default_factory=list)     # [low, high], log-uniform

@@ -8,7 +8,7 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Hashable
 
 from . import data as data_mod
 from . import interrupts, keys, pause, runtime, tracking, train
@@ -41,12 +41,29 @@ def train_child(stage: Stage, spec: ChildSpec, dataset: data_mod.SVHNData,
                      keep_final=spec.keep_final, callbacks=callbacks, task=task)
 
 
+# next_child() -> (its key, its spec), or None when no child is left to start
+NextChild = Callable[[], "tuple[Hashable, ChildSpec] | None"]
+
+
+def stream(cfg: Config, stage: Stage, dataset: data_mod.SVHNData, next_child: NextChild,
+           on_result: Callable[[Hashable, RunResult], None], slots: int) -> None:
+    """Train children as they are asked for, under the stage run: locally one after another; on
+    Ray, `slots` at once, a new one asked for as soon as one ends (so no slot idles while work
+    is left). on_result(key, result) is called as each ends, in the order they end."""
+    if cfg.executor == "ray":
+        return stream_on_ray(cfg, stage, dataset, next_child, on_result, slots)
+    while (item := next_child()) is not None:
+        key, spec = item
+        on_result(key, train_child(stage, spec, dataset))
+
+
 def run_children(cfg: Config, stage: Stage, specs: list[ChildSpec],
                  dataset: data_mod.SVHNData) -> list[RunResult]:
-    """Train every child of `specs` under the stage run; results in the order of `specs`."""
-    if cfg.executor == "ray":
-        return run_on_ray(cfg, stage, specs, dataset)
-    return [train_child(stage, spec, dataset) for spec in specs]
+    """Train every child of `specs` under the stage run (all at once on Ray); results in the
+    order of `specs`."""
+    queue, results = iter(enumerate(specs)), {}
+    stream(cfg, stage, dataset, lambda: next(queue, None), results.__setitem__, max(len(specs), 1))
+    return [results[i] for i in range(len(specs))]
 
 
 # -- executor=ray -------------------------------------------------------------------------------------
@@ -120,11 +137,15 @@ def ray_child(env: dict[str, str], stage: Stage, spec: ChildSpec, init_state, da
 class Display:
     """One line per child: on a terminal the lines update in place; elsewhere each update is a line."""
 
-    def __init__(self, names: list[str], board):
-        self.names, self.board, self.seen, self.drawn = names, board, 0, 0
+    def __init__(self, board):
+        self.names: list[str] = []
+        self.board, self.seen, self.drawn, self.width = board, 0, 0, 0
         self.rows: dict[str, str] = {}
-        self.width = max(len(n) for n in names)
         self.tty = sys.stdout.isatty()
+
+    def add(self, name: str) -> None:
+        self.names.append(name)
+        self.width = max(self.width, len(name))
 
     def refresh(self) -> None:
         import ray
@@ -149,11 +170,11 @@ class Display:
             self.drawn = len(lines)
 
 
-def run_on_ray(cfg: Config, stage: Stage, specs: list[ChildSpec],
-               dataset: data_mod.SVHNData) -> list[RunResult]:
+def stream_on_ray(cfg: Config, stage: Stage, dataset: data_mod.SVHNData, next_child: NextChild,
+                  on_result: Callable[[Hashable, RunResult], None], slots: int) -> None:
     """Each child a Ray task (cpus_per_trial, gpus_per_trial, spread over the nodes, retried
-    max_retries times when its worker dies); this process waits, shows progress and returns the
-    results in the order of `specs`, for the stage to aggregate as with executor=local."""
+    max_retries times when its worker dies), at most `slots` in flight; this process waits,
+    shows progress, hands each result on as it comes and starts the next child at once."""
     import ray
 
     check_cluster(cfg)  # the CLI checked this before any run existed; in-process callers did not
@@ -164,29 +185,36 @@ def run_on_ray(cfg: Config, stage: Stage, specs: list[ChildSpec],
     task = ray.remote(ray_child)
     placement = dict(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial, max_retries=cfg.max_retries,
                      retry_exceptions=False, scheduling_strategy="SPREAD")
-    refs, states = [], {}  # a parent's weights go to the object store once for all its children
-    results: dict[int, RunResult] = {}
-    pending = refs  # while submitting, every task submitted so far: a Ctrl-C then cancels those too
-    try:
-        for spec in specs:
+    states = {}  # a parent's weights go to the object store once for all its children
+    in_flight: dict = {}  # ObjectRef -> (key, spec): every task started and not yet ended
+    display = Display(board)
+
+    def fill() -> None:
+        while len(in_flight) < slots and (item := next_child()) is not None:
+            key, spec = item
             if spec.init_state is not None and id(spec.init_state) not in states:
                 states[id(spec.init_state)] = ray.put(spec.init_state)
             state_ref = states.get(id(spec.init_state)) if spec.init_state is not None else None
-            refs.append(task.options(name=spec.name, **placement).remote(
-                env, stage.for_children(), replace(spec, init_state=None), state_ref, data_ref, board))
-        display = Display([s.name for s in specs], board)
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            ref = task.options(name=spec.name, **placement).remote(
+                env, stage.for_children(), replace(spec, init_state=None), state_ref, data_ref, board)
+            in_flight[ref] = (key, spec)
+            display.add(spec.name)
+
+    try:
+        fill()
+        while in_flight:
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
             display.refresh()
             for ref in done:
-                index = refs.index(ref)
+                key, spec = in_flight.pop(ref)
                 try:
-                    results[index] = ray.get(ref)
+                    result = ray.get(ref)
                 except ray.exceptions.RayError as err:
                     with interrupts.critical():
-                        stop(pending, stage.run_id, {specs[index].name: "FAILED"})
-                    raise ChildFailed(failure_line(specs[index].name, err, cfg)) from None
+                        stop(list(in_flight), stage.run_id, {spec.name: "FAILED"})
+                    raise ChildFailed(failure_line(spec.name, err, cfg)) from None
+                on_result(key, result)
+            fill()
         display.refresh()
     except ChildFailed:
         raise  # stopped above, the failed child FAILED
@@ -194,12 +222,11 @@ def run_on_ray(cfg: Config, stage: Stage, specs: list[ChildSpec],
         # Ctrl-C, SIGTERM, or any error in this driver (the tracking server, Ray, a bug): no task
         # outlives it and no child run stays RUNNING; the CLI prints the command that continues
         with interrupts.critical():  # `mlflow run` follows Ctrl-C with SIGTERM: finish this first
-            interrupts.killed_runs(stopped).extend(stop(pending, stage.run_id, {}))
+            interrupts.killed_runs(stopped).extend(stop(list(in_flight), stage.run_id, {}))
         raise
     finally:
         with contextlib.suppress(Exception):  # the board may be gone already
             ray.kill(board)
-    return [results[i] for i in range(len(specs))]
 
 
 def failure_line(name: str, err: Exception, cfg: Config) -> str:

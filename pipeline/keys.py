@@ -10,7 +10,7 @@ import yaml
 from .config import PARAMS_DIR, PROJECT_DIR, SECTIONS, Config
 from .runtime import Runtime
 
-# where an Optuna study is kept and how many trials are asked at once: not what a trial computes
+# where an Optuna study is kept and how many trials are in flight at once: not what a trial computes
 TUNING_EXECUTION = ("optuna_storage", "trial_batch")
 # how fast the same arithmetic runs: compiled kernels and the evaluation batch size change results
 # only by float rounding (as cuDNN's algorithm choice does), so a run at other values stands in
