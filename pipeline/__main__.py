@@ -107,15 +107,22 @@ def interrupted(stopped: KeyboardInterrupt, stage: str, overrides: dict[str, str
 
 
 def stopped_runs_hint(err: BaseException, stage: str, overrides: dict[str, str]) -> None:
-    """After an error that stopped runs on its way up (a driver's children marked KILLED): the
-    command that continues them."""
+    """After an error that stopped runs on its way up (a driver's children marked KILLED), or that
+    ended `main` in one of its stages (whose process leaves the hint to main): the command that
+    continues them."""
     from .interrupts import killed_runs
     from .workflow import UNDER_MAIN
 
     killed = killed_runs(err)
-    if killed and not (stage != "main" and os.environ.get(UNDER_MAIN)):
+    if stage != "main" and os.environ.get(UNDER_MAIN):
+        return
+    if killed:
         print(f"runs {', '.join(killed)} marked KILLED; finished runs are kept and the stopped ones resume from "
               f"their last checkpoints. Continue with the same command: {continue_command(stage, overrides)}",
+              file=sys.stderr, flush=True)
+    elif stage == "main":
+        print(f"main stopped; finished stages and children are kept and the stopped ones resume from their "
+              f"last checkpoints. Continue with the same command: {continue_command(stage, overrides)}",
               file=sys.stderr, flush=True)
 
 
@@ -148,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
         refusal = server_refusal(err)  # a 401/403: who, for what, and what to set
         if refusal is None and isinstance(err, requests.HTTPError):
+            stopped_runs_hint(err, stage, overrides)
             raise
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"error: {refusal or first}", file=sys.stderr, flush=True)

@@ -114,8 +114,8 @@ class Tuner:
     def retry_interrupted(self) -> int:
         """Trials left RUNNING by an earlier command: failed and queued again with the same values
         and the epochs their runs logged. A trial whose command was stopped (its child KILLED by
-        the cleanup, or never started) is no crash: queued again whatever its count. One whose
-        process died is retried by Optuna's retry callback at most max_retries times (a trial that
+        the cleanup) is no crash: queued again whatever its count; one whose child FINISHED
+        before its trial was told is recorded from that run. One whose process died is retried by Optuna's retry callback at most max_retries times (a trial that
         always kills its process is given up, its child run FAILED, and the study asks a new one).
         Returns those still live elsewhere."""
         live = 0
@@ -130,6 +130,12 @@ class Tuner:
                 log(f"autotune: trial {frozen.number} is training in another process "
                     f"(child run {child.info.run_id}): left to it")
                 continue
+            if child is not None and child.info.status == "FINISHED":  # its trial was never told
+                self.record(optuna.trial.Trial(self.study, frozen._trial_id),
+                            runner.result_from_record(child.info.run_id, self.arch))
+                log(f"autotune: trial #{self.number(frozen.number)} had finished (child run {child.info.run_id}): "
+                    f"recorded from its run")
+                continue
             self.study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
             trials = len(self.study.get_trials(deepcopy=False))
             failed = copy.deepcopy(self.study.get_trials(deepcopy=False)[frozen.number])
@@ -137,7 +143,7 @@ class Tuner:
             covered = tracking.logged_steps(child.info.run_id, "test_acc") if child is not None else set()
             failed.intermediate_values = {step: value for step, value in failed.intermediate_values.items()
                                           if step in covered}
-            if child is None or child.info.status == "KILLED":
+            if child is not None and child.info.status == "KILLED":
                 requeue(self.study, failed)
                 log(f"autotune: trial #{self.number(frozen.number)} was stopped with its command: queued "
                     f"again with the same values (no retry counted)")
@@ -193,8 +199,8 @@ class Tuner:
         asked = {}  # trial number -> Trial, in flight
 
         def next_trial():
-            finished = len(self.study.get_trials(deepcopy=False, states=FINISHED))
-            if finished + live + len(asked) >= self.cfg.n_trials:
+            done = len(self.study.get_trials(deepcopy=False, states=FINISHED))
+            if done + live + len(asked) >= self.cfg.n_trials:
                 return None
             trial = self.study.ask()
             asked[trial.number] = trial

@@ -99,7 +99,8 @@ def like_the_driver(stage: Stage, cfg: Config, node: str) -> None:
     if differ:
         raise NotLikeTheDriver(f"node {node[:8]} refused to train: {'; '.join(differ)}; run the driver's "
                                f"checkout on every node, and pass -P device=... -P precision=... that "
-                               f"the driver and every node resolve alike")
+                               f"the driver and every node resolve alike (CPUs that differ in bf16 "
+                               f"support: -P precision=fp32)")
 
 
 def ray_child(env: dict[str, str], stage: Stage, spec: ChildSpec, init_state, dataset, board) -> RunResult:
@@ -153,7 +154,7 @@ class Display:
         if self.board is None:
             return
         try:
-            updates = ray.get(self.board.read.remote(self.seen), timeout=30)
+            updates = ray.get(self.board.read.remote(self.seen), timeout=5)  # never holds up a free slot long
         except (ray.exceptions.RayError, TimeoutError) as err:  # best-effort: training goes on without it
             log(f"[ray] progress display lost ({type(err).__name__}): the children train on; their runs show progress")
             self.board = None
@@ -193,8 +194,9 @@ def stream_on_ray(cfg: Config, stage: Stage, dataset: data_mod.SVHNData, next_ch
         while len(in_flight) < slots and (item := next_child()) is not None:
             key, spec = item
             if spec.init_state is not None and id(spec.init_state) not in states:
-                states[id(spec.init_state)] = ray.put(spec.init_state)
-            state_ref = states.get(id(spec.init_state)) if spec.init_state is not None else None
+                # the weights are held beside their ref, so their id is never reused meanwhile
+                states[id(spec.init_state)] = (spec.init_state, ray.put(spec.init_state))
+            state_ref = states[id(spec.init_state)][1] if spec.init_state is not None else None
             ref = task.options(name=spec.name, **placement).remote(
                 env, stage.for_children(), replace(spec, init_state=None), state_ref, data_ref, board)
             in_flight[ref] = (key, spec)
@@ -235,7 +237,7 @@ def failure_line(name: str, err: Exception, cfg: Config) -> str:
     if isinstance(err, ray.exceptions.RayTaskError):
         cause = err.cause if getattr(err, "cause", None) is not None else err
         text = str(cause).strip().splitlines()
-        return f"child '{name}' failed: {type(cause).__name__}: {text[-1][:200] if text else ''}"
+        return f"child '{name}' failed: {type(cause).__name__}: {text[-1][:400] if text else ''}"
     return (f"child '{name}' failed: its worker died {cfg.max_retries + 1} times "
             f"({type(err).__name__}); run the same command again to resume it, or raise -P max_retries")
 

@@ -248,3 +248,31 @@ def test_a_trial_whose_command_was_stopped_is_queued_again_without_counting_a_re
         assert again.spec(resumed).name.startswith("autotune #0 ")
         assert resumed.user_attrs["child_key"] == trial.user_attrs["child_key"]  # resumes the same child
     assert store.client.get_run(child).info.status == "KILLED"  # never given up as FAILED
+
+
+def test_a_trial_whose_child_finished_before_it_was_told_is_recorded_from_its_run(store, monkeypatch):
+    """A command stopped between a child's end and telling Optuna: the trial is recorded from the
+    child's run (COMPLETE, with its best figure), not retried, and no retry is spent."""
+    from pipeline import data
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    params = store.params({"n_trials": "2", "init": "scratch", "bss": "32", "trial_epochs": "2"})
+    params.pop("bs")
+    cfg = config.load("autotune", params)
+    dataset = data.load(cfg)
+    stage_run = store.client.create_run("0").info.run_id
+    tuner = autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())
+    trial = tuner.study.ask()
+    tuner.spec(trial)
+    child = store.client.create_run("0", tags={"mlflow.parentRunId": stage_run, "selected_on": "test",
+                                               "training_key": trial.user_attrs["child_key"]}).info.run_id
+    for step, acc in ((1, 30.0), (2, 45.0)):
+        store.client.log_metric(child, "test_acc", acc, step=step)
+    for key, value in (("best_test_acc", 45.0), ("best_epoch", 2), ("test_acc_at_best", 45.0)):
+        store.client.log_metric(child, key, value)
+    store.client.set_terminated(child, "FINISHED")
+    again = autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())
+    assert again.retry_interrupted() == 0
+    (recorded,) = again.study.trials
+    assert recorded.state == optuna.trial.TrialState.COMPLETE and recorded.value == 45.0
+    assert recorded.intermediate_values == {1: 30.0, 2: 45.0} and recorded.user_attrs["mlflow_run_id"] == child

@@ -45,3 +45,24 @@ def test_a_bug_that_stopped_runs_says_so_before_its_traceback(monkeypatch, capsy
     with pytest.raises(KeyError):
         cli.main(["train"])
     assert "runs child-a marked KILLED" in capsys.readouterr().err
+
+
+def test_main_stopped_by_a_failed_stage_prints_the_command_that_continues_it(store, monkeypatch, capsys):
+    from mlflow.exceptions import ExecutionException
+
+    from pipeline import workflow
+
+    def a_stage_failed(cfg, overrides, run_id, resolved):
+        raise ExecutionException("Run (ID 'abc') failed")  # what mlflow.projects.run raises
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    monkeypatch.delenv("SVHN_MAIN_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.setattr(workflow, "main", a_stage_failed)
+    assert cli.main(["main", "--dataset", "synthetic"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "error: Run (ID 'abc') failed"
+    assert err[1].startswith("main stopped;") and err[1].endswith(
+        "Continue with the same command: mlflow run . -e main --env-manager local -P dataset=synthetic")
+    (run,) = store.runs()
+    assert run.info.status == "FAILED"

@@ -332,33 +332,72 @@ def test_a_worker_that_differs_from_the_driver_refuses_in_one_line_before_any_ru
     assert server.children(parent) == []  # refused before any run was made
 
 
-def test_any_driver_error_cancels_the_tasks_and_marks_their_runs_killed(two_nodes, server, monkeypatch):
-    """An error in the driver itself (here its progress loop breaks once a child has logged an
-    epoch), not only Ctrl-C or a Ray error: the task is cancelled and its run KILLED, named on the
-    error for the command's hint; nothing trains on."""
+def test_any_driver_error_cancels_the_tasks_and_marks_their_runs_killed(two_nodes, server, monkeypatch, tmp_path):
+    """An error in the driver itself (here its progress loop breaks while the child's worker is
+    held after epoch 1), not only Ctrl-C or a Ray error: the task is cancelled (its worker gone)
+    and its run KILLED, named on the error for the command's hint."""
     from pipeline import executor, interrupts, keys, runner, runtime
 
     cfg, dataset, parent = in_process_stage(server, two_nodes, monkeypatch, epochs="3")
+    pause = Pause(tmp_path / "pause", "epoch:1")
+    for key, value in pause.env({}).items():
+        monkeypatch.setenv(key, value)  # the driver hands them to its workers
     real_refresh = executor.Display.refresh
 
-    def breaks_once_an_epoch_is_logged(self):
+    def breaks_while_the_worker_is_held(self):
         real_refresh(self)
-        if any(server.steps(c.info.run_id, "test_acc") for c in server.children(parent)):
+        if (pause.folder / "epoch-1.paused").exists():
             raise RuntimeError("the driver broke")
 
-    monkeypatch.setattr(executor.Display, "refresh", breaks_once_an_epoch_is_logged)
+    monkeypatch.setattr(executor.Display, "refresh", breaks_while_the_worker_is_held)
     stage = runner.Stage(parent, runtime.of(cfg), code_version=keys.code_version())
     try:
         with pytest.raises(RuntimeError, match="the driver broke") as err:
             executor.run_children(cfg, stage, [executor.ChildSpec("point", cfg, "resnet")], dataset)
     finally:
         disconnect()
+    worker_pid = int((pause.folder / "epoch-1.paused").read_text().split()[0])
     (child,) = server.children(parent)
-    assert child.info.status == "KILLED"
+    assert child.info.status == "KILLED" and server.steps(child.info.run_id, "test_acc") == [1]
     assert interrupts.killed_runs(err.value) == [child.info.run_id]
-    steps = server.steps(child.info.run_id, "test_acc")
-    time.sleep(5)  # a task still running would log its next epoch
-    assert server.steps(child.info.run_id, "test_acc") == steps and len(steps) < 3
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # a force-cancelled task's worker is killed
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"worker {worker_pid} still runs after its task was cancelled")
+
+
+def test_a_slot_is_refilled_as_soon_as_a_child_ends_never_more_than_slots_at_once(two_nodes, server, monkeypatch):
+    """executor.stream with 2 slots and 4 children: 2 start, and each next one is asked for only
+    when one has ended (whichever it is), so no slot idles while work is left."""
+    from pipeline import executor, keys, runner, runtime
+
+    cfg, dataset, parent = in_process_stage(server, two_nodes, monkeypatch)
+    stage = runner.Stage(parent, runtime.of(cfg), code_version=keys.code_version())
+    queue = iter([(n, executor.ChildSpec(f"point {n}", cfg.replace(seed=n), "resnet")) for n in range(4)])
+    events = []
+
+    def next_child():
+        item = next(queue, None)
+        events.append("ask" if item is not None else "none")
+        return item
+
+    try:
+        executor.stream(cfg, stage, dataset, next_child, lambda key, result: events.append(f"done {key}"), 2)
+    finally:
+        disconnect()
+    asks = [e for e in events if e == "ask"]
+    assert len(asks) == 4 and sorted(e for e in events if e.startswith("done")) == [f"done {n}" for n in range(4)]
+    in_flight = 0
+    for event in events:
+        in_flight += 1 if event == "ask" else -1 if event.startswith("done") else 0
+        assert in_flight <= 2
+    assert events[:2] == ["ask", "ask"] and events[2].startswith("done")  # the third waits for an end
+    assert events[3] == "ask"  # and is asked for at once
 
 
 def test_losing_the_progress_board_never_fails_a_child(two_nodes, server, monkeypatch):
@@ -413,8 +452,9 @@ def test_the_study_on_two_nodes_and_postgresql_survives_a_killed_worker_and_a_se
         backend = database.create_database("mlflow")
         optuna_url = database.create_database("optuna")
         with mlflow_server(tmp_path_factory.mktemp("pg-server"), data_dir, backend=backend) as store:
-            # 256 images at bs 64: 4 batches an epoch; batch 6 is a trial's second epoch
-            pause = Pause(store.root / "pause", "batch:6@autotune,batch:2@retrain")
+            # a trial's worker held once its epoch 1 is recorded (whatever its bs), killed mid-trial;
+            # retrain's phase 1 held at its second batch, mid-epoch, for the outage
+            pause = Pause(store.root / "pause", "epoch:1@autotune,batch:2@retrain")
             params = store.params({"epochs": "2", "repeats": "1", "executor": "ray",
                                    "ray_address": two_nodes.address, "tuner": "optuna", "n_trials": "2",
                                    "optuna_storage": optuna_url})
@@ -425,7 +465,7 @@ def test_the_study_on_two_nodes_and_postgresql_survives_a_killed_worker_and_a_se
             proc = subprocess.Popen(cmd, cwd=store.root, env=pause.env(ray_env(store)), stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
             try:
-                killed_pid, trial_child = pause.wait("batch-6", proc, timeout=900)
+                killed_pid, trial_child = pause.wait("epoch-1", proc, timeout=900)
                 os.kill(killed_pid, signal.SIGKILL)  # a worker mid-trial; Ray retries its task
                 _, _ = pause.wait("batch-2", proc, timeout=900)  # retrain phase 1, mid-epoch
                 store.server.stop()
