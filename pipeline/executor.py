@@ -141,6 +141,7 @@ class Display:
     def __init__(self, board):
         self.names: list[str] = []
         self.board, self.seen, self.drawn, self.width = board, 0, 0, 0
+        self.reading = None  # the board's answer, asked for and not yet in
         self.rows: dict[str, str] = {}
         self.tty = sys.stdout.isatty()
 
@@ -148,17 +149,34 @@ class Display:
         self.names.append(name)
         self.width = max(self.width, len(name))
 
-    def refresh(self) -> None:
+    def flush(self) -> None:
+        """Everything the board still has, at the end (each read waits up to 30 s)."""
+        while self.board is not None:
+            before = self.seen
+            self.refresh(wait=30)
+            if self.reading is not None or self.seen == before:  # slow, or nothing new
+                return
+
+    def refresh(self, wait: float = 0.0) -> None:
+        """Show what the board has. Best-effort: it waits at most `wait` seconds for the board (a
+        slow one is asked again next time, so a free slot is never held up), and a lost board
+        ends the display, never the children."""
         import ray
 
         if self.board is None:
             return
         try:
-            updates = ray.get(self.board.read.remote(self.seen), timeout=5)  # never holds up a free slot long
-        except (ray.exceptions.RayError, TimeoutError) as err:  # best-effort: training goes on without it
+            if self.reading is None:
+                self.reading = self.board.read.remote(self.seen)
+            ready, _ = ray.wait([self.reading], timeout=wait)
+            if not ready:
+                return
+            updates = ray.get(self.reading)
+        except ray.exceptions.RayError as err:
             log(f"[ray] progress display lost ({type(err).__name__}): the children train on; their runs show progress")
             self.board = None
             return
+        self.reading = None
         self.seen += len(updates)
         for name, text in updates:
             self.rows[name] = text
@@ -217,7 +235,7 @@ def stream_on_ray(cfg: Config, stage: Stage, dataset: data_mod.SVHNData, next_ch
                     raise ChildFailed(failure_line(spec.name, err, cfg)) from None
                 on_result(key, result)
             fill()
-        display.refresh()
+        display.flush()  # the last updates (each task waited for its own to arrive)
     except ChildFailed:
         raise  # stopped above, the failed child FAILED
     except BaseException as stopped:

@@ -344,8 +344,8 @@ def test_any_driver_error_cancels_the_tasks_and_marks_their_runs_killed(two_node
         monkeypatch.setenv(key, value)  # the driver hands them to its workers
     real_refresh = executor.Display.refresh
 
-    def breaks_while_the_worker_is_held(self):
-        real_refresh(self)
+    def breaks_while_the_worker_is_held(self, *args, **kwargs):
+        real_refresh(self, *args, **kwargs)
         if (pause.folder / "epoch-1.paused").exists():
             raise RuntimeError("the driver broke")
 
@@ -408,10 +408,10 @@ def test_losing_the_progress_board_never_fails_a_child(two_nodes, server, monkey
     cfg, dataset, parent = in_process_stage(server, two_nodes, monkeypatch, epochs="2")
     real_refresh = executor.Display.refresh
 
-    def board_dies(self):
+    def board_dies(self, *args, **kwargs):
         if self.board is not None and any(server.children(parent)):
             ray.kill(self.board)  # as a node losing the actor would
-        real_refresh(self)
+        real_refresh(self, *args, **kwargs)
 
     monkeypatch.setattr(executor.Display, "refresh", board_dies)
     stage = runner.Stage(parent, runtime.of(cfg), code_version=keys.code_version())
