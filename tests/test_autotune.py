@@ -139,6 +139,19 @@ def test_main_swaps_the_seed_sweeps_for_autotune_only_with_tuner_optuna():
     assert workflow.stage_overrides({"tuner": "optuna", "n_trials": "3", "epochs": "1"}) == {"max_epochs": "1"}
 
 
+def study_of(store, monkeypatch, **extra):
+    """(cfg, dataset, stage run id, Tuner) of a 2-trial autotune stage in `store`, nothing trained."""
+    from pipeline import data
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    params = store.params({"n_trials": "2", "init": "scratch", "bss": "32", **extra})
+    params.pop("bs")
+    cfg = config.load("autotune", params)
+    dataset = data.load(cfg)
+    stage_run = store.client.create_run("0").info.run_id
+    return cfg, dataset, stage_run, autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())
+
+
 def test_a_trial_whose_child_died_is_retried_with_its_values_and_a_live_one_is_left_alone(store, monkeypatch):
     """The same command run again: a trial left RUNNING by a dead process is failed and queued
     again (Optuna's retry callback) with its values, its reported epochs and its child's name, so
@@ -148,15 +161,7 @@ def test_a_trial_whose_child_died_is_retried_with_its_values_and_a_live_one_is_l
     import sys
     import time
 
-    from pipeline import data
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
-    params = store.params({"n_trials": "2", "init": "scratch", "bss": "32"})
-    params.pop("bs")
-    cfg = config.load("autotune", params)
-    dataset = data.load(cfg)
-    stage_run = store.client.create_run("0").info.run_id
-    tuner = autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())
+    cfg, dataset, stage_run, tuner = study_of(store, monkeypatch)
     dead, live = tuner.study.ask(), tuner.study.ask()
     specs = {trial.number: tuner.spec(trial) for trial in (dead, live)}
     dead.report(12.5, 1)
@@ -190,15 +195,7 @@ def test_a_trial_that_keeps_killing_its_process_is_given_up_after_max_retries(st
     import socket
     import time
 
-    from pipeline import data
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
-    params = store.params({"n_trials": "2", "init": "scratch", "bss": "32", "max_retries": "1"})
-    params.pop("bs")
-    cfg = config.load("autotune", params)
-    dataset = data.load(cfg)
-    stage_run = store.client.create_run("0").info.run_id
-    tuner = autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())
+    cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, max_retries="1")
     trial = tuner.study.ask()
     tuner.spec(trial)
     child = store.client.create_run("0", tags={  # its process is gone: no such pid
@@ -220,15 +217,8 @@ def test_a_trial_whose_command_was_stopped_is_queued_again_without_counting_a_re
     """A stopped command (Ctrl-C, SIGTERM) leaves its trial RUNNING and the trial's child KILLED:
     that is no crash, so however often it happens the trial is queued again with its values, and
     max_retries (for workers that die) is never spent on it."""
-    from pipeline import data
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
-    params = store.params({"n_trials": "2", "init": "scratch", "bss": "32", "max_retries": "1"})
-    params.pop("bs")
-    cfg = config.load("autotune", params)
-    dataset = data.load(cfg)
-    stage_run = store.client.create_run("0").info.run_id
-    tuner = autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())
+    cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, max_retries="1")
     trial = tuner.study.ask()
     tuner.spec(trial)
     child = store.client.create_run("0", tags={"mlflow.parentRunId": stage_run,
@@ -253,15 +243,8 @@ def test_a_trial_whose_command_was_stopped_is_queued_again_without_counting_a_re
 def test_a_trial_whose_child_finished_before_it_was_told_is_recorded_from_its_run(store, monkeypatch):
     """A command stopped between a child's end and telling Optuna: the trial is recorded from the
     child's run (COMPLETE, with its best figure), not retried, and no retry is spent."""
-    from pipeline import data
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
-    params = store.params({"n_trials": "2", "init": "scratch", "bss": "32", "trial_epochs": "2"})
-    params.pop("bs")
-    cfg = config.load("autotune", params)
-    dataset = data.load(cfg)
-    stage_run = store.client.create_run("0").info.run_id
-    tuner = autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())
+    cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, trial_epochs="2")
     trial = tuner.study.ask()
     tuner.spec(trial)
     child = store.client.create_run("0", tags={"mlflow.parentRunId": stage_run, "selected_on": "test",
