@@ -217,7 +217,6 @@ def test_a_trial_whose_command_was_stopped_is_queued_again_without_counting_a_re
     """A stopped command (Ctrl-C, SIGTERM) leaves its trial RUNNING and the trial's child KILLED:
     that is no crash, so however often it happens the trial is queued again with its values, and
     max_retries (for workers that die) is never spent on it."""
-
     cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, max_retries="1")
     trial = tuner.study.ask()
     tuner.spec(trial)
@@ -243,7 +242,6 @@ def test_a_trial_whose_command_was_stopped_is_queued_again_without_counting_a_re
 def test_a_trial_whose_child_finished_before_it_was_told_is_recorded_from_its_run(store, monkeypatch):
     """A command stopped between a child's end and telling Optuna: the trial is recorded from the
     child's run (COMPLETE, with its best figure), not retried, and no retry is spent."""
-
     cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, trial_epochs="2")
     trial = tuner.study.ask()
     tuner.spec(trial)
