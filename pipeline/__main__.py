@@ -83,17 +83,23 @@ def run(stage: str, overrides: dict[str, str]) -> int:
     return 0
 
 
+def main_prints_the_command(stage: str) -> bool:
+    """A stage that `main` started leaves the command that continues to main: one command, main's."""
+    from .workflow import UNDER_MAIN
+
+    return stage != "main" and bool(os.environ.get(UNDER_MAIN))
+
+
 def interrupted(stopped: KeyboardInterrupt, stage: str, overrides: dict[str, str]) -> int:
     """One line on stderr: which run was marked KILLED and the command that continues it."""
     from .interrupts import killed_runs
-    from .workflow import UNDER_MAIN
 
     killed = killed_runs(stopped)
     signal_name = str(stopped) or "a signal"
     if not killed:
         print(f"interrupted ({signal_name}) before training started", file=sys.stderr, flush=True)
         return 130
-    if stage != "main" and os.environ.get(UNDER_MAIN):  # main prints the one command to run
+    if main_prints_the_command(stage):
         print(f"interrupted ({signal_name}): run {killed[-1]} marked KILLED", file=sys.stderr, flush=True)
         return 130
     if stage == "train":  # one run, no children: it continues in place from its last.pt
@@ -111,11 +117,10 @@ def stopped_runs_hint(err: BaseException, stage: str, overrides: dict[str, str])
     ended `main` in one of its stages (whose process leaves the hint to main): the command that
     continues them."""
     from .interrupts import killed_runs
-    from .workflow import UNDER_MAIN
 
-    killed = killed_runs(err)
-    if stage != "main" and os.environ.get(UNDER_MAIN):
+    if main_prints_the_command(stage):
         return
+    killed = killed_runs(err)
     if killed:
         print(f"runs {', '.join(killed)} marked KILLED; finished runs are kept and the stopped ones resume from "
               f"their last checkpoints. Continue with the same command: {continue_command(stage, overrides)}",

@@ -20,8 +20,6 @@ from . import plots, registry, tracking
 from .config import Config
 from .errors import PredictError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
-
 
 @dataclass
 class Inputs:
