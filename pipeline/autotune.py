@@ -1,14 +1,18 @@
 """The autotune stage: an Optuna study over lr, gamma, wd and bs, each trial a nested child run.
 
 This process (the driver) asks Optuna for trials (TPE, seeded, constant_liar), hands them to
-executor.stream, which starts a new one as soon as a slot frees, and tells Optuna how each ended. Pruning happens where a child trains: its epoch
-hook, built there by a picklable make_hook, reports the epoch's selection accuracy to the trial and
-ends the child when Optuna's pruner says so; the child still ends FINISHED with the epochs it ran.
+executor.stream, which starts a new one as soon as a slot frees, and tells Optuna how each ended.
+Pruning happens where a child trains: its epoch hook, built there by a picklable make_hook, reports
+the epoch's selection accuracy to the trial and ends the child when Optuna's pruner says so; the
+child still ends FINISHED with the epochs it ran.
 
 The study lives in Optuna storage under a name derived from the stage's parameters, parent and data
-(not n_trials), so the same command run again continues it: finished trials are kept, a trial
-whose child run died is retried with the same values (RetryHeartbeatStaleTrialCallback) and its
-child resumes from last.pt, and the study stops at n_trials finished trials in all.
+(not n_trials), so the same command run again continues it: finished trials are kept, and the study
+stops at n_trials finished trials in all. Liveness is Optuna's: the driver beats the storage's
+heartbeat for each trial in flight, and a trial whose driver died goes stale and is retried with the
+same values (fail_stale_trials, RetryHeartbeatStaleTrialCallback); its child resumes from last.pt.
+Ray retries a worker that dies within a command. What Optuna cannot see comes from MLflow: a child
+KILLED by a stopped command (queued again, no retry counted), or FINISHED before its trial was told.
 """
 from __future__ import annotations
 
@@ -27,14 +31,14 @@ import optuna  # noqa: E402
 from optuna.storages import RetryHeartbeatStaleTrialCallback  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from . import executor, keys, lifecycle, runner, tracking  # noqa: E402
+from . import executor, keys, runner, tracking  # noqa: E402
 from .aggregate import finish  # noqa: E402
 from .config import Config  # noqa: E402
 from .executor import ChildSpec  # noqa: E402
 from .lineage import Lineage, stage_arch  # noqa: E402
 from .runner import RunResult, Stage, log  # noqa: E402
-from .tuning import (SearchSpace, TrialRef, build_pruner, epoch_hook, open_storage, redacted,  # noqa: E402
-                     selection_value, short, storage_url, study_name, trial_name)
+from .tuning import (Heartbeats, SearchSpace, TrialRef, build_pruner, epoch_hook, open_storage,  # noqa: E402
+                     redacted, selection_value, short, storage_url, study_name, trial_name)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -73,8 +77,12 @@ class Tuner:
         self.source = lineage.source
         self.url = storage_url(cfg, mlflow.get_tracking_uri())
         self.name = study_name(cfg, dataset.digest, stage.runtime)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retries, inherit_intermediate_values=True)
+            self.storage = open_storage(self.url, on_stale=self.on_stale)
         self.study = optuna.create_study(
-            study_name=self.name, storage=open_storage(self.url), direction="maximize", load_if_exists=True,
+            study_name=self.name, storage=self.storage, direction="maximize", load_if_exists=True,
             pruner=build_pruner(cfg.pruner, cfg.startup_trials, cfg.prune_warmup_epochs, cfg.trial_epochs))
         # seeded, and offset by the trials already there: a continued study draws new points, not
         # the first run's again; constant_liar keeps trials in flight at once apart
@@ -111,53 +119,59 @@ class Tuner:
             filter_string=f"tags.training_key = '{key}'", order_by=["attributes.start_time DESC"], max_results=1)
         return runs[0] if runs else None
 
+    def on_stale(self, study, failed) -> None:
+        """A trial failed for a dead process (Optuna's heartbeat went stale, or its child run was
+        FAILED): retried by Optuna's retry callback with the same values and the epochs its
+        child's last.pt covers, at most max_retries times; then given up (its child run FAILED)
+        and the study asks a new trial in its place."""
+        child = self.child_of(failed)
+        keep_covered_epochs(failed, child)
+        trials = len(study.get_trials(deepcopy=False))
+        self.retry(study, failed)
+        if len(study.get_trials(deepcopy=False)) == trials:  # not queued again: given up
+            if child is not None and child.info.status == "RUNNING":
+                tracking.end_run(child.info.run_id, "FAILED")
+            log(f"autotune: trial #{self.number(failed.number)} was interrupted "
+                f"{self.cfg.max_retries + 1} times: given up (FAILED), a new trial takes its place")
+            return
+        log(f"autotune: trial #{self.number(failed.number)} was interrupted: retried with the same "
+            f"values" + (f"; child run {child.info.run_id} resumes from its last.pt" if child else ""))
+
+    def fail(self, frozen):
+        """Fail a RUNNING trial; its frozen copy, to queue again."""
+        self.study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+        return copy.deepcopy(self.study.get_trials(deepcopy=False)[frozen.number])
+
     def retry_interrupted(self) -> int:
-        """Trials left RUNNING by an earlier command: failed and queued again with the same values
-        and the epochs their runs logged. A trial whose command was stopped (its child KILLED by
-        the cleanup) is no crash: queued again whatever its count; one whose child FINISHED
-        before its trial was told is recorded from that run. One whose process died is retried by Optuna's retry callback at most max_retries times (a trial that
-        always kills its process is given up, its child run FAILED, and the study asks a new one).
-        Returns those still live elsewhere."""
-        live = 0
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry = RetryHeartbeatStaleTrialCallback(max_retry=self.cfg.max_retries,
-                                                     inherit_intermediate_values=True)
+        """Trials left RUNNING by earlier commands. What MLflow knows first: a trial whose child
+        FINISHED before its trial was told is recorded from that run; one whose command was
+        stopped (its child KILLED by the cleanup) is no crash, and is queued again with its values
+        whatever its count; one whose child the stage FAILED (its worker died for good) is retried
+        as a crash. Then Optuna's heartbeat: a trial whose driver stopped beating is failed by
+        fail_stale_trials and retried by on_stale. Returns the trials still live elsewhere (a
+        driver beats for them), which are left to it; -P force=true retries those too."""
         for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             child = self.child_of(frozen)
-            if child is not None and lifecycle.live_writer(child) and not self.cfg.force:
-                live += 1
-                log(f"autotune: trial {frozen.number} is training in another process "
-                    f"(child run {child.info.run_id}): left to it")
-                continue
-            if child is not None and child.info.status == "FINISHED":  # its trial was never told
+            status = child.info.status if child is not None else None
+            if status == "FINISHED":  # its trial was never told
                 self.record(optuna.trial.Trial(self.study, frozen._trial_id),
                             runner.result_from_record(child.info.run_id, self.arch))
                 log(f"autotune: trial #{self.number(frozen.number)} had finished (child run {child.info.run_id}): "
                     f"recorded from its run")
-                continue
-            self.study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
-            trials = len(self.study.get_trials(deepcopy=False))
-            failed = copy.deepcopy(self.study.get_trials(deepcopy=False)[frozen.number])
-            # only the epochs its last.pt covers (those its run logged): the rest are trained again
-            covered = tracking.logged_steps(child.info.run_id, "test_acc") if child is not None else set()
-            failed.intermediate_values = {step: value for step, value in failed.intermediate_values.items()
-                                          if step in covered}
-            if child is not None and child.info.status == "KILLED":
-                requeue(self.study, failed)
+            elif status == "KILLED":
+                stopped = self.fail(frozen)
+                keep_covered_epochs(stopped, child)
+                requeue(self.study, stopped)
                 log(f"autotune: trial #{self.number(frozen.number)} was stopped with its command: queued "
                     f"again with the same values (no retry counted)")
-                continue
-            retry(self.study, failed)
-            if len(self.study.get_trials(deepcopy=False)) == trials:  # not queued again: given up
-                if child is not None and child.info.status == "RUNNING":
-                    tracking.end_run(child.info.run_id, "FAILED")
-                log(f"autotune: trial #{self.number(frozen.number)} was interrupted "
-                    f"{self.cfg.max_retries + 1} times: given up (FAILED), a new trial takes its place")
-                continue
-            log(f"autotune: trial #{self.number(frozen.number)} was interrupted: retried with the same "
-                f"values" + (f"; child run {child.info.run_id} resumes from its last.pt" if child else ""))
-        return live
+            elif status == "FAILED" or self.cfg.force:
+                self.on_stale(self.study, self.fail(frozen))
+        optuna.storages.fail_stale_trials(self.study)  # calls on_stale for each trial it fails
+        live = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for frozen in live:
+            log(f"autotune: trial #{self.number(frozen.number)} is in flight from another driver (its "
+                f"Optuna heartbeat is fresh): left to it; -P force=true takes it over")
+        return len(live)
 
     def record(self, trial, result: RunResult) -> None:
         """Tell Optuna how the child ended: COMPLETE with its best selection accuracy, or PRUNED
@@ -193,24 +207,34 @@ class Tuner:
 
     def tune(self) -> RunResult:
         """Asynchronous trials: a new trial is asked for as soon as a slot frees (a pruned trial's
-        slot does not wait for the slowest of a batch), until n_trials have finished."""
-        live = self.retry_interrupted()
+        slot does not wait for the slowest of a batch), until n_trials have finished or are in
+        flight. This driver beats Optuna's heartbeat for each trial it has in flight."""
+        self.retry_interrupted()
         results = self.earlier_results()
         asked = {}  # trial number -> Trial, in flight
+        beats = Heartbeats(self.storage)
 
         def next_trial():
+            optuna.storages.fail_stale_trials(self.study)  # as study.optimize does before each trial
             done = len(self.study.get_trials(deepcopy=False, states=FINISHED))
-            if done + live + len(asked) >= self.cfg.n_trials:
+            running = len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+            if done + running >= self.cfg.n_trials:  # running: ours, and those other drivers beat for
                 return None
             trial = self.study.ask()
+            beats.start(trial._trial_id)
             asked[trial.number] = trial
             return trial.number, self.spec(trial)
 
         def finished(number: int, result: RunResult) -> None:
-            self.record(asked.pop(number), result)
+            trial = asked.pop(number)
+            self.record(trial, result)
+            beats.stop(trial._trial_id)
             results[number] = result
 
-        executor.stream(self.cfg, self.stage, self.dataset, next_trial, finished, parallel_trials(self.cfg))
+        try:
+            executor.stream(self.cfg, self.stage, self.dataset, next_trial, finished, parallel_trials(self.cfg))
+        finally:
+            beats.stop_all()  # a stopped command's trials go quiet: its children are KILLED, or stale
         return self.conclude(results)
 
     def conclude(self, results: dict[int, RunResult]) -> RunResult:
@@ -230,6 +254,14 @@ class Tuner:
         log(f"autotune: best trial #{self.number(number)}: " + " ".join(f"{k}={short(v)}" for k, v in values.items())
             + f" ({len(complete)} complete, {pruned} pruned)")
         return best
+
+
+def keep_covered_epochs(failed, child) -> None:
+    """A failed trial keeps only the epochs its child's last.pt covers (those its run logged):
+    the rest are trained again."""
+    covered = tracking.logged_steps(child.info.run_id, "test_acc") if child is not None else set()
+    failed.intermediate_values = {step: value for step, value in failed.intermediate_values.items()
+                                  if step in covered}
 
 
 def requeue(study, stopped) -> None:
@@ -272,5 +304,7 @@ def log_plots(study, run_id: str) -> None:
 
 def run(cfg: Config, stage: Stage, dataset, lineage: Lineage) -> RunResult:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the retry callback's
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat's, the retry's
+        # the driver beats for its asked trials itself (Heartbeats), as study.optimize would
+        warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
         return Tuner(cfg, stage, dataset, lineage).tune()

@@ -96,10 +96,46 @@ def redacted(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
+# Optuna's trial heartbeat: the driver beats for each trial it has in flight; a trial whose driver
+# has not beaten for GRACE_PERIOD_S (the driver died, and Ray took its tasks with it) is failed by
+# Optuna's fail_stale_trials and handed to the storage's stale-trial callback (a retry)
+HEARTBEAT_INTERVAL_S = 10
+GRACE_PERIOD_S = 60
+
+
+def open_storage(url: str, on_stale=None) -> optuna.storages.RDBStorage:
+    """The study's RDB storage; with `on_stale`, Optuna's heartbeat on, calling on_stale(study,
+    failed_trial) for each trial fail_stale_trials fails."""
     # several processes write one SQLite file (Ray workers): wait for its lock instead of failing
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    if on_stale is None:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                                      grace_period=GRACE_PERIOD_S, heartbeat_stale_trial_callback=on_stale)
+
+
+class Heartbeats:
+    """Optuna's own heartbeat thread (the one study.optimize runs around each trial), one per trial
+    this driver has in flight, from ask until its result is told or the driver stops."""
+
+    def __init__(self, storage):
+        self.storage, self.threads = storage, {}
+
+    def start(self, trial_id: int) -> None:
+        from optuna.storages._heartbeat import get_heartbeat_thread  # Optuna's, pinned (optuna==5.0.0)
+
+        thread = get_heartbeat_thread(trial_id, self.storage)
+        thread.start()
+        self.threads[trial_id] = thread
+
+    def stop(self, trial_id: int) -> None:
+        thread = self.threads.pop(trial_id, None)
+        if thread is not None:
+            thread.join()
+
+    def stop_all(self) -> None:
+        for trial_id in list(self.threads):
+            self.stop(trial_id)
 
 
 def study_name(cfg: Config, data_digest: str, runtime: Runtime) -> str:

@@ -152,65 +152,139 @@ def study_of(store, monkeypatch, **extra):
     return cfg, dataset, stage_run, autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())
 
 
-def test_a_trial_whose_child_died_is_retried_with_its_values_and_a_live_one_is_left_alone(store, monkeypatch):
-    """The same command run again: a trial left RUNNING by a dead process is failed and queued
-    again (Optuna's retry callback) with its values, its reported epochs and its child's name, so
-    the child's key finds the interrupted child run; a trial whose child is still training is not."""
-    import socket
-    import subprocess
-    import sys
-    import time
+def beat(tuner, trial, age_s: int = 0) -> None:
+    """The trial's Optuna heartbeat, as its driver last beat it `age_s` seconds ago."""
+    import sqlalchemy
 
+    tuner.storage.record_heartbeat(trial._trial_id)
+    with tuner.storage.engine.begin() as connection:
+        connection.execute(sqlalchemy.text("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, :age) "
+                                           "WHERE trial_id = :trial"), {"age": f"-{age_s} seconds", "trial": trial._trial_id})
+
+
+def child_of(store, stage_run, trial, status="RUNNING") -> str:
+    child = store.client.create_run("0", tags={"mlflow.parentRunId": stage_run,
+                                               "training_key": trial.user_attrs["child_key"]}).info.run_id
+    store.client.log_metric(child, "test_acc", 12.5, step=1)  # logged: epoch 1 has its last.pt
+    if status != "RUNNING":
+        store.client.set_terminated(child, status)
+    return child
+
+
+STALE = tuning.GRACE_PERIOD_S + 30
+
+
+def test_a_trial_whose_driver_died_is_retried_by_optunas_heartbeat_and_a_live_one_is_left_alone(store, monkeypatch):
+    """The same command run again: a trial whose Optuna heartbeat went stale (its driver died) is
+    failed by fail_stale_trials and queued again by the retry callback with its values, its
+    reported epochs and its child's name, so the child's key finds the interrupted child run; a
+    trial whose driver still beats is left to it."""
     cfg, dataset, stage_run, tuner = study_of(store, monkeypatch)
     dead, live = tuner.study.ask(), tuner.study.ask()
     specs = {trial.number: tuner.spec(trial) for trial in (dead, live)}
     dead.report(12.5, 1)
     dead.report(20.0, 2)  # reported, but its run died before a last.pt covered epoch 2
-    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "pipeline"])
-    try:
-        for trial, pid in ((dead, 2 ** 22 + 1), (live, writer.pid)):  # no such pid / a live pipeline
-            child = store.client.create_run("0", tags={
-                "mlflow.parentRunId": stage_run, "training_key": trial.user_attrs["child_key"],
-                "heartbeat": f"{socket.gethostname()} {pid} {time.time():.0f}"}).info.run_id
-            store.client.log_metric(child, "test_acc", 12.5, step=1)  # logged: epoch 1 has its last.pt
-        again = autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())  # a new process's view
-        assert again.retry_interrupted() == 1  # the live one
-        states = [t.state for t in again.study.trials]
-        assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING,
-                          optuna.trial.TrialState.WAITING]
-        retried = again.study.ask()
-        assert retried.number == 2 and retried.params == dead.params
-        assert again.study.trials[2].intermediate_values == {1: 12.5}  # epoch 2 is trained again
-        spec = again.spec(retried)
-        assert spec.name == specs[dead.number].name and spec.name.startswith("autotune #0 ")
-        assert retried.user_attrs["child_key"] == dead.user_attrs["child_key"]  # finds the child run again
-        assert spec.cfg == specs[dead.number].cfg
-    finally:
-        writer.kill()
+    for trial in (dead, live):
+        child_of(store, stage_run, trial)
+    beat(tuner, dead, age_s=STALE)
+    beat(tuner, live)
+    again = autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())  # a new process's view
+    assert again.retry_interrupted() == 1  # the live one
+    states = [t.state for t in again.study.trials]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING,
+                      optuna.trial.TrialState.WAITING]
+    retried = again.study.ask()
+    assert retried.number == 2 and retried.params == dead.params
+    assert again.study.trials[2].intermediate_values == {1: 12.5}  # epoch 2 is trained again
+    assert again.study.trials[2].system_attrs["retry_history"] == [0]  # a crash: counted
+    spec = again.spec(retried)
+    assert spec.name == specs[dead.number].name and spec.name.startswith("autotune #0 ")
+    assert retried.user_attrs["child_key"] == dead.user_attrs["child_key"]  # finds the child run again
+    assert spec.cfg == specs[dead.number].cfg
 
 
-def test_a_trial_that_keeps_killing_its_process_is_given_up_after_max_retries(store, monkeypatch):
-    """With max_retries=1 a dead trial is queued again once; when its retry dies too, it is
-    failed for good (its child run FAILED), not queued a third time."""
-    import socket
-    import time
-
+def test_a_trial_that_keeps_killing_its_driver_is_given_up_after_max_retries(store, monkeypatch):
+    """With max_retries=1 a stale trial is queued again once; when its retry goes stale too, it
+    is failed for good (its child run FAILED), not queued a third time."""
     cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, max_retries="1")
     trial = tuner.study.ask()
     tuner.spec(trial)
-    child = store.client.create_run("0", tags={  # its process is gone: no such pid
-        "mlflow.parentRunId": stage_run, "training_key": trial.user_attrs["child_key"],
-        "heartbeat": f"{socket.gethostname()} {2 ** 22 + 1} {time.time():.0f}"}).info.run_id
+    child = child_of(store, stage_run, trial)
+    beat(tuner, trial, age_s=STALE)
     State = optuna.trial.TrialState
     for attempt in range(2):  # each time the same command is run again, the trial has died again
         again = autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())
         assert again.retry_interrupted() == 0
         if attempt == 0:
             assert [t.state for t in again.study.trials] == [State.FAIL, State.WAITING]
-            retried = again.study.ask()  # the retry starts, and its process dies too
+            retried = again.study.ask()  # the retry starts, and its driver dies too
             assert again.spec(retried).name.startswith("autotune #0 ") and retried.params == trial.params
+            beat(again, retried, age_s=STALE)
     assert [t.state for t in again.study.trials] == [State.FAIL, State.FAIL]  # not queued a third time
     assert store.client.get_run(child).info.status == "FAILED"
+
+
+def test_a_trial_whose_child_the_stage_failed_is_retried_as_a_crash_at_once(store, monkeypatch):
+    """A child whose worker died for good (Ray gave up, the stage FAILED it): retried with a retry
+    counted, without waiting for its heartbeat to go stale."""
+    cfg, dataset, stage_run, tuner = study_of(store, monkeypatch)
+    trial = tuner.study.ask()
+    tuner.spec(trial)
+    child_of(store, stage_run, trial, status="FAILED")
+    beat(tuner, trial)  # its driver stopped a moment ago
+    again = autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())
+    assert again.retry_interrupted() == 0
+    State = optuna.trial.TrialState
+    assert [t.state for t in again.study.trials] == [State.FAIL, State.WAITING]
+    assert again.study.trials[1].system_attrs["retry_history"] == [0]
+
+
+def test_the_driver_beats_for_its_trial_in_flight_and_stops_when_it_stops(store, monkeypatch):
+    """While a trial trains, its Optuna heartbeat is fresh; a stopped driver leaves no heartbeat
+    thread behind (the process could not exit) and the trial's heartbeat goes quiet."""
+    import sqlalchemy
+    import threading
+
+    cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, trial_epochs="2")
+    seen = {}
+
+    def hook_that_stops(ref):
+        with tuner.storage.engine.connect() as connection:
+            seen["heartbeats"] = connection.execute(sqlalchemy.text(
+                "SELECT trial_id FROM trial_heartbeats WHERE heartbeat > datetime('now', '-30 seconds')")).all()
+
+        def stop(end):
+            raise KeyboardInterrupt
+
+        return stop
+
+    monkeypatch.setattr(autotune, "epoch_hook", hook_that_stops)
+    with pytest.raises(KeyboardInterrupt):
+        tuner.tune()
+    (trial,) = tuner.study.trials
+    assert seen["heartbeats"] == [(trial._trial_id,)]
+    assert not [t for t in threading.enumerate() if "record_heartbeat" in t.name]
+
+
+def test_another_drivers_trial_that_goes_stale_mid_run_is_taken_over(store, monkeypatch):
+    """As study.optimize does, the driver fails stale trials before each ask: a trial whose other
+    driver dies while this one trains is retried here, and the study ends at n_trials."""
+    cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, trial_epochs="1")
+    theirs = tuner.study.ask()
+    tuner.spec(theirs)
+    beat(tuner, theirs)  # live when this driver starts
+    real_hook = autotune.epoch_hook
+
+    def their_driver_dies(ref):
+        beat(tuner, theirs, age_s=STALE)
+        return real_hook(ref)
+
+    monkeypatch.setattr(autotune, "epoch_hook", their_driver_dies)
+    tuner.tune()
+    State = optuna.trial.TrialState
+    trials = tuner.study.trials
+    assert [t.state for t in trials] == [State.FAIL, State.COMPLETE, State.COMPLETE]
+    assert trials[2].params == theirs.params and trials[2].system_attrs["failed_trial"] == theirs.number
 
 
 def test_a_trial_whose_command_was_stopped_is_queued_again_without_counting_a_retry(store, monkeypatch):
@@ -224,6 +298,7 @@ def test_a_trial_whose_command_was_stopped_is_queued_again_without_counting_a_re
                                                "training_key": trial.user_attrs["child_key"]}).info.run_id
     store.client.log_metric(child, "test_acc", 12.5, step=1)
     store.client.set_terminated(child, "KILLED")  # what a stopped command's cleanup marks
+    beat(tuner, trial)  # its driver beat a moment before it was stopped
     trial.report(12.5, 1)
     State = optuna.trial.TrialState
     for stop in range(4):  # stopped four times over, with max_retries=1
