@@ -13,6 +13,8 @@ DEMO_SAMPLES := demo_samples
 # synthetic data registers under a model name of its own: it never competes with a real-data model
 # (predict -P dataset=synthetic uses its champion)
 DEMO_MODEL := svhn-classifier-synthetic
+# the demo's runs in an experiment of their own, which the UI line at the end opens
+DEMO_EXPERIMENT := svhn-demo
 
 .PHONY: install test test-fast mutate demo bench clean
 
@@ -53,16 +55,16 @@ mutate: install
 	$(VENV)/bin/python .ci/mutation_report.py $(MUTATE_FUNCTIONS)
 
 demo: install
-	mlflow run . -e main --env-manager local $(DEMO_ARGS)
+	mlflow run . -e main --env-manager local --experiment-name $(DEMO_EXPERIMENT) $(DEMO_ARGS)
 	@echo
 	$(VENV)/bin/python scripts/demo.py samples $(DEMO_SAMPLES) $(subst -P ,,$(DEMO_ARGS))
-	mlflow run . -e predict --env-manager local -P input=$(DEMO_SAMPLES) -P output=demo_predictions.csv \
-		-P dataset=synthetic
+	mlflow run . -e predict --env-manager local --experiment-name $(DEMO_EXPERIMENT) -P input=$(DEMO_SAMPLES) \
+		-P output=demo_predictions.csv -P dataset=synthetic
 	@$(VENV)/bin/python scripts/demo.py report demo_predictions.csv $(DEMO_MODEL)
 	@echo
 	@echo "Done. Browse the runs, compare the sweeps and see the registered model with:"
 	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
-	@echo "then open http://127.0.0.1:5000 (main's run: summary.md and plots/study.png)"
+	@$(VENV)/bin/python scripts/demo.py ui $(DEMO_EXPERIMENT)
 
 bench: install
 	$(VENV)/bin/python benchmarks/throughput.py

@@ -31,6 +31,7 @@ import optuna  # noqa: E402
 from optuna.storages import RetryHeartbeatStaleTrialCallback  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
+from . import config as config_mod  # noqa: E402
 from . import executor, keys, runner, tracking  # noqa: E402
 from .aggregate import finish  # noqa: E402
 from .config import Config  # noqa: E402
@@ -38,7 +39,7 @@ from .executor import ChildSpec  # noqa: E402
 from .lineage import Lineage, stage_arch  # noqa: E402
 from .runner import RunResult, Stage, log  # noqa: E402
 from .tuning import (Heartbeats, SearchSpace, TrialRef, build_pruner, epoch_hook, open_storage,  # noqa: E402
-                     redacted, selection_value, short, storage_url, study_name, trial_name)
+                     redacted, sampler, selection_value, short, storage_url, study_name, trial_name)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -85,10 +86,24 @@ class Tuner:
             study_name=self.name, storage=self.storage, direction="maximize", load_if_exists=True,
             pruner=build_pruner(cfg.pruner, cfg.startup_trials, cfg.prune_warmup_epochs, cfg.trial_epochs))
         # seeded, and offset by the trials already there: a continued study draws new points, not
-        # the first run's again; constant_liar keeps trials in flight at once apart
-        self.study.sampler = optuna.samplers.TPESampler(
-            seed=self.cfg.seed + len(self.study.get_trials(deepcopy=False)), constant_liar=True,
-            n_startup_trials=cfg.startup_trials)
+        # the first run's again
+        earlier = len(self.study.get_trials(deepcopy=False))
+        self.study.sampler = sampler(self.cfg.seed + earlier, cfg.startup_trials)
+        if cfg.start_from_seed and not earlier:
+            self.enqueue_seed_point()
+
+    def enqueue_seed_point(self) -> None:
+        """Trial 0 is what the seed already knows: its chain's final point (overfit's lr, gamma,
+        wd and bs at this scale), so the study starts from it rather than from chance."""
+        chain = config_mod.load("overfit", {"scale": self.cfg.scale})
+        point = {"lr": chain.lr, "gamma": chain.gamma, "wd": (chain.wds or [chain.wd])[0],
+                 "bs": (chain.bss or [chain.bs])[0]}
+        described = " ".join(f"{k}={short(v)}" for k, v in point.items())
+        if not self.space.holds(point):
+            log(f"autotune: the seed's point ({described}) lies outside the search space: not enqueued")
+            return
+        self.study.enqueue_trial(point, user_attrs={"seed_point": True})
+        log(f"autotune: trial 0 is the seed's point ({described})")
 
     # a trial's number in its child's name: a retried trial keeps the number it was first asked as
     def number(self, trial_number: int) -> int:
@@ -276,13 +291,15 @@ def requeue(study, stopped) -> None:
 
 
 def log_plots(study, run_id: str) -> None:
-    """Optuna's optimisation history, pruning curves and parameter importances (the last needs
-    two complete trials)."""
+    """The study as pictures (Optuna's matplotlib views) and as a table, under plots/: the
+    optimisation history, the pruning curves, the parameters against the result (parallel
+    coordinates), their importances (needs two complete trials), and trials.csv."""
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as views
 
     plots = {"optuna_history.png": views.plot_optimization_history,
-             "optuna_intermediate_values.png": views.plot_intermediate_values}
+             "optuna_intermediate_values.png": views.plot_intermediate_values,
+             "optuna_parallel_coordinate.png": views.plot_parallel_coordinate}
     if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= 2:
         plots["optuna_param_importances.png"] = views.plot_param_importances
     else:
@@ -300,6 +317,25 @@ def log_plots(study, run_id: str) -> None:
             figure.savefig(path, dpi=100, bbox_inches="tight")
             plt.close(figure)
             tracking.client().log_artifact(run_id, str(path), "plots")
+        tracking.client().log_artifact(run_id, str(trials_csv(study, Path(tmp) / "trials.csv")), "plots")
+
+
+TRIALS_COLUMNS = ("number", "state", "value", "lr", "gamma", "wd", "bs", "epochs", "mlflow_run_id")
+
+
+def trials_csv(study, path: Path) -> Path:
+    """One row a trial, as Optuna holds it: its number, state, value, the values it drew (wd as
+    drawn), the epochs it reported, and its child run."""
+    import csv
+
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(TRIALS_COLUMNS)
+        for trial in study.get_trials(deepcopy=False):
+            writer.writerow([trial.number, trial.state.name, "" if trial.value is None else trial.value,
+                             *(trial.params.get(name, "") for name in ("lr", "gamma", "wd", "bs")),
+                             len(trial.intermediate_values), trial.user_attrs.get("mlflow_run_id", "")])
+    return path
 
 
 def run(cfg: Config, stage: Stage, dataset, lineage: Lineage) -> RunResult:

@@ -106,6 +106,7 @@ class Config:
     gamma_range: list = field(default_factory=list)  # [low, high], uniform
     wd_range: list = field(default_factory=list)     # [low, high], log-uniform ...
     wd_zero_below: float = 0.0      # ... and a draw below this trains with wd = 0 (weight decay off)
+    start_from_seed: bool = True    # a new study's trial 0 is the seed chain's own point (overfit's)
     # -- registry: the registered model
     registered_model: str = ""     # "" = svhn-classifier, or svhn-classifier-synthetic for synthetic data
     register: bool = False
@@ -182,7 +183,7 @@ SECTIONS = {
     "execution": ("executor", "ray_address", "cpus_per_trial", "gpus_per_trial", "max_retries"),
     "study": ("n_trials", "trial_epochs", "pruner", "startup_trials", "prune_warmup_epochs", "trial_batch",
               "optuna_storage"),
-    "search": ("lr_range", "gamma_range", "wd_range", "wd_zero_below"),
+    "search": ("lr_range", "gamma_range", "wd_range", "wd_zero_below", "start_from_seed"),
     "registry": ("registered_model", "register", "promote", "model_uri"),
     "prediction": ("input", "output"),
     "main": ("tuner", "env_manager"),

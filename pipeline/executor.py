@@ -109,6 +109,7 @@ def ray_child(env: dict[str, str], stage: Stage, spec: ChildSpec, init_state, da
 
     os.environ.pop("MLFLOW_RUN_ID", None)  # else it silently becomes every run's parent (mlflow#15713)
     os.environ.update(env)
+    runtime.tune_allocator()  # a Ray worker is not started by our CLI
     context = ray.get_runtime_context()
     node = context.get_node_id()
     like_the_driver(stage, spec.cfg, node)  # before any run is made or touched

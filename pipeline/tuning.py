@@ -44,6 +44,11 @@ class SearchSpace:
         trial.suggest_categorical("bs", list(self.bs))
         return self.values(trial.params)
 
+    def holds(self, point: dict) -> bool:
+        """Whether `point` (lr, gamma, wd, bs) lies in the space, so Optuna can model it."""
+        return (self.lr[0] <= point["lr"] <= self.lr[1] and self.gamma[0] <= point["gamma"] <= self.gamma[1]
+                and self.wd[0] <= point["wd"] <= self.wd[1] and point["bs"] in self.bs)
+
     def values(self, params: dict) -> dict:
         wd = params["wd"]
         return {"lr": float(params["lr"]), "gamma": float(params["gamma"]),
@@ -143,6 +148,13 @@ def study_name(cfg: Config, data_digest: str, runtime: Runtime) -> str:
     same study, and the same stage runs (tag stage_key)."""
     key = keys.study_key(cfg, data_digest, runtime)
     return f"autotune-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def sampler(seed: int, startup_trials: int) -> optuna.samplers.TPESampler:
+    """Multivariate TPE (lr, gamma, wd and bs modelled jointly, not one at a time), with
+    constant_liar so trials in flight at once are kept apart."""
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=True,
+                                      n_startup_trials=startup_trials)
 
 
 def build_pruner(name: str, startup_trials: int, warmup_epochs: int, trial_epochs: int):

@@ -2,6 +2,7 @@
 
     python scripts/demo.py samples FOLDER key=value ...   # PNGs from the study's test split
     python scripts/demo.py report PREDICTIONS.csv [MODEL] # table, and MODEL's champion (svhn-classifier-synthetic)
+    python scripts/demo.py ui EXPERIMENT                  # the address that opens EXPERIMENT in `mlflow ui`
 
 `samples` takes the study's own parameters (dataset=synthetic scale=demo ...), so the images
 come from the test split the study held out. Each file is named after its index in that split
@@ -73,11 +74,24 @@ def report(predictions: str, model: str = "svhn-classifier-synthetic") -> int:
     return 0
 
 
+def ui(experiment: str) -> int:
+    """The address that opens the demo's experiment in `mlflow ui`."""
+    import mlflow
+
+    found = mlflow.MlflowClient().get_experiment_by_name(experiment)
+    where = f"#/experiments/{found.experiment_id}" if found else ""
+    print(f"then open http://127.0.0.1:5000/{where} (experiment {experiment}; main's run: summary.md "
+          f"and plots/study.png)")
+    return 0
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:] or ["help"]
     if command == "samples" and args:
         samples(*args)
     elif command == "report" and len(args) in (1, 2):
         sys.exit(report(*args))
+    elif command == "ui" and len(args) == 1:
+        sys.exit(ui(*args))
     else:
         sys.exit(__doc__)

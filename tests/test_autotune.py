@@ -152,6 +152,26 @@ def study_of(store, monkeypatch, **extra):
     return cfg, dataset, stage_run, autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())
 
 
+def test_a_new_study_starts_from_the_seed_chains_point_and_a_continued_one_does_not(store, monkeypatch):
+    """Trial 0 of a new study is the seed chain's final point (overfit's lr, gamma, wd, bs); the
+    same study continued is not given it again; a point outside the space is not enqueued."""
+    cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, bss="64,128,256")
+    overfit = config.load("overfit")
+    first = tuner.study.ask()
+    spec = tuner.spec(first)  # the values are drawn here
+    assert first.params == {"lr": overfit.lr, "gamma": overfit.gamma, "wd": overfit.wds[0], "bs": overfit.bss[0]}
+    assert spec.cfg.lr == overfit.lr and spec.cfg.bs == overfit.bss[0]
+    again = autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())
+    assert len(again.study.trials) == 1  # nothing queued a second time
+    _, _, _, outside = study_of(store, monkeypatch, bss="32", lr_range="1e-3,2e-3")
+    assert outside.study.trials == []
+
+
+def test_the_sampler_models_the_parameters_jointly_and_keeps_parallel_trials_apart():
+    sampler = tuning.sampler(7, 3)
+    assert sampler._multivariate and sampler._constant_liar and sampler._n_startup_trials == 3
+
+
 def beat(tuner, trial, age_s: int = 0) -> None:
     """The trial's Optuna heartbeat, as its driver last beat it `age_s` seconds ago."""
     import sqlalchemy

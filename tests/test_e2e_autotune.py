@@ -1,6 +1,8 @@
 """autotune through `mlflow run`: a toy Optuna study whose pruned trials stop early, whose best
 trial's checkpoint and values land on the stage run, and that the same command continues without
 duplicating a trial. `main -P tuner=optuna` is in test_e2e_stages (it reuses that study's stages)."""
+import csv
+
 import optuna
 import pytest
 import torch
@@ -92,6 +94,16 @@ def test_the_best_trial_checkpoint_and_values_are_on_the_stage_run(module_store,
     plots = store.artifacts(tuned.info.run_id, "plots")
     assert {"plots/optuna_history.png", "plots/optuna_intermediate_values.png"} <= plots
     assert ("plots/optuna_param_importances.png" in plots) == (len(complete) >= 2)
+    assert "plots/optuna_parallel_coordinate.png" in plots
+    with open(store.client.download_artifacts(tuned.info.run_id, "plots/trials.csv")) as table:
+        rows = list(csv.DictReader(table))
+    trials = load_study(tuned).trials
+    assert [int(row["number"]) for row in rows] == [trial.number for trial in trials]
+    for row, trial in zip(rows, trials):  # the table is the study, and each row's epochs its child's
+        assert row["state"] == trial.state.name and float(row["lr"]) == trial.params["lr"]
+        assert int(row["epochs"]) == len(store.steps(row["mlflow_run_id"], "test_acc")) > 0
+        if row["state"] == "COMPLETE":
+            assert float(row["value"]) == store.client.get_run(row["mlflow_run_id"]).data.metrics["best_test_acc"]
     assert tuned.data.tags["optuna_storage"].endswith("mlflow.optuna.db")  # beside the store, not in it
 
 

@@ -58,3 +58,31 @@ def test_params_record_what_auto_resolved_to():
     params = runtime.Runtime(CPU, "bf16", 0).params(bs=96, data_pipeline="tensor")
     assert params == {"device_resolved": "cpu", "precision_resolved": "bf16", "data_pipeline": "tensor",
                       "torch_threads": str(torch.get_num_threads()), "eval_bs_resolved": "96"}
+
+
+def test_the_allocator_keeps_large_buffers_in_the_heap_unless_the_user_set_it(monkeypatch):
+    """In a fresh process (mallopt is per process): glibc's thresholds are raised, so a 64 MiB
+    buffer comes from the heap (arena grows) instead of its own mmap; a user's MALLOC_* is left."""
+    import subprocess
+    import sys
+
+    probe = """
+import ctypes
+from pipeline import runtime
+print(runtime.tune_allocator())
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                     "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+before = libc.mallinfo2().hblks  # blocks that have an mmap of their own
+libc.malloc(64 << 20)
+print(libc.mallinfo2().hblks - before)
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MALLOC_")}
+    tuned = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert tuned.stdout.split("\n")[:2] == ["allocator: glibc mmap/trim thresholds 256 MiB", "0"]  # no mmap'ed block
+    env["MALLOC_TRIM_THRESHOLD_"] = "131072"
+    left = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert left.stdout.split("\n")[0].endswith("left as set") and left.stdout.split("\n")[1] == "1"  # mmap'ed
