@@ -1,21 +1,28 @@
-"""The seed's hand-tuned chain against one Optuna study, on the same budget in epochs.
+"""The seed's hand-tuned chain against one Optuna study on half its epochs, paired by seed.
 
-Both start from the same parent: a `train` run from scratch (the baseline's role). Then
-  chain:    tune_lr (the seed's 5 learning rates) -> tune_gamma -> overfit, each point `--epochs`
-            epochs, each stage from the previous stage's best checkpoint, as `main` runs them;
-  autotune: one study from the parent, trial_epochs = `--epochs` and n_trials = the chain's
-            number of children, so its budget (n_trials x trial_epochs) is the chain's; pruning
-            ends hopeless trials early, so it spends at most that.
-Selection on a validation split (val_split 0.1) in both arms, so the test figure is fair. Reports,
-per arm: the best validation accuracy reached, the test accuracy of that checkpoint, the epochs
-trained (logged test_acc steps of every child) and the wall time. Synthetic data, temporary store.
+For each seed, both arms start from the same parent: a `train` run from scratch (the baseline's
+role, `--parent-epochs`). Then
+  chain:    tune_lr (the seed's 5 learning rates) -> tune_gamma -> overfit, `--epochs` E a point,
+            each stage from the previous stage's best checkpoint, as `main` runs them (7 children,
+            7E epochs);
+  autotune: one study from the parent: n_trials x trial_epochs <= half the chain's epochs, so its
+            epochs actually trained (pruned trials included) are at most half whatever happens.
+            Trial 0 is the seed's point (start_from_seed), then multivariate TPE, hyperband pruning.
+Everything at the demo scale (`scale=demo`: 3,000 synthetic training images, bs 32, overfit at 16),
+selection on a 10% validation split in both arms, so the test figure is fair. Reports per seed
+and arm the best validation accuracy, the test accuracy of that checkpoint, the epochs trained
+(logged test_acc steps of every child) and the wall time; then each arm's mean and the paired
+difference (autotune - chain) with its 95% interval (Student t, n-1 degrees of freedom), and how
+much the chain's children gained in their last epoch (has the curve levelled at E?).
 
-    python benchmarks/autotune.py [--train 2000] [--test 1000] [--epochs 2] [--executor local|ray]
+    python benchmarks/autotune.py [--seeds 1412,1413,1414] [--epochs 2] [--trial-epochs 2]
+                                  [--data synthetic|colour] [--executor local|ray]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,33 +31,62 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+CHAIN_POINTS = 7  # tune_lr's 5 learning rates, tune_gamma's 1, overfit's 1
+
+
+def colour_folder(root: Path) -> Path:
+    """The tests' colour-coded digits (each digit its own colour, plus noise) in SVHN's format, at
+    the demo's size: 3,000 training and 1,000 test images."""
+    sys.path.insert(0, str(PROJECT / "tests"))
+    from support.digits import colour_images, svhn_labels
+
+    from pipeline import synthetic
+
+    for split, count, seed in (("train", 3000, 1), ("test", 1000, 2)):
+        images, labels = colour_images(count, seed)
+        synthetic.write_mat(root / f"{split}_32x32.mat", images, svhn_labels(labels))
+    return root
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% interval."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, T_975[len(values) - 1] * statistics.stdev(values) / len(values) ** 0.5
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--train", default="2000", help="synthetic training images")
-    parser.add_argument("--test", default="1000", help="synthetic test images")
-    parser.add_argument("--parent-epochs", default="3")
-    parser.add_argument("--epochs", type=int, default=2, help="per sweep point, and trial_epochs")
-    parser.add_argument("--bs", default="64", help="the chain's batch size; overfit halves it, as the seed")
+    parser.add_argument("--seeds", default="1412,1413,1414", help="paired seeds, comma-separated")
+    parser.add_argument("--parent-epochs", default="4", help="the parent's epochs (the demo's baseline: 4)")
+    parser.add_argument("--epochs", type=int, default=2, help="E: the chain's epochs a point")
+    parser.add_argument("--trial-epochs", type=int, default=2, help="autotune's trial_epochs")
+    parser.add_argument("--data", default="synthetic", help="synthetic (the demo's), or colour (the tests' digits)")
     parser.add_argument("--executor", default="local", help="local, or ray (children as Ray tasks)")
-    parser.add_argument("--seed", default="1412")
     args = parser.parse_args()
     import mlflow
 
     from pipeline import tracking
 
+    budget = CHAIN_POINTS * args.epochs // 2
+    n_trials = budget // args.trial_epochs
+    rows, levelling = [], []
     with tempfile.TemporaryDirectory() as tmp:
         uri = tracking.new_local_store(Path(tmp))
         env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
         env.pop("MLFLOW_RUN_ID", None)
         client = mlflow.MlflowClient(uri)
-        data = ["--dataset", "synthetic", "--data_dir", f"{tmp}/data", "--synthetic_train", args.train,
-                "--synthetic_test", args.test, "--val_split", "0.1", "--log_every", "1000", "--seed", args.seed]
+        if args.data == "colour":
+            data = ["--dataset", "svhn", "--verify", "false", "--data_dir", str(colour_folder(Path(tmp) / "colour"))]
+        else:
+            data = ["--dataset", "synthetic", "--data_dir", f"{tmp}/data"]
+        common = [*data, "--scale", "demo", "--val_split", "0.1", "--log_every", "1000"]
         execution = ["--executor", args.executor]
 
-        def stage(name: str, *extra: str) -> tuple[str, float]:
-            cmd = [sys.executable, "-m", "pipeline", name, *data, *extra]
+        def stage(name: str, seed: str, *extra: str) -> tuple[str, float]:
+            cmd = [sys.executable, "-m", "pipeline", name, *common, "--seed", seed, *extra]
             print("$ " + " ".join(cmd[1:]), flush=True)
             start = time.monotonic()
             subprocess.run(cmd, cwd=PROJECT, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -58,41 +94,61 @@ def main() -> int:
             top = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)  # not one of its children
             return top.info.run_id, time.monotonic() - start
 
-        def epochs_of(run_ids: list[str]) -> int:
-            return sum(len(client.get_metric_history(child.info.run_id, "test_acc"))
-                       for run_id in run_ids
-                       for child in client.search_runs(["0"], f"tags.mlflow.parentRunId = '{run_id}'"))
+        def children(run_ids: list[str]) -> list:
+            return [child for run_id in run_ids
+                    for child in client.search_runs(["0"], f"tags.mlflow.parentRunId = '{run_id}'")]
 
-        parent, _ = stage("train", "--bs", args.bs, "--epochs", args.parent_epochs, "--init", "scratch")
+        def best(run_ids: list[str]) -> tuple[float, float]:
+            top = max((client.get_run(r) for r in run_ids), key=lambda r: r.data.metrics["best_val_acc"])
+            return top.data.metrics["best_val_acc"], top.data.metrics["test_acc_at_best"]
+
         epochs = str(args.epochs)
-        lr_run, lr_s = stage("tune_lr", "--parent_run_id", parent, "--epochs", epochs, "--bs", args.bs, *execution)
-        gamma_run, gamma_s = stage("tune_gamma", "--parent_run_id", lr_run, "--epochs", epochs, "--bs", args.bs,
-                                   *execution)
-        overfit_run, overfit_s = stage("overfit", "--parent_run_id", gamma_run, "--epochs", epochs,
-                                       "--bss", str(int(args.bs) // 2), *execution)
-        chain = [lr_run, gamma_run, overfit_run]
-        chain_children = sum(len(client.search_runs(["0"], f"tags.mlflow.parentRunId = '{r}'")) for r in chain)
-        bss = ",".join(str(int(int(args.bs) * f)) for f in (0.5, 1, 2))
-        tuned, tuned_s = stage("autotune", "--parent_run_id", parent, "--trial_epochs", epochs,
-                               "--n_trials", str(chain_children), "--startup_trials", "3",
-                               "--prune_warmup_epochs", "1", "--bss", bss, *execution)
-        rows = []
-        for name, final, runs, seconds in (("seed chain (tune_lr -> tune_gamma -> overfit)", overfit_run, chain,
-                                            lr_s + gamma_s + overfit_s),
-                                           ("autotune (Optuna TPE + median pruner)", tuned, [tuned], tuned_s)):
-            best = max((client.get_run(r) for r in runs), key=lambda r: r.data.metrics["best_val_acc"])
-            rows.append((name, best.data.metrics["best_val_acc"], best.data.metrics["test_acc_at_best"],
-                         client.get_run(final).data.metrics["best_val_acc"], epochs_of(runs),
-                         chain_children * args.epochs, seconds))
-        tags = client.get_run(tuned).data.tags
-    print(f"\nexecutor={args.executor}, {args.train} synthetic training images (10% held out for "
-          f"validation), {args.test} test; parent: train {args.parent_epochs} epochs from scratch")
-    print("\n| arm | best val acc (%) | test acc at that checkpoint (%) | final stage's val acc (%) "
-          "| epochs trained / budget | wall time (s) |\n|---|---|---|---|---|---|")
-    for name, val, test, final, spent, budget, seconds in rows:
-        print(f"| {name} | {val:.2f} | {test:.2f} | {final:.2f} | {spent} / {budget} | {seconds:.0f} |")
-    print(f"\nautotune's best: lr={tags['best_lr']} gamma={tags['best_gamma']} wd={tags['best_wd']} "
-          f"bs={tags['best_bs']} ({tags['trials_complete']} complete, {tags['trials_pruned']} pruned)")
+        for seed in args.seeds.split(","):
+            parent, _ = stage("train", seed, "--epochs", args.parent_epochs, "--init", "scratch")
+            lr_run, lr_s = stage("tune_lr", seed, "--parent_run_id", parent, "--epochs", epochs, *execution)
+            gamma_run, gamma_s = stage("tune_gamma", seed, "--parent_run_id", lr_run, "--epochs", epochs, *execution)
+            overfit_run, overfit_s = stage("overfit", seed, "--parent_run_id", gamma_run, "--epochs", epochs,
+                                           *execution)
+            chain = [lr_run, gamma_run, overfit_run]
+            for child in children(chain):  # the gain of each chain child's last epoch over the one before
+                history = sorted(client.get_metric_history(child.info.run_id, "val_acc"), key=lambda m: m.step)
+                if len(history) >= 2:
+                    levelling.append(history[-1].value - history[-2].value)
+            tuned, tuned_s = stage("autotune", seed, "--parent_run_id", parent, "--trial_epochs",
+                                   str(args.trial_epochs), "--n_trials", str(n_trials), "--pruner", "hyperband",
+                                   "--prune_warmup_epochs", "1", "--startup_trials", "1", *execution)
+            for arm, runs, seconds in (("chain", chain, lr_s + gamma_s + overfit_s), ("autotune", [tuned], tuned_s)):
+                val, test = best(runs)
+                spent = sum(len(client.get_metric_history(c.info.run_id, "test_acc")) for c in children(runs))
+                rows.append({"seed": seed, "arm": arm, "val": val, "test": test, "epochs": spent, "s": seconds})
+            tags = client.get_run(tuned).data.tags
+            print(f"seed {seed}: autotune's best lr={tags['best_lr']} gamma={tags['best_gamma']} "
+                  f"wd={tags['best_wd']} bs={tags['best_bs']} (trial #{tags['best_trial_number']})", flush=True)
+
+    print(f"\ndata={args.data}, scale=demo, executor={args.executor}; parent: train {args.parent_epochs} epochs "
+          f"from scratch; chain: {CHAIN_POINTS} points x {args.epochs} epochs; autotune: {n_trials} trials x "
+          f"{args.trial_epochs} epochs at most ({budget} = half the chain's)")
+    print("\n| seed | arm | best val acc (%) | test acc at that checkpoint (%) | epochs trained | wall time (s) |"
+          "\n|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['seed']} | {row['arm']} | {row['val']:.2f} | {row['test']:.2f} | {row['epochs']} | {row['s']:.0f} |")
+    print("\n| arm | mean best val acc (%) | mean test acc at best (%) | mean epochs | mean wall time (s) |"
+          "\n|---|---|---|---|---|")
+    for arm in ("chain", "autotune"):
+        mine = [r for r in rows if r["arm"] == arm]
+        print(f"| {arm} | {statistics.fmean(r['val'] for r in mine):.2f} | "
+              f"{statistics.fmean(r['test'] for r in mine):.2f} | {statistics.fmean(r['epochs'] for r in mine):.1f} | "
+              f"{statistics.fmean(r['s'] for r in mine):.0f} |")
+    for metric in ("val", "test"):
+        by_seed = {(r["seed"], r["arm"]): r[metric] for r in rows}
+        diffs = [by_seed[(s, "autotune")] - by_seed[(s, "chain")] for s in args.seeds.split(",")]
+        mean, half = interval(diffs)
+        print(f"\npaired difference in {metric} acc (autotune - chain): {mean:+.2f} points, 95% interval "
+              f"[{mean - half:+.2f}, {mean + half:+.2f}] over {len(diffs)} seeds")
+    if levelling:
+        mean, half = interval(levelling)
+        print(f"levelling: the chain's children gained {mean:+.2f} ± {half:.2f} val points in their last epoch "
+              f"({len(levelling)} children)")
     return 0
 
 

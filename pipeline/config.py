@@ -96,7 +96,7 @@ class Config:
     # -- study: autotune: an Optuna study (TPE, seeded), how far it goes and where it is kept
     n_trials: int = 20              # trials in the study, counted over every run of the same command
     trial_epochs: int = 10          # epochs of a trial that is not pruned
-    pruner: str = "median"          # median | hyperband | none (Optuna's pruners)
+    pruner: str = "hyperband"       # hyperband | median | none (Optuna's pruners)
     startup_trials: int = 5         # the first trials are sampled at random and never pruned
     prune_warmup_epochs: int = 2    # median: no pruning before this epoch; hyperband: its min_resource
     trial_batch: int = 0            # trials in flight at once; 0 = 1 locally, as many as run at once on Ray

@@ -76,7 +76,8 @@ def test_the_study_name_ignores_n_trials_and_storage_but_not_the_search():
     assert tuning.study_name(base.replace(n_trials=50, optuna_storage="sqlite:////x.db", trial_batch=4),
                              "digest", CPU) == name  # more trials continue the same study
     for changed in (base.replace(trial_epochs=2), base.replace(lr_range=[1e-4, 1e-3]),
-                    base.replace(pruner="hyperband"), base.replace(parent_run_id="abc")):
+                    base.replace(pruner="median"), base.replace(start_from_seed=False),
+                    base.replace(parent_run_id="abc")):
         assert tuning.study_name(changed, "digest", CPU) != name
     assert tuning.study_name(base, "other data", CPU) != name
     assert tuning.study_name(base, "digest", runtime.Runtime(torch.device("cpu"), "bf16")) != name
