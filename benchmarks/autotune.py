@@ -5,9 +5,10 @@ role, `--parent-epochs`). Then
   chain:    tune_lr (the seed's 5 learning rates) -> tune_gamma -> overfit, `--epochs` E a point,
             each stage from the previous stage's best checkpoint, as `main` runs them (7 children,
             7E epochs);
-  autotune: one study from the parent: n_trials x trial_epochs <= half the chain's epochs, so its
-            epochs actually trained (pruned trials included) are at most half whatever happens.
-            Trial 0 is the seed's point (start_from_seed), then multivariate TPE, hyperband pruning.
+  autotune: one study from the parent with epoch_budget = half the chain's epochs: it asks for
+            no trial that could take the epochs actually trained (pruned trials included) past
+            that. Trial 0 is the seed's point (start_from_seed), then multivariate TPE; Hyperband
+            prunes from epoch 1 (trial_epochs the resource), and each pruned epoch saved buys more.
 Everything at the demo scale (`scale=demo`: 3,000 synthetic training images, bs 32, overfit at 16),
 selection on a 10% validation split in both arms, so the test figure is fair. Reports per seed
 and arm the best validation accuracy, the test accuracy of that checkpoint, the epochs trained
@@ -15,7 +16,7 @@ and arm the best validation accuracy, the test accuracy of that checkpoint, the 
 difference (autotune - chain) with its 95% interval (Student t, n-1 degrees of freedom), and how
 much the chain's children gained in their last epoch (has the curve levelled at E?).
 
-    python benchmarks/autotune.py [--seeds 1412,1413,1414] [--epochs 2] [--trial-epochs 2]
+    python benchmarks/autotune.py [--seeds 1412,1413,1414] [--epochs 4] [--trial-epochs 6]
                                   [--data synthetic|colour] [--executor local|ray]
 """
 from __future__ import annotations
@@ -61,8 +62,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--seeds", default="1412,1413,1414", help="paired seeds, comma-separated")
     parser.add_argument("--parent-epochs", default="4", help="the parent's epochs (the demo's baseline: 4)")
-    parser.add_argument("--epochs", type=int, default=2, help="E: the chain's epochs a point")
-    parser.add_argument("--trial-epochs", type=int, default=2, help="autotune's trial_epochs")
+    parser.add_argument("--epochs", type=int, default=4, help="E: the chain's epochs a point")
+    parser.add_argument("--trial-epochs", type=int, default=6, help="autotune's trial_epochs")
     parser.add_argument("--data", default="synthetic", help="synthetic (the demo's), or colour (the tests' digits)")
     parser.add_argument("--executor", default="local", help="local, or ray (children as Ray tasks)")
     args = parser.parse_args()
@@ -71,7 +72,6 @@ def main() -> int:
     from pipeline import tracking
 
     budget = CHAIN_POINTS * args.epochs // 2
-    n_trials = budget // args.trial_epochs
     rows, levelling = [], []
     with tempfile.TemporaryDirectory() as tmp:
         uri = tracking.new_local_store(Path(tmp))
@@ -115,7 +115,8 @@ def main() -> int:
                 if len(history) >= 2:
                     levelling.append(history[-1].value - history[-2].value)
             tuned, tuned_s = stage("autotune", seed, "--parent_run_id", parent, "--trial_epochs",
-                                   str(args.trial_epochs), "--n_trials", str(n_trials), "--pruner", "hyperband",
+                                   str(args.trial_epochs), "--epoch_budget", str(budget), "--n_trials", "100",
+                                   "--pruner", "hyperband",
                                    "--prune_warmup_epochs", "1", "--startup_trials", "1", *execution)
             for arm, runs, seconds in (("chain", chain, lr_s + gamma_s + overfit_s), ("autotune", [tuned], tuned_s)):
                 val, test = best(runs)
@@ -123,11 +124,12 @@ def main() -> int:
                 rows.append({"seed": seed, "arm": arm, "val": val, "test": test, "epochs": spent, "s": seconds})
             tags = client.get_run(tuned).data.tags
             print(f"seed {seed}: autotune's best lr={tags['best_lr']} gamma={tags['best_gamma']} "
-                  f"wd={tags['best_wd']} bs={tags['best_bs']} (trial #{tags['best_trial_number']})", flush=True)
+                  f"wd={tags['best_wd']} bs={tags['best_bs']} (trial #{tags['best_trial_number']}; "
+                  f"{tags['trials_complete']} complete, {tags['trials_pruned']} pruned)", flush=True)
 
     print(f"\ndata={args.data}, scale=demo, executor={args.executor}; parent: train {args.parent_epochs} epochs "
-          f"from scratch; chain: {CHAIN_POINTS} points x {args.epochs} epochs; autotune: {n_trials} trials x "
-          f"{args.trial_epochs} epochs at most ({budget} = half the chain's)")
+          f"from scratch; chain: {CHAIN_POINTS} points x {args.epochs} epochs; autotune: trials of up to "
+          f"{args.trial_epochs} epochs, epoch_budget {budget} (half the chain's)")
     print("\n| seed | arm | best val acc (%) | test acc at that checkpoint (%) | epochs trained | wall time (s) |"
           "\n|---|---|---|---|---|---|")
     for row in rows:

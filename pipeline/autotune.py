@@ -231,10 +231,14 @@ class Tuner:
 
         def next_trial():
             optuna.storages.fail_stale_trials(self.study)  # as study.optimize does before each trial
-            done = len(self.study.get_trials(deepcopy=False, states=FINISHED))
+            finished = self.study.get_trials(deepcopy=False, states=FINISHED)
             running = len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-            if done + running >= self.cfg.n_trials:  # running: ours, and those other drivers beat for
+            if len(finished) + running >= self.cfg.n_trials:  # running: ours, and those other drivers beat for
                 return None
+            if self.cfg.epoch_budget:  # epochs trained, pruned trials' included; in flight: a whole trial each
+                committed = sum(len(t.intermediate_values) for t in finished) + running * self.cfg.trial_epochs
+                if committed + self.cfg.trial_epochs > self.cfg.epoch_budget:
+                    return None
             trial = self.study.ask()
             beats.start(trial._trial_id)
             asked[trial.number] = trial

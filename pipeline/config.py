@@ -95,6 +95,7 @@ class Config:
     max_retries: int = 3            # Ray retries a child whose worker died this many times
     # -- study: autotune: an Optuna study (TPE, seeded), how far it goes and where it is kept
     n_trials: int = 20              # trials in the study, counted over every run of the same command
+    epoch_budget: int = 0           # 0 = none; else no new trial once epochs trained + a whole trial pass it
     trial_epochs: int = 10          # epochs of a trial that is not pruned
     pruner: str = "hyperband"       # hyperband | median | none (Optuna's pruners)
     startup_trials: int = 5         # the first trials are sampled at random and never pruned
@@ -181,7 +182,7 @@ SECTIONS = {
     "data": ("dataset", "data_dir", "verify", "download", "limit_train", "limit_test", "val_split",
              "data_seed", "synthetic_train", "synthetic_test"),
     "execution": ("executor", "ray_address", "cpus_per_trial", "gpus_per_trial", "max_retries"),
-    "study": ("n_trials", "trial_epochs", "pruner", "startup_trials", "prune_warmup_epochs", "trial_batch",
+    "study": ("n_trials", "epoch_budget", "trial_epochs", "pruner", "startup_trials", "prune_warmup_epochs", "trial_batch",
               "optuna_storage"),
     "search": ("lr_range", "gamma_range", "wd_range", "wd_zero_below", "start_from_seed"),
     "registry": ("registered_model", "register", "promote", "model_uri"),

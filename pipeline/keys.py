@@ -46,10 +46,10 @@ def training_key(cfg: Config, data_digest: str, runtime: Runtime) -> str:
 
 
 def study_key(cfg: Config, data_digest: str, runtime: Runtime) -> str:
-    """The training key less how far a study goes (n_trials): what a child trains and which
-    study (or stage) it belongs to. A FINISHED stage is reused by its training_key, which
-    keeps n_trials: a study asked for 3 trials is not the one that ran 2."""
-    return training_key(cfg.replace(n_trials=1), data_digest, runtime)
+    """The training key less how far a study goes (n_trials, epoch_budget): what a child trains
+    and which study (or stage) it belongs to. A FINISHED stage is reused by its training_key,
+    which keeps both: a study asked for 3 trials is not the one that ran 2."""
+    return training_key(cfg.replace(n_trials=1, epoch_budget=0), data_digest, runtime)
 
 
 def child_key(cfg: Config, data_digest: str, runtime: Runtime, name: str, init_source: str) -> str:

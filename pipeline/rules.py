@@ -46,6 +46,7 @@ RULES = [
     ("executor", lambda v: v in ("local", "ray"), "local|ray"),
     ("tuner", lambda v: v in ("seed", "optuna"), "seed|optuna"),
     ("n_trials", lambda v: v >= 1, ">= 1"),
+    ("epoch_budget", lambda v: v >= 0, ">= 0 (0 = no budget)"),
     ("trial_epochs", lambda v: v >= 1, ">= 1"),
     ("pruner", lambda v: v in ("median", "hyperband", "none"), "median|hyperband|none"),
     ("startup_trials", lambda v: v >= 0, ">= 0"),

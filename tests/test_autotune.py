@@ -353,3 +353,15 @@ def test_a_trial_whose_child_finished_before_it_was_told_is_recorded_from_its_ru
     (recorded,) = again.study.trials
     assert recorded.state == optuna.trial.TrialState.COMPLETE and recorded.value == 45.0
     assert recorded.intermediate_values == {1: 30.0, 2: 45.0} and recorded.user_attrs["mlflow_run_id"] == child
+
+
+def test_an_epoch_budget_stops_asking_before_a_whole_trial_would_pass_it(store, monkeypatch):
+    """epoch_budget=5 with trials of 2 epochs: two trials (4 epochs); a third could train 6."""
+    cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, trial_epochs="2", n_trials="10",
+                                              epoch_budget="5", pruner="none")
+    tuner.tune()
+    trials = tuner.study.trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert sum(len(t.intermediate_values) for t in trials) == 4
+    assert tuning.study_name(cfg, dataset.digest, CPU) == tuning.study_name(cfg.replace(epoch_budget=0),
+                                                                            dataset.digest, CPU)
