@@ -12,7 +12,8 @@ stops at n_trials finished trials in all. Liveness is Optuna's: the driver beats
 heartbeat for each trial in flight, and a trial whose driver died goes stale and is retried with the
 same values (fail_stale_trials, RetryHeartbeatStaleTrialCallback); its child resumes from last.pt.
 Ray retries a worker that dies within a command. What Optuna cannot see comes from MLflow: a child
-KILLED by a stopped command (queued again, no retry counted), or FINISHED before its trial was told.
+KILLED by a stopped command (queued again, no retry counted), FAILED by its stage (its worker died
+for good: retried at once), or FINISHED before its trial was told (recorded from its run).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from . import config as config_mod  # noqa: E402
-from . import executor, keys, runner, tracking  # noqa: E402
+from . import executor, interrupts, keys, runner, tracking  # noqa: E402
 from .aggregate import finish  # noqa: E402
 from .config import Config  # noqa: E402
 from .executor import ChildSpec  # noqa: E402
@@ -135,17 +136,26 @@ class Tuner:
         return runs[0] if runs else None
 
     def on_stale(self, study, failed) -> None:
-        """A trial failed for a dead process (Optuna's heartbeat went stale, or its child run was
-        FAILED): retried by Optuna's retry callback with the same values and the epochs its
-        child's last.pt covers, at most max_retries times; then given up (its child run FAILED)
-        and the study asks a new trial in its place."""
+        """A trial failed for its driver: Optuna's heartbeat went stale (the driver died), or
+        MLflow says its child was KILLED (its command was stopped) or FAILED (its worker died for
+        good). A stopped one is queued again without counting a retry; the others are retried by
+        Optuna's retry callback at most max_retries times, then given up (a new trial takes the
+        place). Either way with the same values and the epochs its child's last.pt covers. A child
+        still RUNNING is ended FAILED by Optuna's verdict: a retry on any node resumes it (no
+        writer looks live), and if that driver dies too, the crash counts again."""
         child = self.child_of(failed)
         keep_covered_epochs(failed, child)
+        if child is not None and child.info.status == "KILLED":
+            requeue(study, failed)
+            log(f"autotune: trial #{self.number(failed.number)} was stopped with its command: queued "
+                f"again with the same values (no retry counted)")
+            return
         trials = len(study.get_trials(deepcopy=False))
         self.retry(study, failed)
-        if len(study.get_trials(deepcopy=False)) == trials:  # not queued again: given up
-            if child is not None and child.info.status == "RUNNING":
-                tracking.end_run(child.info.run_id, "FAILED")
+        given_up = len(study.get_trials(deepcopy=False)) == trials  # not queued again
+        if child is not None and child.info.status == "RUNNING":  # its writer died with its driver
+            tracking.end_run(child.info.run_id, "FAILED")  # a crash (not KILLED: a stop, never counted)
+        if given_up:
             log(f"autotune: trial #{self.number(failed.number)} was interrupted "
                 f"{self.cfg.max_retries + 1} times: given up (FAILED), a new trial takes its place")
             return
@@ -173,13 +183,7 @@ class Tuner:
                             runner.result_from_record(child.info.run_id, self.arch))
                 log(f"autotune: trial #{self.number(frozen.number)} had finished (child run {child.info.run_id}): "
                     f"recorded from its run")
-            elif status == "KILLED":
-                stopped = self.fail(frozen)
-                keep_covered_epochs(stopped, child)
-                requeue(self.study, stopped)
-                log(f"autotune: trial #{self.number(frozen.number)} was stopped with its command: queued "
-                    f"again with the same values (no retry counted)")
-            elif status == "FAILED" or self.cfg.force:
+            elif status in ("KILLED", "FAILED") or self.cfg.force:  # what Optuna cannot see, or told to
                 self.on_stale(self.study, self.fail(frozen))
         optuna.storages.fail_stale_trials(self.study)  # calls on_stale for each trial it fails
         live = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -230,6 +234,7 @@ class Tuner:
         beats = Heartbeats(self.storage)
 
         def next_trial():
+            beats.beat_all()  # ours fresh, whatever a failed beat left, before looking for stale ones
             optuna.storages.fail_stale_trials(self.study)  # as study.optimize does before each trial
             finished = self.study.get_trials(deepcopy=False, states=FINISHED)
             running = len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
@@ -239,21 +244,26 @@ class Tuner:
                 committed = sum(len(t.intermediate_values) for t in finished) + running * self.cfg.trial_epochs
                 if committed + self.cfg.trial_epochs > self.cfg.epoch_budget:
                     return None
-            trial = self.study.ask()
-            beats.start(trial._trial_id)
-            asked[trial.number] = trial
+            with interrupts.critical():  # no trial without its heartbeat, which lets it go stale
+                trial = self.study.ask()
+                beats.start(trial._trial_id)
+                asked[trial.number] = trial
             return trial.number, self.spec(trial)
 
         def finished(number: int, result: RunResult) -> None:
             trial = asked.pop(number)
-            self.record(trial, result)
             beats.stop(trial._trial_id)
+            if self.study.get_trials(deepcopy=False)[number].state != TrialState.RUNNING:
+                log(f"autotune: trial #{self.number(number)} was failed as stale by another driver meanwhile: "
+                    f"its retry records it")
+                return
+            self.record(trial, result)
             results[number] = result
 
         try:
             executor.stream(self.cfg, self.stage, self.dataset, next_trial, finished, parallel_trials(self.cfg))
         finally:
-            beats.stop_all()  # a stopped command's trials go quiet: its children are KILLED, or stale
+            beats.close()  # a stopped command's trials go quiet: its children are KILLED, or go stale
         return self.conclude(results)
 
     def conclude(self, results: dict[int, RunResult]) -> RunResult:
@@ -345,6 +355,6 @@ def trials_csv(study, path: Path) -> Path:
 def run(cfg: Config, stage: Stage, dataset, lineage: Lineage) -> RunResult:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat's, the retry's
-        # the driver beats for its asked trials itself (Heartbeats), as study.optimize would
+        # the driver beats for the trials it asked itself (Heartbeats), as study.optimize would
         warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
         return Tuner(cfg, stage, dataset, lineage).tune()

@@ -98,7 +98,7 @@ class Config:
     epoch_budget: int = 0           # 0 = none; else no new trial once epochs trained + a whole trial pass it
     trial_epochs: int = 10          # epochs of a trial that is not pruned
     pruner: str = "hyperband"       # hyperband | median | none (Optuna's pruners)
-    startup_trials: int = 5         # the first trials are sampled at random and never pruned
+    startup_trials: int = 5         # the first trials are sampled at random (median: never pruned)
     prune_warmup_epochs: int = 2    # median: no pruning before this epoch; hyperband: its min_resource
     trial_batch: int = 0            # trials in flight at once; 0 = 1 locally, as many as run at once on Ray
     optuna_storage: str = ""        # "" = <tracking db>.optuna.db beside a SQLite store, else ./optuna.db
@@ -291,7 +291,7 @@ def load(stage: str, overrides: Mapping[str, Any] | None = None) -> Config:
     merged["stage"] = stage
     values = {name: parse_value(name, raw) for name, raw in merged.items()}
     check_sweep_overrides(values, overrides or {})
-    return apply_caps(validate(Config(**values)))
+    return check_epoch_budget(apply_caps(validate(Config(**values))))
 
 
 def scale_names() -> list[str]:
@@ -330,6 +330,13 @@ def apply_caps(cfg: Config) -> Config:
         cfg.trial_epochs = min(cfg.trial_epochs, cfg.max_epochs)
     if cfg.max_repeats:
         cfg.repeats = min(cfg.repeats, cfg.max_repeats)
+    return cfg
+
+
+def check_epoch_budget(cfg: Config) -> Config:
+    if 0 < cfg.epoch_budget < cfg.trial_epochs:  # after the caps: what trial_epochs will be
+        raise ConfigError(f"epoch_budget={cfg.epoch_budget} is below trial_epochs={cfg.trial_epochs}: no trial "
+                          f"could start; raise it to at least {cfg.trial_epochs}, or 0 for no budget")
     return cfg
 
 

@@ -24,7 +24,7 @@ def tune_allocator() -> str:
     """Raise glibc's mmap and trim thresholds in this process (what MALLOC_MMAP_THRESHOLD_ and
     MALLOC_TRIM_THRESHOLD_ do, for processes we start or not: Ray workers too). Left alone
     where either variable is set (the user's choice) or the C library is not glibc. Returns what
-    was done, for the log."""
+    was done (benchmarks/allocator.py prints it)."""
     import ctypes
     import os
 

@@ -120,27 +120,53 @@ def open_storage(url: str, on_stale=None) -> optuna.storages.RDBStorage:
 
 
 class Heartbeats:
-    """Optuna's own heartbeat thread (the one study.optimize runs around each trial), one per trial
-    this driver has in flight, from ask until its result is told or the driver stops."""
+    """The heartbeat of every trial this driver has in flight, from ask until its result is told
+    or the driver stops: Optuna's record_heartbeat every HEARTBEAT_INTERVAL_S, from one daemon
+    thread that outlives a failed beat (a database blip must not let the driver's own trials go
+    stale) and never holds up the driver's exit."""
 
     def __init__(self, storage):
-        self.storage, self.threads = storage, {}
+        import threading
+
+        self.storage, self.trial_ids, self.lock = storage, set(), threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.loop, name="optuna-heartbeats", daemon=True)
+        self.thread.start()
+
+    def beat(self, trial_id: int) -> None:
+        try:
+            self.storage.record_heartbeat(trial_id)
+        except Exception as err:  # noqa: BLE001 - the next beat tries again, well inside the grace period
+            print(f"autotune: heartbeat of trial id {trial_id} not recorded ({type(err).__name__}); "
+                  f"trying again in {HEARTBEAT_INTERVAL_S} s", flush=True)
+
+    def loop(self) -> None:
+        while not self.stopped.wait(HEARTBEAT_INTERVAL_S):
+            with self.lock:
+                trial_ids = list(self.trial_ids)
+            for trial_id in trial_ids:
+                self.beat(trial_id)
 
     def start(self, trial_id: int) -> None:
-        from optuna.storages._heartbeat import get_heartbeat_thread  # Optuna's, pinned (optuna==5.0.0)
+        """Beat now (a trial never exists without a heartbeat, so it can go stale) and from now on."""
+        with self.lock:
+            self.trial_ids.add(trial_id)
+        self.beat(trial_id)
 
-        thread = get_heartbeat_thread(trial_id, self.storage)
-        thread.start()
-        self.threads[trial_id] = thread
+    def beat_all(self) -> None:
+        """Each of ours beaten now: fresh before this driver looks for stale trials."""
+        with self.lock:
+            trial_ids = list(self.trial_ids)
+        for trial_id in trial_ids:
+            self.beat(trial_id)
 
     def stop(self, trial_id: int) -> None:
-        thread = self.threads.pop(trial_id, None)
-        if thread is not None:
-            thread.join()
+        with self.lock:
+            self.trial_ids.discard(trial_id)
 
-    def stop_all(self) -> None:
-        for trial_id in list(self.threads):
-            self.stop(trial_id)
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
 
 
 def study_name(cfg: Config, data_digest: str, runtime: Runtime) -> str:
