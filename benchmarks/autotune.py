@@ -32,7 +32,6 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 CHAIN_POINTS = 7  # tune_lr's 5 learning rates, tune_gamma's 1, overfit's 1
 
 
@@ -52,10 +51,12 @@ def colour_folder(root: Path) -> Path:
 
 def interval(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% interval."""
+    from scipy import stats
+
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, float("nan")
-    return mean, T_975[len(values) - 1] * statistics.stdev(values) / len(values) ** 0.5
+    return mean, stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
 
 
 def main() -> int:

@@ -320,6 +320,7 @@ def log_plots(study, run_id: str) -> None:
         log("autotune: fewer than 2 complete trials: no parameter-importance plot")
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", UserWarning)  # matplotlib's and Optuna's asides on flat data
         for file_name, plot in plots.items():
             try:
                 axes = plot(study)
