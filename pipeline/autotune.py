@@ -236,12 +236,12 @@ class Tuner:
         def next_trial():
             beats.beat_all()  # ours fresh, whatever a failed beat left, before looking for stale ones
             optuna.storages.fail_stale_trials(self.study)  # as study.optimize does before each trial
-            finished = self.study.get_trials(deepcopy=False, states=FINISHED)
+            done = self.study.get_trials(deepcopy=False, states=FINISHED)
             running = len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-            if len(finished) + running >= self.cfg.n_trials:  # running: ours, and those other drivers beat for
+            if len(done) + running >= self.cfg.n_trials:  # running: ours, and those other drivers beat for
                 return None
             if self.cfg.epoch_budget:  # epochs trained, pruned trials' included; in flight: a whole trial each
-                committed = sum(len(t.intermediate_values) for t in finished) + running * self.cfg.trial_epochs
+                committed = sum(len(t.intermediate_values) for t in done) + running * self.cfg.trial_epochs
                 if committed + self.cfg.trial_epochs > self.cfg.epoch_budget:
                     return None
             with interrupts.critical():  # no trial without its heartbeat, which lets it go stale

@@ -142,10 +142,7 @@ class Heartbeats:
 
     def loop(self) -> None:
         while not self.stopped.wait(HEARTBEAT_INTERVAL_S):
-            with self.lock:
-                trial_ids = list(self.trial_ids)
-            for trial_id in trial_ids:
-                self.beat(trial_id)
+            self.beat_all()
 
     def start(self, trial_id: int) -> None:
         """Beat now (a trial never exists without a heartbeat, so it can go stale) and from now on."""
