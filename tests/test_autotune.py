@@ -317,10 +317,7 @@ def test_a_trial_whose_command_was_stopped_is_queued_again_without_counting_a_re
     cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, max_retries="1")
     trial = tuner.study.ask()
     tuner.spec(trial)
-    child = store.client.create_run("0", tags={"mlflow.parentRunId": stage_run,
-                                               "training_key": trial.user_attrs["child_key"]}).info.run_id
-    store.client.log_metric(child, "test_acc", 12.5, step=1)
-    store.client.set_terminated(child, "KILLED")  # what a stopped command's cleanup marks
+    child = child_of(store, stage_run, trial, status="KILLED")  # what a stopped command's cleanup marks
     beat(tuner, trial)  # its driver beat a moment before it was stopped
     trial.report(12.5, 1)
     State = optuna.trial.TrialState
