@@ -14,6 +14,12 @@ same values (fail_stale_trials, RetryHeartbeatStaleTrialCallback); its child res
 Ray retries a worker that dies within a command. What Optuna cannot see comes from MLflow: a child
 KILLED by a stopped command (queued again, no retry counted), FAILED by its stage (its worker died
 for good: retried at once), or FINISHED before its trial was told (recorded from its run).
+
+Where a trial starts (trials_from): the stage's start, or the best complete trial so far, so the
+study compounds depth as the seed's chain does (like the exploit step of population-based
+training). With `best`, a later trial's figures owe something to the depth it inherited: the
+pruner and TPE compare it with trials that started shallower, and the stage's best values
+describe the last leg of its path. On Ray the start depends on which trials finished first.
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from . import config as config_mod  # noqa: E402
-from . import executor, interrupts, keys, runner, tracking  # noqa: E402
+from . import checkpoints, executor, interrupts, keys, runner, tracking  # noqa: E402
 from .aggregate import finish  # noqa: E402
 from .config import Config  # noqa: E402
 from .executor import ChildSpec  # noqa: E402
@@ -119,12 +125,40 @@ class Tuner:
         number = self.number(trial.number)
         name = trial_name(number, values)
         cfg = self.cfg.replace(arch=self.arch, epochs=self.cfg.trial_epochs, **values)
-        trial.set_user_attr("child_key", keys.child_key(cfg, self.dataset.digest, self.stage.runtime, name, self.source))
+        start, source, tags = self.start_of(trial)
+        trial.set_user_attr("child_key", keys.child_key(cfg, self.dataset.digest, self.stage.runtime, name, source))
         ref = TrialRef(self.url, self.name, trial._trial_id, self.cfg.selects_on, self.cfg.pruner,
                        self.cfg.startup_trials, self.cfg.prune_warmup_epochs, self.cfg.trial_epochs)
-        return ChildSpec(name, cfg, self.arch, self.init_state,
-                         {"source_run_id": self.source, "trial_number": str(number)}, self.source,
+        return ChildSpec(name, cfg, self.arch, start, {**tags, "trial_number": str(number)}, source,
                          make_hook=functools.partial(epoch_hook, ref))
+
+    def start_of(self, trial) -> tuple[dict | None, str, dict[str, str]]:
+        """The weights a trial starts from, the run they come from, and the tags that say so.
+        trials_from=parent: the stage's start (its parent's best.pt, or scratch), every trial.
+        trials_from=best: the best.pt of the study's best complete trial so far (the stage's start
+        while there is none), as each stage of the seed's chain starts from the best of the stage
+        before. Fixed when the trial is first asked (user attr start_run_id, which a retry
+        inherits), so a retry resumes the same child."""
+        if "start_run_id" not in trial.user_attrs:
+            trial.set_user_attr("start_run_id", self.incumbent() if self.cfg.trials_from == "best" else "")
+        start_id = trial.user_attrs["start_run_id"]
+        if not start_id:
+            return self.init_state, self.source, {"source_run_id": self.source}
+        init_from = f"{start_id}/{checkpoints.BEST}"
+        return checkpoints.load_weights(start_id), start_id, {"source_run_id": start_id, "init_from": init_from}
+
+    def incumbent(self) -> str:
+        """The child run of the best complete trial so far (the first of equals), or "" if none.
+        Pruned trials never are: their value is an unfinished one."""
+        complete = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if t.user_attrs.get("mlflow_run_id")]
+        for trial in sorted(complete, key=lambda t: (-t.value, t.number)):
+            run_id = trial.user_attrs["mlflow_run_id"]
+            if tracking.has_artifact(run_id, checkpoints.BEST):
+                return run_id
+            log(f"autotune: trial #{self.number(trial.number)}'s child run {run_id} has no {checkpoints.BEST} "
+                f"(deleted?): not started from")
+        return ""
 
     def child_of(self, frozen):
         key = frozen.user_attrs.get("child_key")
@@ -335,12 +369,13 @@ def log_plots(study, run_id: str) -> None:
         tracking.client().log_artifact(run_id, str(trials_csv(study, Path(tmp) / "trials.csv")), "plots")
 
 
-TRIALS_COLUMNS = ("number", "state", "value", "lr", "gamma", "wd", "bs", "epochs", "mlflow_run_id")
+TRIALS_COLUMNS = ("number", "state", "value", "lr", "gamma", "wd", "bs", "epochs", "mlflow_run_id", "start_run_id")
 
 
 def trials_csv(study, path: Path) -> Path:
     """One row a trial, as Optuna holds it: its number, state, value, the values it drew (wd as
-    drawn), the epochs it reported, and its child run."""
+    drawn), the epochs it reported, its child run, and the trial run it started from ("": the
+    stage's own start)."""
     import csv
 
     with path.open("w", newline="") as out:
@@ -349,7 +384,8 @@ def trials_csv(study, path: Path) -> Path:
         for trial in study.get_trials(deepcopy=False):
             writer.writerow([trial.number, trial.state.name, "" if trial.value is None else trial.value,
                              *(trial.params.get(name, "") for name in ("lr", "gamma", "wd", "bs")),
-                             len(trial.intermediate_values), trial.user_attrs.get("mlflow_run_id", "")])
+                             len(trial.intermediate_values), trial.user_attrs.get("mlflow_run_id", ""),
+                             trial.user_attrs.get("start_run_id", "")])
     return path
 
 

@@ -102,6 +102,7 @@ class Config:
     prune_warmup_epochs: int = 2    # median: no pruning before this epoch; hyperband: its min_resource
     trial_batch: int = 0            # trials in flight at once; 0 = 1 locally, as many as run at once on Ray
     optuna_storage: str = ""        # "" = <tracking db>.optuna.db beside a SQLite store, else ./optuna.db
+    trials_from: str = "parent"     # parent: each trial from the stage's start; best: from the best complete trial so far
     # -- search: autotune's search space: lr_range, gamma_range, wd_range and bss
     lr_range: list = field(default_factory=list)     # [low, high], log-uniform
     gamma_range: list = field(default_factory=list)  # [low, high], uniform
@@ -183,7 +184,7 @@ SECTIONS = {
              "data_seed", "synthetic_train", "synthetic_test"),
     "execution": ("executor", "ray_address", "cpus_per_trial", "gpus_per_trial", "max_retries"),
     "study": ("n_trials", "epoch_budget", "trial_epochs", "pruner", "startup_trials", "prune_warmup_epochs",
-              "trial_batch", "optuna_storage"),
+              "trial_batch", "optuna_storage", "trials_from"),
     "search": ("lr_range", "gamma_range", "wd_range", "wd_zero_below", "start_from_seed"),
     "registry": ("registered_model", "register", "promote", "model_uri"),
     "prediction": ("input", "output"),

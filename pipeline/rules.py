@@ -58,6 +58,7 @@ RULES = [
     ("wd_range", lambda v: not v or (len(v) == 2 and 0 < v[0] <= v[1]),
      "two numbers 0 < low <= high (wd_zero_below turns the low end into wd=0)"),
     ("wd_zero_below", lambda v: v >= 0, ">= 0 (0 = wd is never 0)"),
+    ("trials_from", lambda v: v in ("parent", "best"), "parent|best (best: each trial from the best complete trial so far)"),
     ("cpus_per_trial", lambda v: v > 0, "> 0"),
     ("gpus_per_trial", lambda v: v >= 0, ">= 0 (fractions such as 0.25 share a GPU)"),
     ("max_retries", lambda v: v >= 0, ">= 0"),

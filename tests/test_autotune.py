@@ -370,3 +370,63 @@ def test_an_epoch_budget_below_one_trial_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"epoch_budget=3 is below trial_epochs=4: no trial could start"):
         config.load("autotune", {"epoch_budget": "3", "trial_epochs": "4"})
     assert config.load("autotune", {"epoch_budget": "4", "trial_epochs": "4"}).epoch_budget == 4
+
+
+def test_with_trials_from_best_each_trial_starts_from_the_best_complete_trial_so_far(store, monkeypatch):
+    """trials_from=best: trial 0 starts from the stage's start (here scratch), each later one from
+    the best.pt of the best complete trial when it was asked, and says so in its tags; a retry
+    starts where its first attempt did, whatever has become best since."""
+    from pipeline import checkpoints
+
+    cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, trial_epochs="1", n_trials="3",
+                                              pruner="none", trials_from="best")
+    tuner.tune()
+    trials = tuner.study.trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    child = {t.number: t.user_attrs["mlflow_run_id"] for t in trials}
+    for trial in trials:
+        earlier = trials[:trial.number]
+        expected = max(earlier, key=lambda t: (t.value, -t.number)) if earlier else None
+        start = child[expected.number] if expected else ""
+        assert trial.user_attrs["start_run_id"] == start
+        tags = store.client.get_run(child[trial.number]).data.tags
+        assert tags["source_run_id"] == (start or "scratch")
+        assert tags.get("init_from") == (f"{start}/{checkpoints.BEST}" if start else None)
+
+    # the start is the best complete trial with a best.pt: the first of equals, not the last told,
+    # never a pruned one (its value is unfinished), nor one without a child or whose best.pt is gone
+    first = trials[0]
+
+    def told(value, run_id, state=optuna.trial.TrialState.COMPLETE):
+        tuner.study.add_trial(optuna.trial.create_trial(
+            params=first.params, distributions=first.distributions, value=value, state=state,
+            user_attrs={"mlflow_run_id": run_id} if run_id else {}, intermediate_values={1: value}))
+
+    for value, run_id in ((1000.0, child[0]), (1000.0, child[1]), (999.0, child[2])):
+        told(value, run_id)
+    told(2000.0, child[1], optuna.trial.TrialState.PRUNED)
+    told(3000.0, "")
+    told(4000.0, store.client.create_run("0").info.run_id)  # a run without checkpoints/best.pt
+    trial = tuner.study.ask()
+    spec = tuner.spec(trial)
+    weights, other = checkpoints.load_weights(child[0]), checkpoints.load_weights(child[1])
+    assert spec.init_source == child[0] and spec.init_state.keys() == weights.keys()
+    assert all(torch.equal(spec.init_state[k], weights[k]) for k in weights)
+    assert not all(torch.equal(spec.init_state[k], other[k]) for k in other)
+
+    # a better trial since: the stopped trial's retry still resumes the child it started
+    told(1001.0, child[1])
+    autotune.requeue(tuner.study, tuner.fail(tuner.study.trials[trial.number]))
+    retried = tuner.study.ask()
+    assert retried.params == trial.params
+    assert tuner.spec(retried).init_source == child[0]
+    assert retried.user_attrs["child_key"] == trial.user_attrs["child_key"]
+    assert tuner.spec(tuner.study.ask()).init_source == child[1]  # a new trial: the new best
+
+
+def test_trials_from_is_parent_or_best_and_names_another_study():
+    cfg = config.load("autotune", {"trials_from": "best"})
+    with pytest.raises(ConfigError, match=r"trials_from.*parent\|best"):
+        config.load("autotune", {"trials_from": "incumbent"})
+    assert tuning.study_name(cfg, "d", CPU) != tuning.study_name(cfg.replace(trials_from="parent"), "d", CPU)
+    assert "trials_from" in workflow.autotune_overrides({"tuner": "optuna", "trials_from": "best"})
