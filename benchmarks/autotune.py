@@ -9,6 +9,8 @@ role, `--parent-epochs`). Then
             no trial that could take the epochs actually trained (pruned trials included) past
             that. Trial 0 is the seed's point (start_from_seed), then multivariate TPE; Hyperband
             prunes from epoch 1 (trial_epochs the resource), and each pruned epoch saved buys more.
+            Each trial starts where --trials-from says: the parent, or the best complete trial
+            so far (trials_from=best: the study compounds depth as the chain does).
 Everything at the demo scale (`scale=demo`: 3,000 synthetic training images, bs 32, overfit at 16),
 selection on a 10% validation split in both arms, so the test figure is fair. Reports per seed
 and arm the best validation accuracy, the test accuracy of that checkpoint, the epochs trained
@@ -16,8 +18,9 @@ and arm the best validation accuracy, the test accuracy of that checkpoint, the 
 difference (autotune - chain) with its 95% interval (Student t, n-1 degrees of freedom), and how
 much the chain's children gained in their last epoch (has the curve levelled at E?).
 
-    python benchmarks/autotune.py [--seeds 1412,1413,1414] [--epochs 4] [--trial-epochs 6]
+    python benchmarks/autotune.py [--seeds 1412,1413,1414] [--epochs 8] [--trial-epochs 8]
                                   [--data synthetic|colour] [--executor local|ray]
+                                  [--trials-from parent|best]
 """
 from __future__ import annotations
 
@@ -50,23 +53,22 @@ def colour_folder(root: Path) -> Path:
 
 
 def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% interval."""
-    from scipy import stats
+    """Mean and the half-width of its 95% t-interval (learnability.mean_ci's)."""
+    from learnability import mean_ci  # a script beside this one
 
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    return mean, stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    mean, _, low, high = mean_ci(values)
+    return mean, (high - low) / 2
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--seeds", default="1412,1413,1414", help="paired seeds, comma-separated")
     parser.add_argument("--parent-epochs", default="4", help="the parent's epochs (the demo's baseline: 4)")
-    parser.add_argument("--epochs", type=int, default=4, help="E: the chain's epochs a point")
-    parser.add_argument("--trial-epochs", type=int, default=6, help="autotune's trial_epochs")
+    parser.add_argument("--epochs", type=int, default=8, help="E: the chain's epochs a point (8: levelled)")
+    parser.add_argument("--trial-epochs", type=int, default=8, help="autotune's trial_epochs")
     parser.add_argument("--data", default="synthetic", help="synthetic (the demo's), or colour (the tests' digits)")
     parser.add_argument("--executor", default="local", help="local, or ray (children as Ray tasks)")
+    parser.add_argument("--trials-from", default="parent", help="autotune's trials_from: parent, or best")
     args = parser.parse_args()
     import mlflow
 
@@ -118,7 +120,8 @@ def main() -> int:
             tuned, tuned_s = stage("autotune", seed, "--parent_run_id", parent, "--trial_epochs",
                                    str(args.trial_epochs), "--epoch_budget", str(budget), "--n_trials", "100",
                                    "--pruner", "hyperband",
-                                   "--prune_warmup_epochs", "1", "--startup_trials", "1", *execution)
+                                   "--prune_warmup_epochs", "1", "--startup_trials", "1",
+                                   "--trials_from", args.trials_from, *execution)
             for arm, runs, seconds in (("chain", chain, lr_s + gamma_s + overfit_s), ("autotune", [tuned], tuned_s)):
                 val, test = best(runs)
                 spent = sum(len(client.get_metric_history(c.info.run_id, "test_acc")) for c in children(runs))
@@ -130,7 +133,7 @@ def main() -> int:
 
     print(f"\ndata={args.data}, scale=demo, executor={args.executor}; parent: train {args.parent_epochs} epochs "
           f"from scratch; chain: {CHAIN_POINTS} points x {args.epochs} epochs; autotune: trials of up to "
-          f"{args.trial_epochs} epochs, epoch_budget {budget} (half the chain's)")
+          f"{args.trial_epochs} epochs, epoch_budget {budget} (half the chain's), trials_from {args.trials_from}")
     print("\n| seed | arm | best val acc (%) | test acc at that checkpoint (%) | epochs trained | wall time (s) |"
           "\n|---|---|---|---|---|---|")
     for row in rows:
