@@ -42,6 +42,7 @@ from . import config as config_mod  # noqa: E402
 from . import checkpoints, executor, interrupts, keys, runner, tracking  # noqa: E402
 from .aggregate import finish  # noqa: E402
 from .config import Config  # noqa: E402
+from .errors import LineageError  # noqa: E402
 from .executor import ChildSpec  # noqa: E402
 from .lineage import Lineage, stage_arch  # noqa: E402
 from .runner import RunResult, Stage, log  # noqa: E402
@@ -72,6 +73,10 @@ def parallel_trials(cfg: Config) -> int:
     if cfg.gpus_per_trial:
         slots = min(slots, gpus / cfg.gpus_per_trial)
     return max(1, int(slots))
+
+
+class StartGone(LineageError):
+    """The trial run a trial started from (trials_from=best) lost its best.pt."""
 
 
 class Tuner:
@@ -138,12 +143,16 @@ class Tuner:
         trials_from=best: the best.pt of the study's best complete trial so far (the stage's start
         while there is none), as each stage of the seed's chain starts from the best of the stage
         before. Fixed when the trial is first asked (user attr start_run_id, which a retry
-        inherits), so a retry resumes the same child."""
+        inherits), so a retry resumes the same child; if that run has lost its best.pt since,
+        StartGone (tune fails the trial for good)."""
         if "start_run_id" not in trial.user_attrs:
             trial.set_user_attr("start_run_id", self.incumbent() if self.cfg.trials_from == "best" else "")
         start_id = trial.user_attrs["start_run_id"]
         if not start_id:
             return self.init_state, self.source, {"source_run_id": self.source}
+        if not tracking.has_artifact(start_id, checkpoints.BEST):  # deleted since this trial was first asked
+            raise StartGone(f"autotune: trial #{self.number(trial.number)} starts from run {start_id}'s "
+                            f"{checkpoints.BEST}, which is gone (deleted?)")
         init_from = f"{start_id}/{checkpoints.BEST}"
         return checkpoints.load_weights(start_id), start_id, {"source_run_id": start_id, "init_from": init_from}
 
@@ -282,7 +291,14 @@ class Tuner:
                 trial = self.study.ask()
                 beats.start(trial._trial_id)
                 asked[trial.number] = trial
-            return trial.number, self.spec(trial)
+            try:
+                return trial.number, self.spec(trial)
+            except StartGone as gone:  # its retries would meet the same: failed for good, the study goes on
+                asked.pop(trial.number)
+                beats.stop(trial._trial_id)
+                self.study.tell(trial.number, state=TrialState.FAIL)
+                log(f"{gone}: failed, a new trial takes its place")
+                return next_trial()
 
         def finished(number: int, result: RunResult) -> None:
             trial = asked.pop(number)

@@ -430,3 +430,34 @@ def test_trials_from_is_parent_or_best_and_names_another_study():
         config.load("autotune", {"trials_from": "incumbent"})
     assert tuning.study_name(cfg, "d", CPU) != tuning.study_name(cfg.replace(trials_from="parent"), "d", CPU)
     assert "trials_from" in workflow.autotune_overrides({"tuner": "optuna", "trials_from": "best"})
+
+
+def test_a_trial_whose_start_lost_its_best_pt_is_failed_and_the_study_goes_on(store, monkeypatch, capsys):
+    """trials_from=best: a queued trial fixed to start from a run whose best.pt was deleted since
+    is failed for good (its retries would meet the same) with one line, and a new trial takes its
+    place, started from the best complete trial that still has a best.pt."""
+    import shutil
+
+    from pipeline import checkpoints
+
+    cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, trial_epochs="1", n_trials="2",
+                                              pruner="none", trials_from="best")
+    tuner.tune()
+    first, second = tuner.study.trials
+    best, other = sorted((first, second), key=lambda t: (-t.value, t.number))
+    gone = best.user_attrs["mlflow_run_id"]
+    artifacts = store.client.get_run(gone).info.artifact_uri.removeprefix("file://")
+    shutil.rmtree(f"{artifacts}/checkpoints")
+    tuner.study.add_trial(optuna.trial.create_trial(  # a trial queued again, fixed to start from `gone`
+        state=optuna.trial.TrialState.WAITING, params=first.params, distributions=first.distributions,
+        user_attrs={"start_run_id": gone}))
+    tuner.cfg = cfg.replace(n_trials=3)
+    capsys.readouterr()
+    tuner.tune()
+    trials = tuner.study.trials
+    assert [t.state for t in trials[2:]] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+    assert f"autotune: trial #2 starts from run {gone}'s {checkpoints.BEST}, which is gone (deleted?): failed, " \
+           f"a new trial takes its place" in capsys.readouterr().out
+    replacement = trials[3].user_attrs["mlflow_run_id"]
+    assert trials[3].user_attrs["start_run_id"] == other.user_attrs["mlflow_run_id"]
+    assert store.client.get_run(replacement).data.tags["source_run_id"] == other.user_attrs["mlflow_run_id"]
