@@ -88,6 +88,7 @@ class Tuner:
         self.arch = stage_arch(cfg, lineage)
         self.init_state = lineage.init_state
         self.source = lineage.source
+        self.start_weights: dict[str, dict] = {}  # trials_from=best: start run -> its best.pt, read once
         self.url = storage_url(cfg, mlflow.get_tracking_uri())
         self.name = study_name(cfg, dataset.digest, stage.runtime)
         with warnings.catch_warnings():
@@ -143,18 +144,27 @@ class Tuner:
         trials_from=best: the best.pt of the study's best complete trial so far (the stage's start
         while there is none), as each stage of the seed's chain starts from the best of the stage
         before. Fixed when the trial is first asked (user attr start_run_id, which a retry
-        inherits), so a retry resumes the same child; if that run has lost its best.pt since,
-        StartGone (tune fails the trial for good)."""
+        inherits), so a retry resumes the same child. If that run has lost its best.pt since, a
+        retry whose child is FINISHED or holds a last.pt goes on without it (neither uses the
+        start's weights); any other trial is StartGone (tune fails it for good). The weights of
+        a start are read once per stage run, and trials from the same start share them."""
         if "start_run_id" not in trial.user_attrs:
             trial.set_user_attr("start_run_id", self.incumbent() if self.cfg.trials_from == "best" else "")
         start_id = trial.user_attrs["start_run_id"]
         if not start_id:
             return self.init_state, self.source, {"source_run_id": self.source}
+        tags = {"source_run_id": start_id, "init_from": f"{start_id}/{checkpoints.BEST}"}
+        if start_id in self.start_weights:
+            return self.start_weights[start_id], start_id, tags
         if not tracking.has_artifact(start_id, checkpoints.BEST):  # deleted since this trial was first asked
+            child = self.child_of(trial)
+            if child is not None and (child.info.status == "FINISHED"
+                                      or tracking.has_artifact(child.info.run_id, checkpoints.LAST)):
+                return None, start_id, tags  # reused or resumed: the start's weights are not read
             raise StartGone(f"autotune: trial #{self.number(trial.number)} starts from run {start_id}'s "
                             f"{checkpoints.BEST}, which is gone (deleted?)")
-        init_from = f"{start_id}/{checkpoints.BEST}"
-        return checkpoints.load_weights(start_id), start_id, {"source_run_id": start_id, "init_from": init_from}
+        self.start_weights[start_id] = checkpoints.load_weights(start_id)
+        return self.start_weights[start_id], start_id, tags
 
     def incumbent(self) -> str:
         """The child run of the best complete trial so far (the first of equals), or "" if none.
@@ -277,6 +287,16 @@ class Tuner:
         beats = Heartbeats(self.storage)
 
         def next_trial():
+            while (trial := ask()) is not None:
+                try:
+                    return trial.number, self.spec(trial)
+                except StartGone as gone:  # its retries would meet the same: failed for good, the study goes on
+                    self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+                    beats.stop(asked.pop(trial.number)._trial_id)
+                    log(f"{gone}: failed, a new trial takes its place")
+            return None
+
+        def ask():
             beats.beat_all()  # ours fresh, whatever a failed beat left, before looking for stale ones
             optuna.storages.fail_stale_trials(self.study)  # as study.optimize does before each trial
             done = self.study.get_trials(deepcopy=False, states=FINISHED)
@@ -291,14 +311,7 @@ class Tuner:
                 trial = self.study.ask()
                 beats.start(trial._trial_id)
                 asked[trial.number] = trial
-            try:
-                return trial.number, self.spec(trial)
-            except StartGone as gone:  # its retries would meet the same: failed for good, the study goes on
-                asked.pop(trial.number)
-                beats.stop(trial._trial_id)
-                self.study.tell(trial.number, state=TrialState.FAIL)
-                log(f"{gone}: failed, a new trial takes its place")
-                return next_trial()
+            return trial
 
         def finished(number: int, result: RunResult) -> None:
             trial = asked.pop(number)

@@ -419,7 +419,8 @@ def test_with_trials_from_best_each_trial_starts_from_the_best_complete_trial_so
     autotune.requeue(tuner.study, tuner.fail(tuner.study.trials[trial.number]))
     retried = tuner.study.ask()
     assert retried.params == trial.params
-    assert tuner.spec(retried).init_source == child[0]
+    again = tuner.spec(retried)
+    assert again.init_source == child[0] and again.init_state is spec.init_state  # read once, shared
     assert retried.user_attrs["child_key"] == trial.user_attrs["child_key"]
     assert tuner.spec(tuner.study.ask()).init_source == child[1]  # a new trial: the new best
 
@@ -432,32 +433,37 @@ def test_trials_from_is_parent_or_best_and_names_another_study():
     assert "trials_from" in workflow.autotune_overrides({"tuner": "optuna", "trials_from": "best"})
 
 
-def test_a_trial_whose_start_lost_its_best_pt_is_failed_and_the_study_goes_on(store, monkeypatch, capsys):
-    """trials_from=best: a queued trial fixed to start from a run whose best.pt was deleted since
-    is failed for good (its retries would meet the same) with one line, and a new trial takes its
-    place, started from the best complete trial that still has a best.pt."""
-    import shutil
-
-    from pipeline import checkpoints
+def test_a_trial_whose_start_lost_its_best_pt_is_failed_unless_its_child_needs_no_start(store, monkeypatch, capsys):
+    """trials_from=best, a start run whose best.pt is gone since its trials were first asked: the
+    retry of a trial whose child FINISHED reuses that child (the start's weights are never read);
+    a trial that would train from the start is failed for good with one line, and a new trial
+    takes its place, started from the best complete trial that still has a best.pt."""
+    from pipeline import checkpoints, tracking
 
     cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, trial_epochs="1", n_trials="2",
                                               pruner="none", trials_from="best")
     tuner.tune()
     first, second = tuner.study.trials
-    best, other = sorted((first, second), key=lambda t: (-t.value, t.number))
-    gone = best.user_attrs["mlflow_run_id"]
-    artifacts = store.client.get_run(gone).info.artifact_uri.removeprefix("file://")
-    shutil.rmtree(f"{artifacts}/checkpoints")
-    tuner.study.add_trial(optuna.trial.create_trial(  # a trial queued again, fixed to start from `gone`
-        state=optuna.trial.TrialState.WAITING, params=first.params, distributions=first.distributions,
+    gone = second.user_attrs["start_run_id"]  # trial 0's child, the start of trial 1
+    assert gone == first.user_attrs["mlflow_run_id"]
+    present = tracking.has_artifact  # the store says it has no best.pt (aggregate may still read it)
+    monkeypatch.setattr(tracking, "has_artifact", lambda run_id, path: run_id != gone and present(run_id, path))
+    autotune.requeue(tuner.study, second)  # trial 1 retried, as Optuna's retry callback queues it
+    tuner.study.add_trial(optuna.trial.create_trial(  # a trial that was asked and never started
+        state=optuna.trial.TrialState.WAITING, params=second.params, distributions=second.distributions,
         user_attrs={"start_run_id": gone}))
-    tuner.cfg = cfg.replace(n_trials=3)
     capsys.readouterr()
+    tuner = autotune.Tuner(cfg.replace(n_trials=4), Stage(stage_run, CPU), dataset, lineage.Lineage())  # a new command
     tuner.tune()
+    out = capsys.readouterr().out
     trials = tuner.study.trials
-    assert [t.state for t in trials[2:]] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
-    assert f"autotune: trial #2 starts from run {gone}'s {checkpoints.BEST}, which is gone (deleted?): failed, " \
-           f"a new trial takes its place" in capsys.readouterr().out
-    replacement = trials[3].user_attrs["mlflow_run_id"]
-    assert trials[3].user_attrs["start_run_id"] == other.user_attrs["mlflow_run_id"]
-    assert store.client.get_run(replacement).data.tags["source_run_id"] == other.user_attrs["mlflow_run_id"]
+    states = optuna.trial.TrialState
+    assert [t.state for t in trials[2:]] == [states.COMPLETE, states.FAIL, states.COMPLETE]
+    assert trials[2].user_attrs["mlflow_run_id"] == second.user_attrs["mlflow_run_id"]  # reused as it was
+    assert trials[2].value == second.value
+    assert f"autotune: trial #3 starts from run {gone}'s {checkpoints.BEST}, which is gone (deleted?): failed, " \
+           f"a new trial takes its place" in out
+    assert "trial #1 starts from" not in out
+    started = trials[4].user_attrs["start_run_id"]  # the best complete trial that has a best.pt
+    assert started == second.user_attrs["mlflow_run_id"] != gone
+    assert store.client.get_run(trials[4].user_attrs["mlflow_run_id"]).data.tags["source_run_id"] == started

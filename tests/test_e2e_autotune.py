@@ -102,8 +102,8 @@ def test_the_best_trial_checkpoint_and_values_are_on_the_stage_run(module_store,
     for row, trial in zip(rows, trials):  # the table is the study, and each row's epochs its child's
         assert row["state"] == trial.state.name and float(row["lr"]) == trial.params["lr"]
         assert int(row["epochs"]) == len(store.steps(row["mlflow_run_id"], "test_acc")) > 0
-        child = store.client.get_run(row["mlflow_run_id"])  # the start the table names is the one it trained from
-        assert child.data.tags["source_run_id"] == (row["start_run_id"] or "scratch")
+        child = store.client.get_run(row["mlflow_run_id"])  # trials_from=parent: every trial from the stage's start
+        assert row["start_run_id"] == "" and child.data.tags["source_run_id"] == "scratch"
         if row["state"] == "COMPLETE":
             assert float(row["value"]) == store.client.get_run(row["mlflow_run_id"]).data.metrics["best_test_acc"]
     assert tuned.data.tags["optuna_storage"].endswith("mlflow.optuna.db")  # beside the store, not in it
