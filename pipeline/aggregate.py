@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from . import checkpoints, plots, tracking
+from .errors import CheckpointError
 from .runner import RunResult, log
 
 
@@ -14,7 +15,7 @@ def finish(run_id: str, results: list[RunResult], extra_tags: dict[str, str] | N
            candidates: list[RunResult] | None = None) -> RunResult:
     """Copy the best candidate's best.pt up to the stage run and log its figures, the winner being
     chosen on the selection split (validation, or test as in the seed); compare children."""
-    best = max(candidates or results, key=lambda r: r.best_acc)
+    best = holding_weights(candidates or results)
     client = tracking.client()
     checkpoints.save_checkpoint(run_id, checkpoints.BEST, checkpoints.load_weights(best.run_id))
     tracking.log_epoch(run_id, 0, {**best.metrics(),
@@ -38,3 +39,15 @@ def finish(run_id: str, results: list[RunResult], extra_tags: dict[str, str] | N
     log(f"best of {len(candidates or results)}: {best.name} ({best.run_id}) "
         f"{best.selected_on}_acc {best.best_acc:.3f}% (test {best.test_acc_at_best:.3f}% at that epoch)")
     return best
+
+
+def holding_weights(candidates: list[RunResult]) -> RunResult:
+    """The best candidate (the first of equals) whose best.pt is still there: a reused child's may
+    have been deleted since it finished."""
+    for result in sorted(candidates, key=lambda r: -r.best_acc):
+        if tracking.has_artifact(result.run_id, checkpoints.BEST):
+            return result
+        log(f"{result.name} ({result.run_id}) has no {checkpoints.BEST} (deleted?): not chosen")
+    raise CheckpointError(f"none of the {len(candidates)} runs this stage chooses from holds "
+                          f"{checkpoints.BEST} (deleted?): delete those runs (`mlflow runs delete --run-id ID`) "
+                          f"and run the same command, which trains them again")

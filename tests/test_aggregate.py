@@ -1,0 +1,46 @@
+"""aggregate.finish in a real local store: the stage takes the best candidate that still holds its
+best.pt (a reused child's may have been deleted), and says so in one line when none does."""
+import pytest
+import torch
+
+from pipeline import aggregate, checkpoints, runner, tracking, train
+from pipeline.errors import CheckpointError
+
+
+def child(store, stage_id: str, name: str, acc: float, fill: float) -> runner.RunResult:
+    """A FINISHED child whose best.pt is one tensor of `fill`, its history one epoch at `acc`."""
+    run_id = store.client.create_run("0", run_name=name, tags={"mlflow.parentRunId": stage_id}).info.run_id
+    checkpoints.save_checkpoint(run_id, checkpoints.BEST, {"w": torch.full((2,), fill)})
+    history = train.History()
+    history.add(train.EpochResult(1, 1.0, 1.0, acc, acc, 1.0, 100.0))
+    store.client.set_terminated(run_id)
+    return runner.RunResult(run_id, name, "resnet", acc, 1, history, "test", acc)
+
+
+@pytest.fixture
+def stage(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    return store, store.client.create_run("0", run_name="tune_lr").info.run_id
+
+
+def test_the_best_child_without_its_best_pt_is_passed_over_for_the_next(stage, capsys):
+    store, stage_id = stage
+    best, second, third = (child(store, stage_id, f"lr={i}", acc, fill)
+                           for i, (acc, fill) in enumerate([(60.0, 1.0), (50.0, 2.0), (40.0, 3.0)]))
+    tracking.delete_artifact(best.run_id, checkpoints.BEST)
+    chosen = aggregate.finish(stage_id, [best, second, third])
+    assert chosen is second
+    assert store.client.get_run(stage_id).data.tags["best_child_run_id"] == second.run_id
+    assert torch.equal(checkpoints.load_weights(stage_id)["w"], torch.full((2,), 2.0))  # its weights
+    assert f"lr=0 ({best.run_id}) has no checkpoints/best.pt (deleted?): not chosen" in capsys.readouterr().out
+
+
+def test_no_candidate_with_a_best_pt_is_refused_in_one_line_and_the_stage_gets_none(stage):
+    store, stage_id = stage
+    only = child(store, stage_id, "lr=0", 60.0, 1.0)
+    tracking.delete_artifact(only.run_id, checkpoints.BEST)
+    with pytest.raises(CheckpointError) as refused:
+        aggregate.finish(stage_id, [only])
+    assert str(refused.value).startswith("none of the 1 runs this stage chooses from holds checkpoints/best.pt")
+    assert "\n" not in str(refused.value)
+    assert not tracking.has_artifact(stage_id, checkpoints.BEST)
