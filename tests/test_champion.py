@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from support.digits import constant_model_run
+from support.store import TINY
 from pipeline import config, data, registry, runner
 
 pytestmark = pytest.mark.e2e
@@ -22,7 +23,7 @@ MODEL = "svhn-classifier-synthetic"
 
 def smoke_cfg(store, same_data: bool = False):
     """A registering config on 8 test images, or (same_data) on the champion's own data."""
-    limits = {"limit_train": "256", "limit_test": "128"} if same_data else {"limit_test": "8"}
+    limits = {k: TINY[k] for k in ("limit_train", "limit_test")} if same_data else {"limit_test": "8"}
     return config.load("retrain", {"dataset": "synthetic", "data_dir": str(store.data_dir),
                                    "synthetic_train": "600", "synthetic_test": "300", **limits})
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from support.store import PROJECT, VENV_BIN
+from support.store import PROJECT, TINY, VENV_BIN
 from pipeline import models
 from pipeline.runtime import resolve
 from pipeline.workflow import CHAIN
@@ -32,7 +32,7 @@ def study(module_store):
     cmd = [str(VENV_BIN / "mlflow"), "run", str(PROJECT), "-e", "main", "--env-manager", "local"]
     for key, value in main_params(store).items():
         cmd += ["-P", f"{key}={value}"]
-    # one epoch of one batch a child (bs 256, 256 images): tune_lr's second batch is its second
+    # one epoch of one batch a child (bs 256, 128 images): tune_lr's second batch is its second
     # child's first, the first child FINISHED
     pause = Pause(store.root / "pause", "batch:2@tune_lr")
     proc = subprocess.Popen(cmd, cwd=store.root, env=pause.env(store.env), stdout=subprocess.PIPE,
@@ -154,7 +154,7 @@ def test_an_interrupted_study_continues_child_by_child(study):
 def test_checkpoints_follow_the_lineage(study):
     """Each stage carries its best child's best.pt, and each child's best.pt grew out of the
     checkpoint its source_run_id names: BatchNorm's batch counter is the source's plus this
-    child's own batches (256 images per epoch)."""
+    child's own batches (TINY's limit_train images per epoch)."""
     checked = 0
     for stage in CHAIN:
         run = stage_run(study, stage)
@@ -167,7 +167,7 @@ def test_checkpoints_follow_the_lineage(study):
                 continue
             source = child.data.tags["source_run_id"]
             start = 0 if source == "scratch" else batches_tracked(best_state(study, source))
-            steps = math.ceil(256 / int(child.data.params["bs"])) * int(child.data.metrics["best_epoch"])
+            steps = math.ceil(int(TINY["limit_train"]) / int(child.data.params["bs"])) * int(child.data.metrics["best_epoch"])
             assert count == start + steps, (stage, child.info.run_name)
             checked += 1
     assert checked >= 2  # deepen's two phases (resnet2) at least
@@ -350,12 +350,12 @@ def test_every_training_run_logs_its_datasets_with_sha256_digests(study):
                   for d in run.inputs.dataset_inputs}
         assert set(inputs) == {"train", "test"}, run.info.run_name
         tags = run.data.tags
-        assert tags["dataset.train.count"] == "256" and tags["dataset.test.count"] == "128"
+        assert tags["dataset.train.count"] == TINY["limit_train"] and tags["dataset.test.count"] == TINY["limit_test"]
         for context, dataset in inputs.items():
             assert len(tags[f"dataset.{context}.sha256"]) == 64
             assert dataset.digest == tags[f"dataset.{context}.sha256"][:32]
             assert dataset.source.endswith(f'{context}_32x32.mat"}}')
-        # limit_train=256 of 600 rows: the digest is of those rows, not of the whole file
+        # limit_train of 600 rows: the digest is of those rows, not of the whole file
         assert tags["dataset.train.sha256"] != whole
 
 
