@@ -11,11 +11,16 @@ from .errors import CheckpointError
 from .runner import RunResult, log
 
 
+# what trains a stage's children again when none holds a best.pt: reuse finds active runs only
+RETRAIN = "delete them (`mlflow runs delete --run-id ID`) and run the same command, which trains them again"
+
+
 def finish(run_id: str, results: list[RunResult], extra_tags: dict[str, str] | None = None,
-           candidates: list[RunResult] | None = None) -> RunResult:
+           candidates: list[RunResult] | None = None, remedy: str = RETRAIN) -> RunResult:
     """Copy the best candidate's best.pt up to the stage run and log its figures, the winner being
-    chosen on the selection split (validation, or test as in the seed); compare children."""
-    best = holding_weights(candidates or results)
+    chosen on the selection split (validation, or test as in the seed) among those whose best.pt
+    is still there; compare children."""
+    best = holding_weights(candidates or results, remedy)
     client = tracking.client()
     checkpoints.save_checkpoint(run_id, checkpoints.BEST, checkpoints.load_weights(best.run_id))
     tracking.log_epoch(run_id, 0, {**best.metrics(),
@@ -41,13 +46,21 @@ def finish(run_id: str, results: list[RunResult], extra_tags: dict[str, str] | N
     return best
 
 
-def holding_weights(candidates: list[RunResult]) -> RunResult:
-    """The best candidate (the first of equals) whose best.pt is still there: a reused child's may
-    have been deleted since it finished."""
-    for result in sorted(candidates, key=lambda r: -r.best_acc):
-        if tracking.has_artifact(result.run_id, checkpoints.BEST):
-            return result
-        log(f"{result.name} ({result.run_id}) has no {checkpoints.BEST} (deleted?): not chosen")
-    raise CheckpointError(f"none of the {len(candidates)} runs this stage chooses from holds "
-                          f"{checkpoints.BEST} (deleted?): delete those runs (`mlflow runs delete --run-id ID`) "
-                          f"and run the same command, which trains them again")
+def first_holding_weights(ranked: list[tuple[str, str]]) -> str:
+    """The first run id of `ranked` (run id, how to name it), best first, whose best.pt is still
+    there (a finished run's may have been deleted since), or "" if none; the others are named."""
+    for run_id, name in ranked:
+        if tracking.has_artifact(run_id, checkpoints.BEST):
+            return run_id
+        log(f"{name} ({run_id}) has no {checkpoints.BEST} (deleted?): passed over")
+    return ""
+
+
+def holding_weights(candidates: list[RunResult], remedy: str) -> RunResult:
+    """The best candidate (the first of equals) whose best.pt is still there."""
+    ranked = sorted(candidates, key=lambda r: -r.best_acc)
+    run_id = first_holding_weights([(r.run_id, r.name) for r in ranked])
+    if not run_id:
+        raise CheckpointError(f"none of the runs this stage chooses from ({', '.join(r.run_id for r in ranked)}) "
+                              f"holds {checkpoints.BEST} (deleted?): {remedy}")
+    return next(r for r in ranked if r.run_id == run_id)

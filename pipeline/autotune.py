@@ -40,7 +40,7 @@ from optuna.trial import TrialState  # noqa: E402
 
 from . import config as config_mod  # noqa: E402
 from . import checkpoints, executor, interrupts, keys, runner, tracking  # noqa: E402
-from .aggregate import finish  # noqa: E402
+from .aggregate import finish, first_holding_weights  # noqa: E402
 from .config import Config  # noqa: E402
 from .errors import LineageError  # noqa: E402
 from .executor import ChildSpec  # noqa: E402
@@ -171,13 +171,8 @@ class Tuner:
         Pruned trials never are: their value is an unfinished one."""
         complete = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                     if t.user_attrs.get("mlflow_run_id")]
-        for trial in sorted(complete, key=lambda t: (-t.value, t.number)):
-            run_id = trial.user_attrs["mlflow_run_id"]
-            if tracking.has_artifact(run_id, checkpoints.BEST):
-                return run_id
-            log(f"autotune: trial #{self.number(trial.number)}'s child run {run_id} has no {checkpoints.BEST} "
-                f"(deleted?): not started from")
-        return ""
+        return first_holding_weights([(t.user_attrs["mlflow_run_id"], f"autotune: trial #{self.number(t.number)}")
+                                      for t in sorted(complete, key=lambda t: (-t.value, t.number))])
 
     def child_of(self, frozen):
         key = frozen.user_attrs.get("child_key")
@@ -333,7 +328,9 @@ class Tuner:
         states = {t.number: t.state for t in self.study.get_trials(deepcopy=False)}
         ordered = [results[n] for n in sorted(results)]
         complete = [results[n] for n in sorted(results) if states[n] == TrialState.COMPLETE]
-        best = finish(self.run_id, ordered, candidates=complete or ordered)
+        # a study's finished trials are never asked again: more trials are what train new children
+        best = finish(self.run_id, ordered, candidates=complete or ordered,
+                      remedy="raise -P n_trials, whose new trials train children that hold one")
         number = next(n for n in sorted(results) if results[n].run_id == best.run_id)
         values = self.space.values(self.study.get_trials(deepcopy=False)[number].params)
         pruned = sum(states[n] == TrialState.PRUNED for n in results)

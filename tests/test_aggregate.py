@@ -32,7 +32,7 @@ def test_the_best_child_without_its_best_pt_is_passed_over_for_the_next(stage, c
     assert chosen is second
     assert store.client.get_run(stage_id).data.tags["best_child_run_id"] == second.run_id
     assert torch.equal(checkpoints.load_weights(stage_id)["w"], torch.full((2,), 2.0))  # its weights
-    assert f"lr=0 ({best.run_id}) has no checkpoints/best.pt (deleted?): not chosen" in capsys.readouterr().out
+    assert f"lr=0 ({best.run_id}) has no checkpoints/best.pt (deleted?): passed over" in capsys.readouterr().out
 
 
 def test_no_candidate_with_a_best_pt_is_refused_in_one_line_and_the_stage_gets_none(stage):
@@ -41,6 +41,6 @@ def test_no_candidate_with_a_best_pt_is_refused_in_one_line_and_the_stage_gets_n
     tracking.delete_artifact(only.run_id, checkpoints.BEST)
     with pytest.raises(CheckpointError) as refused:
         aggregate.finish(stage_id, [only])
-    assert str(refused.value).startswith("none of the 1 runs this stage chooses from holds checkpoints/best.pt")
-    assert "\n" not in str(refused.value)
+    assert str(refused.value) == (f"none of the runs this stage chooses from ({only.run_id}) holds checkpoints/best.pt "
+                                  f"(deleted?): {aggregate.RETRAIN}")
     assert not tracking.has_artifact(stage_id, checkpoints.BEST)

@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline import checkpoints, data, predict, registry, runner, synthetic, train
 from pipeline.errors import CheckpointError, DataError, PredictError
 from support.processes import free_port, wait_http
-from support.store import VENV_BIN
+from support.store import TINY, VENV_BIN
 
 MODEL_NAME = "svhn-no-pickle"
 
@@ -180,8 +180,9 @@ def test_resume_predict_and_serve_without_pickle_deserialisation(trained, tmp_pa
 
     # the run's own data (its digest): a model whose weights descend from other data is never champion
     cfg = config_mod.load("retrain", {"dataset": "synthetic", "data_dir": str(store.data_dir),
-                                      "synthetic_train": "600", "synthetic_test": "300", "limit_train": "256",
-                                      "limit_test": "128", "registered_model": MODEL_NAME})
+                                      "synthetic_train": "600", "synthetic_test": "300",
+                                      "limit_train": TINY["limit_train"], "limit_test": TINY["limit_test"],
+                                      "registered_model": MODEL_NAME})
     dataset = data.load(cfg)
     best = runner.RunResult(run_id, "resumed", "resnet", client.get_run(run_id).data.metrics["best_test_acc"],
                             1, None)
