@@ -1,4 +1,5 @@
 """Faults: SIGKILL and SIGTERM mid-run then resume, parameter validation, concurrent runs."""
+import math
 import os
 import signal
 import subprocess
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from support.processes import Pause
-from support.store import PROJECT, VENV_BIN
+from support.store import PROJECT, TINY, VENV_BIN
 from pipeline import models
 
 pytestmark = pytest.mark.e2e
@@ -23,7 +24,7 @@ def start_train(store, params, pause=None):
 
 
 def interrupted_then_resumed(store, sig):
-    params = store.params({"epochs": "4", "limit_train": "512"})
+    params = store.params({"epochs": "4"})
     pause = Pause(store.root / "pause", "epoch:2")  # held once epoch 2's record is written
     proc = start_train(store, params, pause)
     _, run_id = pause.wait("epoch-2", proc)
@@ -41,11 +42,12 @@ def interrupted_then_resumed(store, sig):
     assert f"resuming after epoch {max(logged) if len(logged) else 0}" in resumed.stdout + resumed.stderr
     state = torch.load(store.client.download_artifacts(run_id, "checkpoints/best.pt"), weights_only=True)
     models.build("resnet").load_state_dict(state)
-    # the best epoch survives the interruption: its metrics and its checkpoint (8 batches an epoch)
+    # the best epoch survives the interruption: its metrics and its checkpoint (TINY's batches an epoch)
     accs = [m.value for m in sorted(store.client.get_metric_history(run_id, "test_acc"), key=lambda m: m.step)]
     best_epoch = accs.index(max(accs)) + 1
     assert (run.data.metrics["best_test_acc"], run.data.metrics["best_epoch"]) == (max(accs), best_epoch)
-    assert int(state["block1.1.num_batches_tracked"]) == 8 * best_epoch
+    batches = math.ceil(int(TINY["limit_train"]) / int(TINY["bs"]))
+    assert int(state["block1.1.num_batches_tracked"]) == batches * best_epoch
     return status, err
 
 
