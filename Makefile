@@ -31,7 +31,8 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 # Two test processes (pytest-xdist), each file whole in one (its module fixtures built once; every
 # Ray test is in test_ray.py) and one torch thread each: most of an end-to-end test is
 # single-threaded process start-up (torch, torchvision and mlflow imports), so two at a time on
-# two cores took 26 instead of 39 minutes on a slow CI-sized machine. TEST_WORKERS=0: one process.
+# two cores took 26 instead of 39 minutes on a slow CI-sized machine; three were no faster
+# (docs/testing.md: the cores were full and the Ray file became the long pole). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 
 # lint-imports first: the layer contract in pyproject.toml (no room imports one above it, no circles)
