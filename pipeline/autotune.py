@@ -148,7 +148,8 @@ class Tuner:
         retry whose child is FINISHED or holds a last.pt goes on without it (neither uses the
         start's weights); any other trial is StartGone (tune fails it for good). The weights of
         a start are read once per stage run, and trials from the same start share them."""
-        if "start_run_id" not in trial.user_attrs:
+        chosen_now = "start_run_id" not in trial.user_attrs  # incumbent() has just seen its best.pt
+        if chosen_now:
             trial.set_user_attr("start_run_id", self.incumbent() if self.cfg.trials_from == "best" else "")
         start_id = trial.user_attrs["start_run_id"]
         if not start_id:
@@ -156,7 +157,7 @@ class Tuner:
         tags = {"source_run_id": start_id, "init_from": f"{start_id}/{checkpoints.BEST}"}
         if start_id in self.start_weights:
             return self.start_weights[start_id], start_id, tags
-        if not tracking.has_artifact(start_id, checkpoints.BEST):  # deleted since this trial was first asked
+        if not chosen_now and not tracking.has_artifact(start_id, checkpoints.BEST):  # deleted since first asked
             child = self.child_of(trial)
             if child is not None and (child.info.status == "FINISHED"
                                       or tracking.has_artifact(child.info.run_id, checkpoints.LAST)):
