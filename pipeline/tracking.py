@@ -126,8 +126,26 @@ def log_datasets(run_id: str, dataset) -> None:
                                    tags=[InputTag("mlflow.data.context", context)]))
         tags[f"dataset.{context}.sha256"] = split.digest
         tags[f"dataset.{context}.count"] = str(len(split.labels))
-    client().log_inputs(run_id, datasets=inputs)
+    log_inputs(run_id, inputs)
     set_tags(run_id, tags)
+
+
+# how the store words a lost insert race on the datasets table (SQLite, PostgreSQL, MySQL)
+DUPLICATE_KEY = ("UNIQUE constraint failed: datasets.", 'unique constraint "dataset_pk"', "for key 'datasets.")
+
+
+def log_inputs(run_id: str, inputs: list, attempts: int = 3) -> None:
+    """MLflow adds a dataset new to the experiment by looking first, then inserting: two runs that
+    log the same new dataset at one moment (two `train`s started together, parallel trials) can
+    both insert, and the later fails on the datasets table's key. The dataset is there by then, so
+    the next try links the run to it."""
+    for attempt in range(1, attempts + 1):
+        try:
+            client().log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as err:
+            if attempt == attempts or not any(words in str(err) for words in DUPLICATE_KEY):
+                raise
 # -- refusals from an authenticating server -------------------------------------------------------
 
 AUTH_CODES = {"UNAUTHENTICATED": 401, "CUSTOMER_UNAUTHORIZED": 401, "PERMISSION_DENIED": 403}

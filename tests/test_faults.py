@@ -90,6 +90,9 @@ def test_bad_parameter_through_mlflow_run(store):
 def test_two_concurrent_runs_on_one_sqlite_store_both_finish(store):
     procs = [start_train(store, store.params({"epochs": "1", "seed": str(seed)})) for seed in (1, 2)]
     outputs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    # each failure's own last lines, not a repr that pytest cuts short
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(
+        f"--- seed {seed}: exit {p.returncode}\n{out[-2000:]}\n{err[-6000:]}"
+        for seed, p, (out, err) in zip((1, 2), procs, outputs) if p.returncode)
     runs = store.top_level("train")
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
