@@ -47,12 +47,17 @@ def finish(run_id: str, results: list[RunResult], extra_tags: dict[str, str] | N
 
 
 def first_holding_weights(ranked: list[tuple[str, str]]) -> str:
-    """The first run id of `ranked` (run id, how to name it), best first, whose best.pt is still
-    there (a finished run's may have been deleted since), or "" if none; the others are named."""
+    """The first run id of `ranked` (run id, how to name it), best first, that is not deleted and
+    whose best.pt is still there (a finished run's may have been deleted since), or "" if none;
+    the others are named. A run deleted in the UI keeps its files, but reuse no longer sees it, so
+    neither does a choice of weights."""
     for run_id, name in ranked:
-        if tracking.has_artifact(run_id, checkpoints.BEST):
+        if tracking.client().get_run(run_id).info.lifecycle_stage == "deleted":
+            log(f"{name} ({run_id}) was deleted: passed over")
+        elif tracking.has_artifact(run_id, checkpoints.BEST):
             return run_id
-        log(f"{name} ({run_id}) has no {checkpoints.BEST} (deleted?): passed over")
+        else:
+            log(f"{name} ({run_id}) has no {checkpoints.BEST} (deleted?): passed over")
     return ""
 
 
@@ -62,5 +67,5 @@ def holding_weights(candidates: list[RunResult], remedy: str) -> RunResult:
     run_id = first_holding_weights([(r.run_id, r.name) for r in ranked])
     if not run_id:
         raise CheckpointError(f"none of the runs this stage chooses from ({', '.join(r.run_id for r in ranked)}) "
-                              f"holds {checkpoints.BEST} (deleted?): {remedy}")
+                              f"is active and holds {checkpoints.BEST} (deleted?): {remedy}")
     return next(r for r in ranked if r.run_id == run_id)

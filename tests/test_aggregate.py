@@ -35,12 +35,23 @@ def test_the_best_child_without_its_best_pt_is_passed_over_for_the_next(stage, c
     assert f"lr=0 ({best.run_id}) has no checkpoints/best.pt (deleted?): passed over" in capsys.readouterr().out
 
 
+def test_a_deleted_run_is_passed_over_though_it_keeps_its_best_pt(stage, capsys):
+    store, stage_id = stage
+    best, second = (child(store, stage_id, f"lr={i}", acc, fill) for i, (acc, fill) in enumerate([(60.0, 1.0), (50.0, 2.0)]))
+    store.client.delete_run(best.run_id)  # as the UI's delete does: its files stay
+    assert tracking.has_artifact(best.run_id, checkpoints.BEST)
+    assert aggregate.first_holding_weights([(best.run_id, "lr=0"), (second.run_id, "lr=1")]) == second.run_id
+    assert f"lr=0 ({best.run_id}) was deleted: passed over" in capsys.readouterr().out
+    assert aggregate.finish(stage_id, [best, second]) is second
+    assert torch.equal(checkpoints.load_weights(stage_id)["w"], torch.full((2,), 2.0))
+
+
 def test_no_candidate_with_a_best_pt_is_refused_in_one_line_and_the_stage_gets_none(stage):
     store, stage_id = stage
     only = child(store, stage_id, "lr=0", 60.0, 1.0)
     tracking.delete_artifact(only.run_id, checkpoints.BEST)
     with pytest.raises(CheckpointError) as refused:
         aggregate.finish(stage_id, [only])
-    assert str(refused.value) == (f"none of the runs this stage chooses from ({only.run_id}) holds checkpoints/best.pt "
-                                  f"(deleted?): {aggregate.RETRAIN}")
+    assert str(refused.value) == (f"none of the runs this stage chooses from ({only.run_id}) is active and holds "
+                                  f"checkpoints/best.pt (deleted?): {aggregate.RETRAIN}")
     assert not tracking.has_artifact(stage_id, checkpoints.BEST)
