@@ -15,8 +15,13 @@ DEMO_SAMPLES := demo_samples
 DEMO_MODEL := svhn-classifier-synthetic
 # the demo's runs in an experiment of their own, which the UI line at the end opens
 DEMO_EXPERIMENT := svhn-demo
-# make demo ENV_MANAGER=uv: main and every stage in the environment uv builds from conda.yaml
+# make demo ENV_MANAGER=uv: main and every stage in the environment uv builds from conda.yaml.
+# uv never reads pip's configuration, so it is told where pip finds wheels (torch's on this disk,
+# not a 3 GB download); a UV_* variable you set yourself wins.
 ENV_MANAGER ?= local
+ifeq ($(ENV_MANAGER),uv)
+WITH_PIP_SOURCES := $(VENV)/bin/python scripts/demo.py with-pip-sources
+endif
 
 .PHONY: install test test-fast mutate demo bench clean
 
@@ -58,11 +63,11 @@ mutate: install
 	$(VENV)/bin/python .ci/mutation_report.py $(MUTATE_FUNCTIONS)
 
 demo: install
-	mlflow run . -e main --env-manager $(ENV_MANAGER) --experiment-name $(DEMO_EXPERIMENT) $(DEMO_ARGS) \
+	$(WITH_PIP_SOURCES) mlflow run . -e main --env-manager $(ENV_MANAGER) --experiment-name $(DEMO_EXPERIMENT) $(DEMO_ARGS) \
 		-P env_manager=$(ENV_MANAGER)
 	@echo
 	$(VENV)/bin/python scripts/demo.py samples $(DEMO_SAMPLES) $(subst -P ,,$(DEMO_ARGS))
-	mlflow run . -e predict --env-manager $(ENV_MANAGER) --experiment-name $(DEMO_EXPERIMENT) -P input=$(DEMO_SAMPLES) \
+	$(WITH_PIP_SOURCES) mlflow run . -e predict --env-manager $(ENV_MANAGER) --experiment-name $(DEMO_EXPERIMENT) -P input=$(DEMO_SAMPLES) \
 		-P output=demo_predictions.csv -P dataset=synthetic
 	@$(VENV)/bin/python scripts/demo.py report demo_predictions.csv $(DEMO_MODEL)
 	@echo

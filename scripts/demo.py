@@ -3,6 +3,7 @@
     python scripts/demo.py samples FOLDER key=value ...   # PNGs from the study's test split
     python scripts/demo.py report PREDICTIONS.csv [MODEL] # table, and MODEL's champion (svhn-classifier-synthetic)
     python scripts/demo.py ui EXPERIMENT                  # the address that opens EXPERIMENT in `mlflow ui`
+    python scripts/demo.py with-pip-sources COMMAND ...   # COMMAND, with uv told where pip finds wheels
 
 `samples` takes the study's own parameters (dataset=synthetic scale=demo ...), so the images
 come from the test split the study held out. Each file is named after its index in that split
@@ -11,13 +12,18 @@ and its true digit (test0042_digit7.png); `report` reads the truth back from the
 from __future__ import annotations
 
 import csv
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 NAME = re.compile(r"test(\d+)_digit(\d)\.png$")
+# pip's settings and the uv variables that say the same thing (uv never reads pip's config)
+PIP_TO_UV = {"index-url": "UV_DEFAULT_INDEX", "extra-index-url": "UV_INDEX",
+             "find-links": "UV_FIND_LINKS", "constraint": "UV_CONSTRAINT"}
 
 
 def samples(folder: str, *pairs: str, count: int = 8) -> None:
@@ -85,6 +91,30 @@ def ui(experiment: str) -> int:
     return 0
 
 
+def uv_sources_from_pip() -> dict[str, str]:
+    """Where pip finds wheels here (its config files and PIP_* variables), told to uv, so that
+    `--env-manager uv` installs what pip would: on a machine with torch's wheels on disk, those,
+    not a 3 GB download. Any UV_* variable already set wins."""
+    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"],
+                            capture_output=True, text=True, timeout=60).stdout
+    found: dict[str, str] = {}
+    for line in listed.splitlines():  # e.g. global.extra-index-url='file:///a/simple file:///b/simple'
+        key, _, value = line.partition("=")
+        uv_name = PIP_TO_UV.get(key.rsplit(".", 1)[-1])
+        if uv_name and uv_name not in found:
+            found[uv_name] = value.strip().strip("'\"")
+    if "UV_FIND_LINKS" in found:  # pip separates them with spaces, uv with commas
+        found["UV_FIND_LINKS"] = ",".join(found["UV_FIND_LINKS"].split())
+    if "UV_INDEX" in found:
+        found["UV_INDEX_STRATEGY"] = "unsafe-best-match"  # pip's rule: best version over all indexes
+    return {key: value for key, value in found.items() if key not in os.environ}
+
+
+def with_pip_sources(*command: str) -> None:
+    """Run COMMAND (`mlflow run ... --env-manager uv`) with uv's sources set from pip's."""
+    os.execvpe(command[0], list(command), {**os.environ, **uv_sources_from_pip()})
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:] or ["help"]
     if command == "samples" and args:
@@ -93,5 +123,7 @@ if __name__ == "__main__":
         sys.exit(report(*args))
     elif command == "ui" and len(args) == 1:
         sys.exit(ui(*args))
+    elif command == "with-pip-sources" and args:
+        with_pip_sources(*args)
     else:
         sys.exit(__doc__)
