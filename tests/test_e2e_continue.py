@@ -204,11 +204,11 @@ def pending_signals(pid: int) -> set:
 
 
 def test_sigint_then_sigterm_mid_epoch_ends_the_run_killed_and_the_printed_command_continues_it(store, tmp_path):
-    # 4 batches an epoch: batch 6 is in epoch 2; held again in the cleanup, where the SIGTERM lands
-    pause = Pause(tmp_path / "pause", "batch:6,cleanup")
+    # 2 batches an epoch: batch 4 is epoch 2's second; held again in the cleanup, where the SIGTERM lands
+    pause = Pause(tmp_path / "pause", "batch:4,cleanup")
     proc = start(store, "train", store.params({"epochs": "3"}), cli=True, pause=pause)
     try:
-        _, run_id = pause.wait("batch-6", proc)
+        _, run_id = pause.wait("batch-4", proc)
         assert store.steps(run_id, "test_acc") == [1]
         os.kill(proc.pid, signal.SIGINT)
         sent = time.monotonic()

@@ -39,7 +39,7 @@ def test_validation_split_drives_every_choice_and_test_is_only_reported(store):
     children = store.children(run.info.run_id)
     cfg = config.load("tune_lr", params)
     dataset = data.load(cfg)
-    assert (dataset.n_train, dataset.n_val, dataset.n_test) == (229, 27, 128)  # test untouched
+    assert (dataset.n_train, dataset.n_val, dataset.n_test) == (115, 13, 64)  # test untouched
     for child in children:
         run_id, metrics = child.info.run_id, child.data.metrics
         val_acc = [m.value for m in sorted(store.client.get_metric_history(run_id, "val_acc"), key=lambda m: m.step)]
@@ -55,8 +55,8 @@ def test_validation_split_drives_every_choice_and_test_is_only_reported(store):
         assert acc == pytest.approx(max(val_acc)) and loss == pytest.approx(val_loss[best], rel=2e-2)
         tags = child.data.tags
         assert (tags["dataset.train.count"], tags["dataset.validation.count"], tags["dataset.test.count"]) \
-            == ("229", "27", "128")
-    top = max(c.data.metrics["best_val_acc"] for c in children)  # 27 images: two children may tie
+            == ("115", "13", "64")
+    top = max(c.data.metrics["best_val_acc"] for c in children)  # 13 images: two children may tie
     winner = next(c for c in reversed(children) if c.data.metrics["best_val_acc"] == top)  # the first swept
     assert run.data.tags["best_child_run_id"] == winner.info.run_id
     assert run.data.metrics["best_val_acc"] == winner.data.metrics["best_val_acc"]

@@ -32,7 +32,7 @@ def study(module_store):
     cmd = [str(VENV_BIN / "mlflow"), "run", str(PROJECT), "-e", "main", "--env-manager", "local"]
     for key, value in main_params(store).items():
         cmd += ["-P", f"{key}={value}"]
-    # one epoch of one batch a child (bs 256, 256 images): tune_lr's second batch is its second
+    # one epoch of one batch a child (bs 256, 128 images): tune_lr's second batch is its second
     # child's first, the first child FINISHED
     pause = Pause(store.root / "pause", "batch:2@tune_lr")
     proc = subprocess.Popen(cmd, cwd=store.root, env=pause.env(store.env), stdout=subprocess.PIPE,
