@@ -146,6 +146,8 @@ def log_inputs(run_id: str, inputs: list, attempts: int = 3) -> None:
         except MlflowException as err:
             if attempt == attempts or not any(words in str(err) for words in DUPLICATE_KEY):
                 raise
+
+
 # -- refusals from an authenticating server -------------------------------------------------------
 
 AUTH_CODES = {"UNAUTHENTICATED": 401, "CUSTOMER_UNAUTHORIZED": 401, "PERMISSION_DENIED": 403}
