@@ -6,6 +6,7 @@ close the run: FINISHED with its training_key, or KILLED/FAILED with what it reg
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import mlflow
 import yaml
@@ -67,23 +68,34 @@ def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
             earlier = continue_earlier_runs(cfg, run_id, stage_key)
         stage = Stage(run_id, resolved, frozenset(r.info.run_id for r in earlier), code_version=keys.code_version())
         client.set_tag(run_id, lifecycle.STAGE_KEY, stage_key)
-        lifecycle.beat(run_id)
         log(f"{cfg.stage}: run {run_id} in {mlflow.get_tracking_uri()}")
-        try:
-            with lifecycle.heartbeat(run_id):  # this process writes the stage run, Ray workers their children
-                result = STAGES[cfg.stage](cfg, stage, dataset, lineage)
+
+        def then() -> None:
             for old in earlier:  # their children now belong to this run
                 client.set_tag(old.info.run_id, lifecycle.CONTINUED_IN, run_id)
                 if old.info.status == "RUNNING":
                     tracking.end_run(old.info.run_id, "KILLED")
-            # set last: only a stage that finished can be found and reused by `main`
             client.set_tag(run_id, "training_key", key)
             runner.finished(run_id)
-        except BaseException:
-            registry.withdraw(stage.registered)  # a version registered by a run that failed is not left behind
-            raise
+
+        result = work(cfg, stage, dataset, lineage, then)
     log(f"{cfg.stage} done: run {run_id}, best {result.selected_on}_acc "
         f"{format_value(result.best_acc)}%, test {format_value(result.test_acc_at_best)}% at that epoch")
+    return result
+
+
+def work(cfg: Config, stage: Stage, dataset, lineage, then: Callable[[], None]) -> RunResult:
+    """The stage's work in its open run (a new one, or one resumed), with heartbeats while it
+    trains, then `then`: the tags that let `main` reuse it, set last, since only a stage that
+    finished may be found. If either fails, a version the stage registered is withdrawn."""
+    lifecycle.beat(stage.run_id)
+    try:
+        with lifecycle.heartbeat(stage.run_id):  # this process writes the stage run, Ray workers their children
+            result = STAGES[cfg.stage](cfg, stage, dataset, lineage)
+        then()
+    except BaseException:
+        registry.withdraw(stage.registered)  # a version registered by a run that failed is not left behind
+        raise
     return result
 
 
@@ -129,15 +141,9 @@ def resume_stage(previous, cfg: Config, dataset, resolved: Runtime) -> RunResult
     client.update_run(run_id, status="RUNNING")
     stage = Stage(run_id, resolved, code_version=keys.code_version())
     with runner.opened(run_id):
-        lifecycle.beat(run_id)
         log(f"{cfg.stage}: resuming stage run {run_id} child by child")
-        try:
-            with lifecycle.heartbeat(run_id):
-                result = STAGES[cfg.stage](cfg, stage, dataset, lineage)
-            client.set_tag(run_id, "training_key", keys.training_key(cfg, dataset.digest, resolved))
-        except BaseException:
-            registry.withdraw(stage.registered)
-            raise
+        key = keys.training_key(cfg, dataset.digest, resolved)
+        result = work(cfg, stage, dataset, lineage, lambda: client.set_tag(run_id, "training_key", key))
     log(f"resumed stage run {run_id} FINISHED, best {result.selected_on}_acc {result.best_acc:.3f}%")
     return result
 
