@@ -130,21 +130,24 @@ def log_datasets(run_id: str, dataset) -> None:
     set_tags(run_id, tags)
 
 
-# how the store words a lost insert race on the datasets table (SQLite, PostgreSQL, MySQL)
-DUPLICATE_KEY = ("UNIQUE constraint failed: datasets.", 'unique constraint "dataset_pk"', "for key 'datasets.")
+def lost_dataset_race(err: MlflowException) -> bool:
+    """SQLAlchemy's IntegrityError (its error code gkpj) on MLflow's INSERT INTO datasets: worded
+    alike by every database MLflow supports, in any language, directly or through a server."""
+    text = str(err)
+    return "INSERT INTO datasets" in text and "sqlalche.me/e/" in text and "/gkpj" in text
 
 
 def log_inputs(run_id: str, inputs: list, attempts: int = 3) -> None:
     """MLflow adds a dataset new to the experiment by looking first, then inserting: two runs that
     log the same new dataset at one moment (two `train`s started together, parallel trials) can
     both insert, and the later fails on the datasets table's key. The dataset is there by then, so
-    the next try links the run to it."""
+    the next try links the run to it. Up to `attempts` tries; any other error is raised at once."""
     for attempt in range(1, attempts + 1):
         try:
             client().log_inputs(run_id, datasets=inputs)
             return
         except MlflowException as err:
-            if attempt == attempts or not any(words in str(err) for words in DUPLICATE_KEY):
+            if attempt == attempts or not lost_dataset_race(err):
                 raise
 
 

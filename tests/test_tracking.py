@@ -70,3 +70,37 @@ def test_any_other_store_error_is_not_retried(store, monkeypatch):
     with pytest.raises(MlflowException):
         tracking.log_inputs(run_id, inputs())
     assert calls == [1]
+
+
+def store_error(error_class, statement: str, words: str, through_server: bool) -> MlflowException:
+    """An error as MLflow raises it: SQLAlchemy's, wrapped by the store, and through a tracking
+    server the same message in a RestException."""
+    from mlflow.exceptions import RestException
+
+    wrapped = MlflowException(error_class(statement, {}, Exception(words)))
+    if through_server:
+        return RestException({"error_code": "BAD_REQUEST", "message": wrapped.message})
+    return wrapped
+
+
+DATASETS_INSERT = "INSERT INTO datasets (dataset_uuid, experiment_id, name, digest) VALUES (?, ?, ?, ?)"
+
+
+@pytest.mark.parametrize("through_server", [False, True])
+@pytest.mark.parametrize("words", [
+    "UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest",  # SQLite
+    'duplicate key value violates unique constraint "dataset_pk"',  # PostgreSQL
+    "(1062, \"Duplicate entry '1-n600-0123' for key 'PRIMARY'\")",  # MySQL 5.7, MariaDB
+    "doppelter Schlüsselwert verletzt Unique-Constraint »dataset_pk«",  # PostgreSQL in German
+])
+def test_a_lost_dataset_insert_is_known_by_any_database_and_through_a_server(words, through_server):
+    assert tracking.lost_dataset_race(store_error(sqlalchemy.exc.IntegrityError, DATASETS_INSERT, words,
+                                                  through_server))
+
+
+@pytest.mark.parametrize("error_class,statement,words", [
+    (sqlalchemy.exc.IntegrityError, "INSERT INTO runs (run_uuid) VALUES (?)", "UNIQUE constraint failed: runs.run_uuid"),
+    (sqlalchemy.exc.OperationalError, DATASETS_INSERT, "database is locked"),
+])
+def test_other_store_errors_are_not_taken_for_the_race(error_class, statement, words):
+    assert not tracking.lost_dataset_race(store_error(error_class, statement, words, through_server=False))

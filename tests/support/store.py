@@ -26,9 +26,11 @@ def base_env(tracking_uri: str, data_dir: Path) -> dict[str, str]:
     env.pop("MLFLOW_RUN_ID", None)
     env.pop("MLFLOW_EXPERIMENT_ID", None)
     env.pop("MLFLOW_EXPERIMENT_NAME", None)
-    # MLflow's SQL store turns on checks of its own when it sees this (pytest sets it): the
-    # processes a test starts run as a user's do
+    # pytest sets this, and MLflow reads it as "under test": its SQL store turns on checks of its
+    # own. The processes a test starts run as a user's do, without MLflow's usage telemetry,
+    # which the same variable also turned off.
     env.pop("PYTEST_CURRENT_TEST", None)
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     return env
 
 

@@ -1,0 +1,36 @@
+"""scripts/demo.py with-pip-sources: what `pip config list` says about where pip install finds
+wheels, told to uv in its own variables (make demo ENV_MANAGER=uv, tests/test_e2e_uv.py)."""
+import importlib.util
+
+from support.store import PROJECT
+
+spec = importlib.util.spec_from_file_location("demo_script", PROJECT / "scripts" / "demo.py")
+demo = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(demo)
+
+LISTED = """download.find-links='/only/for/pip/download'
+global.extra-index-url='file:///a/simple file:///b/simple'
+global.find-links='/global/wheels'
+global.index-url='https://global.example/simple'
+install.index-url='https://install.example/simple'
+:env:.find-links='/env/wheels /more/wheels'
+"""
+
+
+def test_pip_installs_own_order_env_then_install_then_global_and_no_other_section():
+    assert demo.uv_sources(LISTED, {}) == {
+        "UV_FIND_LINKS": "/env/wheels,/more/wheels",  # :env: over global; download's never; commas for uv
+        "UV_DEFAULT_INDEX": "https://install.example/simple",  # install over global
+        "UV_INDEX": "file:///a/simple file:///b/simple",
+        "UV_INDEX_STRATEGY": "unsafe-best-match",  # pip's rule, for pip's own extra indexes
+    }
+
+
+def test_a_uv_variable_of_the_users_wins_and_their_index_keeps_uvs_own_strategy():
+    sources = demo.uv_sources(LISTED, {"UV_INDEX": "https://mine.example/simple", "UV_DEFAULT_INDEX": "x"})
+    assert sources == {"UV_FIND_LINKS": "/env/wheels,/more/wheels"}
+
+
+def test_nothing_configured_sets_nothing():
+    assert demo.uv_sources("", {}) == {}
+    assert demo.uv_sources("global.timeout='60'\n", {}) == {}
