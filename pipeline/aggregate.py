@@ -12,7 +12,8 @@ from .runner import RunResult, log
 
 
 # what trains a stage's children again when none holds a best.pt: reuse finds active runs only
-RETRAIN = "delete them (`mlflow runs delete --run-id ID`) and run the same command, which trains them again"
+RETRAIN = ("run the same command again, which trains them anew once they are deleted "
+           "(`mlflow runs delete --run-id ID` for any that is not)")
 
 
 def finish(run_id: str, results: list[RunResult], extra_tags: dict[str, str] | None = None,
@@ -62,7 +63,7 @@ def first_holding_weights(ranked: list[tuple[str, str]]) -> str:
 
 
 def holding_weights(candidates: list[RunResult], remedy: str) -> RunResult:
-    """The best candidate (the first of equals) whose best.pt is still there."""
+    """The best candidate (the first of equals) that is not deleted and whose best.pt is still there."""
     ranked = sorted(candidates, key=lambda r: -r.best_acc)
     run_id = first_holding_weights([(r.run_id, r.name) for r in ranked])
     if not run_id:
