@@ -91,28 +91,44 @@ def ui(experiment: str) -> int:
     return 0
 
 
-def uv_sources_from_pip() -> dict[str, str]:
-    """Where pip finds wheels here (its config files and PIP_* variables), told to uv, so that
-    `--env-manager uv` installs what pip would: on a machine with torch's wheels on disk, those,
-    not a 3 GB download. Any UV_* variable already set wins."""
-    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"],
-                            capture_output=True, text=True, timeout=60).stdout
-    found: dict[str, str] = {}
+def uv_sources(listed: str, environ: dict[str, str]) -> dict[str, str]:
+    """The UV_* variables that say what `pip config list` printed (`listed`) about where pip
+    install finds wheels: its PIP_* variables first, then its [install] section, then [global]
+    (pip's own order; other sections are not pip install's). A variable set in `environ` wins."""
+    rank = {":env:": 0, "install": 1, "global": 2}
+    found: dict[str, tuple[int, str]] = {}
     for line in listed.splitlines():  # e.g. global.extra-index-url='file:///a/simple file:///b/simple'
         key, _, value = line.partition("=")
-        uv_name = PIP_TO_UV.get(key.rsplit(".", 1)[-1])
-        if uv_name and uv_name not in found:
-            found[uv_name] = value.strip().strip("'\"")
-    if "UV_FIND_LINKS" in found:  # pip separates them with spaces, uv with commas
-        found["UV_FIND_LINKS"] = ",".join(found["UV_FIND_LINKS"].split())
-    if "UV_INDEX" in found:
-        found["UV_INDEX_STRATEGY"] = "unsafe-best-match"  # pip's rule: best version over all indexes
-    return {key: value for key, value in found.items() if key not in os.environ}
+        section, _, name = key.rpartition(".")
+        uv_name = PIP_TO_UV.get(name)
+        if uv_name and section in rank and (uv_name not in found or rank[section] < found[uv_name][0]):
+            found[uv_name] = (rank[section], value.strip().strip("'\""))
+    sources = {uv_name: value for uv_name, (_, value) in found.items() if uv_name not in environ}
+    if "UV_FIND_LINKS" in sources:  # pip separates them with spaces, uv with commas
+        sources["UV_FIND_LINKS"] = ",".join(sources["UV_FIND_LINKS"].split())
+    if "UV_INDEX" in sources and "UV_INDEX_STRATEGY" not in environ:
+        sources["UV_INDEX_STRATEGY"] = "unsafe-best-match"  # pip's rule for pip's indexes: best version over all
+    return sources
 
 
 def with_pip_sources(*command: str) -> None:
-    """Run COMMAND (`mlflow run ... --env-manager uv`) with uv's sources set from pip's."""
-    os.execvpe(command[0], list(command), {**os.environ, **uv_sources_from_pip()})
+    """Run COMMAND (`mlflow run ... --env-manager uv`) with uv told where pip finds wheels, so that
+    it installs what pip would: on a machine with torch's wheels on disk, those, not a 3 GB
+    download. Says in one line what it set."""
+    try:
+        listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True,
+                                text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        listed = ""
+        print(f"with-pip-sources: cannot read pip's configuration ({type(err).__name__}): uv uses its own "
+              f"defaults (PyPI)", file=sys.stderr)
+    sources = uv_sources(listed, dict(os.environ))
+    print(f"with-pip-sources: {' '.join(f'{k}={v}' for k, v in sources.items()) or 'nothing to set'}",
+          file=sys.stderr, flush=True)
+    try:
+        os.execvpe(command[0], list(command), {**os.environ, **sources})
+    except OSError as err:
+        sys.exit(f"with-pip-sources: cannot run {command[0]}: {err.strerror}")
 
 
 if __name__ == "__main__":
