@@ -70,7 +70,7 @@ def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
         client.set_tag(run_id, lifecycle.STAGE_KEY, stage_key)
         log(f"{cfg.stage}: run {run_id} in {mlflow.get_tracking_uri()}")
 
-        def then() -> None:
+        def on_success() -> None:
             for old in earlier:  # their children now belong to this run
                 client.set_tag(old.info.run_id, lifecycle.CONTINUED_IN, run_id)
                 if old.info.status == "RUNNING":
@@ -78,21 +78,21 @@ def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
             client.set_tag(run_id, "training_key", key)
             runner.finished(run_id)
 
-        result = work(cfg, stage, dataset, lineage, then)
+        result = run_stage_work(cfg, stage, dataset, lineage, on_success)
     log(f"{cfg.stage} done: run {run_id}, best {result.selected_on}_acc "
         f"{format_value(result.best_acc)}%, test {format_value(result.test_acc_at_best)}% at that epoch")
     return result
 
 
-def work(cfg: Config, stage: Stage, dataset, lineage, then: Callable[[], None]) -> RunResult:
+def run_stage_work(cfg: Config, stage: Stage, dataset, lineage, on_success: Callable[[], None]) -> RunResult:
     """The stage's work in its open run (a new one, or one resumed), with heartbeats while it
-    trains, then `then`: the tags that let `main` reuse it, set last, since only a stage that
-    finished may be found. If either fails, a version the stage registered is withdrawn."""
+    trains, then `on_success`: the tags that let `main` reuse it, set last, since only a stage
+    that finished may be found. If either fails, a version the stage registered is withdrawn."""
     lifecycle.beat(stage.run_id)
     try:
         with lifecycle.heartbeat(stage.run_id):  # this process writes the stage run, Ray workers their children
             result = STAGES[cfg.stage](cfg, stage, dataset, lineage)
-        then()
+        on_success()
     except BaseException:
         registry.withdraw(stage.registered)  # a version registered by a run that failed is not left behind
         raise
@@ -143,7 +143,7 @@ def resume_stage(previous, cfg: Config, dataset, resolved: Runtime) -> RunResult
     with runner.opened(run_id):
         log(f"{cfg.stage}: resuming stage run {run_id} child by child")
         key = keys.training_key(cfg, dataset.digest, resolved)
-        result = work(cfg, stage, dataset, lineage, lambda: client.set_tag(run_id, "training_key", key))
+        result = run_stage_work(cfg, stage, dataset, lineage, lambda: client.set_tag(run_id, "training_key", key))
     log(f"resumed stage run {run_id} FINISHED, best {result.selected_on}_acc {result.best_acc:.3f}%")
     return result
 

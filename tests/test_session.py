@@ -36,6 +36,27 @@ def test_a_stage_that_fails_after_registering_has_its_versions_withdrawn(tiny, m
     assert run.info.status == "FAILED" and "training_key" not in run.data.tags  # never reused by main
 
 
+def test_a_stage_whose_closing_tags_fail_has_its_versions_withdrawn(tiny, monkeypatch):
+    store, cfg = tiny
+    withdrawn = []
+    monkeypatch.setattr(registry, "withdraw", lambda registered: withdrawn.append(list(registered)))
+
+    def registers(cfg, stage, dataset, lineage):
+        stage.registered.append(("svhn-classifier-synthetic", "3", "2"))
+        return result(stage.run_id)
+
+    def store_gone(run_id):
+        raise OSError("the store went away")
+
+    monkeypatch.setitem(stages.STAGES, "tune_lr", registers)
+    monkeypatch.setattr(runner, "finished", store_gone)  # the last of the closing steps
+    with pytest.raises(OSError, match="went away"):
+        session.run(cfg)
+    assert withdrawn == [[("svhn-classifier-synthetic", "3", "2")]]
+    (run,) = store.top_level("tune_lr")
+    assert run.info.status == "FAILED"
+
+
 def test_a_stage_continues_an_earlier_unfinished_run_of_the_same_key_and_finishes_with_its_key(tiny, monkeypatch):
     store, cfg = tiny
     dataset = data.load(cfg)
