@@ -19,30 +19,37 @@ def result(run_id: str) -> runner.RunResult:
     return runner.RunResult(run_id, "stand-in", "resnet", 50.0, 1, None, "test", 40.0)
 
 
-def test_a_stage_that_fails_after_registering_has_its_versions_withdrawn(tiny, monkeypatch):
+VERSION = ("svhn-classifier-synthetic", "3", "2")  # (name, version, previous champion)
+
+
+@pytest.fixture
+def withdrawn(monkeypatch) -> list:
+    """What the session hands registry.withdraw, call by call."""
+    calls = []
+    monkeypatch.setattr(registry, "withdraw", lambda registered: calls.append(list(registered)))
+    return calls
+
+
+def test_a_stage_that_fails_after_registering_has_its_versions_withdrawn(tiny, withdrawn, monkeypatch):
     store, cfg = tiny
-    withdrawn = []
-    monkeypatch.setattr(registry, "withdraw", lambda registered: withdrawn.append(list(registered)))
 
     def registers_then_fails(cfg, stage, dataset, lineage):
-        stage.registered.append(("svhn-classifier-synthetic", "3", "2"))
+        stage.registered.append(VERSION)
         raise RuntimeError("the stage broke after registering")
 
     monkeypatch.setitem(stages.STAGES, "tune_lr", registers_then_fails)
     with pytest.raises(RuntimeError, match="broke after registering"):
         session.run(cfg)
-    assert withdrawn == [[("svhn-classifier-synthetic", "3", "2")]]
+    assert withdrawn == [[VERSION]]
     (run,) = store.top_level("tune_lr")
     assert run.info.status == "FAILED" and "training_key" not in run.data.tags  # never reused by main
 
 
-def test_a_stage_whose_closing_tags_fail_has_its_versions_withdrawn(tiny, monkeypatch):
+def test_a_stage_whose_closing_tags_fail_has_its_versions_withdrawn(tiny, withdrawn, monkeypatch):
     store, cfg = tiny
-    withdrawn = []
-    monkeypatch.setattr(registry, "withdraw", lambda registered: withdrawn.append(list(registered)))
 
     def registers(cfg, stage, dataset, lineage):
-        stage.registered.append(("svhn-classifier-synthetic", "3", "2"))
+        stage.registered.append(VERSION)
         return result(stage.run_id)
 
     def store_gone(run_id):
@@ -52,7 +59,7 @@ def test_a_stage_whose_closing_tags_fail_has_its_versions_withdrawn(tiny, monkey
     monkeypatch.setattr(runner, "finished", store_gone)  # the last of the closing steps
     with pytest.raises(OSError, match="went away"):
         session.run(cfg)
-    assert withdrawn == [[("svhn-classifier-synthetic", "3", "2")]]
+    assert withdrawn == [[VERSION]]
     (run,) = store.top_level("tune_lr")
     assert run.info.status == "FAILED"
 
