@@ -1,6 +1,10 @@
-"""tracking.log_inputs in a real SQLite store: two runs that log the same new dataset at one moment
-both finish, linked to one dataset row. The race is forced, not waited for: the other run's insert
-is made at the instant this one is about to insert (SQLAlchemy's before_cursor_execute)."""
+"""tracking.log_inputs in a real store, SQLite and PostgreSQL 15: two runs that log the same new
+dataset at one moment both finish, linked to one dataset row. The race is forced, not waited for:
+the other run's insert is made at the instant this one is about to insert (SQLAlchemy's
+before_cursor_execute)."""
+import uuid
+
+import mlflow
 import numpy as np
 import pytest
 import sqlalchemy
@@ -9,6 +13,7 @@ from mlflow.entities import DatasetInput, InputTag
 from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
+from support.postgres import available, postgres
 
 
 def inputs() -> list[DatasetInput]:
@@ -17,38 +22,50 @@ def inputs() -> list[DatasetInput]:
     return [DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])]
 
 
-@pytest.fixture
-def racing(store, monkeypatch):
+@pytest.fixture(scope="module")
+def database():
+    if available():
+        pytest.skip(available())
+    with postgres() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def racing(request, store, monkeypatch):
     """Two runs of one experiment; the first INSERT INTO datasets of `mine` is preceded, between
     MLflow's look-up and its insert, by the other run logging the same dataset."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
-    mine, other = (store.client.create_run("0").info.run_id for _ in range(2))
+    uri = store.uri if request.param == "sqlite" else \
+        request.getfixturevalue("database").create_database(f"race_{uuid.uuid4().hex[:8]}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    mine, other = (client.create_run("0").info.run_id for _ in range(2))
     engine = tracking.client()._tracking_client.store.engine
     state = {"raced": 0}
 
     def other_inserts_first(conn, cursor, statement, parameters, context, executemany):
         if statement.startswith("INSERT INTO datasets") and not state["raced"]:
             state["raced"] = 1
-            store.client.log_inputs(other, datasets=inputs())  # its own connection: committed now
+            client.log_inputs(other, datasets=inputs())  # its own connection: committed now
 
     sqlalchemy.event.listen(engine, "before_cursor_execute", other_inserts_first)
-    yield store, mine, other, state
+    yield client, mine, other, state
     sqlalchemy.event.remove(engine, "before_cursor_execute", other_inserts_first)
 
 
 def test_mlflow_alone_loses_the_race(racing):
     """What the retry is for: MLflow's own log_inputs fails on the datasets table's key."""
-    store, mine, _, state = racing
-    with pytest.raises(MlflowException, match="UNIQUE constraint failed: datasets"):
+    _, mine, _, state = racing
+    with pytest.raises(MlflowException) as lost:
         tracking.client().log_inputs(mine, datasets=inputs())
     assert state["raced"] == 1
+    assert tracking.lost_dataset_race(lost.value), str(lost.value)
 
 
 def test_a_run_that_loses_the_race_is_linked_to_the_dataset_the_other_inserted(racing):
-    store, mine, other, state = racing
+    client, mine, other, state = racing
     tracking.log_inputs(mine, inputs())
     assert state["raced"] == 1
-    linked = [store.client.get_run(run_id).inputs.dataset_inputs for run_id in (mine, other)]
+    linked = [client.get_run(run_id).inputs.dataset_inputs for run_id in (mine, other)]
     assert [[(d.dataset.name, d.dataset.digest) for d in run] for run in linked] == \
         [[("n600/train_32x32.mat:train", "0123456789abcdef0123456789abcdef")]] * 2
     assert [d.tags[0].value for run in linked for d in run] == ["train", "train"]
