@@ -1,4 +1,5 @@
-"""Shared fixtures: a temporary tracking store, tiny synthetic data, colour-coded digits.
+"""Shared fixtures: a temporary tracking store, tiny synthetic data, colour-coded digits, a
+PostgreSQL server.
 Helpers live in tests/support/."""
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two test processes
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread each, children included
 
 from support.digits import colour_images, svhn_labels  # noqa: E402
+from support.postgres import available, postgres  # noqa: E402
 from support.store import Store  # noqa: E402
 
 
@@ -42,3 +44,12 @@ def colour_data(tmp_path_factory):
         synthetic.write_mat(root / name / "train_32x32.mat", train_images, svhn_labels(labels))
         synthetic.write_mat(root / name / "test_32x32.mat", test_images, svhn_labels(test_labels))
     return root
+
+
+@pytest.fixture(scope="module")
+def database():
+    """A real PostgreSQL 15 on 127.0.0.1 for the module's tests (skipped where there is none)."""
+    if available():
+        pytest.skip(available())
+    with postgres() as server:
+        yield server

@@ -2,16 +2,10 @@
 `mlflow server` on it, and the record a training run leaves there."""
 import pytest
 
-from support.postgres import available, postgres
+from support.postgres import available
 from support.processes import mlflow_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(available()), reason=available() or "ok")]
-
-
-@pytest.fixture(scope="module")
-def database():
-    with postgres() as server:
-        yield server
 
 
 def test_a_run_through_a_server_on_postgresql_keeps_its_datasets_digests_whole(database, tmp_path, data_dir):

@@ -13,21 +13,12 @@ from mlflow.entities import DatasetInput, InputTag
 from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
-from support.postgres import available, postgres
 
 
 def inputs() -> list[DatasetInput]:
     dataset = from_numpy(np.zeros((4, 3)), source="/data/train_32x32.mat", name="n600/train_32x32.mat:train",
                          digest="0123456789abcdef0123456789abcdef")
     return [DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])]
-
-
-@pytest.fixture(scope="module")
-def database():
-    if available():
-        pytest.skip(available())
-    with postgres() as server:
-        yield server
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
