@@ -13,7 +13,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two test processes
 
 from support.digits import colour_images, svhn_labels  # noqa: E402
 from support.postgres import available, postgres  # noqa: E402
-from support.store import Store  # noqa: E402
+from support.store import Store, kept_if_failed  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,8 +27,9 @@ def store(tmp_path, data_dir) -> Store:
 
 
 @pytest.fixture(scope="module")
-def module_store(tmp_path_factory, data_dir) -> Store:
-    return Store(tmp_path_factory.mktemp("store"), data_dir).initialise()
+def module_store(request, tmp_path_factory, data_dir):
+    with kept_if_failed(request, tmp_path_factory.mktemp("store")) as root:
+        yield Store(root, data_dir).initialise()
 
 
 @pytest.fixture(scope="session")

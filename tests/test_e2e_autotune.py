@@ -84,8 +84,8 @@ def test_the_best_trial_checkpoint_and_values_are_on_the_stage_run(module_store,
     best = max(complete, key=lambda c: c.data.metrics["best_test_acc"])  # a tie: the earliest trial
     assert tuned.data.tags["best_child_run_id"] == best.info.run_id
     assert tuned.data.metrics["best_test_acc"] == best.data.metrics["best_test_acc"]
-    ours = torch.load(store.client.download_artifacts(tuned.info.run_id, "checkpoints/best.pt"), weights_only=True)
-    theirs = torch.load(store.client.download_artifacts(best.info.run_id, "checkpoints/best.pt"), weights_only=True)
+    ours = store.weights(tuned.info.run_id)
+    theirs = store.weights(best.info.run_id)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     for name in ("lr", "gamma", "wd", "bs"):
         assert config.parse_value(name, tuned.data.tags[f"best_{name}"]) == \
@@ -95,7 +95,7 @@ def test_the_best_trial_checkpoint_and_values_are_on_the_stage_run(module_store,
     assert {"plots/optuna_history.png", "plots/optuna_intermediate_values.png"} <= plots
     assert ("plots/optuna_param_importances.png" in plots) == (len(complete) >= 2)
     assert "plots/optuna_parallel_coordinate.png" in plots
-    with open(store.client.download_artifacts(tuned.info.run_id, "plots/trials.csv")) as table:
+    with open(store.download(tuned.info.run_id, "plots/trials.csv")) as table:
         rows = list(csv.DictReader(table))
     trials = load_study(tuned).trials
     assert [int(row["number"]) for row in rows] == [trial.number for trial in trials]

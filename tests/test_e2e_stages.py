@@ -85,7 +85,7 @@ def new_finished_top_level(store, before: set[str]) -> dict[str, list]:
 
 
 def best_state(store, run_id):
-    return torch.load(store.client.download_artifacts(run_id, "checkpoints/best.pt"), weights_only=True)
+    return store.weights(run_id)
 
 
 def batches_tracked(state):
@@ -211,7 +211,7 @@ def test_stage_children_follow_the_seed(study):
 
 
 def test_main_logs_a_summary_and_registers_a_champion(study):
-    summary = open(study.client.download_artifacts(study.main_run.info.run_id, "summary.md")).read()
+    summary = study.download(study.main_run.info.run_id, "summary.md").read_text()
     for stage in CHAIN:
         assert stage_run(study, stage).info.run_id in summary
     assert study.champion in {stage_run(study, s).info.run_id for s in ("retrain", "deepen")}
@@ -223,7 +223,7 @@ def test_main_shows_the_study_at_a_glance_with_each_stage_linked_to_its_run(stud
 
     main = study.main_run  # the continued study's main (the first is KILLED)
     experiment = main.info.experiment_id
-    summary = open(study.client.download_artifacts(main.info.run_id, "summary.md")).read()
+    summary = study.download(main.info.run_id, "summary.md").read_text()
     rows = [[cell.strip() for cell in line.strip("|").split("|")]
             for line in summary.splitlines() if line.startswith("| ") and "](#/" in line]
     assert [row[0].split(" ")[0] for row in rows] == CHAIN  # stage, in order
@@ -237,7 +237,7 @@ def test_main_shows_the_study_at_a_glance_with_each_stage_linked_to_its_run(stud
         assert best == f"{run.data.metrics['best_test_acc']:.3f}"
         assert children == str(len(study.children(run_id)))
         assert name.endswith("\u2605 champion") == (run_id == champion)
-    path = study.client.download_artifacts(main.info.run_id, "plots/study.png")
+    path = study.download(main.info.run_id, "plots/study.png")
     with Image.open(path) as image:
         image.verify()  # a whole, valid PNG
     with Image.open(path) as image:
@@ -385,14 +385,14 @@ def test_init_scratch_ignores_the_parents_weights_and_parent_loads_them(study, m
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", study.uri)
     parent = stage_run(study, "baseline").info.run_id
-    parent_best = torch.load(study.client.download_artifacts(parent, "checkpoints/best.pt"), weights_only=True)
+    parent_best = study.weights(parent)
     from_parent = lineage.resolve_lineage(config.load("tune_lr", {"parent_run_id": parent}))
     assert all(torch.equal(from_parent.init_state[k], v) for k, v in parent_best.items())
     scratch = lineage.resolve_lineage(config.load("tune_lr", {"parent_run_id": parent, "init": "scratch"}))
     assert scratch.init_state is None and scratch.parent_run_id == parent
 
 
-def test_evaluate_entry_point_reports_the_champions_accuracy_on_the_test_split(study, monkeypatch):
+def test_evaluate_entry_point_reports_the_champions_accuracy_on_the_test_split(study, monkeypatch, tmp_path):
     import mlflow
 
     from pipeline import config, data, predict
@@ -404,7 +404,8 @@ def test_evaluate_entry_point_reports_the_champions_accuracy_on_the_test_split(s
     cfg = config.load("evaluate", params)
     dataset = data.load(cfg)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", study.uri)  # never mlflow.set_tracking_uri: it outlives the test
-    model = mlflow.pytorch.load_model("models:/svhn-classifier-synthetic@champion", map_location="cpu")
+    model = mlflow.pytorch.load_model("models:/svhn-classifier-synthetic@champion", map_location="cpu",
+                                     dst_path=str(tmp_path))
     predicted = predict.probabilities(model, dataset.test_images.permute(0, 2, 3, 1).numpy()).argmax(1)
     truth = dataset.test_labels.numpy()
     assert run.data.metrics["eval_test_acc"] == pytest.approx(100.0 * float((predicted == truth).mean()))

@@ -26,8 +26,7 @@ def history(store, run_id, key="test_acc"):
 
 
 def checkpoint(store, run_id, name="best.pt"):
-    path = store.client.download_artifacts(run_id, f"checkpoints/{name}")
-    return torch.load(path, weights_only=name == "best.pt")
+    return torch.load(store.download(run_id, f"checkpoints/{name}"), weights_only=name == "best.pt")
 
 
 def batches_tracked(state):
@@ -66,8 +65,7 @@ def test_train_run_records_metrics_params_tags_and_artifacts(module_store, first
     assert params["lr"] == "1e-4"  # as the user spelled it, logged by `mlflow run`
     assert params["alpha"] == "0.99" and params["epochs"] == "2" and params["bs"] == "32"
     assert params["eval_bs"] == "0" and params["eval_bs_resolved"] == "32"  # automatic: bs on a CPU
-    config_text = module_store.client.download_artifacts(run_id, "config.yaml")
-    resolved = yaml.safe_load(open(config_text))
+    resolved = yaml.safe_load(module_store.download(run_id, "config.yaml").read_text())
     assert resolved["lr"] == "0.0001" and resolved["stage"] == "train"
 
 
@@ -90,8 +88,7 @@ def test_train_run_records_system_metrics_of_this_machine(module_store, first_ru
 
 
 def test_best_checkpoint_loads_into_the_tagged_arch(module_store, first_run):
-    path = module_store.client.download_artifacts(first_run.info.run_id, "checkpoints/best.pt")
-    state = torch.load(path, weights_only=True)
+    state = module_store.weights(first_run.info.run_id)
     model = models.build(first_run.data.tags["arch"])
     model.load_state_dict(state)  # strict: every key and shape matches
     assert models.count_parameters(model) == 2_629_706

@@ -5,7 +5,6 @@ import signal
 import subprocess
 
 import pytest
-import torch
 
 from support.processes import Pause
 from support.store import PROJECT, TINY, VENV_BIN
@@ -40,7 +39,7 @@ def interrupted_then_resumed(store, sig):
     for key in ("test_acc", "train_loss", "epoch_time_s"):
         assert store.steps(run_id, key) == [1, 2, 3, 4], key  # each epoch exactly once
     assert f"resuming after epoch {max(logged) if len(logged) else 0}" in resumed.stdout + resumed.stderr
-    state = torch.load(store.client.download_artifacts(run_id, "checkpoints/best.pt"), weights_only=True)
+    state = store.weights(run_id)
     models.build("resnet").load_state_dict(state)
     # the best epoch survives the interruption: its metrics and its checkpoint (TINY's batches an epoch)
     accs = [m.value for m in sorted(store.client.get_metric_history(run_id, "test_acc"), key=lambda m: m.step)]

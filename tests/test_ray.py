@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from support.processes import Pause, mlflow_server
-from support.store import PROJECT, Store, VENV_BIN
+from support.store import PROJECT, Store, VENV_BIN, kept_if_failed
 from pipeline.lifecycle import parse_stamp
 from pipeline.workflow import CHAINS
 
@@ -217,8 +217,9 @@ def two_nodes():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, data_dir):
-    with mlflow_server(tmp_path_factory.mktemp("ray-server"), data_dir) as store:
+def server(request, tmp_path_factory, data_dir):
+    with kept_if_failed(request, tmp_path_factory.mktemp("ray-server")) as root, \
+            mlflow_server(root, data_dir) as store:
         yield store
 
 
@@ -235,12 +236,9 @@ def test_children_spread_over_two_nodes_and_every_artifact_reaches_the_server(tw
         assert child.info.artifact_uri.startswith("mlflow-artifacts:")  # through the server
         assert {"checkpoints/best.pt", "config.yaml", "model_summary.txt", "plots/loss.png",
                 "plots/samples.png"} <= store.artifacts(child.info.run_id)
-        weights = torch.load(store.client.download_artifacts(child.info.run_id, "checkpoints/best.pt"),
-                             weights_only=True)
+        weights = store.weights(child.info.run_id)
         assert weights and all(torch.isfinite(t.float()).all() for t in weights.values())
-    best = store.client.download_artifacts(stage.info.run_id, "checkpoints/best.pt")
-    winner = store.client.download_artifacts(stage.data.tags["best_child_run_id"], "checkpoints/best.pt")
-    best, winner = torch.load(best, weights_only=True), torch.load(winner, weights_only=True)
+    best, winner = store.weights(stage.info.run_id), store.weights(stage.data.tags["best_child_run_id"])
     assert all(torch.equal(best[k], winner[k]) for k in winner)
 
 
@@ -439,7 +437,7 @@ def test_the_default_ray_is_private_even_beside_another_cluster(two_nodes, store
 # -- the cluster path: PostgreSQL under MLflow and Optuna, two nodes, faults ------------------------
 
 def test_the_study_on_two_nodes_and_postgresql_through_a_killed_worker_and_a_server_outage(
-        two_nodes, tmp_path_factory, data_dir):
+        two_nodes, database, tmp_path, data_dir):
     """README's cluster recipe at toy size: `mlflow server` on PostgreSQL 15, Optuna's study in a
     database of its own there, `main -P executor=ray -P tuner=optuna` on two Ray nodes, through
     faults: a worker training a trial is SIGKILLed in its second epoch (Ray retries the task; the
@@ -447,74 +445,68 @@ def test_the_study_on_two_nodes_and_postgresql_through_a_killed_worker_and_a_ser
     starts its second epoch (the worker's calls wait for it). The study finishes with a true record, and the same
     command again finds every stage's run in PostgreSQL and trains nothing. (One `main`, not a
     clean one first: that doubled the test's time, over half the suite's budget on a slow CPU.)"""
-    from support.postgres import available, postgres
+    backend = database.create_database("mlflow")
+    optuna_url = database.create_database("optuna")
+    with mlflow_server(tmp_path, data_dir, backend=backend) as store:
+        params = store.params({"epochs": "2", "repeats": "1", "executor": "ray",
+                               "ray_address": two_nodes.address, "tuner": "optuna", "n_trials": "2",
+                               "optuna_storage": optuna_url})
+        params.pop("bs")
+        cmd = [str(VENV_BIN / "mlflow"), "run", str(PROJECT), "-e", "main", "--env-manager", "local"]
+        for key, value in params.items():
+            cmd += ["-P", f"{key}={value}"]
 
-    if available():
-        pytest.skip(available())
+        # a trial's worker held once its epoch 1 is recorded (whatever its bs), killed
+        # mid-trial; retrain's phase 1 held at its second batch (at phase1_bs 256 on 128
+        # images: epoch 2's only one), the server stopped meanwhile
+        pause = Pause(store.root / "pause", "epoch:1@autotune,batch:2@retrain")
+        proc = subprocess.Popen(cmd, cwd=store.root, env=pause.env(ray_env(store)),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            killed_pid, trial_child = pause.wait("epoch-1", proc, timeout=900)
+            os.kill(killed_pid, signal.SIGKILL)  # a worker mid-trial; Ray retries its task
+            _, _ = pause.wait("batch-2", proc, timeout=900)  # retrain phase 1, before epoch 2 trains
+            store.server.stop()
+            pause.release("batch-2")
+            time.sleep(15)
+            store.server.start()
+            out, err = proc.communicate(timeout=900)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode == 0, (out[-3000:], err[-5000:])
+        runs = store.runs()
+        assert runs and {r.info.status for r in runs} == {"FINISHED"}, \
+            sorted((r.info.run_name, r.info.status) for r in runs if r.info.status != "FINISHED")
+        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        assert {c.data.tags["ray_node_id"] for c in children} == {n.node_id for n in two_nodes.list_all_nodes()}
+        for child in children:  # each epoch once, through the outage and the retry
+            epochs = len(store.steps(child.info.run_id, "epoch_time_s"))
+            assert store.steps(child.info.run_id, "test_acc") == list(range(1, epochs + 1)), child.info.run_name
+        resumed = store.client.get_run(trial_child)
+        assert resumed.info.status == "FINISHED" and resumed.data.tags["stage"] == "autotune"
+        assert store.steps(trial_child, "test_acc") == [1, 2]
+        assert int(parse_stamp(resumed.data.tags["heartbeat"])["pid"]) != killed_pid  # a retry finished it
+        (main,) = store.top_level("main")
+        autotune = store.client.get_run(main.data.tags["run_autotune"])
+        assert resumed.data.tags["mlflow.parentRunId"] == autotune.info.run_id
+        champion = store.client.get_model_version_by_alias("svhn-classifier-synthetic", "champion")
+        assert champion.run_id in {main.data.tags["run_retrain"], main.data.tags["run_deepen"]}
+        study = autotune.data.tags["optuna_study"]
+        assert database.query("optuna", "SELECT study_name FROM studies") == [(study,)]  # in PostgreSQL
+        assert autotune.data.tags["optuna_storage"].startswith("postgresql://postgres@127.0.0.1:")
 
-    with postgres() as database:
-        backend = database.create_database("mlflow")
-        optuna_url = database.create_database("optuna")
-        with mlflow_server(tmp_path_factory.mktemp("pg-server"), data_dir, backend=backend) as store:
-            params = store.params({"epochs": "2", "repeats": "1", "executor": "ray",
-                                   "ray_address": two_nodes.address, "tuner": "optuna", "n_trials": "2",
-                                   "optuna_storage": optuna_url})
-            params.pop("bs")
-            cmd = [str(VENV_BIN / "mlflow"), "run", str(PROJECT), "-e", "main", "--env-manager", "local"]
-            for key, value in params.items():
-                cmd += ["-P", f"{key}={value}"]
-
-            # a trial's worker held once its epoch 1 is recorded (whatever its bs), killed
-            # mid-trial; retrain's phase 1 held at its second batch (at phase1_bs 256 on 128
-            # images: epoch 2's only one), the server stopped meanwhile
-            pause = Pause(store.root / "pause", "epoch:1@autotune,batch:2@retrain")
-            proc = subprocess.Popen(cmd, cwd=store.root, env=pause.env(ray_env(store)),
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-            try:
-                killed_pid, trial_child = pause.wait("epoch-1", proc, timeout=900)
-                os.kill(killed_pid, signal.SIGKILL)  # a worker mid-trial; Ray retries its task
-                _, _ = pause.wait("batch-2", proc, timeout=900)  # retrain phase 1, before epoch 2 trains
-                store.server.stop()
-                pause.release("batch-2")
-                time.sleep(15)
-                store.server.start()
-                out, err = proc.communicate(timeout=900)
-            finally:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-            assert proc.returncode == 0, (out[-3000:], err[-5000:])
-            runs = store.runs()
-            assert runs and {r.info.status for r in runs} == {"FINISHED"}, \
-                sorted((r.info.run_name, r.info.status) for r in runs if r.info.status != "FINISHED")
-            children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-            assert {c.data.tags["ray_node_id"] for c in children} == {n.node_id for n in two_nodes.list_all_nodes()}
-            for child in children:  # each epoch once, through the outage and the retry
-                epochs = len(store.steps(child.info.run_id, "epoch_time_s"))
-                assert store.steps(child.info.run_id, "test_acc") == list(range(1, epochs + 1)), child.info.run_name
-            resumed = store.client.get_run(trial_child)
-            assert resumed.info.status == "FINISHED" and resumed.data.tags["stage"] == "autotune"
-            assert store.steps(trial_child, "test_acc") == [1, 2]
-            assert int(parse_stamp(resumed.data.tags["heartbeat"])["pid"]) != killed_pid  # a retry finished it
-            (main,) = store.top_level("main")
-            autotune = store.client.get_run(main.data.tags["run_autotune"])
-            assert resumed.data.tags["mlflow.parentRunId"] == autotune.info.run_id
-            champion = store.client.get_model_version_by_alias("svhn-classifier-synthetic", "champion")
-            assert champion.run_id in {main.data.tags["run_retrain"], main.data.tags["run_deepen"]}
-            study = autotune.data.tags["optuna_study"]
-            assert database.query("optuna", "SELECT study_name FROM studies") == [(study,)]  # in PostgreSQL
-            assert autotune.data.tags["optuna_storage"].startswith("postgresql://postgres@127.0.0.1:")
-
-            # the same command: every stage found FINISHED through the server, none trained again
-            again = subprocess.Popen(cmd, cwd=store.root, env=ray_env(store), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
-            try:
-                out, err = again.communicate(timeout=600)
-            finally:
-                if again.poll() is None:
-                    os.killpg(again.pid, signal.SIGKILL)
-            assert again.returncode == 0, (out[-3000:], err[-5000:])
-            assert (out + err).count("reusing FINISHED run") == len(CHAINS["optuna"]), out[-3000:]
-            before = {r.info.run_id for r in runs}
-            assert [r.data.tags.get("stage") for r in store.runs() if r.info.run_id not in before] == ["main"]
-        states = database.query("optuna", "SELECT state FROM trials ORDER BY number")
-        assert [state for (state,) in states] == ["COMPLETE"] * 2  # the killed worker's trial was never failed
+        # the same command: every stage found FINISHED through the server, none trained again
+        again = subprocess.Popen(cmd, cwd=store.root, env=ray_env(store), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            out, err = again.communicate(timeout=600)
+        finally:
+            if again.poll() is None:
+                os.killpg(again.pid, signal.SIGKILL)
+        assert again.returncode == 0, (out[-3000:], err[-5000:])
+        assert (out + err).count("reusing FINISHED run") == len(CHAINS["optuna"]), out[-3000:]
+        before = {r.info.run_id for r in runs}
+        assert [r.data.tags.get("stage") for r in store.runs() if r.info.run_id not in before] == ["main"]
+    states = database.query("optuna", "SELECT state FROM trials ORDER BY number")
+    assert [state for (state,) in states] == ["COMPLETE"] * 2  # the killed worker's trial was never failed

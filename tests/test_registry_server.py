@@ -48,8 +48,7 @@ def reference(server_store):
     best.pt in its arch, the seed's test transform (CenterCrop(28), ToTensor, Normalize)."""
     version = server_store.client.get_model_version_by_alias("svhn-classifier", "champion")
     net = models.build(version.tags["arch"])
-    state = torch.load(server_store.client.download_artifacts(version.run_id, "checkpoints/best.pt"),
-                       weights_only=True)
+    state = server_store.weights(version.run_id)
     net.load_state_dict(state)
     net.eval()
 

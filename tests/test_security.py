@@ -74,7 +74,7 @@ def plant(store, source_run_id: str, artifact: str, payload: Path) -> str:
     source = client.get_run(source_run_id)
     run = client.create_run(source.info.experiment_id, tags={"arch": "resnet", "stage": "train"})
     run_id = run.info.run_id
-    config_text = Path(client.download_artifacts(source_run_id, "config.yaml")).read_text()
+    config_text = store.download(source_run_id, "config.yaml").read_text()
     client.log_text(run_id, config_text, "config.yaml")
     target = payload.parent / Path(artifact).name
     if payload != target:

@@ -1,9 +1,12 @@
 """A temporary tracking store and real `mlflow run` / `python -m pipeline` calls against it."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent.parent
@@ -13,6 +16,19 @@ VENV_BIN = Path(sys.executable).parent
 # tune_lr child at 256 on an AVX2-only CPU in fp32), so a whole stage takes seconds on 2 cores.
 TINY = {"dataset": "synthetic", "limit_train": "128", "limit_test": "64", "bs": "64",
         "synthetic_train": "600", "synthetic_test": "300", "log_every": "1000"}
+
+
+@contextlib.contextmanager
+def kept_if_failed(request, folder: Path):
+    """`folder` for a module's shared fixture, removed after the module unless one of its tests
+    failed: what tmp_path_retention_policy = "failed" does for a test's own tmp_path. A study's
+    stores hold gigabytes of checkpoints (a MyVgg one is 171 MB), and a full disk fails every test."""
+    failed = request.session.testsfailed
+    try:
+        yield folder
+    finally:
+        if request.session.testsfailed == failed:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def base_env(tracking_uri: str, data_dir: Path) -> dict[str, str]:
@@ -94,6 +110,18 @@ class Store:
 
     def steps(self, run_id: str, key: str) -> list[int]:
         return sorted(m.step for m in self.client.get_metric_history(run_id, key))
+
+    def download(self, run_id: str, path: str) -> Path:
+        """A fresh local copy of one artifact, under the store's own folder: MLflow's default
+        destination is a temporary folder it never removes (a MyVgg checkpoint is 171 MB)."""
+        folder = self.root / "downloads"
+        folder.mkdir(exist_ok=True)
+        return Path(self.client.download_artifacts(run_id, path, tempfile.mkdtemp(dir=folder)))
+
+    def weights(self, run_id: str, path: str = "checkpoints/best.pt") -> dict:
+        import torch
+
+        return torch.load(self.download(run_id, path), weights_only=True)
 
     def artifacts(self, run_id: str, path: str | None = None) -> set[str]:
         found = set()
