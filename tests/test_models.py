@@ -24,6 +24,25 @@ def test_each_instance_owns_its_parameters():
     assert b.block2[0].conv1.weight.abs().sum() > 0
 
 
+def test_vgg_gives_the_layers_it_takes_from_vgg16_the_weights_torchvision_gives_them():
+    """MyVgg builds vgg16 on the meta device and initialises only the layers it keeps: each must
+    carry torchvision's VGG init (kaiming fan_out convs, N(0, 0.01) Linear, zero biases), as when
+    the whole vgg16 was built on the CPU; the layers MyVgg adds keep PyTorch's defaults."""
+    from torchvision import models as tvm
+
+    torch.manual_seed(0)
+    reference = tvm.vgg16()
+    vgg = models.build("vgg")
+    for ours, theirs in zip([*vgg.features[0:9], vgg.fc[3]], [*reference.features[0:9], reference.classifier[3]]):
+        for (name, mine), (_, torchvisions) in zip(ours.named_parameters(), theirs.named_parameters()):
+            assert mine.device.type == "cpu" and mine.shape == torchvisions.shape, name
+            assert mine.std().item() == pytest.approx(torchvisions.std().item(), rel=0.05), name
+            spread = 4 * torchvisions.std().item() / torchvisions.numel() ** 0.5  # the mean's, 4 sigma
+            assert mine.mean().item() == pytest.approx(torchvisions.mean().item(), abs=2 * spread + 1e-12), name
+    assert vgg.fc[0].weight.std().item() == pytest.approx(1 / (3 * 6272) ** 0.5, rel=0.05)  # PyTorch's own
+    assert vgg.fc[0].bias.abs().max().item() > 0
+
+
 def test_summary_is_torchinfo_table():
     text = models.summary("resnet")
     assert "Total params: 2,629,706" in text and "BasicBlock" in text
