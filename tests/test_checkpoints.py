@@ -161,7 +161,7 @@ def recorded_run(store, monkeypatch):
     run_id = store.client.create_run("0").info.run_id
 
     def saved(path):
-        return store.weights(run_id, path)
+        return store.checkpoint(run_id, path)
 
     return store, run_id, saved
 

@@ -84,8 +84,8 @@ def test_the_best_trial_checkpoint_and_values_are_on_the_stage_run(module_store,
     best = max(complete, key=lambda c: c.data.metrics["best_test_acc"])  # a tie: the earliest trial
     assert tuned.data.tags["best_child_run_id"] == best.info.run_id
     assert tuned.data.metrics["best_test_acc"] == best.data.metrics["best_test_acc"]
-    ours = store.weights(tuned.info.run_id)
-    theirs = store.weights(best.info.run_id)
+    ours = store.checkpoint(tuned.info.run_id)
+    theirs = store.checkpoint(best.info.run_id)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     for name in ("lr", "gamma", "wd", "bs"):
         assert config.parse_value(name, tuned.data.tags[f"best_{name}"]) == \

@@ -22,7 +22,7 @@ def test_baseline_probe_logs_the_epochs_it_trains(store):
 
 def evaluate_checkpoint(store, run_id, cfg, dataset, split):
     net = models.build("resnet")
-    net.load_state_dict(store.weights(run_id))
+    net.load_state_dict(store.checkpoint(run_id))
     resolved = runtime.resolve("cpu", cfg.precision)
     device, precision = resolved.device, resolved.precision
     net = net.to(memory_format=torch.channels_last)

@@ -85,7 +85,7 @@ def new_finished_top_level(store, before: set[str]) -> dict[str, list]:
 
 
 def best_state(store, run_id):
-    return store.weights(run_id)
+    return store.checkpoint(run_id)
 
 
 def batches_tracked(state):
@@ -385,7 +385,7 @@ def test_init_scratch_ignores_the_parents_weights_and_parent_loads_them(study, m
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", study.uri)
     parent = stage_run(study, "baseline").info.run_id
-    parent_best = study.weights(parent)
+    parent_best = study.checkpoint(parent)
     from_parent = lineage.resolve_lineage(config.load("tune_lr", {"parent_run_id": parent}))
     assert all(torch.equal(from_parent.init_state[k], v) for k, v in parent_best.items())
     scratch = lineage.resolve_lineage(config.load("tune_lr", {"parent_run_id": parent, "init": "scratch"}))

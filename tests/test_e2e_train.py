@@ -88,7 +88,7 @@ def test_train_run_records_system_metrics_of_this_machine(module_store, first_ru
 
 
 def test_best_checkpoint_loads_into_the_tagged_arch(module_store, first_run):
-    state = module_store.weights(first_run.info.run_id)
+    state = module_store.checkpoint(first_run.info.run_id)
     model = models.build(first_run.data.tags["arch"])
     model.load_state_dict(state)  # strict: every key and shape matches
     assert models.count_parameters(model) == 2_629_706

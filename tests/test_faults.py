@@ -39,7 +39,7 @@ def interrupted_then_resumed(store, sig):
     for key in ("test_acc", "train_loss", "epoch_time_s"):
         assert store.steps(run_id, key) == [1, 2, 3, 4], key  # each epoch exactly once
     assert f"resuming after epoch {max(logged) if len(logged) else 0}" in resumed.stdout + resumed.stderr
-    state = store.weights(run_id)
+    state = store.checkpoint(run_id)
     models.build("resnet").load_state_dict(state)
     # the best epoch survives the interruption: its metrics and its checkpoint (TINY's batches an epoch)
     accs = [m.value for m in sorted(store.client.get_metric_history(run_id, "test_acc"), key=lambda m: m.step)]

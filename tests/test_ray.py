@@ -236,9 +236,9 @@ def test_children_spread_over_two_nodes_and_every_artifact_reaches_the_server(tw
         assert child.info.artifact_uri.startswith("mlflow-artifacts:")  # through the server
         assert {"checkpoints/best.pt", "config.yaml", "model_summary.txt", "plots/loss.png",
                 "plots/samples.png"} <= store.artifacts(child.info.run_id)
-        weights = store.weights(child.info.run_id)
+        weights = store.checkpoint(child.info.run_id)
         assert weights and all(torch.isfinite(t.float()).all() for t in weights.values())
-    best, winner = store.weights(stage.info.run_id), store.weights(stage.data.tags["best_child_run_id"])
+    best, winner = store.checkpoint(stage.info.run_id), store.checkpoint(stage.data.tags["best_child_run_id"])
     assert all(torch.equal(best[k], winner[k]) for k in winner)
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from support.digits import colour_params, constant_model_run
 from support.processes import free_port, mlflow_server, wait_http
-from support.store import VENV_BIN
+from support.store import VENV_BIN, kept_if_failed
 from pipeline import batching, models, registry, runner
 from pipeline.data import read_mat
 from pipeline.predict import read_image
@@ -22,8 +22,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def server_store(tmp_path_factory, data_dir, colour_data):
-    with mlflow_server(tmp_path_factory.mktemp("server"), data_dir) as store:
+def server_store(request, tmp_path_factory, data_dir, colour_data):
+    with kept_if_failed(request, tmp_path_factory.mktemp("server")) as root, mlflow_server(root, data_dir) as store:
         # colour-coded digits, which the model learns in two epochs: its predictions mean something
         store.mlflow_run("retrain", colour_params(store, colour_data, "right", {
             "max_epochs": "2", "phase1_lr": "1e-4", "phase1_bs": "32"}))
@@ -48,7 +48,7 @@ def reference(server_store):
     best.pt in its arch, the seed's test transform (CenterCrop(28), ToTensor, Normalize)."""
     version = server_store.client.get_model_version_by_alias("svhn-classifier", "champion")
     net = models.build(version.tags["arch"])
-    state = server_store.weights(version.run_id)
+    state = server_store.checkpoint(version.run_id)
     net.load_state_dict(state)
     net.eval()
 
@@ -113,8 +113,10 @@ def test_champion_loads_in_a_fresh_process_without_the_project_source(server_sto
         "assert importlib.util.find_spec('pipeline') is None\n"
         "uri = 'models:/svhn-classifier@champion'\n"
         "x = np.load('x.npy')\n"
-        "np.save('torch.npy', mlflow.pytorch.load_model(uri)(torch.from_numpy(x)).detach().numpy())\n"
-        "np.save('pyfunc.npy', mlflow.pyfunc.load_model(uri).predict(x))\n"
+        "import os; os.mkdir('torch-model'); os.mkdir('pyfunc-model')\n"  # MLflow's default: a temp folder it keeps
+        "np.save('torch.npy', mlflow.pytorch.load_model(uri, dst_path='torch-model')(torch.from_numpy(x))"
+        ".detach().numpy())\n"
+        "np.save('pyfunc.npy', mlflow.pyfunc.load_model(uri, dst_path='pyfunc-model').predict(x))\n"
         "print('ok')\n")
     env = dict(server_store.env)
     env.pop("PYTHONPATH", None)

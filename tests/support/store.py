@@ -24,11 +24,9 @@ def kept_if_failed(request, folder: Path):
     failed: what tmp_path_retention_policy = "failed" does for a test's own tmp_path. A study's
     stores hold gigabytes of checkpoints (a MyVgg one is 171 MB), and a full disk fails every test."""
     failed = request.session.testsfailed
-    try:
-        yield folder
-    finally:
-        if request.session.testsfailed == failed:
-            shutil.rmtree(folder, ignore_errors=True)
+    yield folder  # an error in the fixture itself raises here: the folder is kept
+    if request.session.testsfailed == failed:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def base_env(tracking_uri: str, data_dir: Path) -> dict[str, str]:
@@ -118,7 +116,8 @@ class Store:
         folder.mkdir(exist_ok=True)
         return Path(self.client.download_artifacts(run_id, path, tempfile.mkdtemp(dir=folder)))
 
-    def weights(self, run_id: str, path: str = "checkpoints/best.pt") -> dict:
+    def checkpoint(self, run_id: str, path: str = "checkpoints/best.pt") -> dict:
+        """A checkpoint as torch.load reads it with weights_only: best.pt's weights, or last.pt."""
         import torch
 
         return torch.load(self.download(run_id, path), weights_only=True)
