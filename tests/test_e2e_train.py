@@ -25,10 +25,6 @@ def history(store, run_id, key="test_acc"):
     return [m.value for m in sorted(store.client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def checkpoint(store, run_id, name="best.pt"):
-    return torch.load(store.download(run_id, f"checkpoints/{name}"), weights_only=name == "best.pt")
-
-
 def batches_tracked(state):
     """BatchNorm's count of training batches: it travels with the weights from run to run."""
     return int(state["block1.1.num_batches_tracked"])
@@ -103,7 +99,7 @@ def test_parent_run_id_starts_from_its_checkpoint(module_store, first_run, colou
     assert child.info.run_id != parent and child.info.status == "FINISHED"
     assert child.data.tags["source_run_id"] == parent
     assert child.data.tags["init_from"] == f"{parent}/checkpoints/best.pt"
-    parent_state, child_state = checkpoint(module_store, parent), checkpoint(module_store, child.info.run_id)
+    parent_state, child_state = module_store.checkpoint(parent), module_store.checkpoint(child.info.run_id)
     names = dict(models.build("resnet").named_parameters())
     assert set(names) < set(parent_state) and set(child_state) == set(parent_state)
     for name in names:  # BatchNorm's running statistics move with any forward pass; weights do not
@@ -124,10 +120,10 @@ def test_best_checkpoint_is_the_best_epoch_not_the_last(module_store, first_run,
     assert len(accs) == 3 and accs[-1] < max(accs)  # the premise: a later epoch is worse
     best_epoch = accs.index(max(accs)) + 1
     assert metrics["best_test_acc"] == max(accs) and metrics["best_epoch"] == best_epoch
-    best = checkpoint(module_store, run_id)
+    best = module_store.checkpoint(run_id)
     loss, acc = evaluate_on_test_split(params, best)
     assert acc == metrics["best_test_acc"] and loss == pytest.approx(losses[best_epoch - 1], rel=1e-5)
-    assert batches_tracked(best) == batches_tracked(checkpoint(module_store, parent)) + 8 * best_epoch
+    assert batches_tracked(best) == batches_tracked(module_store.checkpoint(parent)) + 8 * best_epoch
     assert "checkpoints/last.pt" not in module_store.artifacts(run_id)  # dropped once FINISHED
 
 
