@@ -112,10 +112,11 @@ class Tuner:
         point = {"lr": chain.lr, "gamma": chain.gamma, "wd": (chain.wds or [chain.wd])[0],
                  "bs": (chain.bss or [chain.bs])[0]}
         described = " ".join(f"{k}={short(v)}" for k, v in point.items())
-        if not self.space.holds(point):
+        draw = self.space.draw_of(point)
+        if draw is None:
             log(f"autotune: the seed's point ({described}) lies outside the search space: not enqueued")
             return
-        self.study.enqueue_trial(point, user_attrs={"seed_point": True})
+        self.study.enqueue_trial(draw, user_attrs={"seed_point": True})
         log(f"autotune: trial 0 is the seed's point ({described})")
 
     # a trial's number in its child's name: a retried trial keeps the number it was first asked as

@@ -44,10 +44,13 @@ class SearchSpace:
         trial.suggest_categorical("bs", list(self.bs))
         return self.values(trial.params)
 
-    def holds(self, point: dict) -> bool:
-        """Whether `point` (lr, gamma, wd, bs) lies in the space, so Optuna can model it."""
-        return (self.lr[0] <= point["lr"] <= self.lr[1] and self.gamma[0] <= point["gamma"] <= self.gamma[1]
-                and self.wd[0] <= point["wd"] <= self.wd[1] and point["bs"] in self.bs)
+    def draw_of(self, point: dict) -> dict | None:
+        """The draw that trains as `point` (lr, gamma, wd, bs), or None where the space has none:
+        wd=0 is drawn as the low end of the wd range, which trains as 0 when it lies below the floor."""
+        draw = dict(point, wd=self.wd[0] if point["wd"] == 0 else point["wd"])
+        inside = (self.lr[0] <= draw["lr"] <= self.lr[1] and self.gamma[0] <= draw["gamma"] <= self.gamma[1]
+                  and self.wd[0] <= draw["wd"] <= self.wd[1] and draw["bs"] in self.bs)
+        return draw if inside and self.values(draw) == point else None
 
     def values(self, params: dict) -> dict:
         wd = params["wd"]

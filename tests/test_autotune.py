@@ -43,6 +43,18 @@ def test_a_weight_decay_drawn_below_the_floor_trains_as_zero():
     assert space.suggest(above)["wd"] == 1e-5
 
 
+def test_a_point_is_drawn_as_what_trains_as_it_and_wd_zero_is_the_low_end():
+    space = tuning.SearchSpace.from_config(config.load("autotune"))
+    point = {"lr": 1e-4, "gamma": 1e-4, "wd": 5e-5, "bs": 128}
+    assert space.draw_of(point) == point
+    no_decay = space.draw_of(dict(point, wd=0.0))
+    assert no_decay == dict(point, wd=1e-6) and space.values(no_decay) == dict(point, wd=0.0)
+    assert space.draw_of(dict(point, wd=5e-6)) is None  # in range, but a draw there trains with wd 0
+    assert space.draw_of(dict(point, lr=3e-3)) is None and space.draw_of(dict(point, bs=32)) is None
+    floored = tuning.SearchSpace((1e-5, 2e-3), (0.0, 0.9), (1e-5, 1e-3), 1e-5, (128,))
+    assert floored.draw_of(dict(point, wd=0.0)) is None  # no draw of this space trains with wd 0
+
+
 def test_a_trial_is_named_by_its_number_and_values():
     values = {"lr": 3.1234e-4, "gamma": 0.5, "wd": 0.0, "bs": 128}
     assert tuning.trial_name(7, values) == "autotune #7 lr=3.1e-4 gamma=0.5 wd=0 bs=128"
