@@ -65,18 +65,19 @@ def postgres():
     """Start a fresh PostgreSQL 15 (trust authentication, loopback only); stop and remove it after."""
     folder = Path(tempfile.mkdtemp(prefix="svhn-pg-"))
     data = folder / "data"
-    if os.geteuid() == 0:
-        shutil.chown(folder, "postgres", "postgres")
-    port = free_port()
-    run = dict(check=True, capture_output=True, text=True, timeout=120)
-    subprocess.run(_as_owner([str(BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
-                              "--no-sync"]), **run)
-    options = f"-p {port} -h 127.0.0.1 -k {folder} -c fsync=off"
-    subprocess.run(_as_owner([str(BIN / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"),
-                              "-w", "start"]), **run)
-    try:
+    try:  # the folder goes whatever fails, initdb and start included
+        if os.geteuid() == 0:
+            shutil.chown(folder, "postgres", "postgres")
+        port = free_port()
+        run = dict(check=True, capture_output=True, text=True, timeout=120)
+        subprocess.run(_as_owner([str(BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
+                                  "--no-sync"]), **run)
+        options = f"-p {port} -h 127.0.0.1 -k {folder} -c fsync=off"
+        subprocess.run(_as_owner([str(BIN / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"),
+                                  "-w", "start"]), **run)
         yield Postgres(folder, port)
     finally:
-        subprocess.run(_as_owner([str(BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-                       capture_output=True, timeout=60)
+        if (data / "postmaster.pid").exists():
+            subprocess.run(_as_owner([str(BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+                           capture_output=True, timeout=60)
         shutil.rmtree(folder, ignore_errors=True)
