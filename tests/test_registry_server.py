@@ -1,10 +1,8 @@
 """Against a real `mlflow server` (SQLite backend, proxied artifacts): register, predict, serve."""
 import csv
-import json
 import subprocess
 import sys
 import sysconfig
-import urllib.request
 
 import numpy as np
 import pytest
@@ -12,8 +10,8 @@ import torch
 from PIL import Image
 
 from support.digits import colour_params, constant_model_run
-from support.processes import free_port, mlflow_server, wait_http
-from support.store import VENV_BIN, kept_if_failed
+from support.processes import mlflow_server, model_server
+from support.store import kept_if_failed
 from pipeline import batching, models, registry, runner
 from pipeline.data import read_mat
 from pipeline.predict import read_image
@@ -179,19 +177,7 @@ def test_a_worse_model_leaves_the_champion_where_it_was(server_store, colour_dat
 
 
 def test_mlflow_models_serve_answers_invocations(server_store, test_split, reference):
-    port = free_port()
-    proc = subprocess.Popen([str(VENV_BIN / "mlflow"), "models", "serve", "-m",
-                             "models:/svhn-classifier@champion", "--env-manager", "local",
-                             "--host", "127.0.0.1", "--port", str(port)],
-                            env=server_store.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/ping", proc)
+    with model_server(server_store, "models:/svhn-classifier@champion") as invoke:
         images = test_split[0][:32]
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                         data=json.dumps({"inputs": images.tolist()}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        answer = json.load(urllib.request.urlopen(request, timeout=60))
-        assert_same_predictions(np.array(answer["predictions"], dtype=np.float32), reference(images))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        predictions = np.array(invoke(images), dtype=np.float32)
+    assert_same_predictions(predictions, reference(images))

@@ -1,11 +1,8 @@
 """Nothing in a run store runs code: crafted checkpoints are refused unread, the pipeline works
 with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false, and bad images and .mat files are skipped in one line."""
 import csv
-import json
 import os
 import struct
-import subprocess
-import urllib.request
 import zlib
 from pathlib import Path
 
@@ -18,8 +15,8 @@ from PIL import Image
 
 from pipeline import checkpoints, data, predict, registry, runner, synthetic, train
 from pipeline.errors import CheckpointError, DataError, PredictError
-from support.processes import free_port, wait_http
-from support.store import TINY, VENV_BIN
+from support.processes import model_server
+from support.store import TINY
 
 MODEL_NAME = "svhn-no-pickle"
 
@@ -196,22 +193,9 @@ def test_resume_predict_and_serve_without_pickle_deserialisation(trained, tmp_pa
     rows = list(csv.DictReader(open(output)))
     assert [int(r["label"]) for r in rows] == expected.argmax(1).tolist()
 
-    port = free_port()
-    server = subprocess.Popen([str(VENV_BIN / "mlflow"), "models", "serve", "-m",
-                               f"models:/{MODEL_NAME}@champion", "--env-manager", "local",
-                               "--host", "127.0.0.1", "--port", str(port)],
-                              env=store.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/ping", server)
-        images = dataset.test_images[:4].permute(0, 2, 3, 1).numpy()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                         data=json.dumps({"inputs": images.tolist()}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        answer = np.array(json.load(urllib.request.urlopen(request, timeout=60))["predictions"])
-        assert np.allclose(answer, expected[:4], atol=1e-4)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with model_server(store, f"models:/{MODEL_NAME}@champion") as invoke:
+        answer = np.array(invoke(dataset.test_images[:4].permute(0, 2, 3, 1).numpy()))
+    assert np.allclose(answer, expected[:4], atol=1e-4)
 
 
 # -- bad input at the edges -----------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""Processes a test starts: held at pause points, a free port, a real `mlflow server`."""
+"""Processes a test starts: held at pause points, a free port, a real `mlflow server`, a real
+`mlflow models serve`."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import time
@@ -96,3 +98,30 @@ def mlflow_server(root: Path, data_dir: Path, *options: str, env: dict[str, str]
         yield store
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def model_server(store: Store, model_uri: str):
+    """`mlflow models serve` (local env, loopback) of `model_uri` from `store`; yields a function
+    that posts images (N, H, W, C) to /invocations and returns the predictions. The model it
+    downloads lands in the store's folder (its TMPDIR), which MLflow never cleans up itself."""
+    port = free_port()
+    downloads = store.root / "served"
+    downloads.mkdir(exist_ok=True)
+    proc = subprocess.Popen([str(VENV_BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            env=dict(store.env, TMPDIR=str(downloads)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+    def invoke(images) -> list:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": images.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        return json.load(urllib.request.urlopen(request, timeout=60))["predictions"]
+
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc)
+        yield invoke
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
