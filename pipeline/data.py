@@ -254,6 +254,10 @@ def load(cfg: Config) -> SVHNData:
     train, val = splits["train"], None
     if cfg.val_split > 0:
         kept, held = stratified_split(train.labels, cfg.val_split, cfg.data_seed)
+        if not len(held):  # selection on no images: val_acc 0 every epoch, a nan figure at registration
+            raise DataError(f"val_split={cfg.val_split:g} holds out no image of the {len(train.labels)} training "
+                            f"images (each digit's share rounds to 0): raise val_split or limit_train, or "
+                            f"pass -P val_split=0 to select on the test split")
         val = Split("val", train.images[held], train.labels[held], train.source, train.file_sha256,
                     train.indices[held], train.file_rows)
         train = Split("train", train.images[kept], train.labels[kept], train.source, train.file_sha256,

@@ -269,7 +269,7 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData, registe
         stays = f"stays on version {previous}" if previous else "is not set"
         print(f"registered {name} {mine}; alias '{CHAMPION}' {stays}: {why}; {by_hand}", flush=True)
         return version
-    if not cfg.promote and champion is not None and challenger_acc <= champion_acc:
+    if not cfg.promote and champion is not None and not challenger_acc > champion_acc:  # a nan never moves it
         print(f"registered {name} {mine} vs champion version {previous} "
               f"{champion_acc:.3f}% on the {judged}: alias '{CHAMPION}' stays on version {previous} "
               f"(it moves only on a strictly higher accuracy); {by_hand}", flush=True)

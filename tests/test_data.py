@@ -241,3 +241,16 @@ def test_the_torchvision_pipeline_gives_the_seed_readers_batches_without_the_mat
         assert len(got) == len(want) == len(batches), role
         for (x, y), (x_want, y_want) in zip(got, want):
             assert torch.equal(y, y_want) and torch.equal(x, x_want), role
+
+
+def test_a_validation_split_that_holds_out_no_image_is_one_line(tmp_path):
+    """Each digit's share rounding to 0 would select on no images: val_acc 0 every epoch."""
+    folder = synthetic.ensure(tmp_path / "mats", 90, 40)
+    base = {"dataset": "svhn", "data_dir": str(folder), "verify": "false", "limit_train": "20"}
+    with pytest.raises(DataError) as refused:
+        data.load(config.load("train", dict(base, val_split="0.01")))
+    assert str(refused.value) == ("val_split=0.01 holds out no image of the 20 training images (each digit's share "
+                                  "rounds to 0): raise val_split or limit_train, or pass -P val_split=0 to select "
+                                  "on the test split")
+    held = data.load(config.load("train", dict(base, val_split="0.5")))
+    assert held.n_val > 0 and held.n_val + len(held.train.labels) == 20

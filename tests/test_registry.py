@@ -62,6 +62,16 @@ def test_only_a_strictly_better_challenger_moves_the_alias(local, colour_data, c
     assert f"version {worse} 0.000% vs champion version {better} 12.500%" in line
 
 
+def test_a_figure_that_is_not_a_number_never_moves_the_alias(local, colour_data, capsys, monkeypatch):
+    """An accuracy over no images is nan, and nan compares False both ways."""
+    cfg, dataset = load(colour_data, "m-nan")
+    first, _ = register(local, cfg, dataset, PRESENT, capsys)
+    monkeypatch.setattr(registry, "accuracy", lambda model, part: float("nan"))
+    judged_nan, line = register(local, cfg, dataset, PRESENT, capsys)
+    assert champion(local, "m-nan") == first
+    assert f"version {judged_nan} nan% vs champion version {first} nan%" in line and "stays" in line
+
+
 def test_a_model_from_other_data_never_moves_the_alias(local, colour_data, capsys, monkeypatch):
     cfg, dataset = load(colour_data, "m-other")
     held, _ = register(local, cfg, dataset, PRESENT, capsys)  # 1 of 8: 12.5%
