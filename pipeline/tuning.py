@@ -86,9 +86,28 @@ def default_storage(tracking_uri: str) -> str:
     return f"sqlite:///{Path('optuna.db').resolve()}"
 
 
+def same_database(a: str, b: str) -> bool:
+    """Whether two database URLs name one database however spelt: SQLite files by resolved path
+    (sqlite:///mlflow.db is the same file as its absolute spelling), servers by backend, host,
+    port and name, whoever logs in."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        x, y = make_url(a), make_url(b)
+    except ArgumentError:
+        return a == b
+    if x.get_backend_name() != y.get_backend_name():
+        return False
+    if x.get_backend_name() == "sqlite":
+        files = [Path(u.database).expanduser().resolve() for u in (x, y) if u.database not in (None, "", ":memory:")]
+        return len(files) == 2 and files[0] == files[1]
+    return (x.host, x.port, x.database) == (y.host, y.port, y.database)
+
+
 def storage_url(cfg: Config, tracking_uri: str) -> str:
     url = cfg.optuna_storage or default_storage(tracking_uri)
-    if url == tracking_uri:
+    if same_database(url, tracking_uri):
         raise ConfigError(f"optuna_storage={url} is the MLflow tracking database: Optuna needs its own "
                           f"(both keep an alembic_version table); pass another, or leave it empty")
     # children report to the study from where they train: the MLflow store's rule, one function

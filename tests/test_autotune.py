@@ -69,8 +69,14 @@ def test_the_study_is_kept_beside_a_sqlite_store_never_in_it(tmp_path, monkeypat
     assert tuning.default_storage("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.optuna.db"
     assert tuning.default_storage("http://tracking:5000") == f"sqlite:///{tmp_path}/optuna.db"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    with pytest.raises(ConfigError, match="is the MLflow tracking database: Optuna needs its own"):
-        tuning.storage_url(config.load("autotune", {"optuna_storage": uri}), uri)
+    for spelt in (uri, "sqlite:///mlflow.db", f"sqlite:///{tmp_path}/./runs/../mlflow.db"):  # one file, however spelt
+        with pytest.raises(ConfigError, match="is the MLflow tracking database: Optuna needs its own"):
+            tuning.storage_url(config.load("autotune", {"optuna_storage": spelt}), uri)
+    server_db = "postgresql://mlflow:secret@db:5432/mlflow"
+    assert tuning.same_database("postgresql://tuner@db:5432/mlflow", server_db)  # whoever logs in
+    assert not tuning.same_database("postgresql://tuner@db:5432/optuna", server_db)
+    assert tuning.storage_url(config.load("autotune", {"optuna_storage": "sqlite:///other.db"}), uri) == \
+        "sqlite:///other.db"
     elsewhere = config.load("autotune", {"executor": "ray", "ray_address": "ray://192.0.2.10:10001"})
     with pytest.raises(ConfigError) as refused:
         tuning.storage_url(elsewhere, "http://tracking:5000")
