@@ -51,6 +51,9 @@ def run(stage: str, overrides: dict[str, str]) -> int:
     interrupts.install()
     runtime.tune_allocator()  # before the first tensor: MyVgg's epoch on CPU took 1.6x as long without
     cfg = config.load(stage, overrides)  # every value checked before any work
+    if stage == "main":  # and what main hands its stages, before main's run exists
+        workflow.stage_overrides(overrides)
+        workflow.autotune_overrides(overrides)
     checks = []
     if stage == "autotune" or (stage == "main" and cfg.tuner == "optuna"):
         import mlflow
@@ -63,7 +66,10 @@ def run(stage: str, overrides: dict[str, str]) -> int:
     # main's stages run with what it resolves here (device=cuda on a machine without one: stop now)
     resolved = runtime.of(cfg) if stage == "main" else None
     if stage in ("main", "predict", "evaluate"):
-        # a model in another format than pt2 is refused before this command makes a run
+        # a model in another format than pt2, or an output predict cannot write, is refused before
+        # this command makes a run
+        if stage == "predict":
+            predict_mod.writable_output(cfg.output)
         model = predict_mod.load_model(cfg.champion_uri) if stage != "main" else None
         run_id, created = session.top_level_run()
         from . import runner, tracking

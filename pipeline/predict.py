@@ -6,6 +6,7 @@ Each image is resized to SVHN's 32x32 RGB; the model applies the seed's test tra
 from __future__ import annotations
 
 import csv
+import os
 import re
 import tempfile
 import warnings
@@ -118,6 +119,25 @@ def load_model(model_uri: str):
 probabilities = registry.probabilities
 
 
+def unwritable(output: Path, err: OSError) -> str:
+    return (f"cannot write output {output} ({err.strerror or type(err).__name__}): pass "
+            f"-P output=<a .csv file in a folder you can write>")
+
+
+def writable_output(output: str) -> Path:
+    """cfg.output as a path predict can write, its folder made; checked before the model loads."""
+    path = Path(output).expanduser()
+    if path.is_dir():
+        raise PredictError(f"output {path} is a folder: pass a file in it, e.g. -P output={path / 'predictions.csv'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PredictError(unwritable(path, err)) from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PredictError(unwritable(path, PermissionError(13, "Permission denied")))
+    return path
+
+
 def predict(cfg: Config, run_id: str | None, model=None) -> int:
     """Write cfg.output with `model` (default: cfg.champion_uri's); return the exit code (1 when
     some inputs could not be read)."""
@@ -125,13 +145,15 @@ def predict(cfg: Config, run_id: str | None, model=None) -> int:
     inputs = collect(cfg.input)
     probs = probabilities(model, np.stack(inputs.images)) if inputs.images else np.zeros((0, 10))
     labels, confidence = probs.argmax(1), probs.max(1) if len(probs) else probs
-    output = Path(cfg.output).expanduser()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["input", "label", "confidence"])
-        for name, label, conf in zip(inputs.names, labels, confidence):
-            writer.writerow([name, int(label), f"{float(conf):.4f}"])
+    output = writable_output(cfg.output)
+    try:
+        with open(output, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["input", "label", "confidence"])
+            for name, label, conf in zip(inputs.names, labels, confidence):
+                writer.writerow([name, int(label), f"{float(conf):.4f}"])
+    except OSError as err:
+        raise PredictError(unwritable(output, err)) from None
     print(f"wrote {len(inputs.names)} predictions to {output}", flush=True)
     if run_id:
         client = tracking.client()

@@ -66,3 +66,14 @@ def test_main_stopped_by_a_failed_stage_prints_the_command_that_continues_it(sto
         "Continue with the same command: mlflow run . -e main --env-manager local -P dataset=synthetic")
     (run,) = store.runs()
     assert run.info.status == "FAILED"
+
+
+def test_main_refuses_what_it_cannot_hand_its_stages_before_its_run_exists(store, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    for args, line in ((["--lr", "0.1"], "main does not pass 'lr' on to the stages: set it in params/<stage>.yaml "
+                                         "or run that stage alone with -P lr=..."),
+                       (["--n_trials", "3"], "main passes n_trials to the autotune stage, which runs with "
+                                             "-P tuner=optuna only: add it, or drop n_trials")):
+        assert cli.main(["main", *args]) == 2
+        assert capsys.readouterr().err.splitlines() == [f"error: {line}"]
+    assert store.runs() == []  # no FAILED main run left behind

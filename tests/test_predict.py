@@ -83,3 +83,26 @@ def test_confusion_metrics_count_each_true_digit_as_a_row():
     assert per_digit[0] == 50.0 and per_digit[1] == pytest.approx(200 / 3) and per_digit[9] == 100.0
     assert per_digit[5] == 0.0  # no images of 5
     assert accuracy == pytest.approx(400 / 6)
+
+
+def test_an_output_predict_cannot_write_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    from pipeline import __main__ as cli
+
+    Image.fromarray(image_of(6)).save(tmp_path / "six.png")
+    (tmp_path / "a_file").write_text("")
+    for output, expected in ((tmp_path, f"output {tmp_path} is a folder: pass a file in it, e.g. "
+                                        f"-P output={tmp_path / 'predictions.csv'}"),
+                             (tmp_path / "a_file" / "out.csv", f"cannot write output {tmp_path / 'a_file' / 'out.csv'} "
+                                                               f"(File exists): pass -P output=<a .csv file in a "
+                                                               f"folder you can write>")):
+        cfg = config.load("predict", {"input": str(tmp_path / "six.png"), "output": str(output)})
+        with pytest.raises(PredictError) as refused:
+            predict.predict(cfg, None, Answers())
+        assert str(refused.value) == expected
+        loaded = []
+        monkeypatch.setattr(predict, "load_model", loaded.append)
+        assert cli.main(["predict", "--input", str(tmp_path / "six.png"), "--output", str(output)]) == 2
+        assert capsys.readouterr().err.splitlines() == [f"error: {expected}"] and loaded == []
+    nested = tmp_path / "new" / "folder" / "out.csv"  # a folder that is not there yet is made
+    cfg = config.load("predict", {"input": str(tmp_path / "six.png"), "output": str(nested)})
+    assert predict.predict(cfg, None, Answers()) == 0 and nested.read_text().splitlines()[1] == f"{tmp_path / 'six.png'},6,0.8000"
