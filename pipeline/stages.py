@@ -120,7 +120,7 @@ def two_phases(cfg, stage, dataset, lineage, arch: str) -> RunResult:
             f"{cfg.stage} phase1 lr={number(first.lr)}", first, arch, lineage.init_state,
             {"source_run_id": lineage.source, "phase": "1"}, lineage.source,
             keep_final=PHASE2_START.get(cfg.stage) == "last")], dataset)
-    start, source, init_from = lineage.init_state, lineage.parent_run_id or "scratch", ""
+    start, source, init_from = lineage.init_state, lineage.source, ""
     if results:
         if PHASE2_START.get(cfg.stage, "best") == "last":
             start, init_from = results[0].final_state, f"{results[0].run_id}/last epoch"

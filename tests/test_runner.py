@@ -84,3 +84,24 @@ def test_hyper_caps_epochs_and_takes_the_stages_precision():
 def test_a_stage_hands_its_children_everything_but_its_registrations():
     stage = runner.Stage("run", CPU, frozenset({"earlier"}), [("m", "1", None)])
     assert stage.for_children() == runner.Stage("run", CPU, frozenset({"earlier"}))
+
+
+def test_phase2_without_a_phase1_names_the_weights_it_starts_from(monkeypatch):
+    """retrain with phase1_epochs=0: phase 2 starts from the stage's own start. From fresh weights
+    (a parent given for the record only) its source is "scratch", not the parent; from the
+    parent's weights, the parent."""
+    from pipeline import stages
+    from pipeline.lineage import Lineage
+
+    specs = []
+    monkeypatch.setattr(stages.executor, "run_children", lambda cfg, stage, children, dataset: specs.extend(children) or [])
+    monkeypatch.setattr(stages, "finish", lambda run_id, results, candidates=None: None)
+    cfg = config.load("retrain", {"phase1_epochs": "0", "register": "false"})
+    parent, weights = "p" * 32, {"w": torch.zeros(1)}
+    for lineage, source in ((Lineage(parent_run_id=parent), "scratch"),
+                            (Lineage(parent_run_id=parent, init_state=weights), parent)):
+        specs.clear()
+        stages.two_phases(cfg, runner.Stage("s" * 32, CPU), None, lineage, "resnet")
+        (phase2,) = specs
+        assert (phase2.tags["source_run_id"], phase2.init_source) == (source, source)
+        assert phase2.init_state is lineage.init_state
