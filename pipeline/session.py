@@ -163,6 +163,10 @@ def resume(cfg: Config) -> RunResult | None:
         raise LineageError(
             f"run {run_id} was continued in run {previous.data.tags[lifecycle.CONTINUED_IN]}, which holds "
             f"its children now: resume that run instead (-P resume_run_id=...), or run the stage again")
+    if not tracking.has_artifact(run_id, "config.yaml"):  # not a run of this pipeline's training
+        raise LineageError(f"run {run_id} has no config.yaml: it was not started by a training stage of this "
+                           f"pipeline (a predict, evaluate or `mlflow run` launcher run?), or was stopped before "
+                           f"logging it; resume a stage or train run, or run the stage again")
     text = mlflow.artifacts.load_text(f"{previous.info.artifact_uri}/config.yaml")
     original = from_params(yaml.safe_load(text))  # the run's own config, not this command's
     original.force = cfg.force

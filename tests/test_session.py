@@ -102,3 +102,9 @@ def test_resume_refuses_a_continued_run_and_leaves_a_finished_one(tiny, capsys):
     assert f"run {done} is FINISHED: nothing to resume" in capsys.readouterr().out
     with pytest.raises(LineageError, match="resume run 'nope' was not found"):
         session.resume(cfg.replace(resume_run_id="nope"))
+    launcher = store.client.create_run("0").info.run_id  # e.g. `mlflow run`'s own, or predict's
+    store.client.set_terminated(launcher, "KILLED")
+    with pytest.raises(LineageError, match=f"run {launcher} has no config.yaml: it was not started by a training "
+                                           f"stage of this pipeline"):
+        session.resume(cfg.replace(resume_run_id=launcher))
+    assert store.client.get_run(launcher).info.status == "KILLED"  # nothing written
