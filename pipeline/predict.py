@@ -90,6 +90,9 @@ def collect(source: str) -> Inputs:
         inputs.labels = labels.numpy()
         return inputs
     files, refused = folder_files(path) if path.is_dir() else ([path], [])
+    if not files and not refused:  # 0 predictions and exit 0 would hide the mistake
+        raise PredictError(f"input folder {path} holds no files: put images (png, jpg, ...) in it, or pass "
+                           f"-P input=<image, folder of images, or .mat>")
     for line in refused:
         print(line, flush=True)
         inputs.failures.append(line)

@@ -46,7 +46,10 @@ def test_a_mat_file_brings_its_labels_and_bad_inputs_are_one_line(tmp_path):
     assert inputs.names == ["test_32x32.mat[0]", "test_32x32.mat[1]", "test_32x32.mat[2]"]
     assert inputs.labels.tolist() == [1, 0, 9]  # SVHN's 10 is the digit 0
     assert np.array_equal(inputs.images[2], image_of(9))
-    for source, expected in (("", "no input given"), (str(tmp_path / "nowhere"), "does not exist")):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".hidden.png").write_bytes(b"")
+    for source, expected in (("", "no input given"), (str(tmp_path / "nowhere"), "does not exist"),
+                             (str(tmp_path / "empty"), f"input folder {tmp_path / 'empty'} holds no files")):
         with pytest.raises(PredictError, match=expected) as err:
             predict.collect(source)
         assert "\n" not in str(err.value)
