@@ -72,12 +72,18 @@ def folder_files(folder: Path) -> tuple[list[Path], list[str]]:
     return files, refused
 
 
-def collect(source: str) -> Inputs:
+def input_path(source: str) -> Path:
+    """cfg.input as a path that is there; checked before the model loads, and again when read."""
     path = Path(source).expanduser()
     if not source:
         raise PredictError("no input given: pass -P input=<image, folder of images, or .mat>")
     if not path.exists():
         raise PredictError(f"input {path} does not exist: pass an image, a folder of images, or a .mat")
+    return path
+
+
+def collect(source: str) -> Inputs:
+    path = input_path(source)
     inputs = Inputs()
     if path.is_file() and path.suffix.lower() == ".mat":
         split = "test" if "test" in path.name else "train"

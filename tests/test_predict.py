@@ -88,7 +88,7 @@ def test_confusion_metrics_count_each_true_digit_as_a_row():
     assert accuracy == pytest.approx(400 / 6)
 
 
-def test_an_output_predict_cannot_write_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
+def test_an_input_or_output_predict_cannot_use_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
     from pipeline import __main__ as cli
 
     Image.fromarray(image_of(6)).save(tmp_path / "six.png")
@@ -106,6 +106,10 @@ def test_an_output_predict_cannot_write_is_one_line_before_the_model_loads(tmp_p
         monkeypatch.setattr(predict, "load_model", loaded.append)
         assert cli.main(["predict", "--input", str(tmp_path / "six.png"), "--output", str(output)]) == 2
         assert capsys.readouterr().err.splitlines() == [f"error: {expected}"] and loaded == []
+    nowhere = tmp_path / "nowhere"
+    assert cli.main(["predict", "--input", str(nowhere), "--output", str(tmp_path / "out.csv")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: input {nowhere} does not exist: pass an image, a folder of images, or a .mat"] and loaded == []
     nested = tmp_path / "new" / "folder" / "out.csv"  # a folder that is not there yet is made
     cfg = config.load("predict", {"input": str(tmp_path / "six.png"), "output": str(nested)})
     assert predict.predict(cfg, None, Answers()) == 0 and nested.read_text().splitlines()[1] == f"{tmp_path / 'six.png'},6,0.8000"
