@@ -114,7 +114,7 @@ class Tuner:
         described = " ".join(f"{k}={short(v)}" for k, v in point.items())
         draw = self.space.draw_of(point)
         if draw is None:
-            log(f"autotune: the seed's point ({described}) lies outside the search space: not enqueued")
+            log(f"autotune: no draw of the search space trains as the seed's point ({described}): not enqueued")
             return
         self.study.enqueue_trial(draw, user_attrs={"seed_point": True})
         log(f"autotune: trial 0 is the seed's point ({described})")

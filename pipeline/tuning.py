@@ -86,29 +86,38 @@ def default_storage(tracking_uri: str) -> str:
     return f"sqlite:///{Path('optuna.db').resolve()}"
 
 
+DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433, "oracle": 1521}
+
+
 def same_database(a: str, b: str) -> bool:
     """Whether two database URLs name one database however spelt: SQLite files by resolved path
-    (sqlite:///mlflow.db is the same file as its absolute spelling), servers by backend, host,
-    port and name, whoever logs in."""
+    (sqlite:///mlflow.db is the same file as its absolute spelling), servers by backend, host
+    (any case; a socket folder given as ?host=), port (the backend's default when none) and
+    name, whoever logs in. A URI that is no database URL (http://, databricks://) is none."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     try:
         x, y = make_url(a), make_url(b)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return a == b
     if x.get_backend_name() != y.get_backend_name():
         return False
     if x.get_backend_name() == "sqlite":
         files = [Path(u.database).expanduser().resolve() for u in (x, y) if u.database not in (None, "", ":memory:")]
         return len(files) == 2 and files[0] == files[1]
-    return (x.host, x.port, x.database) == (y.host, y.port, y.database)
+
+    def server(u) -> tuple:
+        host = u.host or u.query.get("host") or ""
+        return (str(host).lower(), u.port or DEFAULT_PORTS.get(u.get_backend_name()), u.database)
+
+    return server(x) == server(y)
 
 
 def storage_url(cfg: Config, tracking_uri: str) -> str:
     url = cfg.optuna_storage or default_storage(tracking_uri)
     if same_database(url, tracking_uri):
-        raise ConfigError(f"optuna_storage={url} is the MLflow tracking database: Optuna needs its own "
+        raise ConfigError(f"optuna_storage={redacted(url)} is the MLflow tracking database: Optuna needs its own "
                           f"(both keep an alembic_version table); pass another, or leave it empty")
     # children report to the study from where they train: the MLflow store's rule, one function
     cluster.require_shared_store(cfg, "optuna_storage", redacted(url), not url.startswith("sqlite"),
@@ -119,8 +128,12 @@ def storage_url(cfg: Config, tracking_uri: str) -> str:
 
 def redacted(url: str) -> str:
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
-    return make_url(url).render_as_string(hide_password=True)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return url
 
 
 # Optuna's trial heartbeat: the driver beats for each trial it has in flight; a trial whose driver

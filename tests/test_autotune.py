@@ -73,8 +73,15 @@ def test_the_study_is_kept_beside_a_sqlite_store_never_in_it(tmp_path, monkeypat
         with pytest.raises(ConfigError, match="is the MLflow tracking database: Optuna needs its own"):
             tuning.storage_url(config.load("autotune", {"optuna_storage": spelt}), uri)
     server_db = "postgresql://mlflow:secret@db:5432/mlflow"
-    assert tuning.same_database("postgresql://tuner@db:5432/mlflow", server_db)  # whoever logs in
-    assert not tuning.same_database("postgresql://tuner@db:5432/optuna", server_db)
+    for spelt in ("postgresql://tuner:hidden@db:5432/mlflow", "postgresql://tuner:hidden@DB/mlflow"):
+        with pytest.raises(ConfigError) as refused:  # whoever logs in, the default port spelt or not
+            tuning.storage_url(config.load("autotune", {"optuna_storage": spelt}), server_db)
+        assert str(refused.value).startswith("optuna_storage=postgresql://tuner:***@")  # no password shown
+    assert tuning.same_database("mysql+pymysql://u@db/m", "mysql://v@db:3306/m")
+    for other in ("postgresql://tuner@db:5432/optuna", "postgresql://tuner@db:5433/mlflow", "databricks://profile:x"):
+        assert not tuning.same_database(other, server_db)
+    assert not tuning.same_database("postgresql:///m?host=/run/a", "postgresql:///m?host=/run/b")  # two sockets
+    assert tuning.storage_url(config.load("autotune"), "databricks://profile:x") == f"sqlite:///{tmp_path}/optuna.db"
     assert tuning.storage_url(config.load("autotune", {"optuna_storage": "sqlite:///other.db"}), uri) == \
         "sqlite:///other.db"
     elsewhere = config.load("autotune", {"executor": "ray", "ray_address": "ray://192.0.2.10:10001"})
@@ -184,6 +191,21 @@ def test_a_new_study_starts_from_the_seed_chains_point_and_a_continued_one_does_
     assert len(again.study.trials) == 1  # nothing queued a second time
     _, _, _, outside = study_of(store, monkeypatch, bss="32", lr_range="1e-3,2e-3")
     assert outside.study.trials == []
+
+
+def test_a_seed_point_without_weight_decay_is_enqueued_as_the_draw_that_trains_as_it(store, monkeypatch):
+    load = config.load
+
+    def overfit_without_wd(stage, overrides=None):
+        cfg = load(stage, overrides)
+        return cfg.replace(wds=[0.0]) if stage == "overfit" else cfg
+
+    monkeypatch.setattr(autotune.config_mod, "load", overfit_without_wd)
+    _, _, _, tuner = study_of(store, monkeypatch, bss="64,128,256")
+    first = tuner.study.ask()
+    spec = tuner.spec(first)
+    assert first.params["wd"] == 1e-6 and spec.cfg.wd == 0.0  # the range's low end, which trains as 0
+    assert first.params["lr"] == config.load("overfit").lr
 
 
 def test_the_sampler_models_the_parameters_jointly_and_keeps_parallel_trials_apart():
