@@ -79,6 +79,10 @@ def input_path(source: str) -> Path:
         raise PredictError("no input given: pass -P input=<image, folder of images, or .mat>")
     if not path.exists():
         raise PredictError(f"input {path} does not exist: pass an image, a folder of images, or a .mat")
+    if path.is_dir() and not any(not entry.name.startswith(".") and not entry.is_dir() for entry in path.iterdir()):
+        # 0 predictions and exit 0 would hide the mistake
+        raise PredictError(f"input folder {path} holds no visible files (subfolders and dot-files are not "
+                           f"read): put images (png, jpg, ...) in it, or pass -P input=<image or .mat>")
     return path
 
 
@@ -96,9 +100,6 @@ def collect(source: str) -> Inputs:
         inputs.labels = labels.numpy()
         return inputs
     files, refused = folder_files(path) if path.is_dir() else ([path], [])
-    if not files and not refused:  # 0 predictions and exit 0 would hide the mistake
-        raise PredictError(f"input folder {path} holds no files: put images (png, jpg, ...) in it, or pass "
-                           f"-P input=<image, folder of images, or .mat>")
     for line in refused:
         print(line, flush=True)
         inputs.failures.append(line)
@@ -138,6 +139,10 @@ def writable_output(output: str) -> Path:
     path = Path(output).expanduser()
     if path.is_dir():
         raise PredictError(f"output {path} is a folder: pass a file in it, e.g. -P output={path / 'predictions.csv'}")
+    blocking = next((folder for folder in path.parents if folder.exists() and not folder.is_dir()), None)
+    if blocking is not None:
+        raise PredictError(f"cannot write output {path}: {blocking} is a file, not a folder; pass "
+                           f"-P output=<a .csv file in a folder you can write>")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:

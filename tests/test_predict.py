@@ -49,7 +49,7 @@ def test_a_mat_file_brings_its_labels_and_bad_inputs_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / ".hidden.png").write_bytes(b"")
     for source, expected in (("", "no input given"), (str(tmp_path / "nowhere"), "does not exist"),
-                             (str(tmp_path / "empty"), f"input folder {tmp_path / 'empty'} holds no files")):
+                             (str(tmp_path / "empty"), f"input folder {tmp_path / 'empty'} holds no visible files")):
         with pytest.raises(PredictError, match=expected) as err:
             predict.collect(source)
         assert "\n" not in str(err.value)
@@ -91,13 +91,14 @@ def test_confusion_metrics_count_each_true_digit_as_a_row():
 def test_an_input_or_output_predict_cannot_use_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
     from pipeline import __main__ as cli
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")  # were a run made, it goes here
     Image.fromarray(image_of(6)).save(tmp_path / "six.png")
     (tmp_path / "a_file").write_text("")
     for output, expected in ((tmp_path, f"output {tmp_path} is a folder: pass a file in it, e.g. "
                                         f"-P output={tmp_path / 'predictions.csv'}"),
-                             (tmp_path / "a_file" / "out.csv", f"cannot write output {tmp_path / 'a_file' / 'out.csv'} "
-                                                               f"(File exists): pass -P output=<a .csv file in a "
-                                                               f"folder you can write>")):
+                             (tmp_path / "a_file" / "sub" / "out.csv",
+                              f"cannot write output {tmp_path / 'a_file' / 'sub' / 'out.csv'}: {tmp_path / 'a_file'} "
+                              f"is a file, not a folder; pass -P output=<a .csv file in a folder you can write>")):
         cfg = config.load("predict", {"input": str(tmp_path / "six.png"), "output": str(output)})
         with pytest.raises(PredictError) as refused:
             predict.predict(cfg, None, Answers())
@@ -106,10 +107,14 @@ def test_an_input_or_output_predict_cannot_use_is_one_line_before_the_model_load
         monkeypatch.setattr(predict, "load_model", loaded.append)
         assert cli.main(["predict", "--input", str(tmp_path / "six.png"), "--output", str(output)]) == 2
         assert capsys.readouterr().err.splitlines() == [f"error: {expected}"] and loaded == []
-    nowhere = tmp_path / "nowhere"
-    assert cli.main(["predict", "--input", str(nowhere), "--output", str(tmp_path / "out.csv")]) == 2
-    assert capsys.readouterr().err.splitlines() == [
-        f"error: input {nowhere} does not exist: pass an image, a folder of images, or a .mat"] and loaded == []
+    nowhere, empty = tmp_path / "nowhere", tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    for source, line in ((nowhere, f"input {nowhere} does not exist: pass an image, a folder of images, or a .mat"),
+                         (empty, f"input folder {empty} holds no visible files (subfolders and dot-files are not "
+                                 f"read): put images (png, jpg, ...) in it, or pass -P input=<image or .mat>")):
+        assert cli.main(["predict", "--input", str(source), "--output", str(tmp_path / "out.csv")]) == 2
+        assert capsys.readouterr().err.splitlines() == [f"error: {line}"] and loaded == []
+    assert not (tmp_path / "mlflow.db").exists()  # no run made
     nested = tmp_path / "new" / "folder" / "out.csv"  # a folder that is not there yet is made
     cfg = config.load("predict", {"input": str(tmp_path / "six.png"), "output": str(nested)})
     assert predict.predict(cfg, None, Answers()) == 0 and nested.read_text().splitlines()[1] == f"{tmp_path / 'six.png'},6,0.8000"
