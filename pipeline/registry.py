@@ -8,6 +8,7 @@ and serves as is with `mlflow models serve`.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -243,6 +244,8 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData, registe
     client = tracking.client()
     lineage = tracking.descends_from(client.get_run(run_id).data.tags)
     champion_acc, why = compare_with(champion, lineage, dataset, part)
+    if not why and not math.isfinite(challenger_acc):  # over no images: it compares with nothing
+        why = f"its accuracy on the {part.role} split is not a number ({len(part.labels)} images)"
     example = dataset.test_images[:4].permute(0, 2, 3, 1).contiguous().numpy()  # batch > 1 for pt2
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()

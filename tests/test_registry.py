@@ -4,6 +4,7 @@ pickle-format model is refused before it is read."""
 import os
 
 import pytest
+from mlflow.exceptions import MlflowException
 from torch import nn
 
 from support.digits import constant_model_run
@@ -69,7 +70,13 @@ def test_a_figure_that_is_not_a_number_never_moves_the_alias(local, colour_data,
     monkeypatch.setattr(registry, "accuracy", lambda model, part: float("nan"))
     judged_nan, line = register(local, cfg, dataset, PRESENT, capsys)
     assert champion(local, "m-nan") == first
-    assert f"version {judged_nan} nan% vs champion version {first} nan%" in line and "stays" in line
+    assert (f"version {judged_nan} nan%; alias 'champion' stays on version {first}: its accuracy on the test "
+            f"split is not a number (8 images)") in line
+    cfg_first, _ = load(colour_data, "m-nan-first")
+    _, line = register(local, cfg_first, dataset, PRESENT, capsys)  # no champion yet: none made
+    assert "alias 'champion' is not set: its accuracy on the test split is not a number" in line
+    with pytest.raises(MlflowException):
+        local.client.get_model_version_by_alias("m-nan-first", registry.CHAMPION)
 
 
 def test_a_model_from_other_data_never_moves_the_alias(local, colour_data, capsys, monkeypatch):
