@@ -70,11 +70,15 @@ def postgres():
             shutil.chown(folder, "postgres", "postgres")
         port = free_port()
         run = dict(check=True, capture_output=True, text=True, timeout=120)
-        subprocess.run(_as_owner([str(BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
-                                  "--no-sync"]), **run)
         options = f"-p {port} -h 127.0.0.1 -k {folder} -c fsync=off"
-        subprocess.run(_as_owner([str(BIN / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"),
-                                  "-w", "start"]), **run)
+        try:
+            subprocess.run(_as_owner([str(BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
+                                      "--no-sync"]), **run)
+            subprocess.run(_as_owner([str(BIN / "pg_ctl"), "-D", str(data), "-o", options, "-l",
+                                      str(folder / "log"), "-w", "start"]), **run)
+        except subprocess.CalledProcessError as err:  # why, before the folder (and its log) goes
+            log = (folder / "log").read_text()[-2000:] if (folder / "log").exists() else ""
+            raise RuntimeError(f"PostgreSQL did not start: {err}\n{err.stderr}\n{log}") from None
         yield Postgres(folder, port)
     finally:
         if (data / "postmaster.pid").exists():
