@@ -83,6 +83,9 @@ def generate(split: str, count: int, seed: int = 1412) -> tuple[np.ndarray, np.n
     return images, labels
 
 
+MAT_HEADER = b"MATLAB 5.0 MAT-file, written by svhn-mlflow".ljust(116)
+
+
 def write_mat(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     """Write atomically, so two processes making the same set never read a half-written file."""
     import scipy.io
@@ -91,6 +94,10 @@ def write_mat(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as fh:
         scipy.io.savemat(fh, {"X": images, "y": labels})
+        # the 116-byte header text says when it was written: the same set must be the same bytes
+        # (its SHA-256 is the data digest that keys reuse, resume and the champion's comparison)
+        fh.seek(0)
+        fh.write(MAT_HEADER)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

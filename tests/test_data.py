@@ -22,6 +22,19 @@ def test_synthetic_is_deterministic_and_a_larger_set_extends_a_smaller_one():
     assert set(np.unique(synthetic.generate("test", 200)[1])) == set(range(1, 11))  # 10 = digit 0
 
 
+def test_the_same_synthetic_set_is_the_same_bytes_whenever_it_is_written(tmp_path, monkeypatch):
+    """A file's SHA-256 is the data digest: the set made again (another folder, clone or day) must
+    match, though scipy's .mat header says when it was written."""
+    import scipy.io.matlab._mio5 as mio5
+
+    first = synthetic.ensure(tmp_path / "a", 20, 10)
+    monkeypatch.setattr(mio5.time, "asctime", lambda *when: "Thu Jan  1 00:00:00 2099")
+    again = synthetic.ensure(tmp_path / "b", 20, 10)
+    for name in ("train_32x32.mat", "test_32x32.mat"):
+        assert (first / name).read_bytes() == (again / name).read_bytes()
+    assert data.read_mat(again / "test_32x32.mat", "test", verify=False)[0].shape == (10, 3, 32, 32)
+
+
 @pytest.fixture
 def mat_folder(tmp_path):
     return synthetic.ensure(tmp_path, 64, 32)
