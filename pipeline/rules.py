@@ -18,7 +18,8 @@ RULES = [
     ("wd", lambda v: v >= 0, ">= 0"),
     ("tol", lambda v: v >= 0, ">= 0"),
     ("patience", lambda v: v >= 1, ">= 1"),
-    ("seed", lambda v: v >= 0, ">= 0"),
+    # numpy takes seeds below 2**32, and a repeat or a trial adds its number to the seed
+    ("seed", lambda v: 0 <= v < 2 ** 31, "0 <= seed < 2147483648"),
     ("repeats", lambda v: v >= 1, ">= 1"),
     ("init", lambda v: v in ("parent", "scratch", "auto"), "parent|scratch|auto"),
     ("max_epochs", lambda v: v >= 0, ">= 0 (0 = no cap)"),
@@ -67,7 +68,7 @@ RULES = [
     ("limit_train", lambda v: v >= 0, ">= 0 (0 = all)"),
     ("limit_test", lambda v: v >= 0, ">= 0 (0 = all)"),
     ("val_split", lambda v: 0 <= v <= 0.5, "0 <= val_split <= 0.5 (0 = select on test, as the seed)"),
-    ("data_seed", lambda v: v >= 0, ">= 0"),
+    ("data_seed", lambda v: 0 <= v < 2 ** 32, "0 <= data_seed < 4294967296"),
     ("synthetic_train", lambda v: v >= 1, ">= 1"),
     ("synthetic_test", lambda v: v >= 1, ">= 1"),
     ("env_manager", lambda v: v in ("local", "conda", "virtualenv", "uv"), "local|conda|virtualenv|uv"),

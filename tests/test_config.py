@@ -128,7 +128,8 @@ def test_unknown_scale_is_one_line_naming_the_known_ones():
 BOUNDS = [
     ("epochs", "1", "0"), ("bs", "1", "0"), ("lr", "1e-12", "0"), ("alpha", "0", "-0.01"),
     ("alpha", "0.999", "1"), ("gamma", "0", "-0.01"), ("gamma", "0.999", "1"), ("wd", "0", "-1e-9"),
-    ("tol", "0", "-1e-9"), ("patience", "1", "0"), ("seed", "0", "-1"), ("repeats", "1", "0"),
+    ("tol", "0", "-1e-9"), ("patience", "1", "0"), ("seed", "0", "-1"), ("seed", "2147483647", "2147483648"),
+    ("data_seed", "0", "-1"), ("data_seed", "4294967295", "4294967296"), ("repeats", "1", "0"),
     ("max_epochs", "0", "-1"), ("max_repeats", "0", "-1"), ("lrs", "1e-12", "0"),
     ("gammas", "0", "-0.01"), ("gammas", "0.999", "1"), ("wds", "0", "-1e-9"), ("bss", "1", "0"),
     ("probe_epochs", "0", "-1"), ("probe_tol", "0", "-1e-9"), ("phase1_epochs", "0", "-1"),
