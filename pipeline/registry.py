@@ -246,7 +246,10 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData, registe
     champion_acc, why = compare_with(champion, lineage, dataset, part)
     if not why and not math.isfinite(challenger_acc):  # over no images: it compares with nothing
         why = f"its accuracy on the {part.role} split is not a number ({len(part.labels)} images)"
-    example = dataset.test_images[:4].permute(0, 2, 3, 1).contiguous().numpy()  # batch > 1 for pt2
+    # torch.export fixes a batch dimension it sees as 1: the example has 2 to 4 images, so the pt2
+    # model takes any batch, whatever limit_test
+    example = dataset.test_images[:4].repeat(2, 1, 1, 1)[:max(2, min(4, dataset.n_test))]
+    example = example.permute(0, 2, 3, 1).contiguous().numpy()
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)

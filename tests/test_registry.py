@@ -79,6 +79,15 @@ def test_a_figure_that_is_not_a_number_never_moves_the_alias(local, colour_data,
         local.client.get_model_version_by_alias("m-nan-first", registry.CHAMPION)
 
 
+def test_a_model_registered_with_one_test_image_takes_any_batch(local, colour_data, capsys):
+    cfg, dataset = load(colour_data, "m-one", limit_test=1)
+    assert dataset.n_test == 1
+    version, _ = register(local, cfg, dataset, PRESENT, capsys)
+    model = registry.load_pt2(f"models:/m-one/{version}")
+    images = dataset.train_images[:3].permute(0, 2, 3, 1).contiguous().numpy()
+    assert registry.probabilities(model, images).shape == (3, 10)
+
+
 def test_a_model_from_other_data_never_moves_the_alias(local, colour_data, capsys, monkeypatch):
     cfg, dataset = load(colour_data, "m-other")
     held, _ = register(local, cfg, dataset, PRESENT, capsys)  # 1 of 8: 12.5%
