@@ -16,7 +16,8 @@ TUNING_EXECUTION = ("optuna_storage", "trial_batch")
 # only by float rounding (as cuDNN's algorithm choice does), so a run at other values stands in
 SPEED = ("compile", "eval_bs")
 # what never changes a result: where data lies and how it was fetched (its digest counts), how the
-# run is logged, continued or sped up, and where children run (never part of what they compute)
+# run is logged, continued or sped up, and where children run (never part of what they compute);
+# num_workers is one only for the tensor pipeline
 VOLATILE = ("log_every", "resume_run_id", "env_manager", "num_workers", "force", "promote", "data_dir",
             "download", "checkpoint_every", *SECTIONS["execution"], *TUNING_EXECUTION, *SPEED)
 
@@ -38,6 +39,8 @@ def training_key(cfg: Config, data_digest: str, runtime: Runtime) -> str:
     the device type and precision the stage runs with."""
     params = cfg.to_params()
     for volatile in VOLATILE:
+        if volatile == "num_workers" and cfg.data_pipeline == "torchvision":
+            continue  # its DataLoader's workers draw crops and rotations from their own seeds
         params.pop(volatile, None)
     params.update(data_digest=data_digest, device_type=runtime.device_type,
                   resolved_precision=runtime.precision)

@@ -59,6 +59,11 @@ def test_training_key_covers_every_param_that_decides_the_result(name):
         assert keys.training_key(other, "d" * 64, CPU) != keys.training_key(cfg, "d" * 64, CPU)
 
 
+def test_num_workers_counts_only_where_its_workers_draw_the_augmentation():
+    assert key(num_workers="0") == key(num_workers="2")  # the tensor pipeline: the same batches
+    assert key(data_pipeline="torchvision", num_workers="0") != key(data_pipeline="torchvision", num_workers="2")
+
+
 def test_training_key_covers_the_code(monkeypatch):
     before = key()
     monkeypatch.setattr(keys, "code_version", lambda: "another")
