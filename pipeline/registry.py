@@ -246,9 +246,10 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData, registe
     champion_acc, why = compare_with(champion, lineage, dataset, part)
     if not why and not math.isfinite(challenger_acc):  # over no images: it compares with nothing
         why = f"its accuracy on the {part.role} split is not a number ({len(part.labels)} images)"
-    # torch.export fixes a batch dimension it sees as 1: the example has 2 to 4 images, so the pt2
-    # model takes any batch, whatever limit_test
-    example = dataset.test_images[:4].repeat(2, 1, 1, 1)[:max(2, min(4, dataset.n_test))]
+    # torch.export fixes a batch dimension it sees as 0 or 1: the example has 2 to 4 images (test
+    # ones, or training ones where the test split is empty), so the pt2 model takes any batch
+    images = dataset.test_images if dataset.n_test else dataset.train_images
+    example = images[:4].repeat(2, 1, 1, 1)[:max(2, min(4, len(images)))]
     example = example.permute(0, 2, 3, 1).contiguous().numpy()
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()

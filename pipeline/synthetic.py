@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6  # 6: the same images as 5, in files with a fixed header (MAT_HEADER)
 HARD_FRACTION = 0.1
 SPLIT_IDS = {"train": 0, "test": 1}
 _FONTS: dict[int, ImageFont.FreeTypeFont] = {}

@@ -8,7 +8,8 @@ from pipeline import config, keys, runtime
 
 CPU = runtime.Runtime(torch.device("cpu"), "fp32")
 
-# Params that may change without changing a run's result (logging, resuming, how it is launched).
+# Params that may change without changing a run's result (logging, resuming, how it is launched;
+# num_workers with the default tensor pipeline only: see the torchvision test below).
 # data_dir and download: where the data lies, not what it is (its digest is in the key).
 VOLATILE = {"log_every", "resume_run_id", "env_manager", "num_workers", "force", "checkpoint_every",
             "promote",  # who holds the alias, not what the run trains
