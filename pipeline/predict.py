@@ -79,8 +79,7 @@ def input_path(source: str) -> Path:
         raise PredictError("no input given: pass -P input=<image, folder of images, or .mat>")
     if not path.exists():
         raise PredictError(f"input {path} does not exist: pass an image, a folder of images, or a .mat")
-    if path.is_dir() and not any(not entry.name.startswith(".") and not entry.is_dir() for entry in path.iterdir()):
-        # 0 predictions and exit 0 would hide the mistake
+    if path.is_dir() and folder_files(path) == ([], []):  # 0 predictions and exit 0 would hide the mistake
         raise PredictError(f"input folder {path} holds no visible files (subfolders and dot-files are not "
                            f"read): put images (png, jpg, ...) in it, or pass -P input=<image or .mat>")
     return path
@@ -129,9 +128,8 @@ def load_model(model_uri: str):
 probabilities = registry.probabilities
 
 
-def unwritable(output: Path, err: OSError) -> str:
-    return (f"cannot write output {output} ({err.strerror or type(err).__name__}): pass "
-            f"-P output=<a .csv file in a folder you can write>")
+def unwritable(output: Path, reason: str) -> str:
+    return f"cannot write output {output} ({reason}): pass -P output=<a .csv file in a folder you can write>"
 
 
 def writable_output(output: str) -> Path:
@@ -146,9 +144,9 @@ def writable_output(output: str) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise PredictError(unwritable(path, err)) from None
+        raise PredictError(unwritable(path, err.strerror or type(err).__name__)) from None
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise PredictError(unwritable(path, PermissionError(13, "Permission denied")))
+        raise PredictError(unwritable(path, "Permission denied"))
     return path
 
 
@@ -167,7 +165,7 @@ def predict(cfg: Config, run_id: str | None, model=None) -> int:
             for name, label, conf in zip(inputs.names, labels, confidence):
                 writer.writerow([name, int(label), f"{float(conf):.4f}"])
     except OSError as err:
-        raise PredictError(unwritable(output, err)) from None
+        raise PredictError(unwritable(output, err.strerror or type(err).__name__)) from None
     print(f"wrote {len(inputs.names)} predictions to {output}", flush=True)
     if run_id:
         client = tracking.client()
