@@ -70,9 +70,12 @@ def run_stage(stage: str, parameters: dict[str, str], cfg: Config, experiment_id
             f"(same params, parent run, data, device, precision and code version)")
         return found.info.run_id
     log(f"[main] {stage}: starting `mlflow run -e {stage}` with {parameters}")
-    submitted = mlflow.projects.run(str(config_mod.PROJECT_DIR), entry_point=stage,
-                                    parameters=parameters, env_manager=cfg.env_manager,
-                                    experiment_id=experiment_id, synchronous=True)
+    # MLflow makes a folder under storage_dir on every run and never removes it: ours goes
+    with tempfile.TemporaryDirectory(prefix="svhn-stage-") as storage:
+        submitted = mlflow.projects.run(str(config_mod.PROJECT_DIR), entry_point=stage,
+                                        parameters=parameters, env_manager=cfg.env_manager,
+                                        experiment_id=experiment_id, storage_dir=storage,
+                                        synchronous=True)
     return submitted.run_id
 
 

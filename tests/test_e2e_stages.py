@@ -261,10 +261,14 @@ def test_running_main_again_reuses_every_stage(study):
 
 def test_a_changed_param_reruns_that_stage_and_the_ones_after(study):
     runs_before = {r.info.run_id for r in study.runs()}
+    temporary_before = set((study.root / "tmp").iterdir())
     # registered_model only matters from retrain on: earlier stages are reused, later ones rerun
     study.mlflow_run("main", main_params(study, registered_model="svhn-alt"))
     made = new_finished_top_level(study, runs_before)
     assert sorted(made) == ["deepen", "main", "retrain"] and all(len(runs) == 1 for runs in made.values())
+    # the one folder `mlflow run` itself leaves in TMPDIR; none for the stages main ran
+    left = set((study.root / "tmp").iterdir()) - temporary_before
+    assert [path.is_dir() for path in left] == [True], left
     (new_retrain,), (new_deepen,) = made["retrain"], made["deepen"]
     assert new_retrain.data.tags["source_run_id"] == stage_run(study, "overfit").info.run_id
     assert new_deepen.data.tags["source_run_id"] == new_retrain.info.run_id

@@ -104,13 +104,11 @@ def mlflow_server(root: Path, data_dir: Path, *options: str, env: dict[str, str]
 def model_server(store: Store, model_uri: str):
     """`mlflow models serve` (local env, loopback) of `model_uri` from `store`; yields a function
     that posts images (N, H, W, C) to /invocations and returns the predictions. The model it
-    downloads lands in the store's folder (its TMPDIR), which MLflow never cleans up itself."""
+    downloads lands in the store's TMPDIR, which MLflow never cleans up itself."""
     port = free_port()
-    downloads = store.root / "served"
-    downloads.mkdir(exist_ok=True)
     proc = subprocess.Popen([str(VENV_BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
                              "--host", "127.0.0.1", "--port", str(port)],
-                            env=dict(store.env, TMPDIR=str(downloads)), stdout=subprocess.DEVNULL,
+                            env=store.env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
     def invoke(images) -> list:

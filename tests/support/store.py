@@ -29,8 +29,14 @@ def kept_if_failed(request, folder: Path):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def base_env(tracking_uri: str, data_dir: Path) -> dict[str, str]:
+def base_env(tracking_uri: str, data_dir: Path, root: Path) -> dict[str, str]:
     env = dict(os.environ)
+    # what the processes leave in the temporary folder goes with the store's folder: `mlflow run`
+    # makes an empty folder there on every call and never removes it (119 in one CI run), and
+    # MLflow's SQLite lock files. Ray keeps the usual one: its socket paths must stay short.
+    env["RAY_TMPDIR"] = env.get("RAY_TMPDIR") or tempfile.gettempdir()
+    env["TMPDIR"] = str(root / "tmp")
+    (root / "tmp").mkdir(parents=True, exist_ok=True)
     # `mlflow run --env-manager local` runs the entry point's `python` from PATH: ours first
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["MLFLOW_TRACKING_URI"] = tracking_uri
@@ -55,7 +61,7 @@ class Store:
         self.root = root
         self.uri = f"sqlite:///{root / 'mlflow.db'}"
         self.data_dir = data_dir
-        self.env = base_env(self.uri, data_dir)
+        self.env = base_env(self.uri, data_dir, root)
 
     def initialise(self) -> "Store":
         """Create the schema once (processes that create it at the same moment can collide), its
