@@ -110,6 +110,12 @@ def interrupted(stopped: KeyboardInterrupt, stage: str, overrides: dict[str, str
     if main_prints_the_command(stage):
         print(f"interrupted ({signal_name}): run {killed[-1]} marked KILLED", file=sys.stderr, flush=True)
         return 130
+    if stage == "train" and "resume_run_id" not in overrides and not resumable(killed[-1]):
+        # stopped in its first epoch: nothing to continue from, the same command starts afresh
+        print(f"interrupted ({signal_name}): run {killed[-1]} marked KILLED before its first epoch ended, "
+              f"so it has no checkpoint to resume from. Start again with the same command: "
+              f"{continue_command(stage, overrides)}", file=sys.stderr, flush=True)
+        return 130
     if stage == "train":  # one run, no children: it continues in place from its last.pt
         overrides = {"resume_run_id": killed[-1],
                      **({"env_manager": overrides["env_manager"]} if "env_manager" in overrides else {})}
@@ -118,6 +124,17 @@ def interrupted(stopped: KeyboardInterrupt, stage: str, overrides: dict[str, str
           f"Continue with the same command: {continue_command(stage, overrides)}",
           file=sys.stderr, flush=True)
     return 130
+
+
+def resumable(run_id: str) -> bool:
+    """Whether a stopped train run wrote the last.pt that resume_run_id continues from (assumed,
+    when the store cannot say: the resume then explains itself)."""
+    from . import checkpoints, tracking
+
+    try:
+        return tracking.has_artifact(run_id, checkpoints.LAST)
+    except Exception:  # noqa: BLE001 - a store gone mid-interrupt must not hide the hint
+        return True
 
 
 def stopped_runs_hint(err: BaseException, stage: str, overrides: dict[str, str]) -> None:

@@ -77,3 +77,26 @@ def test_main_refuses_what_it_cannot_hand_its_stages_before_its_run_exists(store
         assert cli.main(["main", *args]) == 2
         assert capsys.readouterr().err.splitlines() == [f"error: {line}"]
     assert store.runs() == []  # no FAILED main run left behind
+
+
+def test_a_train_run_stopped_in_its_first_epoch_is_started_again_and_a_later_one_resumed(store, monkeypatch,
+                                                                                          capsys, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    monkeypatch.delenv("SVHN_MAIN_RUN_ID", raising=False)
+    given = {"dataset": "synthetic", "epochs": "3"}
+
+    def hint(run_id):
+        stopped = KeyboardInterrupt("SIGINT")
+        interrupts.killed_runs(stopped).append(run_id)
+        assert cli.interrupted(stopped, "train", dict(given)) == 130
+        (line,) = capsys.readouterr().err.splitlines()
+        return line
+
+    early = store.client.create_run("0").info.run_id  # no last.pt: resume_run_id would be refused
+    assert hint(early).endswith(
+        "Start again with the same command: mlflow run . -e train --env-manager local -P dataset=synthetic -P epochs=3")
+    later = store.client.create_run("0").info.run_id
+    (tmp_path / "last.pt").write_bytes(b"weights")
+    store.client.log_artifact(later, str(tmp_path / "last.pt"), "checkpoints")
+    assert hint(later).endswith(
+        f"Continue with the same command: mlflow run . -e train --env-manager local -P resume_run_id={later}")
