@@ -108,17 +108,45 @@ def read_mat(path: Path, split: str, verify: bool) -> tuple[torch.Tensor, torch.
     except Exception as err:
         raise DataError(f"cannot read {path}: not a valid SVHN-format .mat ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''}); replace the file") from None
-    problem = svhn_problem(dataset.data, dataset.labels, from_mat=True)
+    labels = np.atleast_1d(dataset.labels)  # torchvision squeezes the y of one image to no shape
+    problem = svhn_problem(dataset.data, labels, from_mat=True)
     if problem:
-        raise DataError(f"cannot read {path}: {problem}; SVHN stores X as 32x32x3xN uint8 and y as "
-                        f"N labels 1-10 (10 for digit 0), replace the file")
+        raise DataError(f"cannot read {path}: {problem}; {SVHN_FORMAT}, replace the file")
     images = torch.from_numpy(np.ascontiguousarray(dataset.data))
-    labels = torch.from_numpy(dataset.labels.astype(np.int64))
+    labels = torch.from_numpy(labels.astype(np.int64))
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
     torch.save({"images": images, "labels": labels, "verified": verify}, tmp)
     os.replace(tmp, cache)
     return images, labels
+
+
+def mat_has_labels(path: Path) -> bool:
+    """Whether a .mat holds a y (predict also labels files that hold only X); True for a file that
+    is not a .mat at all, which read_mat then describes."""
+    import scipy.io
+
+    try:
+        return any(name == "y" for name, _, _ in scipy.io.whosmat(str(path)))
+    except Exception:  # noqa: BLE001 - read_mat says what is wrong with it
+        return True
+
+
+def read_unlabelled_mat(path: Path) -> torch.Tensor:
+    """Images (N,3,32,32) uint8 of an SVHN-format .mat that holds X and no y, checked as read_mat
+    checks them (not cached: predict reads such a file once)."""
+    import scipy.io
+
+    try:
+        x = scipy.io.loadmat(str(path), variable_names=["X"])["X"]
+    except Exception as err:  # noqa: BLE001 - any unreadable file is one line
+        raise DataError(f"cannot read {path}: not a valid SVHN-format .mat ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); replace the file") from None
+    images = np.transpose(x, (3, 2, 0, 1)) if x.ndim == 4 else x  # as torchvision's reader turns it
+    problem = svhn_problem(images, None, from_mat=True)
+    if problem:
+        raise DataError(f"cannot read {path}: {problem}; {SVHN_FORMAT}, replace the file")
+    return torch.from_numpy(np.ascontiguousarray(images))
 
 
 def file_sha256(path: Path) -> str:
@@ -166,8 +194,12 @@ class Split:
         return digest.hexdigest()
 
 
+SVHN_FORMAT = "SVHN stores X as 32x32x3xN uint8 and y as N labels 1-10 (10 for digit 0)"
+
+
 def svhn_problem(images, labels, from_mat: bool = False) -> str:
-    """What is wrong with decoded (N,3,32,32) uint8 images and (N,) labels 0-9, or ''.
+    """What is wrong with decoded (N,3,32,32) uint8 images and (N,) labels 0-9 (None: no labels to
+    check), or ''.
 
     from_mat: numpy arrays as torchvision's SVHN reader leaves them (X transposed to N,C,H,W,
     label 10 already mapped to 0), described in the file's own terms.
@@ -178,6 +210,10 @@ def svhn_problem(images, labels, from_mat: bool = False) -> str:
         return f"X has shape {x_shape}, not 32x32x3xN" if from_mat else f"images of shape {shape}"
     if dtype != "uint8":
         return f"X is {dtype}, not uint8"
+    if shape[0] == 0:
+        return "X holds no images" if from_mat else "no images"
+    if labels is None:
+        return ""
     labels_shape = tuple(labels.shape)
     if len(labels_shape) != 1 or labels_shape[0] != shape[0]:
         count = labels_shape[0] if len(labels_shape) == 1 else "x".join(map(str, labels_shape)) or 1

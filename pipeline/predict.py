@@ -38,7 +38,7 @@ def read_image(path: Path) -> np.ndarray:
             # PIL only warns between its limit and twice it: such an image is refused as well
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                return np.asarray(img.convert("RGB").resize((32, 32), Image.BILINEAR), dtype=np.uint8)
+                return np.asarray(as_shown(img).resize((32, 32), Image.BILINEAR), dtype=np.uint8)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
         found = re.search(r"\((\d+) pixels\)", str(err))
         raise PredictError(f"skipped image {path}: {found.group(1) if found else 'too many'} pixels, over "
@@ -48,6 +48,21 @@ def read_image(path: Path) -> np.ndarray:
         raise PredictError(f"cannot read image {path}: {type(err).__name__}: "
                            f"{str(err).splitlines()[0] if str(err) else 'unreadable'}; "
                            f"skipped it (replace or remove the file)") from None
+
+
+def as_shown(img):
+    """An image in 8-bit RGB as a viewer shows it: turned as its EXIF orientation says (a phone
+    stores a photo sideways and tags it), transparency over white (the hidden pixels are often
+    black, and a black digit on them vanished), 16-bit grey scaled to 8 bits (not clipped to white)."""
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I;16"):
+        img = img.convert("I").point(lambda value: value / 257).convert("L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        img = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    return img.convert("RGB")
 
 
 def folder_files(folder: Path) -> tuple[list[Path], list[str]]:
@@ -91,12 +106,15 @@ def collect(source: str) -> Inputs:
     if path.is_file() and path.suffix.lower() == ".mat":
         split = "test" if "test" in path.name else "train"
         try:
-            images, labels = data_mod.read_mat(path, split, verify=False)
+            if data_mod.mat_has_labels(path):
+                images, labels = data_mod.read_mat(path, split, verify=False)
+                inputs.labels = labels.numpy()
+            else:  # images to label, without answers: no accuracy
+                images = data_mod.read_unlabelled_mat(path)
         except data_mod.DataError as err:
             raise PredictError(str(err)) from None
         inputs.images = list(images.permute(0, 2, 3, 1).numpy())
         inputs.names = [f"{path.name}[{i}]" for i in range(len(images))]
-        inputs.labels = labels.numpy()
         return inputs
     files, refused = folder_files(path) if path.is_dir() else ([path], [])
     for line in refused:

@@ -267,3 +267,18 @@ def test_a_validation_split_that_holds_out_no_image_is_one_line(tmp_path):
                                   "on the test split")
     held = data.load(config.load("train", dict(base, val_split="0.5")))
     assert held.n_val > 0 and held.n_val + len(held.train.labels) == 20
+
+
+def test_a_mat_of_one_image_is_read_and_one_of_none_is_one_line(tmp_path):
+    image = np.zeros((32, 32, 3, 1), dtype=np.uint8)
+    image[..., 0] = 200
+    synthetic.write_mat(tmp_path / "one" / "test_32x32.mat", image, np.array([[10]], dtype=np.uint8))
+    images, labels = data.read_mat(tmp_path / "one" / "test_32x32.mat", "test", verify=False)
+    assert images.shape == (1, 3, 32, 32) and int(images.max()) == 200 and labels.tolist() == [0]
+
+    synthetic.write_mat(tmp_path / "none" / "test_32x32.mat", np.zeros((32, 32, 3, 0), dtype=np.uint8),
+                        np.zeros((0, 1), dtype=np.uint8))
+    with pytest.raises(DataError) as err:
+        data.read_mat(tmp_path / "none" / "test_32x32.mat", "test", verify=False)
+    assert str(err.value) == (f"cannot read {tmp_path / 'none' / 'test_32x32.mat'}: X holds no images; "
+                              f"{data.SVHN_FORMAT}, replace the file")

@@ -39,6 +39,27 @@ def test_a_folder_is_read_in_name_order_and_unreadable_files_are_named_not_fatal
     assert f"cannot read image {tmp_path / 'notes.txt'}" in capsys.readouterr().out
 
 
+def test_an_image_is_read_as_a_viewer_shows_it(tmp_path):
+    stored = np.zeros((32, 32, 3), dtype=np.uint8)
+    stored[:16] = 255  # white top half, as the camera stored it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: shown turned 90 degrees clockwise, so the white half is on the right
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", quality=100, exif=exif)
+    phone = predict.read_image(tmp_path / "phone.jpg")
+    assert phone[:, :16].mean() < 30 and phone[:, 16:].mean() > 225
+
+    digit = np.zeros((32, 32, 4), dtype=np.uint8)  # black everywhere, opaque only where the digit is
+    digit[8:24, 12:20, 3] = 255
+    Image.fromarray(digit, "RGBA").save(tmp_path / "sticker.png")
+    sticker = predict.read_image(tmp_path / "sticker.png")
+    assert (sticker[8:24, 12:20] == 0).all() and (sticker[:4] == 255).all()  # a black digit on white
+
+    ramp = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))  # 16-bit grey, dark to light
+    Image.fromarray(ramp).save(tmp_path / "scan.png")
+    scan = predict.read_image(tmp_path / "scan.png")
+    assert np.abs(scan[..., 0].astype(int) - np.round(ramp / 257).astype(int)).max() <= 1
+
+
 def test_a_mat_file_brings_its_labels_and_bad_inputs_are_one_line(tmp_path):
     images = np.stack([image_of(d) for d in (1, 0, 9)], axis=-1)  # SVHN's (32, 32, 3, N)
     synthetic.write_mat(tmp_path / "test_32x32.mat", images, svhn_labels(np.array([1, 0, 9])))
@@ -53,6 +74,19 @@ def test_a_mat_file_brings_its_labels_and_bad_inputs_are_one_line(tmp_path):
         with pytest.raises(PredictError, match=expected) as err:
             predict.collect(source)
         assert "\n" not in str(err.value)
+
+
+def test_a_mat_without_labels_is_labelled_without_an_accuracy(tmp_path):
+    import scipy.io
+
+    images = np.stack([image_of(d) for d in (6, 2)], axis=-1)
+    scipy.io.savemat(tmp_path / "to_label.mat", {"X": images})
+    inputs = predict.collect(str(tmp_path / "to_label.mat"))
+    assert inputs.labels is None and inputs.names == ["to_label.mat[0]", "to_label.mat[1]"]
+    assert np.array_equal(inputs.images[0], image_of(6)) and np.array_equal(inputs.images[1], image_of(2))
+    scipy.io.savemat(tmp_path / "floats.mat", {"X": images.astype(np.float32)})
+    with pytest.raises(PredictError, match=r"floats.mat: X is float32, not uint8; SVHN stores X"):
+        predict.collect(str(tmp_path / "floats.mat"))
 
 
 def test_predict_writes_each_inputs_label_and_confidence_and_reports_accuracy(tmp_path, capsys):
