@@ -8,7 +8,7 @@ holds one process once: another process that shares the folder (a Ray retry of a
 passes a point whose marker exists already.
 Points: `epoch` (after an epoch's record is written), `batch` (before a training batch),
 `takeover` (after the liveness check, before claiming a run), `cleanup` (a signal caught, before
-the run is marked KILLED).
+the run is marked KILLED), `registered` (a stage's model registered and its alias judged, before its run finishes).
 """
 from __future__ import annotations
 

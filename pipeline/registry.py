@@ -27,6 +27,8 @@ from .config import Config
 from .errors import ModelRefused
 
 CHAMPION = "champion"
+# a version's tag: the champion when it was registered, where withdrawing it puts the alias back
+CHAMPION_BEFORE = "champion_before"
 
 
 class Classifier(nn.Module):
@@ -265,8 +267,9 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData, registe
             "dataset": cfg.dataset, tracking.LINEAGE_DIGEST: lineage, "judged_on": split,
             "judged_on_digest": part.digest,
             "judged_acc": repr(challenger_acc), "arch": best.arch, "stage": cfg.stage}
-    version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
     previous = str(champion.version) if champion is not None else None
+    tags[CHAMPION_BEFORE] = previous or ""
+    version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
     registered.append((name, version, previous))
     client.set_tag(run_id, "registered_model_version", f"{name}/{version}")
     mine = f"version {version} {challenger_acc:.3f}%"
@@ -297,6 +300,23 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData, registe
         print(f"registered {name} {mine}{than} on the {judged}: alias '{CHAMPION}' "
               f"moved to version {version}", flush=True)
     return version
+
+
+def withdraw_left_by(run) -> None:
+    """Withdraw the version an unfinished `run` registered and never withdrew (its process died at
+    once: SIGKILL, out of memory, a lost machine), before the run that continues it registers the
+    same weights again: a champion of a run that never finished is not left serving."""
+    found = run.data.tags.get("registered_model_version", "")
+    if run.info.status == "FINISHED" or "/" not in found:
+        return
+    name, _, version = found.rpartition("/")
+    try:
+        left = tracking.client().get_model_version(name, version)
+    except MlflowException as err:  # withdrawn already (its run was stopped by a signal), or by hand
+        tracking.raise_if_refused(err)
+        return
+    if left.run_id == run.info.run_id:
+        withdraw([(name, version, left.tags.get(CHAMPION_BEFORE) or None)])
 
 
 def withdraw(registered: list) -> None:

@@ -110,6 +110,8 @@ def continue_earlier_runs(cfg: Config, run_id: str, stage_key: str) -> list:
     earlier = lifecycle.earlier_stage_runs(experiment_id, stage_key, run_id, finished=cfg.stage == "autotune")
     for old in earlier:  # one writer: of two commands continuing the same runs, one goes on
         lifecycle.claim(old, cfg, "continued")
+    for old in earlier:  # this run registers again, if its stage does
+        registry.withdraw_left_by(old)
     for old in earlier:
         if old.info.status == "FINISHED":  # its children move here: its result is not one to reuse
             tracking.client().set_tag(old.info.run_id, "training_key",
@@ -136,6 +138,7 @@ def resume_stage(previous, cfg: Config, dataset, resolved: Runtime) -> RunResult
     run_id = previous.info.run_id
     lineage = resolve_lineage(cfg)
     lifecycle.claim(previous, cfg, "resumed")
+    registry.withdraw_left_by(previous)  # the stage registers again as it finishes
     point_holder_at(run_id)
     client = tracking.client()
     client.update_run(run_id, status="RUNNING")

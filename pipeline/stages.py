@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 
-from . import checkpoints, executor, models, predict, registry, runner, tracking
+from . import checkpoints, executor, models, pause, predict, registry, runner, tracking
 from .aggregate import finish
 from .config import Config
 from .executor import ChildSpec
@@ -138,6 +138,7 @@ def two_phases(cfg, stage, dataset, lineage, arch: str) -> RunResult:
                                   dataset.test_images, dataset.test_labels, stage.run_id)
         # last: nothing of the run is left to fail; the session withdraws it if the stage fails after
         registry.register(stage.run_id, cfg, best, dataset, stage.registered)
+        pause.point("registered", cfg.stage, stage.run_id)
     return best
 
 

@@ -203,6 +203,24 @@ def pending_signals(pid: int) -> set:
     return {n for n in range(1, 65) if pending >> (n - 1) & 1}
 
 
+def test_a_stage_killed_outright_after_it_registered_leaves_no_version_once_continued(store, tmp_path):
+    name = "svhn-classifier-synthetic"
+    pause = Pause(tmp_path / "pause", "registered@retrain")  # its model registered, the alias moved
+    proc = start(store, "retrain", store.params({"max_epochs": "1"}), pause=pause)
+    _, killed_id = pause.wait("registered-1", proc)
+    left = store.client.get_model_version_by_alias(name, "champion")
+    assert left.run_id == killed_id
+    os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: nothing withdraws the version
+    proc.wait(timeout=60)
+    assert store.client.get_run(killed_id).info.status == "RUNNING"
+    again = store.mlflow_run("retrain", store.params({"max_epochs": "1"}))
+    assert f"withdrew {name} version {left.version}: its run did not finish" in again.stdout
+    (version,) = store.client.search_model_versions(f"name = '{name}'")  # the killed run's is gone
+    (finished,) = [r for r in store.top_level("retrain") if r.info.status == "FINISHED"]
+    assert version.run_id == finished.info.run_id != killed_id
+    assert store.client.get_model_version_by_alias(name, "champion").version == version.version
+
+
 def test_sigint_then_sigterm_mid_epoch_ends_the_run_killed_and_the_printed_command_continues_it(store, tmp_path):
     # 2 batches an epoch: batch 4 is epoch 2's second; held again in the cleanup, where the SIGTERM lands
     pause = Pause(tmp_path / "pause", "batch:4,cleanup")

@@ -218,6 +218,26 @@ def test_withdraw_puts_the_alias_back_only_if_it_still_points_at_the_withdrawn_v
     assert champion(local, "m-withdraw") == other and versions() == {first, other}
 
 
+def test_a_version_left_by_a_run_that_died_unfinished_is_withdrawn_and_the_alias_put_back(local, colour_data,
+                                                                                           capsys):
+    cfg, dataset = load(colour_data, "m-left")
+    first, _ = register(local, cfg, dataset, ABSENT, capsys)
+    dead = constant_result(local, PRESENT, dataset.digest)
+    left = registry.register(dead.run_id, cfg, dead, dataset, [])  # then SIGKILL: nothing withdrew it
+    assert champion(local, "m-left") == left
+    finished = constant_result(local, PRESENT, dataset.digest)
+    kept = registry.register(finished.run_id, cfg, finished, dataset, [])  # a tie: the alias stays
+    local.client.set_terminated(finished.run_id, "FINISHED")
+    registry.withdraw_left_by(local.client.get_run(finished.run_id))  # a finished run's stays
+    registry.withdraw_left_by(local.client.get_run(dead.run_id))
+    assert f"withdrew m-left version {left}: its run did not finish; alias 'champion' back on version {first}" \
+        in capsys.readouterr().out
+    assert champion(local, "m-left") == first
+    assert {str(v.version) for v in local.client.search_model_versions("name='m-left'")} == {first, kept}
+    registry.withdraw_left_by(local.client.get_run(dead.run_id))  # withdrawn already: nothing to do
+    assert capsys.readouterr().out == ""
+
+
 class RunsCode(nn.Module):
     """Unpickling this module runs a shell command: what a planted pickle-format model could do."""
 
