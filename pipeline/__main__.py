@@ -52,8 +52,9 @@ def run(stage: str, overrides: dict[str, str]) -> int:
     runtime.tune_allocator()  # before the first tensor: MyVgg's epoch on CPU took 1.6x as long without
     cfg = config.load(stage, overrides)  # every value checked before any work
     if stage == "main":  # and what main hands its stages, before main's run exists
-        workflow.stage_overrides(overrides)
-        workflow.autotune_overrides(overrides)
+        shared, for_autotune = workflow.stage_overrides(overrides), workflow.autotune_overrides(overrides)
+        if cfg.tuner == "optuna":  # as the autotune stage loads it: its yaml, the scale, the caps
+            config.load("autotune", {**shared, **for_autotune})
     checks = []
     if stage == "autotune" or (stage == "main" and cfg.tuner == "optuna"):
         import mlflow

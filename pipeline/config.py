@@ -335,7 +335,8 @@ def apply_caps(cfg: Config) -> Config:
 
 
 def check_epoch_budget(cfg: Config) -> Config:
-    if 0 < cfg.epoch_budget < cfg.trial_epochs:  # after the caps: what trial_epochs will be
+    """autotune's budget against its trials (main's budget is checked as autotune will load it)."""
+    if cfg.stage == "autotune" and 0 < cfg.epoch_budget < cfg.trial_epochs:  # after the caps
         raise ConfigError(f"epoch_budget={cfg.epoch_budget} is below trial_epochs={cfg.trial_epochs}: no trial "
                           f"could start; raise it to at least {cfg.trial_epochs}, or 0 for no budget")
     return cfg

@@ -4,7 +4,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from pipeline import __main__ as cli
-from pipeline import interrupts, session
+from pipeline import config, interrupts, session
 from pipeline.errors import ChildFailed, ConfigError
 
 
@@ -73,10 +73,17 @@ def test_main_refuses_what_it_cannot_hand_its_stages_before_its_run_exists(store
     for args, line in ((["--lr", "0.1"], "main does not pass 'lr' on to the stages: set it in params/<stage>.yaml "
                                          "or run that stage alone with -P lr=..."),
                        (["--n_trials", "3"], "main passes n_trials to the autotune stage, which runs with "
-                                             "-P tuner=optuna only: add it, or drop n_trials")):
+                                             "-P tuner=optuna only: add it, or drop n_trials"),
+                       # a trial at the demo scale is 2 epochs (params/scale_demo.yaml), not the default 10
+                       (["--tuner", "optuna", "--scale", "demo", "--epoch_budget", "1"],
+                        "epoch_budget=1 is below trial_epochs=2: no trial could start; raise it to at least 2, "
+                        "or 0 for no budget")):
         assert cli.main(["main", *args]) == 2
         assert capsys.readouterr().err.splitlines() == [f"error: {line}"]
     assert store.runs() == []  # no FAILED main run left behind
+    # what the autotune stage accepts, main accepts: 6 epochs hold 3 trials of 2
+    assert config.load("main", {"tuner": "optuna", "scale": "demo", "epoch_budget": "6"}).epoch_budget == 6
+    assert config.load("autotune", {"scale": "demo", "epoch_budget": "6"}).trial_epochs == 2
 
 
 def test_a_train_run_stopped_in_its_first_epoch_is_started_again_and_a_later_one_resumed(store, monkeypatch,
