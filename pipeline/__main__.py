@@ -53,8 +53,8 @@ def run(stage: str, overrides: dict[str, str]) -> int:
     cfg = config.load(stage, overrides)  # every value checked before any work
     if stage == "main":  # and what main hands its stages, before main's run exists
         shared, for_autotune = workflow.stage_overrides(overrides), workflow.autotune_overrides(overrides)
-        if cfg.tuner == "optuna":  # as the autotune stage loads it: its yaml, the scale, the caps
-            config.load("autotune", {**shared, **for_autotune})
+        for chained in workflow.CHAINS[cfg.tuner]:  # as each stage loads it: its yaml, the scale, the caps
+            config.load(chained, {**shared, **(for_autotune if chained == "autotune" else {})})
     checks = []
     if stage == "autotune" or (stage == "main" and cfg.tuner == "optuna"):
         import mlflow

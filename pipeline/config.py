@@ -292,7 +292,7 @@ def load(stage: str, overrides: Mapping[str, Any] | None = None) -> Config:
     merged["stage"] = stage
     values = {name: parse_value(name, raw) for name, raw in merged.items()}
     check_sweep_overrides(values, overrides or {})
-    return check_epoch_budget(apply_caps(validate(Config(**values))))
+    return check_repeat_seeds(check_epoch_budget(apply_caps(validate(Config(**values)))))
 
 
 def scale_names() -> list[str]:
@@ -339,6 +339,15 @@ def check_epoch_budget(cfg: Config) -> Config:
     if cfg.stage == "autotune" and 0 < cfg.epoch_budget < cfg.trial_epochs:  # after the caps
         raise ConfigError(f"epoch_budget={cfg.epoch_budget} is below trial_epochs={cfg.trial_epochs}: no trial "
                           f"could start; raise it to at least {cfg.trial_epochs}, or 0 for no budget")
+    return cfg
+
+
+def check_repeat_seeds(cfg: Config) -> Config:
+    """Repeat r trains with seed + r: the last repeat's seed must be one numpy takes too."""
+    last = cfg.seed + cfg.repeats - 1
+    if last >= 2 ** 31:
+        raise ConfigError(f"seed={cfg.seed} with repeats={cfg.repeats} seeds its last repeat with {last}: allowed "
+                          f"seed + repeats - 1 < 2147483648; lower it with -P seed=<value>")
     return cfg
 
 

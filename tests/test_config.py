@@ -276,3 +276,12 @@ def test_every_field_is_in_exactly_one_section_in_declaration_order():
                                         "gpus_per_trial": 0.0, "max_retries": 3}
     # sections change no name: every param is logged flat, as -P spells it
     assert set(cfg.to_params()) == set(declared)
+
+
+def test_the_last_repeats_seed_is_checked_with_the_seed_before_any_run():
+    assert config.load("model_selection", {"seed": str(2 ** 31 - 5)}).repeats == 5  # seeds up to 2**31 - 1
+    with pytest.raises(ConfigError) as err:
+        config.load("model_selection", {"seed": str(2 ** 31 - 4)})
+    assert str(err.value) == ("seed=2147483644 with repeats=5 seeds its last repeat with 2147483648: allowed "
+                              "seed + repeats - 1 < 2147483648; lower it with -P seed=<value>")
+    assert config.load("model_selection", {"seed": str(2 ** 31 - 4), "max_repeats": "4"}).repeats == 4  # capped
