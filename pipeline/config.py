@@ -292,6 +292,7 @@ def load(stage: str, overrides: Mapping[str, Any] | None = None) -> Config:
     merged["stage"] = stage
     values = {name: parse_value(name, raw) for name, raw in merged.items()}
     check_sweep_overrides(values, overrides or {})
+    check_registry_overrides(values, overrides or {})
     return check_repeat_seeds(check_epoch_budget(apply_caps(validate(Config(**values)))))
 
 
@@ -362,6 +363,20 @@ def check_sweep_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any
             raise ConfigError(
                 f"-P {scalar}={overrides[scalar]} would be ignored: stage {values['stage']} sweeps "
                 f"{sweep}={points}; pass -P {sweep}={overrides[scalar]} for a one-point sweep")
+
+
+REGISTERING = ("retrain", "deepen")  # the stages whose result goes to the model registry
+
+
+def check_registry_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
+    """-P register / promote where nothing would register: refused, never silently ignored."""
+    for name in ("register", "promote"):
+        if name in overrides and values["stage"] not in REGISTERING:
+            raise ConfigError(f"-P {name}={overrides[name]} would be ignored: stage {values['stage']} registers "
+                              f"no model ({' and '.join(REGISTERING)} do); drop it")
+    if "promote" in overrides and values.get("promote") and not values.get("register"):
+        raise ConfigError(f"-P promote={overrides['promote']} would be ignored: stage {values['stage']} runs with "
+                          f"register=false; add -P register=true, or drop promote")
 
 
 def from_params(params: Mapping[str, str]) -> Config:

@@ -285,3 +285,19 @@ def test_the_last_repeats_seed_is_checked_with_the_seed_before_any_run():
     assert str(err.value) == ("seed=2147483644 with repeats=5 seeds its last repeat with 2147483648: allowed "
                               "seed + repeats - 1 < 2147483648; lower it with -P seed=<value>")
     assert config.load("model_selection", {"seed": str(2 ** 31 - 4), "max_repeats": "4"}).repeats == 4  # capped
+
+
+def test_register_and_promote_where_nothing_registers_are_refused_not_ignored():
+    assert config.load("deepen", {"register": "false"}).register is False
+    assert config.load("retrain", {"promote": "true"}).promote is True  # retrain registers
+    for stage, given, line in (
+            ("train", {"register": "true"}, "-P register=true would be ignored: stage train registers no model "
+                                            "(retrain and deepen do); drop it"),
+            ("tune_lr", {"promote": "true"}, "-P promote=true would be ignored: stage tune_lr registers no model "
+                                             "(retrain and deepen do); drop it"),
+            ("retrain", {"register": "false", "promote": "true"},
+             "-P promote=true would be ignored: stage retrain runs with register=false; add -P register=true, "
+             "or drop promote")):
+        with pytest.raises(ConfigError) as err:
+            config.load(stage, given)
+        assert str(err.value) == line
