@@ -20,6 +20,12 @@ SPEED = ("compile", "eval_bs")
 # num_workers is one only for the tensor pipeline
 VOLATILE = ("log_every", "resume_run_id", "env_manager", "num_workers", "force", "promote", "data_dir",
             "download", "checkpoint_every", *SECTIONS["execution"], *TUNING_EXECUTION, *SPEED)
+# what the data digest counts already: the files' bytes (a synthetic set's size makes other bytes;
+# verify only checks them)
+DATA_MADE = ("verify", "synthetic_train", "synthetic_test")
+# the choices as given (auto|cpu|cuda, auto|fp32|bf16): the key holds what they resolve to, so
+# -P device=cpu on a machine without a GPU is the run that device=auto made there
+RESOLVED = ("device", "precision")
 
 
 def code_version() -> str:
@@ -38,7 +44,7 @@ def training_key(cfg: Config, data_digest: str, runtime: Runtime) -> str:
     """Hash of everything that decides a result: params, code version, the data's digest, and
     the device type and precision the stage runs with."""
     params = cfg.to_params()
-    for volatile in VOLATILE:
+    for volatile in (*VOLATILE, *DATA_MADE, *RESOLVED):
         if volatile == "num_workers" and cfg.data_pipeline == "torchvision":
             continue  # its DataLoader's workers draw crops and rotations from their own seeds
         params.pop(volatile, None)

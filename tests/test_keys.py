@@ -19,7 +19,11 @@ VOLATILE = {"log_every", "resume_run_id", "env_manager", "num_workers", "force",
             # where an Optuna study is kept and how many trials are asked at once (like executor)
             "optuna_storage", "trial_batch",
             # how fast the same arithmetic runs: compiled kernels, the evaluation batch size
-            "compile", "eval_bs"}
+            "compile", "eval_bs",
+            # what the data digest counts already: the files' bytes
+            "verify", "synthetic_train", "synthetic_test",
+            # as given: the key holds the device type and precision they resolve to
+            "device", "precision"}
 
 
 def key(stage="train", digest="d" * 64, **overrides):
@@ -50,14 +54,19 @@ def test_training_key_changes_with_parent_run_id():
 
 @pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(config.Config)])
 def test_training_key_covers_every_param_that_decides_the_result(name):
-    if name == "device":  # enters as the device type it resolves to: see the precision/device test
-        return
     cfg = config.load("train")
     other = dataclasses.replace(cfg, **{name: changed(getattr(cfg, name))})
     if name in VOLATILE:
         assert keys.training_key(other, "d" * 64, CPU) == keys.training_key(cfg, "d" * 64, CPU)
     else:
         assert keys.training_key(other, "d" * 64, CPU) != keys.training_key(cfg, "d" * 64, CPU)
+
+
+def test_device_and_precision_count_as_what_they_resolve_to():
+    auto, chosen = config.load("train"), config.load("train", {"device": "cpu", "precision": "fp32"})
+    # main -P device=cpu after a main with the defaults, on a machine where auto resolved the same:
+    # reused (the runtime itself is in the key: test_the_runtime_a_stage_resolved_is_part_of_its_keys)
+    assert keys.training_key(auto, "d" * 64, CPU) == keys.training_key(chosen, "d" * 64, CPU)
 
 
 def test_num_workers_counts_only_where_its_workers_draw_the_augmentation():
