@@ -17,6 +17,7 @@ import torch
 from . import batching, checkpoints, interrupts, lifecycle, models, pause, plots, sysmetrics, tracking, train
 from . import data as data_mod
 from .config import Config
+from .errors import CheckpointError
 from .keys import child_key
 from .rng import seed_everything
 from .runtime import Runtime
@@ -219,9 +220,9 @@ def child_run(stage: Stage, name: str, cfg: Config, dataset: data_mod.SVHNData, 
         return result_from_record(found.info.run_id, arch, keep_final)
     trained = dict(arch=arch, runtime=runtime, stage_run_id=parent_run_id, keep_final=keep_final,
                    callbacks=callbacks, task=task)
-    if resumable:
+    state = resumable_state(found.info.run_id, arch, name) if resumable else None
+    if state is not None:
         child_id = found.info.run_id
-        state = checkpoints.resume_state(child_id, arch)
         lifecycle.claim(found, cfg, "resumed", task=task)
         adopt(child_id, parent_run_id)
         log(f"{name}: resuming child run {child_id} after epoch {state['epoch']}")
@@ -230,7 +231,7 @@ def child_run(stage: Stage, name: str, cfg: Config, dataset: data_mod.SVHNData, 
             result = train_in_run(child_id, cfg, dataset, resume=state, **trained)
         finished(child_id)  # once FINISHED: a kill before that still finds last.pt
         return result
-    if found is not None:  # stopped before its first epoch ended: nothing to keep
+    if found is not None:  # stopped before its first epoch ended, or its last.pt is unusable: nothing to keep
         lifecycle.claim(found, cfg, "replaced", task=task)
         if found.info.status == "RUNNING":
             tracking.end_run(found.info.run_id, "KILLED")
@@ -240,6 +241,18 @@ def child_run(stage: Stage, name: str, cfg: Config, dataset: data_mod.SVHNData, 
         result = train_in_run(run_id, cfg, dataset, init_state=init_state, **trained)
     finished(run_id)
     return result
+
+
+def resumable_state(child_id: str, arch: str, name: str) -> dict | None:
+    """The child's last.pt as resume_state checks it, or None when it cannot be resumed (damaged,
+    not plain data, another format): refused unread, the child is trained again from its start, as
+    the stage's rerun would otherwise stop at the same file every time."""
+    try:
+        return checkpoints.resume_state(child_id, arch)
+    except CheckpointError as err:
+        why = str(err).rsplit(": ", 1)[0]  # less the advice, which is for a resume_run_id
+        log(f"{name}: child run {child_id} cannot be resumed ({why}); training it again from its start")
+        return None
 
 
 def adopt(child_id: str, parent_run_id: str) -> None:

@@ -67,6 +67,22 @@ def test_only_an_adoptable_earlier_stage_runs_children_are_taken_over(tiny):
     assert store.client.get_run(trained.run_id).data.tags["mlflow.parentRunId"] == continuing.run_id
 
 
+def test_a_child_whose_last_pt_cannot_be_resumed_is_trained_again_not_a_dead_end(tiny, tmp_path, capsys):
+    store, cfg, dataset = tiny
+    stage = runner.Stage(store.client.create_run("0").info.run_id, CPU)
+    stopped = child(stage, cfg, dataset)
+    store.client.update_run(stopped.run_id, status="KILLED")  # as if killed mid-child...
+    (tmp_path / "last.pt").write_bytes(b"damaged on its way to the store")  # ...with a last.pt no loader takes
+    store.client.log_artifact(stopped.run_id, str(tmp_path / "last.pt"), "checkpoints")
+    capsys.readouterr()
+    again = child(stage, cfg, dataset)
+    assert again.run_id != stopped.run_id and store.steps(again.run_id, "test_acc") == [1]
+    assert f"point: child run {stopped.run_id} cannot be resumed (run {stopped.run_id}: checkpoints/last.pt is not " \
+           f"plain data (Unsupported operand 100), so it was refused unread); training it again from its start" \
+        in capsys.readouterr().out
+    assert store.client.get_run(stopped.run_id).data.tags["training_key"].startswith("superseded-")
+
+
 def test_a_child_keyed_on_another_runtime_is_not_reused(tiny):
     store, cfg, dataset = tiny
     stage = runner.Stage(store.client.create_run("0").info.run_id, CPU)
