@@ -284,6 +284,9 @@ def load(stage: str, overrides: Mapping[str, Any] | None = None) -> Config:
     """defaults.yaml <- <stage>.yaml <- overrides, each value parsed and the result validated."""
     if stage not in STAGES:
         raise ConfigError(f"unknown stage '{stage}': use one of {', '.join(STAGES)}")
+    if "stage" in (overrides or {}):  # it would be overwritten below, silently
+        raise ConfigError(f"-P stage={overrides['stage']} is not a parameter: the entry point names the stage; "
+                          f"run `mlflow run . -e {overrides['stage']}` instead")
     merged: dict[str, Any] = {}
     merged.update(read_yaml(PARAMS_DIR / "defaults.yaml"))
     merged.update(read_yaml(PARAMS_DIR / f"{stage}.yaml"))

@@ -301,3 +301,10 @@ def test_register_and_promote_where_nothing_registers_are_refused_not_ignored():
         with pytest.raises(ConfigError) as err:
             config.load(stage, given)
         assert str(err.value) == line
+
+
+def test_the_stage_is_the_entry_point_never_a_parameter():
+    with pytest.raises(ConfigError) as err:
+        config.load("train", {"stage": "deepen"})
+    assert str(err.value) == ("-P stage=deepen is not a parameter: the entry point names the stage; "
+                              "run `mlflow run . -e deepen` instead")
