@@ -52,6 +52,8 @@ def stage_overrides(overrides: dict[str, str]) -> dict[str, str]:
     for key, value in overrides.items():
         if key in AS_CAPS:
             shared[AS_CAPS[key]] = value
+        elif key == "data_dir" and value:  # the stages run in the project folder, main maybe elsewhere
+            shared[key] = str(Path(value).expanduser().resolve())
         elif key in SHARED:
             shared[key] = value
         elif key not in MAIN_ONLY + FOR_AUTOTUNE:

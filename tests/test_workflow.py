@@ -55,7 +55,7 @@ def test_a_new_upstream_run_makes_main_use_the_runs_made_from_it(store, monkeypa
 
 
 
-def test_main_hands_on_whole_sections_and_autotune_gets_its_study_section():
+def test_main_hands_on_whole_sections_and_autotune_gets_its_study_section(monkeypatch, tmp_path):
     assert set(workflow.SHARED) == {
         "scale", "max_epochs", "max_repeats",  # how big the study is
         "dataset", "data_dir", "verify", "download", "limit_train", "limit_test", "val_split", "data_seed",
@@ -69,3 +69,6 @@ def test_main_hands_on_whole_sections_and_autotune_gets_its_study_section():
         {"n_trials": "3", "optuna_storage": "sqlite:///x.db"}
     with pytest.raises(ConfigError, match="main does not pass 'lr' on to the stages"):
         workflow.stage_overrides({"lr": "0.1"})
+    # a relative folder as main's working directory reads it: the stages run in the project's
+    monkeypatch.chdir(tmp_path)
+    assert workflow.stage_overrides({"data_dir": "digits"}) == {"data_dir": str(tmp_path.resolve() / "digits")}
