@@ -130,6 +130,7 @@ def connect(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
+    check_reachable(cfg.ray_address)
     held = os.environ.pop("MLFLOW_RUN_ID", None)
     try:
         with interrupts.critical():  # a Ray started halfway is not stopped cleanly: Ctrl-C waits
@@ -150,6 +151,31 @@ def connect(cfg: Config) -> None:
         f"{len([n for n in ray.nodes() if n['Alive']])} node(s), resources {ray.cluster_resources()}")
 
 
+def check_reachable(address: str) -> None:
+    """A GCS address (host:port) where nothing listens is refused at once: ray.init retries it 20
+    times at about 45 s each before it gives up."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:  # "", local, auto, ray://: Ray's own checks
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as err:
+        raise ConfigError(f"could not reach Ray at ray_address={address}: nothing answers there "
+                          f"({type(err).__name__}); start it with `ray start --head` or leave ray_address "
+                          f"empty for a local Ray") from None
+
+
+def placement_problem(nodes: list[dict], cpus_per_trial: float, gpus_per_trial: float) -> str:
+    """Why a child needing these resources fits none of the live `nodes` (ray.nodes()), or ''. One
+    node must hold both: CPUs on one and a GPU on another place nothing."""
+    sizes = [(n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in nodes]
+    if any(cpus >= cpus_per_trial and gpus >= gpus_per_trial for cpus, gpus in sizes):
+        return ""
+    found = "; ".join(f"{cpus:g} CPUs {gpus:g} GPUs" for cpus, gpus in sorted(set(sizes), reverse=True))
+    return (f"cpus_per_trial={cpus_per_trial:g} gpus_per_trial={gpus_per_trial:g} fits no Ray node "
+            f"(its nodes: {found}): lower them")
+
+
 def check_cluster(cfg: Config) -> None:
     """What the cluster (joined, or started here) can place: nodes beyond this machine need a
     server; a child that fits no node would wait forever; a GPU left unused for CPU-only children
@@ -159,12 +185,10 @@ def check_cluster(cfg: Config) -> None:
     check_tracking(cfg)  # before connecting: an explicit address elsewhere is refused at once
     connect(cfg)
     nodes = [n for n in ray.nodes() if n["Alive"]]
-    cpus = max(n["Resources"].get("CPU", 0) for n in nodes)
-    gpus = max(n["Resources"].get("GPU", 0) for n in nodes)
-    if cfg.cpus_per_trial > cpus or cfg.gpus_per_trial > gpus:
-        raise ConfigError(f"cpus_per_trial={cfg.cpus_per_trial:g} gpus_per_trial={cfg.gpus_per_trial:g} "
-                          f"fits no Ray node (the largest has {cpus:g} CPUs, {gpus:g} GPUs): lower them")
-    if gpus and not cfg.gpus_per_trial and cfg.device != "cpu":
+    problem = placement_problem(nodes, cfg.cpus_per_trial, cfg.gpus_per_trial)
+    if problem:
+        raise ConfigError(problem)
+    if any(n["Resources"].get("GPU", 0) for n in nodes) and not cfg.gpus_per_trial and cfg.device != "cpu":
         raise ConfigError("the Ray cluster has GPUs but gpus_per_trial=0 would train every child on CPU: "
                           "set -P gpus_per_trial=0.25 (four children a GPU), or -P device=cpu")
 

@@ -14,8 +14,10 @@ import time
 import pytest
 import torch
 
-from support.processes import Pause, mlflow_server
+from support.processes import Pause, free_port, mlflow_server
 from support.store import PROJECT, Store, VENV_BIN, kept_if_failed
+from pipeline import cluster, config
+from pipeline.errors import ConfigError
 from pipeline.lifecycle import parse_stamp
 from pipeline.workflow import CHAINS
 
@@ -97,9 +99,30 @@ def test_a_child_that_fits_no_node_of_the_local_ray_is_refused_before_any_run(st
     cpus = f"{os.cpu_count():g}"  # the local Ray started for the check: this machine's CPUs
     # (Ray's own start-up notice may come before it on stderr)
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
-        f"error: cpus_per_trial=999 gpus_per_trial=0 fits no Ray node (the largest has {cpus} CPUs, "
-        f"0 GPUs): lower them"]
+        f"error: cpus_per_trial=999 gpus_per_trial=0 fits no Ray node (its nodes: {cpus} CPUs 0 GPUs): lower them"]
     assert store.runs() == []
+
+
+def test_a_child_must_fit_one_node_not_the_largest_figures_of_two():
+    def node(cpus, gpus=0):
+        return {"Alive": True, "Resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}}
+
+    nodes = [node(16), node(4, 1)]  # 8 CPUs on the first, the GPU on the second: nowhere both
+    assert cluster.placement_problem(nodes, 8, 1) == \
+        "cpus_per_trial=8 gpus_per_trial=1 fits no Ray node (its nodes: 16 CPUs 0 GPUs; 4 CPUs 1 GPUs): lower them"
+    assert cluster.placement_problem(nodes, 4, 1) == cluster.placement_problem(nodes, 16, 0) == ""
+
+
+def test_a_ray_address_where_nothing_listens_is_refused_at_once():
+    import ray
+
+    address = f"127.0.0.1:{free_port()}"  # ray.init would retry it for about 15 minutes
+    with pytest.raises(ConfigError) as err:
+        cluster.connect(config.load("tune_lr", {"executor": "ray", "ray_address": address}))
+    assert str(err.value) == (f"could not reach Ray at ray_address={address}: nothing answers there "
+                              f"(ConnectionRefusedError); start it with `ray start --head` or leave ray_address "
+                              f"empty for a local Ray")
+    assert not ray.is_initialized()
 
 
 # -- a worker that dies ------------------------------------------------------------------------------
@@ -188,7 +211,7 @@ def test_sqlite_study_storage_follows_the_tracking_stores_rule_on_a_one_machine_
     cluster fixture is up, since a bare ray.init() joins the newest Cluster.)"""
     import ray
 
-    from pipeline import cluster, config, tuning
+    from pipeline import tuning
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
