@@ -59,10 +59,10 @@ def run(stage: str, overrides: dict[str, str]) -> int:
     if stage == "autotune" or (stage == "main" and cfg.tuner == "optuna"):
         import mlflow
 
-        from .autotune import storage_url
+        from .tuning import reachable_storage
 
         # its own store: not the MLflow db, and reachable where trials run (main: before baseline trains)
-        checks.append(lambda: storage_url(cfg, mlflow.get_tracking_uri()))
+        checks.append(lambda: reachable_storage(cfg, mlflow.get_tracking_uri()))
     check_before_runs(cfg, *checks)  # executor=ray: stores every node reaches, children that fit a node
     # main's stages run with what it resolves here (device=cuda on a machine without one: stop now)
     resolved = runtime.of(cfg) if stage == "main" else None

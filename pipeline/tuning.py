@@ -126,6 +126,21 @@ def storage_url(cfg: Config, tracking_uri: str) -> str:
     return url
 
 
+def reachable_storage(cfg: Config, tracking_uri: str) -> str:
+    """storage_url, opened once: a database Optuna cannot open (a folder that is not there, a
+    server that is down, a driver not installed) is one line before any run exists."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    url = storage_url(cfg, tracking_uri)
+    try:
+        open_storage(url).engine.dispose()
+    except (SQLAlchemyError, ImportError, ValueError, OSError) as err:
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        raise ConfigError(f"cannot open optuna_storage={redacted(url)} ({type(err).__name__}: {reason}): pass a "
+                          f"database Optuna can reach, or leave it empty for one beside the tracking store") from None
+    return url
+
+
 def redacted(url: str) -> str:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError

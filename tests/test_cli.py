@@ -107,3 +107,13 @@ def test_a_train_run_stopped_in_its_first_epoch_is_started_again_and_a_later_one
     store.client.log_artifact(later, str(tmp_path / "last.pt"), "checkpoints")
     assert hint(later).endswith(
         f"Continue with the same command: mlflow run . -e train --env-manager local -P resume_run_id={later}")
+
+
+def test_an_optuna_storage_that_cannot_be_opened_is_one_line_before_any_run(store, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    nowhere = f"sqlite:///{tmp_path}/no-such-folder/optuna.db"
+    assert cli.main(["autotune", "--optuna_storage", nowhere]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: cannot open optuna_storage={nowhere} (OperationalError: (sqlite3.OperationalError) unable to open "
+        f"database file): pass a database Optuna can reach, or leave it empty for one beside the tracking store"]
+    assert store.runs() == []
