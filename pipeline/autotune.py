@@ -46,8 +46,9 @@ from .errors import LineageError  # noqa: E402
 from .executor import ChildSpec  # noqa: E402
 from .lineage import Lineage, stage_arch  # noqa: E402
 from .runner import RunResult, Stage, log  # noqa: E402
-from .tuning import (Heartbeats, SearchSpace, TrialRef, build_pruner, epoch_hook, open_storage,  # noqa: E402
-                     redacted, sampler, selection_value, short, storage_url, study_name, trial_name)
+from .tuning import (GRACE_PERIOD_S, Heartbeats, SearchSpace, TrialRef, build_pruner, epoch_hook,  # noqa: E402
+                     open_storage, redacted, sampler, selection_value, short, storage_url, study_name,
+                     trial_name)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -328,6 +329,13 @@ class Tuner:
 
     def conclude(self, results: dict[int, RunResult]) -> RunResult:
         states = {t.number: t.state for t in self.study.get_trials(deepcopy=False)}
+        if not results:  # nothing to choose from: say why, not that checkpoints were deleted
+            live = sum(state == TrialState.RUNNING for state in states.values())
+            failed = sum(state == TrialState.FAIL for state in states.values())
+            raise LineageError(
+                f"no trial of study {self.name} has finished: {live} in flight from another driver, {failed} "
+                f"failed; wait for that driver and run again, or, if it is gone, run again after Optuna's "
+                f"{GRACE_PERIOD_S} s grace period or with -P force=true")
         ordered = [results[n] for n in sorted(results)]
         complete = [results[n] for n in sorted(results) if states[n] == TrialState.COMPLETE]
         # a study's finished trials are never asked again: more trials are what train new children

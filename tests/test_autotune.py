@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline import autotune, config, lineage, runtime, tuning, workflow
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, LineageError
 from pipeline.runner import Stage
 from pipeline.train import EpochEnd, EpochResult, History
 
@@ -264,6 +264,20 @@ def test_a_trial_whose_driver_died_is_retried_by_optunas_heartbeat_and_a_live_on
     assert spec.name == specs[dead.number].name and spec.name.startswith("autotune #0 ")
     assert retried.user_attrs["child_key"] == dead.user_attrs["child_key"]  # finds the child run again
     assert spec.cfg == specs[dead.number].cfg
+
+
+def test_a_study_whose_every_trial_is_another_drivers_says_so_not_that_checkpoints_are_gone(store, monkeypatch):
+    cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, n_trials="1")
+    theirs = tuner.study.ask()
+    tuner.spec(theirs)
+    child_of(store, stage_run, theirs)
+    beat(tuner, theirs)  # their driver beats: the trial is left to it, and nothing is asked here
+    again = autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())
+    with pytest.raises(LineageError) as err:
+        again.tune()
+    assert str(err.value) == (
+        f"no trial of study {again.name} has finished: 1 in flight from another driver, 0 failed; wait for that "
+        f"driver and run again, or, if it is gone, run again after Optuna's 60 s grace period or with -P force=true")
 
 
 def test_a_trial_that_keeps_killing_its_driver_is_given_up_after_max_retries(store, monkeypatch):
