@@ -53,7 +53,10 @@ def first_holding_weights(ranked: list[tuple[str, str]]) -> str:
     the others are named. A run deleted in the UI keeps its files, but reuse no longer sees it, so
     neither does a choice of weights."""
     for run_id, name in ranked:
-        if tracking.client().get_run(run_id).info.lifecycle_stage == "deleted":
+        run = tracking.stored_run(run_id)
+        if run is None:
+            log(f"{name} ({run_id}) {tracking.GONE}")
+        elif run.info.lifecycle_stage == "deleted":
             log(f"{name} ({run_id}) was deleted: passed over")
         elif tracking.has_artifact(run_id, checkpoints.BEST):
             return run_id

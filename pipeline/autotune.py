@@ -267,7 +267,11 @@ class Tuner:
             child_id = frozen.user_attrs.get("mlflow_run_id")
             if not child_id:
                 continue
-            parent = tracking.client().get_run(child_id).data.tags.get("mlflow.parentRunId")
+            child = tracking.stored_run(child_id)
+            if child is None:  # the study goes on without it, as without a deleted best.pt
+                log(f"autotune: trial #{self.number(frozen.number)} ({child_id}) {tracking.GONE}")
+                continue
+            parent = child.data.tags.get("mlflow.parentRunId")
             if parent in self.stage.adoptable:
                 runner.adopt(child_id, self.run_id)
             results[frozen.number] = runner.result_from_record(child_id, self.arch)

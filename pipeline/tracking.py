@@ -272,6 +272,20 @@ def get_run(run_id: str, role: str = "parent"):
                            f"(see the MLflow UI or `mlflow runs list`)") from None
 
 
+def stored_run(run_id: str):
+    """The run, or None when the store no longer has it (deleted for good: `mlflow gc`)."""
+    try:
+        return client().get_run(run_id)
+    except MlflowException as err:
+        raise_if_refused(err)
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+GONE = "is gone from the store (deleted for good): passed over"
+
+
 # -- reuse -------------------------------------------------------------------------------------
 
 def find_finished_run(experiment_id: str, training_key: str):

@@ -280,6 +280,16 @@ def test_a_study_whose_every_trial_is_another_drivers_says_so_not_that_checkpoin
         f"driver and run again, or, if it is gone, run again after Optuna's 60 s grace period or with -P force=true")
 
 
+def test_a_trial_whose_child_run_was_deleted_for_good_is_passed_over(store, monkeypatch, capsys):
+    cfg, dataset, stage_run, tuner = study_of(store, monkeypatch)
+    trial = tuner.study.ask()
+    trial.set_user_attr("mlflow_run_id", "f" * 32)  # its child run purged since (`mlflow gc`)
+    tuner.study.tell(trial, 50.0)
+    assert tuner.earlier_results() == {} and tuner.incumbent() == ""  # every later command went on failing
+    out = capsys.readouterr().out
+    assert out.count(f"autotune: trial #0 ({'f' * 32}) is gone from the store (deleted for good): passed over") == 2
+
+
 def test_a_trial_that_keeps_killing_its_driver_is_given_up_after_max_retries(store, monkeypatch):
     """With max_retries=1 a stale trial is queued again once; when its retry goes stale too, it
     is failed for good (its child run FAILED), not queued a third time."""
