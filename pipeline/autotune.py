@@ -159,7 +159,8 @@ class Tuner:
         tags = {"source_run_id": start_id, "init_from": f"{start_id}/{checkpoints.BEST}"}
         if start_id in self.start_weights:
             return self.start_weights[start_id], start_id, tags
-        if not chosen_now and not tracking.has_artifact(start_id, checkpoints.BEST):  # deleted since first asked
+        if not chosen_now and (tracking.stored_run(start_id) is None  # deleted since first asked
+                               or not tracking.has_artifact(start_id, checkpoints.BEST)):
             child = self.child_of(trial)
             if child is not None and (child.info.status == "FINISHED"
                                       or tracking.has_artifact(child.info.run_id, checkpoints.LAST)):
@@ -335,11 +336,16 @@ class Tuner:
         states = {t.number: t.state for t in self.study.get_trials(deepcopy=False)}
         if not results:  # nothing to choose from: say why, not that checkpoints were deleted
             live = sum(state == TrialState.RUNNING for state in states.values())
-            failed = sum(state == TrialState.FAIL for state in states.values())
+            if live:
+                raise LineageError(
+                    f"no trial of study {self.name} has finished here: {live} in flight from another driver; "
+                    f"wait for that driver and run again, or, if it is gone, run again after Optuna's "
+                    f"{GRACE_PERIOD_S} s grace period or with -P force=true")
+            gone = sum(state in FINISHED for state in states.values())  # earlier_results passed them over
             raise LineageError(
-                f"no trial of study {self.name} has finished: {live} in flight from another driver, {failed} "
-                f"failed; wait for that driver and run again, or, if it is gone, run again after Optuna's "
-                f"{GRACE_PERIOD_S} s grace period or with -P force=true")
+                f"no trial of study {self.name} is left to choose from ({gone} finished, their runs gone from the "
+                f"store; {sum(state == TrialState.FAIL for state in states.values())} failed): raise -P n_trials, "
+                f"whose new trials train new children, or pass another -P optuna_storage")
         ordered = [results[n] for n in sorted(results)]
         complete = [results[n] for n in sorted(results) if states[n] == TrialState.COMPLETE]
         # a study's finished trials are never asked again: more trials are what train new children

@@ -276,7 +276,7 @@ def test_a_study_whose_every_trial_is_another_drivers_says_so_not_that_checkpoin
     with pytest.raises(LineageError) as err:
         again.tune()
     assert str(err.value) == (
-        f"no trial of study {again.name} has finished: 1 in flight from another driver, 0 failed; wait for that "
+        f"no trial of study {again.name} has finished here: 1 in flight from another driver; wait for that "
         f"driver and run again, or, if it is gone, run again after Optuna's 60 s grace period or with -P force=true")
 
 
@@ -288,6 +288,22 @@ def test_a_trial_whose_child_run_was_deleted_for_good_is_passed_over(store, monk
     assert tuner.earlier_results() == {} and tuner.incumbent() == ""  # every later command went on failing
     out = capsys.readouterr().out
     assert out.count(f"autotune: trial #0 ({'f' * 32}) is gone from the store (deleted for good): passed over") == 2
+    # the same study (n_trials is not in its name) asked for one trial, which it holds: nothing is asked
+    one = autotune.Tuner(cfg.replace(n_trials=1), Stage(stage_run, CPU), dataset, lineage.Lineage())
+    with pytest.raises(LineageError) as err:
+        one.tune()
+    assert str(err.value) == (
+        f"no trial of study {one.name} is left to choose from (1 finished, their runs gone from the store; 0 "
+        f"failed): raise -P n_trials, whose new trials train new children, or pass another -P optuna_storage")
+
+
+def test_a_retry_whose_start_run_was_deleted_for_good_is_start_gone(store, monkeypatch):
+    cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, trials_from="best")
+    trial = tuner.study.ask()
+    trial.set_user_attr("start_run_id", "f" * 32)  # chosen when first asked; that run purged since
+    with pytest.raises(autotune.StartGone) as err:  # tune fails it, and the study goes on
+        tuner.start_of(trial)
+    assert str(err.value) == f"autotune: trial #0 starts from run {'f' * 32}'s checkpoints/best.pt, which is gone (deleted?)"
 
 
 def test_a_trial_that_keeps_killing_its_driver_is_given_up_after_max_retries(store, monkeypatch):
