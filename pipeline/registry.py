@@ -303,20 +303,14 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData, registe
 
 
 def withdraw_left_by(run) -> None:
-    """Withdraw the version an unfinished `run` registered and never withdrew (its process died at
+    """Withdraw the versions an unfinished `run` registered and never withdrew (its process died at
     once: SIGKILL, out of memory, a lost machine), before the run that continues it registers the
-    same weights again: a champion of a run that never finished is not left serving."""
-    found = run.data.tags.get("registered_model_version", "")
-    if run.info.status == "FINISHED" or "/" not in found:
+    same weights again: a champion of a run that never finished is not left serving. Found by
+    their run id, so one registered just before the kill, untagged on the run, is found too."""
+    if run.info.status == "FINISHED":
         return
-    name, _, version = found.rpartition("/")
-    try:
-        left = tracking.client().get_model_version(name, version)
-    except MlflowException as err:  # withdrawn already (its run was stopped by a signal), or by hand
-        tracking.raise_if_refused(err)
-        return
-    if left.run_id == run.info.run_id:
-        withdraw([(name, version, left.tags.get(CHAMPION_BEFORE) or None)])
+    left = tracking.client().search_model_versions(f"run_id = '{run.info.run_id}'")
+    withdraw([(v.name, str(v.version), v.tags.get(CHAMPION_BEFORE) or None) for v in left])
 
 
 def withdraw(registered: list) -> None:
@@ -330,10 +324,16 @@ def withdraw(registered: list) -> None:
             now = current_champion(name)
             ours = now is not None and str(now.version) == version
             client.delete_model_version(name, version)  # deletes its aliases with it
-            if ours and previous:
-                client.set_registered_model_alias(name, CHAMPION, previous)
-            print(f"withdrew {name} version {version}: its run did not finish"
-                  + (f"; alias '{CHAMPION}' back on version {previous}" if ours and previous else ""), flush=True)
         except MlflowException as err:
             print(f"could not withdraw {name} version {version} ({first_line(err, 120)}): "
                   f"delete it by hand", flush=True)
+            continue
+        back = ""
+        if ours and previous:
+            try:
+                client.set_registered_model_alias(name, CHAMPION, previous)
+                back = f"; alias '{CHAMPION}' back on version {previous}"
+            except MlflowException as err:  # that version was deleted since, by hand
+                back = (f"; alias '{CHAMPION}' not put back on version {previous} ({first_line(err, 120)}): "
+                        f"it is unset")
+        print(f"withdrew {name} version {version}: its run did not finish{back}", flush=True)

@@ -237,6 +237,18 @@ def test_a_version_left_by_a_run_that_died_unfinished_is_withdrawn_and_the_alias
     registry.withdraw_left_by(local.client.get_run(dead.run_id))  # withdrawn already: nothing to do
     assert capsys.readouterr().out == ""
 
+    again = constant_result(local, ABSENT, dataset.digest)  # 0%: behind the champion
+    promoted = load(colour_data, "m-left", promote="true")[0]
+    left = registry.register(again.run_id, promoted, again, dataset, [])  # promoted over `first`...
+    local.client.delete_model_version("m-left", first)  # ...which is then deleted by hand
+    capsys.readouterr()
+    registry.withdraw_left_by(local.client.get_run(again.run_id))
+    assert capsys.readouterr().out.startswith(
+        f"withdrew m-left version {left}: its run did not finish; alias 'champion' not put back on version {first} (")
+    assert {str(v.version) for v in local.client.search_model_versions("name='m-left'")} == {kept}
+    with pytest.raises(MlflowException):  # unset, not pointing at a version that is gone
+        local.client.get_model_version_by_alias("m-left", registry.CHAMPION)
+
 
 class RunsCode(nn.Module):
     """Unpickling this module runs a shell command: what a planted pickle-format model could do."""
