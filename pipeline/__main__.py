@@ -52,9 +52,8 @@ def run(stage: str, overrides: dict[str, str]) -> int:
     runtime.tune_allocator()  # before the first tensor: MyVgg's epoch on CPU took 1.6x as long without
     cfg = config.load(stage, overrides)  # every value checked before any work
     if stage == "main":  # and what main hands its stages, before main's run exists
-        shared, for_autotune = workflow.stage_overrides(overrides), workflow.autotune_overrides(overrides)
         for chained in workflow.CHAINS[cfg.tuner]:  # as each stage loads it: its yaml, the scale, the caps
-            config.load(chained, {**shared, **(for_autotune if chained == "autotune" else {})})
+            config.load(chained, workflow.stage_parameters(chained, overrides))
     checks = []
     if stage == "autotune" or (stage == "main" and cfg.tuner == "optuna"):
         import mlflow

@@ -25,6 +25,11 @@ STAGES = ("train", "model_selection", "baseline", "tune_lr", "tune_gamma", "over
           "retrain", "deepen", "main", "predict", "evaluate")
 
 
+def absolute(path: str) -> Path:
+    """A path as this process's working directory reads it (a stage may run in another)."""
+    return Path(path).expanduser().resolve()
+
+
 @dataclass
 class Config:
     stage: str = "train"
@@ -139,7 +144,7 @@ class Config:
 
     def resolved_data_dir(self) -> Path:
         if self.data_dir:
-            return Path(self.data_dir).expanduser().resolve()
+            return absolute(self.data_dir)
         return PROJECT_DIR / "data" / self.dataset
 
     @property
@@ -285,8 +290,9 @@ def load(stage: str, overrides: Mapping[str, Any] | None = None) -> Config:
     if stage not in STAGES:
         raise ConfigError(f"unknown stage '{stage}': use one of {', '.join(STAGES)}")
     if "stage" in (overrides or {}):  # it would be overwritten below, silently
-        raise ConfigError(f"-P stage={overrides['stage']} is not a parameter: the entry point names the stage; "
-                          f"run `mlflow run . -e {overrides['stage']}` instead")
+        given = overrides["stage"]
+        instead = f"run `mlflow run . -e {given}`" if given in STAGES else f"use one of {', '.join(STAGES)}"
+        raise ConfigError(f"-P stage={given} is not a parameter: the entry point names the stage; {instead} instead")
     merged: dict[str, Any] = {}
     merged.update(read_yaml(PARAMS_DIR / "defaults.yaml"))
     merged.update(read_yaml(PARAMS_DIR / f"{stage}.yaml"))
@@ -368,15 +374,18 @@ def check_sweep_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any
                 f"{sweep}={points}; pass -P {sweep}={overrides[scalar]} for a one-point sweep")
 
 
-REGISTERING = ("retrain", "deepen")  # the stages whose result goes to the model registry
+def registers(stage: str) -> bool:
+    """Whether the stage's result goes to the model registry: its params file says register: true."""
+    return bool(read_yaml(PARAMS_DIR / f"{stage}.yaml").get("register", False))
 
 
 def check_registry_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
     """-P register / promote where nothing would register: refused, never silently ignored."""
     for name in ("register", "promote"):
-        if name in overrides and values["stage"] not in REGISTERING:
+        if name in overrides and not registers(values["stage"]):
+            registering = " and ".join(stage for stage in STAGES if registers(stage))
             raise ConfigError(f"-P {name}={overrides[name]} would be ignored: stage {values['stage']} registers "
-                              f"no model ({' and '.join(REGISTERING)} do); drop it")
+                              f"no model ({registering} do); drop it")
     if "promote" in overrides and values.get("promote") and not values.get("register"):
         raise ConfigError(f"-P promote={overrides['promote']} would be ignored: stage {values['stage']} runs with "
                           f"register=false; add -P register=true, or drop promote")

@@ -77,11 +77,18 @@ def trial_name(number: int, values: dict) -> str:
 
 # -- storage and study ------------------------------------------------------------------------------
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a sqlite:/// URL as this process's working directory reads it, else None."""
+    if not url.startswith("sqlite:///"):
+        return None
+    return Path(url.removeprefix("sqlite:///")).expanduser().resolve()
+
+
 def default_storage(tracking_uri: str) -> str:
     """SQLite beside a SQLite tracking store (mlflow.db -> mlflow.optuna.db), else ./optuna.db.
     Never the MLflow database itself: both keep their schema version in an alembic_version table."""
-    if tracking_uri.startswith("sqlite:///"):
-        path = Path(tracking_uri.removeprefix("sqlite:///")).expanduser().resolve()
+    path = sqlite_file(tracking_uri)
+    if path is not None:
         return f"sqlite:///{path.with_name(path.stem + '.optuna.db')}"
     return f"sqlite:///{Path('optuna.db').resolve()}"
 
@@ -134,7 +141,7 @@ def reachable_storage(cfg: Config, tracking_uri: str) -> str:
     url = storage_url(cfg, tracking_uri)
     try:
         open_storage(url).engine.dispose()
-    except (SQLAlchemyError, ImportError, ValueError, OSError) as err:
+    except (SQLAlchemyError, ImportError, ValueError, OSError, RuntimeError) as err:  # Runtime: another schema
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
         raise ConfigError(f"cannot open optuna_storage={redacted(url)} ({type(err).__name__}: {reason}): pass a "
                           f"database Optuna can reach, or leave it empty for one beside the tracking store") from None

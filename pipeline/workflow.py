@@ -15,7 +15,7 @@ import mlflow
 
 from . import config as config_mod
 from . import data as data_mod
-from . import keys, plots, tracking
+from . import keys, plots, tracking, tuning
 from .config import Config
 from .errors import ConfigError
 from .lineage import tuned_by_parent
@@ -44,6 +44,9 @@ def autotune_overrides(overrides: dict[str, str]) -> dict[str, str]:
     if given and overrides.get("tuner", "seed") != "optuna":
         raise ConfigError(f"main passes {', '.join(given)} to the autotune stage, which runs with "
                           f"-P tuner=optuna only: add it, or drop {', '.join(given)}")
+    study_file = tuning.sqlite_file(given.get("optuna_storage", ""))
+    if study_file is not None:  # as main's working directory reads it (the stage runs in the project's)
+        given["optuna_storage"] = f"sqlite:///{study_file}"
     return given
 
 
@@ -53,13 +56,25 @@ def stage_overrides(overrides: dict[str, str]) -> dict[str, str]:
         if key in AS_CAPS:
             shared[AS_CAPS[key]] = value
         elif key == "data_dir" and value:  # the stages run in the project folder, main maybe elsewhere
-            shared[key] = str(Path(value).expanduser().resolve())
+            shared[key] = str(config_mod.absolute(value))
         elif key in SHARED:
             shared[key] = value
         elif key not in MAIN_ONLY + FOR_AUTOTUNE:
             raise ConfigError(f"main does not pass '{key}' on to the stages: set it in "
                               f"params/<stage>.yaml or run that stage alone with -P {key}=...")
     return shared
+
+
+def stage_parameters(stage: str, overrides: dict[str, str], parent: str = "") -> dict[str, str]:
+    """What main hands `stage`: the values it passes on, the parent run, autotune's study values,
+    and registered_model only where the stage registers (so it invalidates only those). Every
+    key main cannot pass on is refused here, whichever the stage."""
+    shared, for_autotune = stage_overrides(overrides), autotune_overrides(overrides)
+    parameters = dict(shared, **({"parent_run_id": parent} if parent else {}),
+                      **(for_autotune if stage == "autotune" else {}))
+    if not config_mod.registers(stage):
+        parameters.pop("registered_model", None)
+    return parameters
 
 
 def run_stage(stage: str, parameters: dict[str, str], cfg: Config, experiment_id: str, resolved: Runtime) -> str:
@@ -86,8 +101,6 @@ def main(cfg: Config, overrides: dict[str, str], main_run_id: str, resolved: Run
     on to every stage)."""
     client = tracking.client()
     experiment_id = client.get_run(main_run_id).info.experiment_id
-    shared = stage_overrides(overrides)
-    for_autotune = autotune_overrides(overrides)
     client.set_tag(main_run_id, "stage", "main")
     tracking.log_config(main_run_id, cfg, resolved.params(cfg.bs, cfg.data_pipeline))
     tracking.log_datasets(main_run_id, data_mod.load(cfg))  # the data the whole study sees
@@ -95,11 +108,7 @@ def main(cfg: Config, overrides: dict[str, str], main_run_id: str, resolved: Run
     split = cfg.selects_on
     rows, parent = [], ""
     for stage in CHAINS[cfg.tuner]:
-        parameters = dict(shared, **({"parent_run_id": parent} if parent else {}),
-                          **(for_autotune if stage == "autotune" else {}))
-        if not config_mod.load(stage).register:
-            parameters.pop("registered_model", None)  # so it only invalidates stages that register
-        run_id = run_stage(stage, parameters, cfg, experiment_id, resolved)
+        run_id = run_stage(stage, stage_parameters(stage, overrides, parent), cfg, experiment_id, resolved)
         run = client.get_run(run_id)
         rows.append({"stage": stage, "run_id": run_id,
                      "run_name": run.data.tags.get("mlflow.runName", stage),

@@ -308,3 +308,6 @@ def test_the_stage_is_the_entry_point_never_a_parameter():
         config.load("train", {"stage": "deepen"})
     assert str(err.value) == ("-P stage=deepen is not a parameter: the entry point names the stage; "
                               "run `mlflow run . -e deepen` instead")
+    with pytest.raises(ConfigError, match=r"-P stage=deep is not a parameter: the entry point names the stage; "
+                                          r"use one of train, model_selection, .*, evaluate instead"):
+        config.load("train", {"stage": "deep"})

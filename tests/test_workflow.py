@@ -65,10 +65,12 @@ def test_main_hands_on_whole_sections_and_autotune_gets_its_study_section(monkey
         "patience", "registered_model", "checkpoint_every", "force"}
     assert workflow.stage_overrides({"epochs": "2", "dataset": "synthetic", "eval_bs": "64"}) == \
         {"max_epochs": "2", "dataset": "synthetic", "eval_bs": "64"}
-    assert workflow.autotune_overrides({"tuner": "optuna", "n_trials": "3", "optuna_storage": "sqlite:///x.db"}) == \
-        {"n_trials": "3", "optuna_storage": "sqlite:///x.db"}
+    assert workflow.autotune_overrides({"tuner": "optuna", "n_trials": "3", "optuna_storage": "sqlite:////db/x.db"}) == \
+        {"n_trials": "3", "optuna_storage": "sqlite:////db/x.db"}
     with pytest.raises(ConfigError, match="main does not pass 'lr' on to the stages"):
         workflow.stage_overrides({"lr": "0.1"})
     # a relative folder as main's working directory reads it: the stages run in the project's
     monkeypatch.chdir(tmp_path)
     assert workflow.stage_overrides({"data_dir": "digits"}) == {"data_dir": str(tmp_path.resolve() / "digits")}
+    assert workflow.autotune_overrides({"tuner": "optuna", "optuna_storage": "sqlite:///study.db"}) == \
+        {"optuna_storage": f"sqlite:///{tmp_path.resolve() / 'study.db'}"}
