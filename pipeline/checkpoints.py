@@ -144,8 +144,8 @@ def load_checkpoint(run_id: str, artifact_path: str, map_location="cpu"):
                 warnings.simplefilter("ignore")
                 return torch.load(local, map_location=map_location, weights_only=True)
         except Exception as err:
-            raise CheckpointError(f"run {run_id}: {artifact_path} {refusal_reason(err)}, so it was "
-                                  f"refused unread: use another run, or train this one again") from None
+            reason = f"run {run_id}: {artifact_path} {refusal_reason(err)}, so it was refused unread"
+            raise CheckpointError(f"{reason}: use another run, or train this one again", reason) from None
 
 
 def refusal_reason(err: Exception) -> str:
@@ -260,16 +260,15 @@ def resume_state(run_id: str, arch: str) -> dict:
     where = f"run {run_id}: {LAST}"
     found = state.get("format", "none") if isinstance(state, dict) else "none"
     if found != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{where} is in checkpoint format {found}, this version resumes format "
-            f"{CHECKPOINT_FORMAT} only: start the run again without resume_run_id")
+        reason = f"{where} is in checkpoint format {found}, this version resumes format {CHECKPOINT_FORMAT} only"
+        raise CheckpointError(f"{reason}: start the run again without resume_run_id", reason)
     try:
         check_resumable(state, arch, f"{run_id}/{LAST}")
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
-        raise CheckpointError(
-            f"{where} is malformed ({type(err).__name__}: {reason}): it was not written by this "
-            f"pipeline or is damaged; start the run again without resume_run_id") from None
+        detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        reason = (f"{where} is malformed ({type(err).__name__}: {detail}): it was not written by this "
+                  f"pipeline or is damaged")
+        raise CheckpointError(f"{reason}; start the run again without resume_run_id", reason) from None
     return state
 
 

@@ -21,7 +21,11 @@ class LineageError(UserError, RuntimeError):
 
 
 class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be used."""
+    """A checkpoint that cannot be used; `reason`: what is wrong with it, without the advice."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class PredictError(UserError, RuntimeError):

@@ -250,8 +250,7 @@ def resumable_state(child_id: str, arch: str, name: str) -> dict | None:
     try:
         return checkpoints.resume_state(child_id, arch)
     except CheckpointError as err:
-        why = str(err).rsplit(": ", 1)[0]  # less the advice, which is for a resume_run_id
-        log(f"{name}: child run {child_id} cannot be resumed ({why}); training it again from its start")
+        log(f"{name}: child run {child_id} cannot be resumed ({err.reason}); training it again from its start")
         return None
 
 
