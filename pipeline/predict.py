@@ -57,7 +57,7 @@ def as_shown(img):
     from PIL import Image, ImageOps
 
     img = ImageOps.exif_transpose(img)
-    if img.mode.startswith("I;16"):
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):  # a 16-bit PGM opens as I
         img = img.convert("I").point(lambda value: value / 257).convert("L")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         img = img.convert("RGBA")

@@ -55,9 +55,10 @@ def test_an_image_is_read_as_a_viewer_shows_it(tmp_path):
     assert (sticker[8:24, 12:20] == 0).all() and (sticker[:4] == 255).all()  # a black digit on white
 
     ramp = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))  # 16-bit grey, dark to light
-    Image.fromarray(ramp).save(tmp_path / "scan.png")
-    scan = predict.read_image(tmp_path / "scan.png")
-    assert np.abs(scan[..., 0].astype(int) - np.round(ramp / 257).astype(int)).max() <= 1
+    for name in ("scan.png", "scan.pgm"):
+        Image.fromarray(ramp).save(tmp_path / name)
+        scan = predict.read_image(tmp_path / name)
+        assert np.abs(scan[..., 0].astype(int) - np.round(ramp / 257).astype(int)).max() <= 1, name
 
 
 def test_a_mat_file_brings_its_labels_and_bad_inputs_are_one_line(tmp_path):
