@@ -341,11 +341,16 @@ class Tuner:
                     f"no trial of study {self.name} has finished here: {live} in flight from another driver; "
                     f"wait for that driver and run again, or, if it is gone, run again after Optuna's "
                     f"{GRACE_PERIOD_S} s grace period or with -P force=true")
-            gone = sum(state in FINISHED for state in states.values())  # earlier_results passed them over
+            done = self.study.get_trials(deepcopy=False, states=FINISHED)  # earlier_results passed them over
+            gone = sum(bool(t.user_attrs.get("mlflow_run_id")) for t in done)
+            spent = self.cfg.epoch_budget and \
+                sum(len(t.intermediate_values) for t in done) + self.cfg.trial_epochs > self.cfg.epoch_budget
+            limits = [name for name, reached in (("-P n_trials", len(done) >= self.cfg.n_trials),
+                                                 ("-P epoch_budget", spent)) if reached] or ["-P n_trials"]
             raise LineageError(
                 f"no trial of study {self.name} is left to choose from ({gone} finished, their runs gone from the "
-                f"store; {sum(state == TrialState.FAIL for state in states.values())} failed): raise -P n_trials, "
-                f"whose new trials train new children, or pass another -P optuna_storage")
+                f"store; {sum(state == TrialState.FAIL for state in states.values())} failed): raise "
+                f"{' and '.join(limits)}, so that new trials train new children, or pass another -P optuna_storage")
         ordered = [results[n] for n in sorted(results)]
         complete = [results[n] for n in sorted(results) if states[n] == TrialState.COMPLETE]
         # a study's finished trials are never asked again: more trials are what train new children

@@ -294,7 +294,15 @@ def test_a_trial_whose_child_run_was_deleted_for_good_is_passed_over(store, monk
         one.tune()
     assert str(err.value) == (
         f"no trial of study {one.name} is left to choose from (1 finished, their runs gone from the store; 0 "
-        f"failed): raise -P n_trials, whose new trials train new children, or pass another -P optuna_storage")
+        f"failed): raise -P n_trials, so that new trials train new children, or pass another -P optuna_storage")
+    # trials to spare, but the epoch budget is spent (the purged trial trained one epoch): n_trials cannot help
+    spent = autotune.Tuner(cfg.replace(n_trials=10, epoch_budget=cfg.trial_epochs), Stage(stage_run, CPU), dataset,
+                           lineage.Lineage())
+    spent.study.add_trial(optuna.create_trial(params=trial.params, distributions=trial.distributions, value=40.0,
+                                              intermediate_values={1: 40.0}, user_attrs={"mlflow_run_id": "e" * 32}))
+    with pytest.raises(LineageError, match=r"\(2 finished, their runs gone from the store; 0 failed\): raise "
+                                           r"-P epoch_budget, so that new trials"):
+        spent.tune()
 
 
 def test_a_retry_whose_start_run_was_deleted_for_good_is_start_gone(store, monkeypatch):
