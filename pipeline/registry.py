@@ -23,7 +23,7 @@ from torch import nn
 
 from . import data as data_mod
 from . import batching, checkpoints, models, tracking
-from .config import Config
+from .config import STAGES, Config, registers
 from .errors import ModelRefused
 
 CHAMPION = "champion"
@@ -307,9 +307,16 @@ def withdraw_left_by(run) -> None:
     once: SIGKILL, out of memory, a lost machine), before the run that continues it registers the
     same weights again: a champion of a run that never finished is not left serving. Found by
     their run id, so one registered just before the kill, untagged on the run, is found too."""
-    if run.info.status == "FINISHED":
+    stage = run.data.tags.get("stage", "")
+    if run.info.status == "FINISHED" or stage not in STAGES or not registers(stage):
         return
-    left = tracking.client().search_model_versions(f"run_id = '{run.info.run_id}'")
+    try:
+        left = tracking.client().search_model_versions(f"run_id = '{run.info.run_id}'")
+    except MlflowException as err:
+        tracking.raise_if_refused(err)
+        print(f"could not look for versions run {run.info.run_id} left ({first_line(err, 120)}): check the "
+              f"registry by hand", flush=True)
+        return
     withdraw([(v.name, str(v.version), v.tags.get(CHAMPION_BEFORE) or None) for v in left])
 
 
