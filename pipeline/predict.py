@@ -56,8 +56,12 @@ def as_shown(img):
     black, and a black digit on them vanished), 16-bit grey scaled to 8 bits (not clipped to white)."""
     from PIL import Image, ImageOps
 
+    # a PGM with more than 8 bits opens as I on 0-65535, whatever its values (asked before the
+    # transpose, whose copy has no format)
+    sixteen_bits = img.mode.startswith("I;16") or (img.mode == "I" and (img.format == "PPM"
+                                                                       or img.getextrema()[1] > 255))
     img = ImageOps.exif_transpose(img)
-    if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):  # a 16-bit PGM opens as I
+    if sixteen_bits:
         img = img.convert("I").point(lambda value: value / 257).convert("L")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         img = img.convert("RGBA")

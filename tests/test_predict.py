@@ -55,10 +55,12 @@ def test_an_image_is_read_as_a_viewer_shows_it(tmp_path):
     assert (sticker[8:24, 12:20] == 0).all() and (sticker[:4] == 255).all()  # a black digit on white
 
     ramp = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))  # 16-bit grey, dark to light
-    for name in ("scan.png", "scan.pgm"):
-        Image.fromarray(ramp).save(tmp_path / name)
+    dark = np.full((32, 32), 250, dtype=np.uint16)  # 16 bits, every value below 256: nearly black
+    for name in ("scan.png", "scan.pgm", "dark.png", "dark.pgm"):
+        grey = dark if name.startswith("dark") else ramp
+        Image.fromarray(grey).save(tmp_path / name)
         scan = predict.read_image(tmp_path / name)
-        assert np.abs(scan[..., 0].astype(int) - np.round(ramp / 257).astype(int)).max() <= 1, name
+        assert np.abs(scan[..., 0].astype(int) - np.round(grey / 257).astype(int)).max() <= 1, name
 
 
 def test_a_mat_file_brings_its_labels_and_bad_inputs_are_one_line(tmp_path):
