@@ -78,10 +78,12 @@ def trial_name(number: int, values: dict) -> str:
 # -- storage and study ------------------------------------------------------------------------------
 
 def sqlite_file(url: str) -> Path | None:
-    """The file of a sqlite:/// URL as this process's working directory reads it, else None."""
-    if not url.startswith("sqlite:///"):
+    """The file of a sqlite:/// URL as this process's working directory reads it, else None (also
+    for an in-memory database, or one given as a file: URI)."""
+    path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else ""
+    if not path or path.startswith((":memory:", "file:")):
         return None
-    return Path(url.removeprefix("sqlite:///")).expanduser().resolve()
+    return Path(path).expanduser().resolve()
 
 
 def default_storage(tracking_uri: str) -> str:

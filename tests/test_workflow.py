@@ -74,3 +74,5 @@ def test_main_hands_on_whole_sections_and_autotune_gets_its_study_section(monkey
     assert workflow.stage_overrides({"data_dir": "digits"}) == {"data_dir": str(tmp_path.resolve() / "digits")}
     assert workflow.autotune_overrides({"tuner": "optuna", "optuna_storage": "sqlite:///study.db"}) == \
         {"optuna_storage": f"sqlite:///{tmp_path.resolve() / 'study.db'}"}
+    for kept in ("sqlite:///:memory:", "sqlite:///file:study.db?mode=rwc&uri=true", "postgresql://host/db"):
+        assert workflow.autotune_overrides({"tuner": "optuna", "optuna_storage": kept}) == {"optuna_storage": kept}
