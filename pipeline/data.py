@@ -106,8 +106,7 @@ def read_mat(path: Path, split: str, verify: bool) -> tuple[torch.Tensor, torch.
     try:
         dataset = SVHNMat(str(path.parent), split, verify=False, filename=path.name)
     except Exception as err:
-        raise DataError(f"cannot read {path}: not a valid SVHN-format .mat ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}); replace the file") from None
+        raise not_svhn_mat(path, err) from None
     labels = np.atleast_1d(dataset.labels)  # torchvision squeezes the y of one image to no shape
     problem = svhn_problem(dataset.data, labels, from_mat=True)
     if problem:
@@ -119,6 +118,11 @@ def read_mat(path: Path, split: str, verify: bool) -> tuple[torch.Tensor, torch.
     torch.save({"images": images, "labels": labels, "verified": verify}, tmp)
     os.replace(tmp, cache)
     return images, labels
+
+
+def not_svhn_mat(path: Path, err: Exception) -> DataError:
+    return DataError(f"cannot read {path}: not a valid SVHN-format .mat ({type(err).__name__}: "
+                     f"{str(err).splitlines()[0] if str(err) else ''}); replace the file")
 
 
 def mat_has_labels(path: Path) -> bool:
@@ -140,8 +144,7 @@ def read_unlabelled_mat(path: Path) -> torch.Tensor:
     try:
         x = scipy.io.loadmat(str(path), variable_names=["X"])["X"]
     except Exception as err:  # noqa: BLE001 - any unreadable file is one line
-        raise DataError(f"cannot read {path}: not a valid SVHN-format .mat ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}); replace the file") from None
+        raise not_svhn_mat(path, err) from None
     images = np.transpose(x, (3, 2, 0, 1)) if x.ndim == 4 else x  # as torchvision's reader turns it
     problem = svhn_problem(images, None, from_mat=True)
     if problem:

@@ -4,7 +4,7 @@ training resnet for one epoch on 64 synthetic images."""
 import pytest
 import torch
 
-from pipeline import config, data, interrupts, runner
+from pipeline import checkpoints, config, data, interrupts, runner
 from pipeline.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"), "fp32")
@@ -81,6 +81,15 @@ def test_a_child_whose_last_pt_cannot_be_resumed_is_trained_again_not_a_dead_end
            f"plain data (Unsupported operand 100), so it was refused unread); training it again from its start" \
         in capsys.readouterr().out
     assert store.client.get_run(stopped.run_id).data.tags["training_key"].startswith("superseded-")
+    # plain data of the right format, without the model: malformed, refused, the reason whole
+    store.client.update_run(again.run_id, status="KILLED")
+    torch.save({"format": checkpoints.CHECKPOINT_FORMAT, "epoch": 1}, tmp_path / "last.pt")
+    store.client.log_artifact(again.run_id, str(tmp_path / "last.pt"), "checkpoints")
+    capsys.readouterr()
+    assert child(stage, cfg, dataset).run_id not in (stopped.run_id, again.run_id)
+    assert f"point: child run {again.run_id} cannot be resumed (run {again.run_id}: checkpoints/last.pt is malformed " \
+           f"(KeyError: 'model'): it was not written by this pipeline or is damaged); training it again from its " \
+           f"start" in capsys.readouterr().out
 
 
 def test_a_child_keyed_on_another_runtime_is_not_reused(tiny):
