@@ -306,10 +306,8 @@ class Tuner:
             running = len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
             if len(done) + running >= self.cfg.n_trials:  # running: ours, and those other drivers beat for
                 return None
-            if self.cfg.epoch_budget:  # epochs trained, pruned trials' included; in flight: a whole trial each
-                committed = sum(len(t.intermediate_values) for t in done) + running * self.cfg.trial_epochs
-                if committed + self.cfg.trial_epochs > self.cfg.epoch_budget:
-                    return None
+            if self.budget_spent(done, running):
+                return None
             with interrupts.critical():  # no trial without its heartbeat, which lets it go stale
                 trial = self.study.ask()
                 beats.start(trial._trial_id)
@@ -332,6 +330,12 @@ class Tuner:
             beats.close()  # a stopped command's trials go quiet: its children are KILLED, or go stale
         return self.conclude(results)
 
+    def budget_spent(self, done, running: int) -> bool:
+        """Whether one more whole trial would pass epoch_budget: the epochs the `done` trials trained
+        (pruned ones' included) and a whole trial for each of the `running` ones."""
+        committed = sum(len(t.intermediate_values) for t in done) + running * self.cfg.trial_epochs
+        return bool(self.cfg.epoch_budget) and committed + self.cfg.trial_epochs > self.cfg.epoch_budget
+
     def conclude(self, results: dict[int, RunResult]) -> RunResult:
         states = {t.number: t.state for t in self.study.get_trials(deepcopy=False)}
         if not results:  # nothing to choose from: say why, not that checkpoints were deleted
@@ -343,10 +347,9 @@ class Tuner:
                     f"{GRACE_PERIOD_S} s grace period or with -P force=true")
             done = self.study.get_trials(deepcopy=False, states=FINISHED)  # earlier_results passed them over
             gone = sum(bool(t.user_attrs.get("mlflow_run_id")) for t in done)
-            spent = self.cfg.epoch_budget and \
-                sum(len(t.intermediate_values) for t in done) + self.cfg.trial_epochs > self.cfg.epoch_budget
             limits = [name for name, reached in (("-P n_trials", len(done) >= self.cfg.n_trials),
-                                                 ("-P epoch_budget", spent)) if reached] or ["-P n_trials"]
+                                                 ("-P epoch_budget", self.budget_spent(done, 0))) if reached]
+            limits = limits or ["-P n_trials"]
             raise LineageError(
                 f"no trial of study {self.name} is left to choose from ({gone} finished, their runs gone from the "
                 f"store; {sum(state == TrialState.FAIL for state in states.values())} failed): raise "

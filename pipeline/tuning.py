@@ -10,7 +10,7 @@ from pathlib import Path
 import optuna
 
 from . import cluster, keys
-from .config import Config
+from .config import Config, absolute
 from .errors import ConfigError
 from .runtime import Runtime
 
@@ -83,7 +83,7 @@ def sqlite_file(url: str) -> Path | None:
     path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else ""
     if not path or path.startswith((":memory:", "file:")):
         return None
-    return Path(path).expanduser().resolve()
+    return absolute(path)
 
 
 def default_storage(tracking_uri: str) -> str:
