@@ -208,7 +208,6 @@ def full_epoch(arch, cfg, dataset, args) -> dict:
 
         def mark(end):  # called once the epoch is evaluated and its record handed to the writer
             marks.append(time.perf_counter())
-            return False
 
         runner.train_in_run(run_id, run_cfg, big, arch=arch, runtime=runtime.of(run_cfg), callbacks=(mark,))
         after_last_epoch_s = time.perf_counter() - marks[-1]

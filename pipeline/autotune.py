@@ -4,7 +4,8 @@ This process (the driver) asks Optuna for trials (TPE, seeded, constant_liar), h
 executor.stream, which starts a new one as soon as a slot frees, and tells Optuna how each ended.
 Pruning happens where a child trains: its epoch hook, built there by a picklable make_hook, reports
 the epoch's selection accuracy to the trial and ends the child when Optuna's pruner says so; the
-child still ends FINISHED with the epochs it ran.
+child still ends FINISHED with the epochs it ran. It is asked before the epoch's last.pt is
+written, so a child resumed after the prune (its process died before FINISHED) trains no more.
 
 The study lives in Optuna storage under a name derived from the stage's parameters, parent and data
 (not n_trials), so the same command run again continues it: finished trials are kept, and the study

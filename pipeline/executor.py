@@ -28,17 +28,17 @@ class ChildSpec:
     tags: dict[str, str] = field(default_factory=dict)
     init_source: str = ""
     keep_final: bool = False
-    # builds a train.Callback (pruning) where the child trains; picklable for Ray
-    make_hook: Callable[[], train.Callback] | None = None
+    # builds a train.StopHook (pruning) where the child trains; picklable for Ray
+    make_hook: Callable[[], train.StopHook] | None = None
 
 
 def train_child(stage: Stage, spec: ChildSpec, dataset: data_mod.SVHNData,
                 progress: train.Callback | None = None, task: str = "") -> RunResult:
-    """`spec` as a child run of `stage`, with its progress and its own hook (pruning) as callbacks."""
-    callbacks = tuple(c for c in (progress, spec.make_hook() if spec.make_hook else None) if c)
+    """`spec` as a child run of `stage`, with its own hook (pruning) and the caller's progress."""
     return child_run(stage, spec.name, spec.cfg, dataset, arch=spec.arch,
                      init_state=spec.init_state, tags=spec.tags, init_source=spec.init_source,
-                     keep_final=spec.keep_final, callbacks=callbacks, task=task)
+                     keep_final=spec.keep_final, stop_hooks=(spec.make_hook(),) if spec.make_hook else (),
+                     callbacks=(progress,) if progress else (), task=task)
 
 
 # next_child() -> (its key, its spec), or None when no child is left to start

@@ -3,7 +3,8 @@
 It logs the config, model summary and sample images, trains with train.fit, and hands each
 epoch to small callbacks: the EpochRecorder (best.pt / last.pt, then the epoch's metrics, in a
 background thread while the next epoch trains), the system-metrics pace, the heartbeat, the
-test-only pause point, and whatever the caller adds (progress, pruning).
+test-only pause point, and whatever the caller adds (progress). The caller's stop hooks
+(pruning) are asked before any of them, so a last.pt knows its run was pruned.
 """
 from __future__ import annotations
 
@@ -110,7 +111,8 @@ def log_static_artifacts(run_id: str, cfg: Config, arch: str, dataset: data_mod.
 def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: str, runtime: Runtime,
                  init_state: dict | None = None, resume: dict | None = None,
                  stage_run_id: str = "", keep_final: bool = False,
-                 callbacks: tuple[train.Callback, ...] = (), task: str = "") -> RunResult:
+                 stop_hooks: tuple[train.StopHook, ...] = (), callbacks: tuple[train.Callback, ...] = (),
+                 task: str = "") -> RunResult:
     """Train `arch` inside the existing run `run_id` and log everything about it.
 
     Every epoch refreshes the heartbeat of this run (and of its stage run, unless it trains as
@@ -118,9 +120,10 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
     over while it trains; last.pt is written every `checkpoint_every` epochs.
     keep_final: also keep the weights after the last epoch (checkpoints/final.pt), for a phase
     that continues from them.
+    stop_hooks: train.StopHooks (pruning), asked before the epoch is recorded: True ends training
+    after that epoch, the run still ends FINISHED, and its last.pt says so (a resume trains no more).
     callbacks: train.Callbacks after ours, once the epoch's record is handed to the writer
-    (every record is written before this function returns); True ends training after that
-    epoch, and the run still ends FINISHED.
+    (every record is written before this function returns).
     """
     client = tracking.client()
     beating = [r for r in (run_id, "" if task else stage_run_id) if r]
@@ -166,7 +169,7 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
             try:
                 history = train.fit(model, train_batches, test_batches, run_hyper, device, generator,
                                     val_batches=val_batches, resume=resume, log=log,
-                                    callbacks=(recorder, heartbeat, *callbacks))
+                                    stop_hooks=stop_hooks, callbacks=(recorder, heartbeat, *callbacks))
                 recorder.close()  # the last epoch's record, before the totals and FINISHED
             except BaseException:
                 # Ctrl-C, SIGTERM or an error (in close() too): the record in flight is finished
@@ -195,7 +198,8 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
 
 def child_run(stage: Stage, name: str, cfg: Config, dataset: data_mod.SVHNData, *,
               arch: str, init_state: dict | None, tags: dict[str, str], init_source: str = "",
-              keep_final: bool = False, callbacks: tuple[train.Callback, ...] = (), task: str = "") -> RunResult:
+              keep_final: bool = False, stop_hooks: tuple[train.StopHook, ...] = (),
+              callbacks: tuple[train.Callback, ...] = (), task: str = "") -> RunResult:
     """A nested run under the stage's run: one repeat, sweep point or phase (its own epochs
     and settings travel in `cfg`, so what it logs is what it trains).
 
@@ -219,7 +223,7 @@ def child_run(stage: Stage, name: str, cfg: Config, dataset: data_mod.SVHNData, 
         log(f"{name}: reusing FINISHED child run {found.info.run_id} (same key {key})")
         return result_from_record(found.info.run_id, arch, keep_final)
     trained = dict(arch=arch, runtime=runtime, stage_run_id=parent_run_id, keep_final=keep_final,
-                   callbacks=callbacks, task=task)
+                   stop_hooks=stop_hooks, callbacks=callbacks, task=task)
     state = resumable_state(found.info.run_id, arch, name) if resumable else None
     if state is not None:
         child_id = found.info.run_id

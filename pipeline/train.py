@@ -45,6 +45,7 @@ class History:
     best_epoch: int = 0
     test_acc_at_best: float = -1.0  # what the selected checkpoint scores on test
     stopped_early: bool = False
+    pruned: bool = False            # a stop hook (pruning) ended training after the last epoch
     total_time_s: float = 0.0
 
     def add(self, result: EpochResult) -> bool:
@@ -208,9 +209,11 @@ class EpochEnd:
     snapshot: Callable[[], dict]
 
 
-# One interface for whatever follows an epoch (checkpoints, heartbeat, pruning, progress):
-# called with the epoch's EpochEnd; True ends training after this epoch.
-Callback = Callable[[EpochEnd], "bool | None"]
+# Whatever follows an epoch (checkpoints, heartbeat, progress): called with the epoch's EpochEnd.
+Callback = Callable[[EpochEnd], None]
+# Whether training ends after this epoch (pruning): asked before any Callback, so the snapshot a
+# Callback saves knows the answer and a resumed run never trains past it.
+StopHook = Callable[[EpochEnd], bool]
 
 
 def make_step(net: nn.Module, optimizer: torch.optim.Optimizer, hyper: Hyper, device: torch.device):
@@ -273,9 +276,10 @@ def train_one_epoch(net: nn.Module, batches, step, device: torch.device, epoch: 
 
 def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: torch.device,
         generator: torch.Generator, *, val_batches=None, resume: dict | None = None,
-        callbacks: Iterable[Callback] = (), log: Callable[[str], None] = print) -> History:
-    """Train `model` for up to hyper.epochs: each epoch train_one_epoch, evaluate, then the
-    callbacks (early stopping first, then `callbacks` in order; every one sees every epoch).
+        stop_hooks: Iterable[StopHook] = (), callbacks: Iterable[Callback] = (),
+        log: Callable[[str], None] = print) -> History:
+    """Train `model` for up to hyper.epochs: each epoch train_one_epoch, evaluate, then early
+    stopping, the `stop_hooks` and the `callbacks` in order (every one sees every epoch).
 
     With `val_batches`, early stopping and the best epoch follow validation; test is only reported.
     `resume` is an EpochEnd.snapshot(): training continues after its epoch.
@@ -291,10 +295,12 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
         stopper.load_state_dict(resume["early_stopping"])
         history = History.from_state(resume["history"])
         set_rng_state(resume["rng"], generator)
-        # a snapshot taken as early stopping fired is complete: no epoch after it
-        first_epoch = hyper.epochs + 1 if history.stopped_early else resume["epoch"] + 1
+        # a snapshot taken as early stopping fired, or as a stop hook pruned, is complete
+        over = history.stopped_early or history.pruned
+        first_epoch = hyper.epochs + 1 if over else resume["epoch"] + 1
         log(f"resuming after epoch {resume['epoch']} (best {history.selected_on}_acc {history.best_acc:.3f}% "
-            f"at epoch {history.best_epoch})" + (", where early stopping had fired" if history.stopped_early else ""))
+            f"at epoch {history.best_epoch})" + (", where early stopping had fired" if history.stopped_early else "")
+            + (", where it had been pruned" if history.pruned else ""))
     step = make_step(net, optimizer, hyper, device)
 
     for epoch in range(first_epoch, hyper.epochs + 1):
@@ -318,9 +324,11 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
                     "history": history.to_state(), "rng": rng_state(generator)}
 
         end = EpochEnd(result, is_best, history, snapshot)
-        stopper.on_epoch(end)  # first: the snapshot the others take knows whether it fired
-        asked = [bool(callback(end)) for callback in callbacks]
-        if any(asked):
+        stopper.on_epoch(end)  # first: the snapshot the callbacks take knows whether it fired
+        history.pruned = any([bool(ask(end)) for ask in stop_hooks])  # a list: every hook is asked
+        for callback in callbacks:
+            callback(end)
+        if history.pruned:
             log(f"stopped after epoch {epoch}: the caller asked to (pruned)")
             break
         if history.stopped_early:

@@ -37,9 +37,9 @@ def test_opened_ends_the_run_as_it_went_and_names_a_killed_run_on_the_interrupt(
     assert store.client.get_run(run_id).info.status == status
 
 
-def child(stage, cfg, dataset, name="point"):
+def child(stage, cfg, dataset, name="point", **hooks):
     return runner.child_run(stage, name, cfg, dataset, arch="resnet", init_state=None,
-                            tags={"source_run_id": "scratch"}, init_source="scratch")
+                            tags={"source_run_id": "scratch"}, init_source="scratch", **hooks)
 
 
 def test_a_finished_child_with_the_same_key_is_reused_and_another_name_trains(tiny, capsys):
@@ -90,6 +90,31 @@ def test_a_child_whose_last_pt_cannot_be_resumed_is_trained_again_not_a_dead_end
     assert f"point: child run {again.run_id} cannot be resumed (run {again.run_id}: checkpoints/last.pt is malformed " \
            f"(KeyError: 'model'): it was not written by this pipeline or is damaged); training it again from its " \
            f"start" in capsys.readouterr().out
+
+
+def test_a_child_pruned_then_resumed_before_it_finished_trains_no_more(tiny, capsys, monkeypatch):
+    """A trial's worker dies after its hook pruned the child and before the child's FINISHED: the
+    retry resumes it from last.pt, which says it was pruned, so no epoch past the prune trains."""
+    store, cfg, dataset = tiny
+    cfg = cfg.replace(epochs=3)
+    stage = runner.Stage(store.client.create_run("0").info.run_id, CPU)
+    loss_plot = runner.plots.loss
+
+    def dies(*args, **kwargs):  # the end of training, after the prune, before FINISHED
+        monkeypatch.setattr(runner.plots, "loss", loss_plot)
+        raise KeyboardInterrupt("SIGTERM")
+
+    monkeypatch.setattr(runner.plots, "loss", dies)
+    with pytest.raises(KeyboardInterrupt):
+        child(stage, cfg, dataset, stop_hooks=(lambda end: end.result.epoch >= 1,))
+    (stopped,) = store.children(stage.run_id)
+    assert stopped.info.status == "KILLED" and store.steps(stopped.info.run_id, "test_acc") == [1]
+    asked = []
+    capsys.readouterr()
+    again = child(stage, cfg, dataset, stop_hooks=(lambda end: asked.append(end.result.epoch) or False,))
+    assert again.run_id == stopped.info.run_id and "where it had been pruned" in capsys.readouterr().out
+    assert asked == [] and store.steps(again.run_id, "test_acc") == [1] and len(again.history.epochs) == 1
+    assert store.client.get_run(again.run_id).info.status == "FINISHED"
 
 
 def test_a_child_keyed_on_another_runtime_is_not_reused(tiny):

@@ -218,6 +218,29 @@ def test_rng_states_restore_every_generator_after_a_weights_only_load():
     assert draws() == first
 
 
+def test_a_stop_hook_is_asked_before_the_callbacks_so_its_snapshot_resumes_to_no_more_epochs():
+    snapshots, order = [], []
+    torch.manual_seed(0)
+
+    def prune(end):
+        order.append("hook")
+        return end.result.epoch >= 2
+
+    def keep(end):
+        order.append("callback")
+        snapshots.append(copy.deepcopy(end.snapshot()))
+
+    pruned = train.fit(Tiny(), batches(1), batches(2), Hyper(epochs=5, lr=0.1), torch.device("cpu"),
+                       torch.Generator().manual_seed(0), stop_hooks=[prune], callbacks=[keep], log=lambda m: None)
+    assert len(pruned.epochs) == 2 and pruned.pruned and not pruned.stopped_early
+    assert order == ["hook", "callback"] * 2 and snapshots[-1]["history"]["pruned"]
+    seen = []
+    resumed = train.fit(Tiny(), batches(1), batches(2), Hyper(epochs=5, lr=0.1), torch.device("cpu"),
+                        torch.Generator().manual_seed(0), resume=snapshots[-1],
+                        callbacks=[lambda end: seen.append(end.result.epoch)], log=lambda m: None)
+    assert seen == [] and len(resumed.epochs) == 2 and resumed.pruned
+
+
 def test_resuming_a_snapshot_taken_as_early_stopping_fired_trains_no_more():
     snapshots = []
     torch.manual_seed(0)
