@@ -21,15 +21,23 @@ def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
+@pytest.fixture(scope="session")
+def template_store(tmp_path_factory, data_dir) -> Path:
+    """One store MLflow creates and migrates, per test process: each test's store is a copy."""
+    root = tmp_path_factory.mktemp("template-store")
+    Store(root, data_dir).initialise()
+    return root
+
+
 @pytest.fixture
-def store(tmp_path, data_dir) -> Store:
-    return Store(tmp_path, data_dir).initialise()
+def store(tmp_path, data_dir, template_store) -> Store:
+    return Store(tmp_path, data_dir).initialise(template_store)
 
 
 @pytest.fixture(scope="module")
-def module_store(request, tmp_path_factory, data_dir):
+def module_store(request, tmp_path_factory, data_dir, template_store):
     with kept_if_failed(request, tmp_path_factory.mktemp("store")) as root:
-        yield Store(root, data_dir).initialise()
+        yield Store(root, data_dir).initialise(template_store)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -63,12 +64,24 @@ class Store:
         self.data_dir = data_dir
         self.env = base_env(self.uri, data_dir, root)
 
-    def initialise(self) -> "Store":
+    def initialise(self, template: Path | None = None) -> "Store":
         """Create the schema once (processes that create it at the same moment can collide), its
-        artifacts under the store's folder, not the checkout's ./mlruns."""
+        artifacts under the store's folder, not the checkout's ./mlruns. With `template`, a store
+        that new_local_store made (`template_store`): a copy of it, with its Default experiment's
+        artifacts moved here, is the same fresh store without MLflow's 2-3 s of migrations."""
         from pipeline.tracking import new_local_store
 
-        self.uri = self.env["MLFLOW_TRACKING_URI"] = new_local_store(self.root)
+        if template is None:
+            self.uri = new_local_store(self.root)
+        else:
+            database = self.root / "mlflow.db"
+            shutil.copyfile(template / "mlflow.db", database)
+            with contextlib.closing(sqlite3.connect(database)) as db, db:
+                (location,) = db.execute("SELECT artifact_location FROM experiments").fetchone()
+                assert location == str(template.resolve() / "mlruns" / "0"), location  # nothing else to move
+                db.execute("UPDATE experiments SET artifact_location = ?", (str(self.root.resolve() / "mlruns" / "0"),))
+            self.uri = f"sqlite:///{database.resolve()}"
+        self.env["MLFLOW_TRACKING_URI"] = self.uri
         return self
 
     def params(self, extra: dict[str, str] | None = None, tiny: bool = True) -> dict[str, str]:
