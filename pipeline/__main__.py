@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     import requests
     from mlflow.exceptions import MlflowException
 
-    from .errors import UserError
+    from .errors import UserError, first_line
 
     stage, overrides = "", {}
     try:
@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         if refusal is None and isinstance(err, requests.HTTPError):
             stopped_runs_hint(err, stage, overrides)
             raise
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"error: {refusal or first}", file=sys.stderr, flush=True)
+        print(f"error: {refusal or first_line(err, None, type(err).__name__)}", file=sys.stderr, flush=True)
         stopped_runs_hint(err, stage, overrides)
         return 2 if refusal else 1
     except Exception as err:  # a bug: its traceback follows, and the runs it stopped can continue

@@ -26,7 +26,7 @@ import mlflow
 import torch
 
 from . import interrupts, models, tracking
-from .errors import CheckpointError, LineageError
+from .errors import CheckpointError, LineageError, first_line
 from .rng import set_rng_state
 from .train import CHECKPOINT_FORMAT, EpochEnd, History, Hyper, make_optimizer
 
@@ -265,8 +265,7 @@ def resume_state(run_id: str, arch: str) -> dict:
     try:
         check_resumable(state, arch, f"{run_id}/{LAST}")
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
-        detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
-        reason = (f"{where} is malformed ({type(err).__name__}: {detail}): it was not written by this "
+        reason = (f"{where} is malformed ({type(err).__name__}: {first_line(err)}): it was not written by this "
                   f"pipeline or is damaged")
         raise CheckpointError(f"{reason}; start the run again without resume_run_id", reason) from None
     return state

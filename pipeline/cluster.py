@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 from . import interrupts
 from .config import Config
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .runner import log
 
 # MLflow tracking settings a worker on another machine needs (it does not share our environment)
@@ -140,7 +140,7 @@ def connect(cfg: Config) -> None:
                 ray.init(address=cfg.ray_address, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ConfigError(f"could not reach Ray at ray_address={cfg.ray_address}: "
-                          f"{str(err).splitlines()[0][:200]}; start it with `ray start --head` or "
+                          f"{first_line(err, 200)}; start it with `ray start --head` or "
                           f"leave ray_address empty for a local Ray") from None
     finally:
         if held is not None:

@@ -15,7 +15,7 @@ import torchvision
 from torchvision.datasets.utils import check_integrity
 
 from . import synthetic
-from .errors import DataError
+from .errors import DataError, first_line
 from .config import PROJECT_DIR, Config
 
 CACHE_DIR = PROJECT_DIR / ".svhn-cache"
@@ -62,7 +62,7 @@ def _download(folder: Path, split: str) -> None:
     try:
         SVHNMat(str(folder), split, verify=True, download=True)
     except (OSError, RuntimeError) as err:  # URLError is an OSError
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err, None, type(err).__name__)
         raise DataError(f"cannot download SVHN {split} split into {folder} ({reason}): are you "
                         f"offline? Copy the .mat files there by hand, or use -P dataset=synthetic") from None
 
@@ -122,7 +122,7 @@ def read_mat(path: Path, split: str, verify: bool) -> tuple[torch.Tensor, torch.
 
 def not_svhn_mat(path: Path, err: Exception) -> DataError:
     return DataError(f"cannot read {path}: not a valid SVHN-format .mat ({type(err).__name__}: "
-                     f"{str(err).splitlines()[0] if str(err) else ''}); replace the file")
+                     f"{first_line(err, None)}); replace the file")
 
 
 def mat_has_labels(path: Path) -> bool:

@@ -3,6 +3,13 @@ prints it and exits with `exit_code`). Every refusal in the pipeline is one of t
 from __future__ import annotations
 
 
+def first_line(err: BaseException, limit: int | None = 160, empty: str = "") -> str:
+    """An error's message cut to its first line (and `limit` characters) for a one-line report;
+    `empty` when the message is blank."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:limit] if lines else empty
+
+
 class UserError(Exception):
     """A refusal the user can act on; never a bug."""
     exit_code = 2

@@ -14,7 +14,7 @@ from . import data as data_mod
 from . import interrupts, keys, pause, runtime, tracking, train
 from .cluster import TRACKING_ENV, check_cluster, shared, tracking_uri
 from .config import Config
-from .errors import ChildFailed, ConfigError, NotLikeTheDriver
+from .errors import ChildFailed, ConfigError, NotLikeTheDriver, first_line
 from .runner import RunResult, Stage, child_run, log
 
 
@@ -283,5 +283,5 @@ def stop(pending: list, parent_run_id: str, status_of: dict[str, str]) -> list[s
             ended.append(run.info.run_id)
     except Exception as err:  # noqa: BLE001 - the tasks are cancelled; the runs wait for a resume
         log(f"[ray] tasks cancelled, but their runs could not be marked ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:160] if str(err) else ''}); running the command again resumes them")
+            f"{first_line(err)}); running the command again resumes them")
     return ended

@@ -19,7 +19,7 @@ import torch
 from . import data as data_mod
 from . import plots, registry, tracking
 from .config import Config
-from .errors import PredictError
+from .errors import PredictError, first_line
 
 
 @dataclass
@@ -46,7 +46,7 @@ def read_image(path: Path) -> np.ndarray:
                            f"decompression bomb); shrink it to include it") from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise PredictError(f"cannot read image {path}: {type(err).__name__}: "
-                           f"{str(err).splitlines()[0] if str(err) else 'unreadable'}; "
+                           f"{first_line(err, None, 'unreadable')}; "
                            f"skipped it (replace or remove the file)") from None
 
 
@@ -143,7 +143,7 @@ def load_model(model_uri: str):
     except Exception as err:
         tracking.raise_if_refused(err)
         raise PredictError(f"cannot load model {model_uri} ({type(err).__name__}: "
-                           f"{str(err).splitlines()[0][:200] if str(err) else ''}): run `mlflow run . -e "
+                           f"{first_line(err, 200)}): run `mlflow run . -e "
                            f"retrain` to register one, or pass -P model_uri=<uri>") from None
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from . import data as data_mod
 from . import batching, checkpoints, models, tracking
 from .config import STAGES, Config, registers
-from .errors import ModelRefused
+from .errors import ModelRefused, first_line
 
 CHAMPION = "champion"
 # a version's tag: the champion when it was registered, where withdrawing it puts the alias back
@@ -134,10 +134,6 @@ def no_champion(err: MlflowException) -> bool:
     """The model or its alias does not exist yet (any other error is a failed read)."""
     return err.error_code == "RESOURCE_DOES_NOT_EXIST" or (
         err.error_code == "INVALID_PARAMETER_VALUE" and "not found" in err.message)
-
-
-def first_line(err: BaseException, limit: int = 160) -> str:
-    return str(err).splitlines()[0][:limit] if str(err) else ""
 
 
 def current_champion(name: str):

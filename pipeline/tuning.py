@@ -11,7 +11,7 @@ import optuna
 
 from . import cluster, keys
 from .config import Config, absolute
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .runtime import Runtime
 
 
@@ -144,8 +144,7 @@ def reachable_storage(cfg: Config, tracking_uri: str) -> str:
     try:
         open_storage(url).engine.dispose()
     except (SQLAlchemyError, ImportError, ValueError, OSError, RuntimeError) as err:  # Runtime: another schema
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
-        raise ConfigError(f"cannot open optuna_storage={redacted(url)} ({type(err).__name__}: {reason}): pass a "
+        raise ConfigError(f"cannot open optuna_storage={redacted(url)} ({type(err).__name__}: {first_line(err)}): pass a "
                           f"database Optuna can reach, or leave it empty for one beside the tracking store") from None
     return url
 

@@ -5,7 +5,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline import __main__ as cli
 from pipeline import config, interrupts, session
-from pipeline.errors import ChildFailed, ConfigError
+from pipeline.errors import ChildFailed, ConfigError, first_line
 
 
 def test_a_user_error_is_one_line_with_its_exit_code(monkeypatch, capsys):
@@ -117,3 +117,9 @@ def test_an_optuna_storage_that_cannot_be_opened_is_one_line_before_any_run(stor
         f"error: cannot open optuna_storage={nowhere} (OperationalError: (sqlite3.OperationalError) unable to open "
         f"database file): pass a database Optuna can reach, or leave it empty for one beside the tracking store"]
     assert store.runs() == []
+
+
+def test_an_errors_one_line_report_is_its_first_line_cut_to_the_limit():
+    assert first_line(ValueError("\n  no such table: trials\n[SQL: SELECT ...]")) == "no such table: trials"
+    assert first_line(ValueError("x" * 300), 200) == "x" * 200 and first_line(ValueError("x" * 300), None) == "x" * 300
+    assert first_line(OSError(), None, "OSError") == "OSError" and first_line(ValueError("  ")) == ""
