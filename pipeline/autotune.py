@@ -52,6 +52,9 @@ from .tuning import (GRACE_PERIOD_S, Heartbeats, SearchSpace, TrialRef, build_pr
                      trial_name)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# A queued-again trial's system attribute: how many of its intermediate values (epochs) it was
+# given by the attempt before it, which trained them.
+INHERITED = "inherited_epochs"
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -307,7 +310,7 @@ class Tuner:
             running = len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
             if len(done) + running >= self.cfg.n_trials:  # running: ours, and those other drivers beat for
                 return None
-            if self.budget_spent(done, running):
+            if self.budget_spent(running):
                 return None
             with interrupts.critical():  # no trial without its heartbeat, which lets it go stale
                 trial = self.study.ask()
@@ -331,10 +334,10 @@ class Tuner:
             beats.close()  # a stopped command's trials go quiet: its children are KILLED, or go stale
         return self.conclude(results)
 
-    def budget_spent(self, done, running: int) -> bool:
-        """Whether one more whole trial would pass epoch_budget: the epochs the `done` trials trained
-        (pruned ones' included) and a whole trial for each of the `running` ones."""
-        committed = sum(len(t.intermediate_values) for t in done) + running * self.cfg.trial_epochs
+    def budget_spent(self, running: int) -> bool:
+        """Whether one more whole trial would pass epoch_budget: the epochs the study's trials
+        trained (epochs_trained) and a whole trial for each of the `running` ones."""
+        committed = epochs_trained(self.study.get_trials(deepcopy=False)) + running * self.cfg.trial_epochs
         return bool(self.cfg.epoch_budget) and committed + self.cfg.trial_epochs > self.cfg.epoch_budget
 
     def conclude(self, results: dict[int, RunResult]) -> RunResult:
@@ -349,7 +352,7 @@ class Tuner:
             done = self.study.get_trials(deepcopy=False, states=FINISHED)  # earlier_results passed them over
             gone = sum(bool(t.user_attrs.get("mlflow_run_id")) for t in done)
             limits = [name for name, reached in (("-P n_trials", len(done) >= self.cfg.n_trials),
-                                                 ("-P epoch_budget", self.budget_spent(done, 0))) if reached]
+                                                 ("-P epoch_budget", self.budget_spent(0))) if reached]
             limits = limits or ["-P n_trials"]
             raise LineageError(
                 f"no trial of study {self.name} is left to choose from ({gone} finished, their runs gone from the "
@@ -375,11 +378,20 @@ class Tuner:
 
 
 def keep_covered_epochs(failed, child) -> None:
-    """A failed trial keeps only the epochs its child's last.pt covers (those its run logged):
-    the rest are trained again."""
+    """A failed trial, before it is queued again, keeps only the epochs its child's last.pt covers
+    (those its run logged): the rest are trained again. Its copy counts them as inherited."""
     covered = tracking.logged_steps(child.info.run_id, "test_acc") if child is not None else set()
     failed.intermediate_values = {step: value for step, value in failed.intermediate_values.items()
                                   if step in covered}
+    failed.system_attrs[INHERITED] = len(failed.intermediate_values)
+
+
+def epochs_trained(trials) -> int:
+    """The epochs a study's trials trained, every attempt's own: the epochs each finished or failed
+    trial reported, less those it inherited. Pruned trials count, and so do a crashed attempt's
+    epochs that its retry trains again, and those of a trial given up after its retries."""
+    return sum(len(t.intermediate_values) - t.system_attrs.get(INHERITED, 0)
+               for t in trials if t.state in (*FINISHED, TrialState.FAIL))
 
 
 def requeue(study, stopped) -> None:

@@ -454,6 +454,33 @@ def test_an_epoch_budget_stops_asking_before_a_whole_trial_would_pass_it(store, 
                                                                             dataset.digest, CPU)
 
 
+def test_the_epoch_budget_counts_what_every_attempt_trained_itself(store, monkeypatch):
+    """A crashed attempt's epochs count (those its retry trains again included), its retry counts
+    only the epochs it trained itself, and a trial given up after its retries counts too."""
+    cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, max_retries="1", trial_epochs="4",
+                                              n_trials="10", epoch_budget="16")
+    trial = tuner.study.ask()
+    tuner.spec(trial)
+    child_of(store, stage_run, trial)  # its last.pt covers epoch 1
+    for epoch in (1, 2):
+        trial.report(50.0, epoch)  # epoch 2 trained and reported; its driver died before last.pt
+    beat(tuner, trial, age_s=STALE)
+    again = autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())
+    assert again.retry_interrupted() == 0
+    retried = again.study.ask()
+    assert again.study.trials[retried.number].intermediate_values == {1: 50.0}  # what last.pt covers
+    for epoch in (2, 3, 4):
+        retried.report(60.0, epoch)
+    again.study.tell(retried, 60.0)
+    assert autotune.epochs_trained(again.study.trials) == 2 + 3
+    assert not again.budget_spent(1)  # 5 trained, 4 in flight: one more trial fits 16 (13)
+    given_up = optuna.create_trial(state=optuna.trial.TrialState.FAIL, params=trial.params,
+                                   distributions=trial.distributions, intermediate_values={1: 40.0})
+    again.study.add_trial(given_up)  # a trial that failed for good after one epoch
+    assert autotune.epochs_trained(again.study.trials) == 6 and again.budget_spent(2)  # 6 + 8 + 4 > 16
+    assert not again.budget_spent(1)
+
+
 def test_an_epoch_budget_below_one_trial_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"epoch_budget=3 is below trial_epochs=4: no trial could start"):
         config.load("autotune", {"epoch_budget": "3", "trial_epochs": "4"})
