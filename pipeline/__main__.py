@@ -85,7 +85,7 @@ def run(stage: str, overrides: dict[str, str]) -> int:
                 return 0
             return predict_mod.predict(cfg, run_id, model)
     if cfg.resume_run_id:
-        session.resume(cfg)
+        session.resume(cfg, given=frozenset(overrides))
     else:
         session.run(cfg, given=frozenset(overrides))
     return 0

@@ -14,7 +14,7 @@ import yaml
 from . import checkpoints, keys, lifecycle, registry, runner, runtime, tracking
 from . import data as data_mod
 from .config import Config, format_value, from_params
-from .errors import LineageError
+from .errors import ConfigError, LineageError
 from .lineage import resolve_lineage, tuned_by_parent
 from .runner import RunResult, Stage, log
 from .runtime import Runtime
@@ -132,6 +132,18 @@ def point_holder_at(run_id: str) -> None:
                                   f"This command resumed run {run_id}; its metrics are there.")
 
 
+def check_resume_params(run_id: str, original: Config, cfg: Config, given: frozenset) -> None:
+    """A -P given with resume_run_id that differs from the run's own value would be ignored:
+    refused, never silently dropped."""
+    differing = [name for name in sorted(given - RESUME_TAKES) if getattr(cfg, name) != getattr(original, name)]
+    if differing:
+        shown = ", ".join(f"-P {name}={format_value(getattr(cfg, name))} (the run's: "
+                          f"{format_value(getattr(original, name))})" for name in differing)
+        raise ConfigError(f"run {run_id} resumes with the parameters it started with, not {shown}: drop "
+                          f"{'it' if len(differing) == 1 else 'them'}, or start a new run to train with "
+                          f"{'it' if len(differing) == 1 else 'them'}")
+
+
 def resume_stage(previous, cfg: Config, dataset, resolved: Runtime) -> RunResult:
     """Reopen an unfinished stage run and finish it: its finished children are reused, the
     interrupted one resumed from last.pt, the missing ones trained, then it aggregates."""
@@ -151,11 +163,15 @@ def resume_stage(previous, cfg: Config, dataset, resolved: Runtime) -> RunResult
     return result
 
 
-def resume(cfg: Config) -> RunResult | None:
+# What a resume takes from its own command; every other -P must be what the run started with.
+RESUME_TAKES = frozenset({"resume_run_id", "force", "env_manager"})
+
+
+def resume(cfg: Config, given: frozenset = frozenset()) -> RunResult | None:
     """Reopen run `cfg.resume_run_id` and continue it: a training run from its last completed
     epoch, a stage run child by child (finished children kept, the interrupted one resumed).
-    Only with the data, code, device type and precision it started with, and only by one process:
-    nothing is written before those checks pass."""
+    Only with the parameters (`given`: those passed with -P), data, code, device type and precision
+    it started with, and only by one process: nothing is written before those checks pass."""
     run_id = cfg.resume_run_id
     previous = tracking.get_run(run_id, "resume")
     if previous.info.status == "FINISHED":
@@ -172,6 +188,7 @@ def resume(cfg: Config) -> RunResult | None:
                            f"logging it; resume a stage or train run, or run the stage again")
     text = mlflow.artifacts.load_text(f"{previous.info.artifact_uri}/config.yaml")
     original = from_params(yaml.safe_load(text))  # the run's own config, not this command's
+    check_resume_params(run_id, original, cfg, given)
     original.force = cfg.force
     stage_name = previous.data.tags.get("stage", original.stage)
     stage_run = "mlflow.parentRunId" not in previous.data.tags and stage_name not in ("train", "main")

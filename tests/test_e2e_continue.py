@@ -132,6 +132,10 @@ def test_checkpoint_every_3_logs_each_epoch_once_from_the_weights_that_continued
     assert covered == 3  # the precondition: two epochs trained past the last checkpoint
     for key in ("test_acc", "train_loss", "epoch_time_s"):
         assert store.steps(run_id, key) == [1, 2, 3], key  # epochs 4-5 died unlogged with their weights
+    more = store.cli("train", "--resume_run_id", run_id, "--epochs", "9")  # what a resume would drop: refused
+    assert more.returncode == 2 and (
+        f"error: run {run_id} resumes with the parameters it started with, not -P epochs=9 (the run's: 6): drop it, "
+        f"or start a new run to train with it") in more.stderr.splitlines()
     resumed_at = time.time() * 1000
     resumed = store.cli("train", "--resume_run_id", run_id, check=True)
     assert "resuming after epoch 3" in resumed.stdout

@@ -4,7 +4,7 @@ withdraws when the stage fails, and what it refuses to resume; in a real tempora
 import pytest
 
 from pipeline import config, data, keys, lifecycle, registry, runner, runtime, session, stages
-from pipeline.errors import LineageError
+from pipeline.errors import ConfigError, LineageError
 
 
 @pytest.fixture
@@ -108,3 +108,23 @@ def test_resume_refuses_a_continued_run_and_leaves_a_finished_one(tiny, capsys):
                                            f"stage of this pipeline"):
         session.resume(cfg.replace(resume_run_id=launcher))
     assert store.client.get_run(launcher).info.status == "KILLED"  # nothing written
+
+
+def test_resume_refuses_a_parameter_it_would_ignore_and_takes_one_the_run_has(tiny):
+    """`-P lr=...` with resume_run_id would be dropped (a resume continues with the run's own
+    config): refused, nothing written; a -P equal to the run's own, force and env_manager pass."""
+    from pipeline import tracking
+
+    store, cfg = tiny
+    stopped = store.client.create_run("0", tags={"stage": "tune_lr"}).info.run_id
+    tracking.log_config(stopped, cfg)
+    store.client.set_terminated(stopped, "KILLED")
+    given = frozenset({"resume_run_id", "lr", "lrs", "epochs", "force", "env_manager"})
+    changed = cfg.replace(resume_run_id=stopped, lr=0.5, lrs=[0.5, 0.1], force=True)
+    with pytest.raises(ConfigError) as err:
+        session.resume(changed, given)
+    assert str(err.value) == (f"run {stopped} resumes with the parameters it started with, not -P lr=0.5 (the run's: "
+                              f"{cfg.lr!r}), -P lrs=0.5,0.1 (the run's: 0.001): drop them, or start a new run to "
+                              f"train with them")
+    assert store.client.get_run(stopped).info.status == "KILLED"  # nothing written
+    session.check_resume_params(stopped, cfg, cfg.replace(resume_run_id=stopped, force=True), given)
