@@ -1,5 +1,8 @@
 """The CLI (`python -m pipeline`): every refusal is one line with its exit code, and a command
 whose runs were stopped on an error's way up says how to continue them."""
+import sqlite3
+
+import optuna
 import pytest
 from mlflow.exceptions import MlflowException
 
@@ -116,6 +119,14 @@ def test_an_optuna_storage_that_cannot_be_opened_is_one_line_before_any_run(stor
     assert capsys.readouterr().err.splitlines() == [
         f"error: cannot open optuna_storage={nowhere} (OperationalError: (sqlite3.OperationalError) unable to open "
         f"database file): pass a database Optuna can reach, or leave it empty for one beside the tracking store"]
+    older = tmp_path / "older.db"  # a study database of another schema version: Optuna raises RuntimeError
+    optuna.storages.RDBStorage(f"sqlite:///{older}").engine.dispose()
+    with sqlite3.connect(older) as db:
+        db.execute("UPDATE alembic_version SET version_num = 'v2.4.0.a'")
+    assert cli.main(["autotune", "--optuna_storage", f"sqlite:///{older}"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: cannot open optuna_storage=sqlite:///{older} (RuntimeError: The runtime optuna "
+                           f"version {optuna.__version__} is no longer compatible with the table schema")
     assert store.runs() == []
 
 
