@@ -5,6 +5,8 @@ import warnings
 
 import mlflow
 
+from .errors import first_line
+
 # About 10 samples an epoch: a short epoch still shows whether the device was busy, and a long one
 # (an hour on a CPU) does not log thousands of rows. Under 1 s sampling would cost more than it
 # shows; over 30 s a stall of half a minute would vanish in the mean.
@@ -40,9 +42,13 @@ class SystemMetrics:
         from mlflow.environment_variables import (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING,
                                                   MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL)
 
-        self.monitor = None
-        self.fixed_interval = MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() is not None
-        if MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.is_set() and not MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get():
+        self.monitor, self.fixed_interval = None, False
+        try:
+            self.fixed_interval = MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() is not None
+            if MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.is_set() and not MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get():
+                return
+        except ValueError as err:  # a value MLflow cannot parse (`off`, `5s`): off, said once
+            warnings.warn(f"system metrics are off for run {run_id}: {first_line(err)}")
             return
         try:
             import psutil

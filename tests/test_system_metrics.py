@@ -45,3 +45,15 @@ def test_samples_arrive_during_the_work_and_the_interval_follows_the_epoch(store
     assert max(during) > 0
     assert metrics.monitor is None  # stopped: a second stop() is harmless
     metrics.stop()
+
+
+@pytest.mark.parametrize("variable,value", [("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "off"),
+                                            ("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "5s")])
+def test_a_setting_mlflow_cannot_parse_turns_the_metrics_off_with_a_warning_never_fails_the_run(monkeypatch,
+                                                                                               variable, value):
+    monkeypatch.setenv(variable, value)
+    with pytest.warns(UserWarning, match=f"^system metrics are off for run r1: .*'?{value}'?.*"):
+        metrics = sysmetrics.SystemMetrics("r1", 5.0)
+    assert metrics.monitor is None
+    metrics.epoch_took(3.0)
+    metrics.stop()
