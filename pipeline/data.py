@@ -167,13 +167,29 @@ def _sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:
     return digest.hexdigest()
 
 
-def data_digest(cfg: Config, file_digests: list[str] | None = None) -> str:
-    """One digest for the data a run of `cfg` sees: both files' bytes and how they are cut."""
-    if file_digests is None:
-        folder = data_folder(cfg)
-        file_digests = [file_sha256(mat_path(folder, split)) for split in ("train", "test")]
-    cut = f"{cfg.limit_train}|{cfg.limit_test}|{cfg.val_split!r}|{cfg.data_seed}"
+def data_digest(cfg: Config, file_digests: list[str] | None = None, rows: list[int | None] | None = None) -> str:
+    """One digest for the data a run of `cfg` sees: both files' bytes and how they are cut. A
+    limit that cuts nothing (at least the file's `rows`) is written as 0, so the same rows give
+    the same digest however they were asked for."""
+    if file_digests is None or rows is None:
+        paths = [mat_path(data_folder(cfg), split) for split in ("train", "test")]
+        file_digests = file_digests or [file_sha256(path) for path in paths]
+        rows = rows or [mat_rows(path) for path in paths]
+    limits = [0 if n is not None and limit >= n else limit for limit, n in zip((cfg.limit_train, cfg.limit_test), rows)]
+    cut = f"{limits[0]}|{limits[1]}|{cfg.val_split!r}|{cfg.data_seed}"
     return hashlib.sha256("|".join([*file_digests, cut]).encode()).hexdigest()
+
+
+def mat_rows(path: Path) -> int | None:
+    """The images an SVHN-format .mat holds, from its header (nothing decoded); None when it
+    cannot say (the digest then keeps the limit as given: a cache miss at worst)."""
+    import scipy.io
+
+    try:
+        shapes = {name: shape for name, shape, _ in scipy.io.whosmat(str(path))}
+    except Exception:  # noqa: BLE001 - read_mat says what is wrong with the file
+        return None
+    return int(shapes["X"][-1]) if len(shapes.get("X", ())) == 4 else None
 
 
 @dataclass
@@ -301,5 +317,6 @@ def load(cfg: Config) -> SVHNData:
                     train.indices[held], train.file_rows)
         train = Split("train", train.images[kept], train.labels[kept], train.source, train.file_sha256,
                       train.indices[kept], train.file_rows)
-    digest = data_digest(cfg, [splits["train"].file_sha256, splits["test"].file_sha256])
+    digest = data_digest(cfg, [splits["train"].file_sha256, splits["test"].file_sha256],
+                         [splits["train"].file_rows, splits["test"].file_rows])
     return SVHNData(folder, train, splits["test"], val, digest)

@@ -282,3 +282,20 @@ def test_a_mat_of_one_image_is_read_and_one_of_none_is_one_line(tmp_path):
         data.read_mat(tmp_path / "none" / "test_32x32.mat", "test", verify=False)
     assert str(err.value) == (f"cannot read {tmp_path / 'none' / 'test_32x32.mat'}: X holds no images; "
                               f"{data.SVHN_FORMAT}, replace the file")
+
+
+def test_the_same_rows_have_one_digest_however_the_limits_ask_for_them(tmp_path):
+    """limit_train 0 (all), the file's 90 rows, or more than it holds: the same images, one digest,
+    from the decoded data and from the files' headers alike (main's reuse check reads only those)."""
+    folder = synthetic.ensure(tmp_path / "mats", 90, 40)
+    base = {"dataset": "svhn", "data_dir": str(folder), "verify": "false", "val_split": "0.1"}
+    digests = {}
+    for limits in ((0, 0), (90, 40), (999, 0), (0, 41), (89, 0), (0, 39)):
+        cfg = config.load("train", dict(base, limit_train=str(limits[0]), limit_test=str(limits[1])))
+        loaded = data.load(cfg)
+        assert data.data_digest(cfg) == loaded.digest, limits
+        digests[limits] = (loaded.digest, len(loaded.train.labels) + loaded.n_val, loaded.n_test)
+    assert {digests[k] for k in ((0, 0), (90, 40), (999, 0), (0, 41))} == {digests[(0, 0)]}
+    assert digests[(0, 0)][1:] == (90, 40)
+    assert digests[(89, 0)][0] != digests[(0, 0)][0] and digests[(0, 39)][0] != digests[(0, 0)][0]  # a cut
+    assert data.mat_rows(folder / "train_32x32.mat") == 90 and data.mat_rows(tmp_path / "nothing.mat") is None
