@@ -126,8 +126,12 @@ def held_out(dataset: data_mod.SVHNData) -> data_mod.Split:
 
 
 def accuracy(model, part: data_mod.Split) -> float:
-    predicted = probabilities(model, part.images.permute(0, 2, 3, 1).numpy()).argmax(1)
-    return 100.0 * float((predicted == part.labels.numpy()).mean())
+    """Percent of `part` read right; nan over no images, or when any output is NaN or infinite
+    (diverged weights: argmax would read such a row as digit 0, a figure that can win)."""
+    probs = probabilities(model, part.images.permute(0, 2, 3, 1).numpy())
+    if not np.isfinite(probs).all():
+        return math.nan
+    return 100.0 * float((probs.argmax(1) == part.labels.numpy()).mean())
 
 
 def no_champion(err: MlflowException) -> bool:
@@ -242,7 +246,12 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData, registe
     client = tracking.client()
     lineage = tracking.descends_from(client.get_run(run_id).data.tags)
     champion_acc, why = compare_with(champion, lineage, dataset, part)
-    if not why and not math.isfinite(challenger_acc):  # over no images: it compares with nothing
+    # over no images it compares with nothing; with outputs that are not finite it is never champion
+    diverged = not math.isfinite(challenger_acc) and len(part.labels) > 0
+    if diverged:
+        why = (f"its outputs on the {part.role} split are not finite (NaN or inf: its weights diverged), "
+               f"so it is never champion, not even with -P promote=true")
+    elif not why and not math.isfinite(challenger_acc):
         why = f"its accuracy on the {part.role} split is not a number ({len(part.labels)} images)"
     # torch.export fixes a batch dimension it sees as 0 or 1: the example has 2 to 4 images (test
     # ones, or training ones where the test split is empty), so the pt2 model takes any batch
@@ -271,7 +280,7 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData, registe
     mine = f"version {version} {challenger_acc:.3f}%"
     by_hand = (f"to promote it anyway, run the stage with -P promote=true, or call MlflowClient()"
                f".set_registered_model_alias('{name}', '{CHAMPION}', '{version}')")
-    if not cfg.promote and why:
+    if (not cfg.promote and why) or diverged:
         stays = f"stays on version {previous}" if previous else "is not set"
         print(f"registered {name} {mine}; alias '{CHAMPION}' {stays}: {why}; {by_hand}", flush=True)
         return version

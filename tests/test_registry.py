@@ -1,6 +1,7 @@
 """The registry in a real local store: the champion alias moves only on a strictly better figure on
 held-out data meant for both; other data, a tie, a worse model or a moved alias leave it; a
 pickle-format model is refused before it is read."""
+import dataclasses
 import os
 
 import pytest
@@ -31,10 +32,10 @@ def load(colour_data, name, **extra):
     return cfg, data.load(cfg)
 
 
-def constant_result(store, digit: int, lineage: str) -> runner.RunResult:
+def constant_result(store, digit: int, lineage: str, diverged: bool = False) -> runner.RunResult:
     """A run whose best.pt answers `digit` for every image: its accuracy is that digit's share;
-    `lineage`: the data its weights descend from (a stage run's tag)."""
-    run_id = constant_model_run(store, digit, lineage, stage="retrain")
+    `lineage`: the data its weights descend from (a stage run's tag); `diverged`: NaN outputs."""
+    run_id = constant_model_run(store, digit, lineage, stage="retrain", diverged=diverged)
     return runner.RunResult(run_id, f"always {digit}", "resnet", 0.0, 1, None, "test", 0.0)
 
 
@@ -42,8 +43,8 @@ def champion(store, name):
     return str(store.client.get_model_version_by_alias(name, registry.CHAMPION).version)
 
 
-def register(store, cfg, dataset, digit, capsys, lineage=None, registered=None) -> tuple[str, str]:
-    result = constant_result(store, digit, lineage or dataset.digest)
+def register(store, cfg, dataset, digit, capsys, lineage=None, registered=None, diverged=False) -> tuple[str, str]:
+    result = constant_result(store, digit, lineage or dataset.digest, diverged)
     version = registry.register(result.run_id, cfg, result, dataset, [] if registered is None else registered)
     return version, capsys.readouterr().out.strip().splitlines()[-1]
 
@@ -63,20 +64,35 @@ def test_only_a_strictly_better_challenger_moves_the_alias(local, colour_data, c
     assert f"version {worse} 0.000% vs champion version {better} 12.500%" in line
 
 
-def test_a_figure_that_is_not_a_number_never_moves_the_alias(local, colour_data, capsys, monkeypatch):
-    """An accuracy over no images is nan, and nan compares False both ways."""
+def test_a_model_whose_outputs_are_nan_never_takes_the_alias(local, colour_data, capsys):
+    """Diverged weights answer NaN, which argmax reads as digit 0: a figure (10%) that could win.
+    Such a model never takes the alias: not over a champion, not as the first, not promoted."""
     cfg, dataset = load(colour_data, "m-nan")
-    first, _ = register(local, cfg, dataset, PRESENT, capsys)
-    monkeypatch.setattr(registry, "accuracy", lambda model, part: float("nan"))
-    judged_nan, line = register(local, cfg, dataset, PRESENT, capsys)
+    first, _ = register(local, cfg, dataset, ABSENT, capsys)  # 0%: the NaN model's 12.5% (digit 0) would beat it
+    diverged, line = register(local, cfg, dataset, PRESENT, capsys, diverged=True)
     assert champion(local, "m-nan") == first
-    assert (f"version {judged_nan} nan%; alias 'champion' stays on version {first}: its accuracy on the test "
-            f"split is not a number (8 images)") in line
+    assert (f"version {diverged} nan%; alias 'champion' stays on version {first}: its outputs on the test split are "
+            f"not finite (NaN or inf: its weights diverged), so it is never champion") in line
+    promoted = cfg.replace(promote=True)
+    _, line = register(local, promoted, dataset, PRESENT, capsys, diverged=True)
+    assert champion(local, "m-nan") == first and "never champion, not even with -P promote=true" in line
     cfg_first, _ = load(colour_data, "m-nan-first")
-    _, line = register(local, cfg_first, dataset, PRESENT, capsys)  # no champion yet: none made
-    assert "alias 'champion' is not set: its accuracy on the test split is not a number" in line
+    _, line = register(local, cfg_first, dataset, PRESENT, capsys, diverged=True)  # no champion yet: none made
+    assert "alias 'champion' is not set: its outputs on the test split are not finite" in line
     with pytest.raises(MlflowException):
         local.client.get_model_version_by_alias("m-nan-first", registry.CHAMPION)
+
+
+def test_a_figure_over_no_images_never_moves_the_alias(local, colour_data, capsys):
+    """An accuracy over no images is nan: it compares with nothing, so it is not even the first."""
+    cfg, dataset = load(colour_data, "m-none")
+    empty = data.Split("test", dataset.test.images[:0], dataset.test.labels[:0], dataset.test.source,
+                       dataset.test.file_sha256, dataset.test.indices[:0], dataset.test.file_rows)
+    judged_nan, line = register(local, cfg, dataclasses.replace(dataset, test=empty), PRESENT, capsys)
+    assert (f"version {judged_nan} nan%; alias 'champion' is not set: its accuracy on the test split is not a "
+            f"number (0 images)") in line
+    with pytest.raises(MlflowException):
+        local.client.get_model_version_by_alias("m-none", registry.CHAMPION)
 
 
 def test_a_model_registered_with_one_test_image_takes_any_batch(local, colour_data, capsys):

@@ -27,17 +27,18 @@ def colour_params(store, colour_data, folder, extra):
                          "limit_test": "128", **extra})
 
 
-def constant_model_run(store, digit: int, lineage: str, stage: str = "smoke") -> str:
+def constant_model_run(store, digit: int, lineage: str, stage: str = "smoke", diverged: bool = False) -> str:
     """A run (in this process's tracking store, which must be `store`'s) whose best.pt answers
     `digit` for every image: its accuracy is that digit's share. `lineage`: the data its weights
-    descend from (a stage run's lineage_digest)."""
+    descend from (a stage run's lineage_digest). `diverged`: its outputs are NaN, as after a
+    diverged training (argmax reads a NaN row as digit 0)."""
     from pipeline import checkpoints, models
 
     net = models.build("resnet")
     with torch.no_grad():
         net.fc.weight.zero_()
         net.fc.bias.fill_(-10.0)
-        net.fc.bias[digit] = 10.0
+        net.fc.bias[digit] = float("nan") if diverged else 10.0
     experiment = store.client.get_experiment_by_name("Default").experiment_id
     run_id = store.client.create_run(experiment, tags={"stage": stage, "lineage_digest": lineage}).info.run_id
     checkpoints.save_checkpoint(run_id, checkpoints.BEST, net.state_dict())
