@@ -70,12 +70,14 @@ def run(stage: str, overrides: dict[str, str]) -> int:
         # cannot write is refused before this command makes a run
         if stage == "predict":
             predict_mod.input_path(cfg.input)
-            predict_mod.writable_output(cfg.output)
-        model = predict_mod.load_model(cfg.champion_uri) if stage != "main" else None
+            predict_mod.writable_output(cfg.output, cfg.input)
+        model, model_uri = predict_mod.load_model(cfg.champion_uri) if stage != "main" else (None, "")
         run_id, created = session.top_level_run()
         from . import runner, tracking
 
         tracking.client().set_tag(run_id, "mlflow.runName", stage)
+        if model_uri:  # the one version whose figures these are, whatever the alias does later
+            tracking.client().set_tag(run_id, "model_uri", model_uri)
         with runner.opened(run_id, end=created):
             if stage == "main":
                 workflow.main(cfg, overrides, run_id, resolved)

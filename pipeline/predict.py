@@ -69,10 +69,11 @@ def as_shown(img):
     return img.convert("RGB")
 
 
-def folder_files(folder: Path) -> tuple[list[Path], list[str]]:
-    """(the folder's visible files, one line per symlink that leads out of it, not followed)."""
+def folder_files(folder: Path) -> tuple[list[Path], list[str], list[Path]]:
+    """(the folder's visible files, one line per symlink that leads out of it, not followed, its
+    visible subfolders, not read)."""
     root = folder.resolve()
-    files, refused = [], []
+    files, refused, folders = [], [], []
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
@@ -88,7 +89,9 @@ def folder_files(folder: Path) -> tuple[list[Path], list[str]]:
                 continue
         if entry.is_file():
             files.append(entry)
-    return files, refused
+        elif entry.is_dir():
+            folders.append(entry)
+    return files, refused, folders
 
 
 def input_path(source: str) -> Path:
@@ -98,7 +101,7 @@ def input_path(source: str) -> Path:
         raise PredictError("no input given: pass -P input=<image, folder of images, or .mat>")
     if not path.exists():
         raise PredictError(f"input {path} does not exist: pass an image, a folder of images, or a .mat")
-    if path.is_dir() and folder_files(path) == ([], []):  # 0 predictions and exit 0 would hide the mistake
+    if path.is_dir() and folder_files(path)[:2] == ([], []):  # 0 predictions and exit 0 would hide the mistake
         raise PredictError(f"input folder {path} holds no visible files (subfolders and dot-files are not "
                            f"read): put images (png, jpg, ...) in it, or pass -P input=<image or .mat>")
     return path
@@ -120,7 +123,10 @@ def collect(source: str) -> Inputs:
         inputs.images = list(images.permute(0, 2, 3, 1).numpy())
         inputs.names = [f"{path.name}[{i}]" for i in range(len(images))]
         return inputs
-    files, refused = folder_files(path) if path.is_dir() else ([path], [])
+    files, refused, folders = folder_files(path) if path.is_dir() else ([path], [], [])
+    for folder in folders:  # not an input that failed: said, not counted
+        print(f"not read: {folder} is a folder (subfolders are not read; pass -P input={folder} to label "
+              f"its images)", flush=True)
     for line in refused:
         print(line, flush=True)
         inputs.failures.append(line)
@@ -135,9 +141,11 @@ def collect(source: str) -> Inputs:
 
 
 def load_model(model_uri: str):
-    """The model at `model_uri`, pt2 only (registry.load_pt2): a refusal or a failed load is one line."""
+    """(the model at `model_uri`, pt2 only (registry.load_pt2), the URI of the one version loaded:
+    an alias pinned); a refusal or a failed load is one line."""
     try:
-        return registry.load_pt2(model_uri)
+        pinned = registry.pinned(model_uri)
+        return registry.load_pt2(pinned), pinned
     except registry.ModelRefused as err:
         raise PredictError(str(err)) from None
     except Exception as err:
@@ -150,13 +158,30 @@ def load_model(model_uri: str):
 probabilities = registry.probabilities
 
 
+def finite(probs: np.ndarray) -> np.ndarray:
+    """`probs`, refused when any image's are NaN or infinite: its argmax would read as digit 0."""
+    bad = int((~np.isfinite(probs)).any(axis=1).sum()) if len(probs) else 0
+    if bad:
+        raise PredictError(f"the model's outputs are not finite (NaN or inf) for {bad} of {len(probs)} images: "
+                           f"its weights diverged, so it labels nothing; pass -P model_uri=<another model>")
+    return probs
+
+
 def unwritable(output: Path, reason: str) -> str:
     return f"cannot write output {output} ({reason}): pass -P output=<a .csv file in a folder you can write>"
 
 
-def writable_output(output: str) -> Path:
-    """cfg.output as a path predict can write, its folder made; checked before the model loads."""
+def writable_output(output: str, source: str = "") -> Path:
+    """cfg.output as a path predict can write, its folder made; checked before the model loads.
+    Never the input (`source`) itself, nor a file in the input folder, which the next run would read."""
     path = Path(output).expanduser()
+    given = Path(source).expanduser().resolve() if source else None
+    if given is not None and path.resolve() == given:
+        raise PredictError(f"output {path} is the input: writing it would overwrite the input; pass "
+                           f"-P output=<another .csv file>")
+    if given is not None and given.is_dir() and path.resolve().parent == given:
+        raise PredictError(f"output {path} is in the input folder {source}, whose files predict reads: pass "
+                           f"-P output=<a .csv file outside it>")
     if path.is_dir():
         raise PredictError(f"output {path} is a folder: pass a file in it, e.g. -P output={path / 'predictions.csv'}")
     blocking = next((folder for folder in path.parents if folder.exists() and not folder.is_dir()), None)
@@ -175,11 +200,11 @@ def writable_output(output: str) -> Path:
 def predict(cfg: Config, run_id: str | None, model=None) -> int:
     """Write cfg.output with `model` (default: cfg.champion_uri's); return the exit code (1 when
     some inputs could not be read)."""
-    model = load_model(cfg.champion_uri) if model is None else model
+    model = load_model(cfg.champion_uri)[0] if model is None else model
     inputs = collect(cfg.input)
-    probs = probabilities(model, np.stack(inputs.images)) if inputs.images else np.zeros((0, 10))
+    probs = finite(probabilities(model, np.stack(inputs.images)) if inputs.images else np.zeros((0, 10)))
     labels, confidence = probs.argmax(1), probs.max(1) if len(probs) else probs
-    output = writable_output(cfg.output)
+    output = writable_output(cfg.output, cfg.input)
     try:
         with open(output, "w", newline="") as fh:
             writer = csv.writer(fh)
@@ -222,7 +247,7 @@ def evaluation_report(model, images: torch.Tensor, labels: torch.Tensor, run_id:
     """Confusion matrix, per-digit accuracy (table and bars) and a gallery of mistakes."""
     nhwc = images.permute(0, 2, 3, 1).numpy()
     truth = labels.numpy()
-    predicted = probabilities(model, nhwc).argmax(1)
+    predicted = finite(probabilities(model, nhwc)).argmax(1)
     matrix, per_digit, accuracy = confusion_metrics(truth, predicted)
     totals = matrix.sum(1)
     wrong = np.flatnonzero(predicted != truth)[:gallery_size]
@@ -247,7 +272,8 @@ def evaluation_report(model, images: torch.Tensor, labels: torch.Tensor, run_id:
 def evaluate(cfg: Config, run_id: str, model=None) -> dict[str, float]:
     """The `evaluate` entry point: the report for `model` (default: cfg.champion_uri's) on cfg's
     test split."""
-    model = load_model(cfg.champion_uri) if model is None else model
+    model = load_model(cfg.champion_uri)[0] if model is None else model
     dataset = data_mod.load(cfg)
     tracking.client().set_tag(run_id, "stage", "evaluate")
+    tracking.log_datasets(run_id, dataset)
     return evaluation_report(model, dataset.test_images, dataset.test_labels, run_id)

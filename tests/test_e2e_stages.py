@@ -417,6 +417,11 @@ def test_evaluate_entry_point_reports_the_champions_accuracy_on_the_test_split(s
     expected = 100.0 * float((predicted[truth == digit] == digit).mean())
     assert run.data.metrics[f"test_acc_digit_{digit}"] == pytest.approx(expected)
     assert "evaluation/confusion_matrix.png" in study.artifacts(run.info.run_id)
+    champion = study.client.get_model_version_by_alias("svhn-classifier-synthetic", "champion")
+    assert run.data.tags["model_uri"] == f"models:/svhn-classifier-synthetic/{champion.version}"  # pinned
+    inputs = {[t.value for t in d.tags if t.key == "mlflow.data.context"][0]: d.dataset.digest
+              for d in study.client.get_run(run.info.run_id).inputs.dataset_inputs}  # the data it read
+    assert inputs["test"] == dataset.test.digest[:32] and run.data.tags["data_digest"] == dataset.digest
 
 
 def test_main_reuses_by_data_digest_and_retrains_when_one_byte_changes(study, tmp_path):

@@ -155,3 +155,51 @@ def test_an_input_or_output_predict_cannot_use_is_one_line_before_the_model_load
     nested = tmp_path / "new" / "folder" / "out.csv"  # a folder that is not there yet is made
     cfg = config.load("predict", {"input": str(tmp_path / "six.png"), "output": str(nested)})
     assert predict.predict(cfg, None, Answers()) == 0 and nested.read_text().splitlines()[1] == f"{tmp_path / 'six.png'},6,0.8000"
+
+
+def test_predict_never_writes_over_its_input_and_says_which_subfolders_it_did_not_read(tmp_path, capsys):
+    folder = tmp_path / "in"
+    (folder / "more").mkdir(parents=True)
+    Image.fromarray(image_of(6)).save(folder / "six.png")
+    Image.fromarray(image_of(2)).save(folder / "more" / "two.png")
+    for source, output, line in (
+            (folder / "six.png", folder / "six.png",
+             f"output {folder / 'six.png'} is the input: writing it would overwrite the input; pass "
+             f"-P output=<another .csv file>"),
+            (folder, folder / "predictions.csv",  # the next run would read it as an input
+             f"output {folder / 'predictions.csv'} is in the input folder {folder}, whose files predict reads: pass "
+             f"-P output=<a .csv file outside it>")):
+        cfg = config.load("predict", {"input": str(source), "output": str(output)})
+        with pytest.raises(PredictError) as refused:
+            predict.predict(cfg, None, Answers())
+        assert str(refused.value) == line
+    assert (folder / "six.png").read_bytes()[:4] == b"\x89PNG" and not (folder / "predictions.csv").exists()
+    capsys.readouterr()
+    cfg = config.load("predict", {"input": str(folder), "output": str(tmp_path / "out.csv")})
+    assert predict.predict(cfg, None, Answers()) == 0  # a subfolder is said, not a failed input
+    assert [r["input"] for r in csv.DictReader(open(tmp_path / "out.csv"))] == ["six.png"]
+    assert (f"not read: {folder / 'more'} is a folder (subfolders are not read; pass -P input={folder / 'more'} "
+            f"to label its images)") in capsys.readouterr().out
+
+
+class Diverged(torch.nn.Module):
+    """A model whose weights diverged: NaN for every image (argmax would read digit 0)."""
+
+    def forward(self, images):
+        return torch.full((len(images), 10), float("nan"))
+
+
+def test_a_model_that_outputs_nan_labels_nothing(tmp_path, store, monkeypatch):
+    Image.fromarray(image_of(6)).save(tmp_path / "six.png")
+    cfg = config.load("predict", {"input": str(tmp_path / "six.png"), "output": str(tmp_path / "out.csv")})
+    line = ("the model's outputs are not finite (NaN or inf) for 1 of 1 images: its weights diverged, so it labels "
+            "nothing; pass -P model_uri=<another model>")
+    with pytest.raises(PredictError, match=r"^" + line.replace("(", r"\(").replace(")", r"\)") + "$"):
+        predict.predict(cfg, None, Diverged())
+    assert not (tmp_path / "out.csv").exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    images = torch.from_numpy(np.stack([image_of(d) for d in (1, 2)])).permute(0, 3, 1, 2).contiguous()
+    run_id = store.client.create_run("0").info.run_id
+    with pytest.raises(PredictError, match="for 2 of 2 images"):
+        predict.evaluation_report(Diverged(), images, torch.tensor([1, 2]), run_id)
+    assert store.client.get_run(run_id).data.metrics == {}  # no 10% from NaN rows read as digit 0
