@@ -302,6 +302,7 @@ def load(stage: str, overrides: Mapping[str, Any] | None = None) -> Config:
     values = {name: parse_value(name, raw) for name, raw in merged.items()}
     check_sweep_overrides(values, overrides or {})
     check_registry_overrides(values, overrides or {})
+    check_model_overrides(values["stage"], overrides or {})
     return check_repeat_seeds(check_epoch_budget(apply_caps(validate(Config(**values)))))
 
 
@@ -389,6 +390,29 @@ def check_registry_overrides(values: Mapping[str, Any], overrides: Mapping[str, 
     if "promote" in overrides and values.get("promote") and not values.get("register"):
         raise ConfigError(f"-P promote={overrides['promote']} would be ignored: stage {values['stage']} runs with "
                           f"register=false; add -P register=true, or drop promote")
+
+
+# What the stages that use a registered model read: predict labels `input` into `output` with the
+# model (model_uri, or the champion of registered_model / dataset's name); evaluate judges it on
+# the test split of its data parameters. Anything else given to them would be ignored.
+MODEL_ONLY = {"input": ("predict",), "output": ("predict",), "model_uri": ("predict", "evaluate")}
+PREDICT_READS = frozenset({"input", "output", "model_uri", "registered_model", "dataset", "env_manager"})
+
+
+def check_model_overrides(stage: str, overrides: Mapping[str, Any]) -> None:
+    """-P input / output / model_uri where the stage reads none, or a training or data -P given
+    to predict: refused, never silently ignored."""
+    for name, readers in MODEL_ONLY.items():
+        if name in overrides and stage not in readers:
+            also = "; evaluate judges the model on the test split of its data (-P data_dir, dataset)" \
+                if stage == "evaluate" else ""
+            raise ConfigError(f"-P {name}={overrides[name]} would be ignored: only {' and '.join(readers)} "
+                              f"read{'s' if len(readers) == 1 else ''} it, not {stage}{also}; drop it")
+    unread = sorted(overrides.keys() - PREDICT_READS) if stage == "predict" else []
+    if unread:
+        raise ConfigError(f"{', '.join(f'-P {name}' for name in unread)} would be ignored: predict reads only "
+                          f"input, output and the model (model_uri, or the champion that registered_model or "
+                          f"dataset names); drop {'it' if len(unread) == 1 else 'them'}")
 
 
 def from_params(params: Mapping[str, str]) -> Config:

@@ -303,6 +303,24 @@ def test_register_and_promote_where_nothing_registers_are_refused_not_ignored():
         assert str(err.value) == line
 
 
+def test_what_only_predict_or_evaluate_reads_is_refused_elsewhere_and_predict_takes_only_what_it_reads():
+    assert config.load("predict", {"input": "x.png", "output": "p.csv", "model_uri": "models:/m/1",
+                                   "dataset": "synthetic", "registered_model": "m"}).input == "x.png"
+    assert config.load("evaluate", {"model_uri": "models:/m/1", "limit_test": "5"}).limit_test == 5
+    for stage, given, line in (
+            ("evaluate", {"input": "mine.mat"},
+             "-P input=mine.mat would be ignored: only predict reads it, not evaluate; evaluate judges the model on "
+             "the test split of its data (-P data_dir, dataset); drop it"),
+            ("retrain", {"model_uri": "models:/m/1"},
+             "-P model_uri=models:/m/1 would be ignored: only predict and evaluate read it, not retrain; drop it"),
+            ("predict", {"input": "x.png", "limit_test": "5", "data_dir": "d"},
+             "-P data_dir, -P limit_test would be ignored: predict reads only input, output and the model "
+             "(model_uri, or the champion that registered_model or dataset names); drop them")):
+        with pytest.raises(ConfigError) as err:
+            config.load(stage, given)
+        assert str(err.value) == line
+
+
 def test_the_stage_is_the_entry_point_never_a_parameter():
     with pytest.raises(ConfigError) as err:
         config.load("train", {"stage": "deepen"})

@@ -323,7 +323,7 @@ def test_the_cli_turns_pickle_deserialisation_off_unless_the_user_set_it(monkeyp
 
     monkeypatch.delenv(PICKLE, raising=False)
     monkeypatch.chdir(tmp_path)
-    assert main(["predict", "--bs", "0"]) == 2  # refused as a bad value, after the setting
+    assert main(["predict", "--bs", "0"]) == 2  # refused (predict reads no bs), after the setting
     assert os.environ[PICKLE] == "false"
     monkeypatch.setenv(PICKLE, "true")
     main(["predict", "--bs", "0"])
