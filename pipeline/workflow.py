@@ -174,7 +174,8 @@ def log_study(main_run_id: str, experiment_id: str, rows: list[dict], split: str
                      f"test {winner['test_acc_at_best']:.3f}%.")
     elif champion:
         lines.append(f"Champion: {champion} (alias `champion`) comes from run {champion_run}, outside "
-                     f"this study: no stage here beat it.")
+                     f"this study: the registering stages here left it there (their runs' output says "
+                     f"whether they were compared with it, and how).")
     client.log_text(main_run_id, "\n".join(lines) + "\n", "summary.md")
     with tempfile.TemporaryDirectory() as tmp:
         title = f"SVHN study, main run {main_run_id[:8]}: stages in order, each from its parent"
