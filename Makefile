@@ -2,6 +2,10 @@
 # Both create .venv first. .venv/bin goes first on PATH: `mlflow run --env-manager local` runs the
 # entry point's `python` from PATH, which must be the one with our packages.
 PYTHON ?= python3
+# make splits file names on spaces: a checkout whose path holds one would half-build .venv elsewhere
+ifneq ($(word 2,$(CURDIR)),)
+$(error the checkout's path "$(CURDIR)" holds a space, which make cannot use in file names: clone or move it to a path without spaces)
+endif
 VENV := $(CURDIR)/.venv
 export PATH := $(VENV)/bin:$(PATH)
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false

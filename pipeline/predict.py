@@ -213,7 +213,7 @@ def predict(cfg: Config, run_id: str | None, model=None) -> int:
                 writer.writerow([name, int(label), f"{float(conf):.4f}"])
     except OSError as err:
         raise PredictError(unwritable(output, err.strerror or type(err).__name__)) from None
-    print(f"wrote {len(inputs.names)} predictions to {output}", flush=True)
+    print(f"wrote {len(inputs.names)} predictions to {output.resolve()}", flush=True)  # mlflow run: the project folder
     if run_id:
         client = tracking.client()
         client.log_artifact(run_id, str(output))
