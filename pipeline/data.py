@@ -175,7 +175,8 @@ def data_digest(cfg: Config, file_digests: list[str] | None = None, rows: list[i
         paths = [mat_path(data_folder(cfg), split) for split in ("train", "test")]
         file_digests = file_digests or [file_sha256(path) for path in paths]
         rows = rows or [mat_rows(path) for path in paths]
-    limits = [0 if n is not None and limit >= n else limit for limit, n in zip((cfg.limit_train, cfg.limit_test), rows)]
+    limits = [0 if n is not None and limit >= n else limit
+              for limit, n in zip((cfg.limit_train, cfg.limit_test), rows)]
     cut = f"{limits[0]}|{limits[1]}|{cfg.val_split!r}|{cfg.data_seed}"
     return hashlib.sha256("|".join([*file_digests, cut]).encode()).hexdigest()
 

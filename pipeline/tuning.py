@@ -144,8 +144,9 @@ def reachable_storage(cfg: Config, tracking_uri: str) -> str:
     try:
         open_storage(url).engine.dispose()
     except (SQLAlchemyError, ImportError, ValueError, OSError, RuntimeError) as err:  # Runtime: another schema
-        raise ConfigError(f"cannot open optuna_storage={redacted(url)} ({type(err).__name__}: {first_line(err)}): pass a "
-                          f"database Optuna can reach, or leave it empty for one beside the tracking store") from None
+        raise ConfigError(f"cannot open optuna_storage={redacted(url)} ({type(err).__name__}: {first_line(err)}): "
+                          f"pass a database Optuna can reach, or leave it empty for one beside the tracking "
+                          f"store") from None
     return url
 
 
