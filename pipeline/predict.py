@@ -261,10 +261,11 @@ def evaluation_report(model, images: torch.Tensor, labels: torch.Tensor, run_id:
         plots.per_digit(per_digit, tmp / "per_digit_accuracy.png")
         plots.gallery(images[wrong].numpy(), truth[wrong], predicted[wrong], tmp / "misclassified.png")
         client.log_artifacts(run_id, str(tmp), folder)
-    metrics = {f"test_acc_digit_{d}": per_digit[d] for d in range(10)}
+    present = [d for d in range(10) if totals[d]]  # a digit with no test image has no accuracy, not 0%
+    metrics = {f"test_acc_digit_{d}": per_digit[d] for d in present}
     metrics["eval_test_acc"] = accuracy
     tracking.log_epoch(run_id, 0, metrics)
-    hardest = sorted(range(10), key=lambda d: per_digit[d])[:3]
+    hardest = sorted(present, key=lambda d: per_digit[d])[:3]
     print("hardest digits: " + ", ".join(f"{d} ({per_digit[d]:.1f}%)" for d in hardest), flush=True)
     return metrics
 

@@ -203,3 +203,13 @@ def test_a_model_that_outputs_nan_labels_nothing(tmp_path, store, monkeypatch):
     with pytest.raises(PredictError, match="for 2 of 2 images"):
         predict.evaluation_report(Diverged(), images, torch.tensor([1, 2]), run_id)
     assert store.client.get_run(run_id).data.metrics == {}  # no 10% from NaN rows read as digit 0
+
+
+def test_a_digit_without_test_images_has_no_accuracy_and_is_never_the_hardest(store, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    images = torch.from_numpy(np.stack([image_of(d) for d in (1, 2, 2)])).permute(0, 3, 1, 2).contiguous()
+    run_id = store.client.create_run("0").info.run_id
+    metrics = predict.evaluation_report(Answers(), images, torch.tensor([1, 2, 3]), run_id)  # the last read as 2
+    assert metrics == {"test_acc_digit_1": 100.0, "test_acc_digit_2": 100.0, "test_acc_digit_3": 0.0,
+                       "eval_test_acc": pytest.approx(200 / 3)}
+    assert "hardest digits: 3 (0.0%), 1 (100.0%), 2 (100.0%)" in capsys.readouterr().out
