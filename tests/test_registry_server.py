@@ -144,6 +144,8 @@ def test_predict_folder_reports_the_corrupt_file_and_labels_the_rest(server_stor
     assert np.allclose([float(r["confidence"]) for r in rows], expected.max(1), atol=5.1e-5)
     (run,) = server_store.top_level("predict")
     assert "p.csv" in server_store.artifacts(run.info.run_id)
+    name, version = run.data.tags["model_uri"].removeprefix("models:/").split("/")  # @champion, pinned
+    assert version == server_store.client.get_model_version_by_alias(name, "champion").version
 
 
 def test_predict_on_a_labelled_mat_reports_accuracy(server_store, tmp_path, test_mat, test_split, reference):
