@@ -6,6 +6,7 @@ Each image is resized to SVHN's 32x32 RGB; the model applies the seed's test tra
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 import tempfile
@@ -158,12 +159,17 @@ def load_model(model_uri: str):
 probabilities = registry.probabilities
 
 
+def diverged(probs: np.ndarray) -> str:
+    """What is wrong with `probs` when any image's are NaN or infinite (registry.not_finite), or ''."""
+    bad = registry.not_finite(probs)
+    return f"the model's outputs are not finite (NaN or inf) for {bad} of {len(probs)} images: its weights diverged" \
+        if bad else ""
+
+
 def finite(probs: np.ndarray) -> np.ndarray:
-    """`probs`, refused when any image's are NaN or infinite: its argmax would read as digit 0."""
-    bad = int((~np.isfinite(probs)).any(axis=1).sum()) if len(probs) else 0
-    if bad:
-        raise PredictError(f"the model's outputs are not finite (NaN or inf) for {bad} of {len(probs)} images: "
-                           f"its weights diverged, so it labels nothing; pass -P model_uri=<another model>")
+    """`probs`, refused when any image's are not finite: their argmax would read as digit 0."""
+    if diverged(probs):
+        raise PredictError(f"{diverged(probs)}, so it labels nothing; pass -P model_uri=<another model>")
     return probs
 
 
@@ -234,7 +240,7 @@ def predict(cfg: Config, run_id: str | None, model=None) -> int:
 
 def confusion_metrics(truth: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, list[float], float]:
     """(10x10 confusion matrix, rows = true digit; accuracy per true digit in percent, 0 for a
-    digit with no images; overall accuracy in percent)."""
+    digit with no images, which the report then leaves out; overall accuracy in percent)."""
     matrix = np.zeros((10, 10), dtype=np.int64)
     np.add.at(matrix, (truth, predicted), 1)
     totals = matrix.sum(1)
@@ -243,11 +249,18 @@ def confusion_metrics(truth: np.ndarray, predicted: np.ndarray) -> tuple[np.ndar
 
 
 def evaluation_report(model, images: torch.Tensor, labels: torch.Tensor, run_id: str,
-                      folder: str = "evaluation", gallery_size: int = 32) -> dict[str, float]:
-    """Confusion matrix, per-digit accuracy (table and bars) and a gallery of mistakes."""
+                      folder: str = "evaluation", gallery_size: int = 32, *,
+                      skip_if_diverged: bool = False) -> dict[str, float]:
+    """Confusion matrix, per-digit accuracy (table and bars) and a gallery of mistakes. A model
+    whose outputs are not finite gets none: refused, or (skip_if_diverged: a stage's own model,
+    which registration then keeps off the alias) said in one line."""
     nhwc = images.permute(0, 2, 3, 1).numpy()
     truth = labels.numpy()
-    predicted = finite(probabilities(model, nhwc)).argmax(1)
+    probs = probabilities(model, nhwc)
+    if skip_if_diverged and diverged(probs):
+        print(f"no evaluation report: {diverged(probs)}", flush=True)
+        return {}
+    predicted = finite(probs).argmax(1)
     matrix, per_digit, accuracy = confusion_metrics(truth, predicted)
     totals = matrix.sum(1)
     wrong = np.flatnonzero(predicted != truth)[:gallery_size]
@@ -258,7 +271,8 @@ def evaluation_report(model, images: torch.Tensor, labels: torch.Tensor, run_id:
         table += [f"| {d} | {totals[d]} | {matrix[d, d]} | {per_digit[d]:.2f} |" for d in range(10)]
         (tmp / "per_digit_accuracy.md").write_text("\n".join(table) + "\n")
         plots.confusion(matrix, tmp / "confusion_matrix.png")
-        plots.per_digit(per_digit, tmp / "per_digit_accuracy.png")
+        plots.per_digit([per_digit[d] if totals[d] else math.nan for d in range(10)],  # no bar: no image
+                        tmp / "per_digit_accuracy.png")
         plots.gallery(images[wrong].numpy(), truth[wrong], predicted[wrong], tmp / "misclassified.png")
         client.log_artifacts(run_id, str(tmp), folder)
     present = [d for d in range(10) if totals[d]]  # a digit with no test image has no accuracy, not 0%
@@ -276,5 +290,5 @@ def evaluate(cfg: Config, run_id: str, model=None) -> dict[str, float]:
     model = load_model(cfg.champion_uri)[0] if model is None else model
     dataset = data_mod.load(cfg)
     tracking.client().set_tag(run_id, "stage", "evaluate")
-    tracking.log_datasets(run_id, dataset)
+    tracking.log_datasets(run_id, dataset, roles=("test",))  # what it reads
     return evaluation_report(model, dataset.test_images, dataset.test_labels, run_id)

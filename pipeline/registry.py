@@ -125,11 +125,16 @@ def held_out(dataset: data_mod.SVHNData) -> data_mod.Split:
     return dataset.val if dataset.val is not None else dataset.test
 
 
+def not_finite(probs: np.ndarray) -> int:
+    """How many images' outputs hold NaN or inf (diverged weights): argmax reads such a row as
+    digit 0, a figure that can win, so no figure is taken from them."""
+    return int((~np.isfinite(probs)).any(axis=1).sum()) if len(probs) else 0
+
+
 def accuracy(model, part: data_mod.Split) -> float:
-    """Percent of `part` read right; nan over no images, or when any output is NaN or infinite
-    (diverged weights: argmax would read such a row as digit 0, a figure that can win)."""
+    """Percent of `part` read right; nan over no images, or when any output is not finite."""
     probs = probabilities(model, part.images.permute(0, 2, 3, 1).numpy())
-    if not np.isfinite(probs).all():
+    if not_finite(probs):
         return math.nan
     return 100.0 * float((probs.argmax(1) == part.labels.numpy()).mean())
 
@@ -246,6 +251,8 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData, registe
     client = tracking.client()
     lineage = tracking.descends_from(client.get_run(run_id).data.tags)
     champion_acc, why = compare_with(champion, lineage, dataset, part)
+    if champion_acc is not None and math.isnan(champion_acc) and len(part.labels):
+        champion_acc = -math.inf  # a champion whose outputs are not finite: any finite figure beats it
     # over no images it compares with nothing; with outputs that are not finite it is never champion
     diverged = not math.isfinite(challenger_acc) and len(part.labels) > 0
     if diverged:
@@ -282,7 +289,8 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData, registe
                f".set_registered_model_alias('{name}', '{CHAMPION}', '{version}')")
     if (not cfg.promote and why) or diverged:
         stays = f"stays on version {previous}" if previous else "is not set"
-        print(f"registered {name} {mine}; alias '{CHAMPION}' {stays}: {why}; {by_hand}", flush=True)
+        print(f"registered {name} {mine}; alias '{CHAMPION}' {stays}: {why}" + ("" if diverged else f"; {by_hand}"),
+              flush=True)
         return version
     if not cfg.promote and champion is not None and not challenger_acc > champion_acc:  # a nan never moves it
         print(f"registered {name} {mine} vs champion version {previous} "
@@ -301,7 +309,8 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData, registe
               f"by -P promote=true ({who}), over {'version ' + previous if previous else 'no champion'}"
               f"{'; ' + why if why else ''}", flush=True)
     else:
-        than = f" over version {previous} {champion_acc:.3f}%" if previous else " (the first)"
+        than = " (the first)" if not previous else f" over version {previous} " + (
+            "(its outputs are not finite)" if champion_acc == -math.inf else f"{champion_acc:.3f}%")
         print(f"registered {name} {mine}{than} on the {judged}: alias '{CHAMPION}' "
               f"moved to version {version}", flush=True)
     return version

@@ -163,8 +163,11 @@ def resume_stage(previous, cfg: Config, dataset, resolved: Runtime) -> RunResult
     return result
 
 
-# What a resume takes from its own command; every other -P must be what the run started with.
-RESUME_TAKES = frozenset({"resume_run_id", "force", "env_manager"})
+# What a resume takes from its own command: what never changes a result (where the data lies, how
+# the run is logged, sped up or where its children run; not where its study is kept) and the
+# device and precision as given (the record check compares what they resolve to). Every other -P
+# must be what the run started with.
+RESUME_TAKES = (frozenset(keys.VOLATILE) - frozenset(keys.TUNING_EXECUTION)) | frozenset(keys.RESOLVED)
 
 
 def resume(cfg: Config, given: frozenset = frozenset()) -> RunResult | None:
@@ -189,7 +192,8 @@ def resume(cfg: Config, given: frozenset = frozenset()) -> RunResult | None:
     text = mlflow.artifacts.load_text(f"{previous.info.artifact_uri}/config.yaml")
     original = from_params(yaml.safe_load(text))  # the run's own config, not this command's
     check_resume_params(run_id, original, cfg, given)
-    original.force = cfg.force
+    taken = {name: getattr(cfg, name) for name in given & RESUME_TAKES if name != "resume_run_id"}
+    original = original.replace(**taken, force=cfg.force)
     stage_name = previous.data.tags.get("stage", original.stage)
     stage_run = "mlflow.parentRunId" not in previous.data.tags and stage_name not in ("train", "main")
     arch = previous.data.tags.get("arch") or original.arch or "resnet"

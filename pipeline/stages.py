@@ -135,7 +135,7 @@ def two_phases(cfg, stage, dataset, lineage, arch: str) -> RunResult:
     if cfg.register:
         # which digits are hard: confusion matrix, per-digit accuracy, gallery of mistakes
         predict.evaluation_report(registry.classifier_from_run(stage.run_id, best.arch),
-                                  dataset.test_images, dataset.test_labels, stage.run_id)
+                                  dataset.test_images, dataset.test_labels, stage.run_id, skip_if_diverged=True)
         # last: nothing of the run is left to fail; the session withdraws it if the stage fails after
         registry.register(stage.run_id, cfg, best, dataset, stage.registered)
         pause.point("registered", cfg.stage, stage.run_id)

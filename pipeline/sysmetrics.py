@@ -60,7 +60,7 @@ class SystemMetrics:
                                                 resume_logging=True, tracking_uri=mlflow.get_tracking_uri())
             self.monitor.start()
         except Exception as err:  # noqa: BLE001 - metrics about the run must never stop it
-            warnings.warn(f"system metrics are off for run {run_id}: {type(err).__name__}: {err}")
+            warnings.warn(f"system metrics are off for run {run_id}: {type(err).__name__}: {first_line(err)}")
             self.monitor = None
 
     def epoch_took(self, seconds: float) -> None:
@@ -84,4 +84,4 @@ class SystemMetrics:
             monitor.publish_metrics(monitor.aggregate_metrics())
             monitor.mlflow_logger.flush()
         except Exception as err:  # noqa: BLE001
-            warnings.warn(f"system metrics: the last sample was not logged: {type(err).__name__}: {err}")
+            warnings.warn(f"system metrics: the last sample was not logged: {type(err).__name__}: {first_line(err)}")

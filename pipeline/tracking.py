@@ -106,16 +106,17 @@ def set_tags(run_id: str, tags: dict[str, str]) -> None:
 DIGEST_CHARS = 32
 
 
-def log_datasets(run_id: str, dataset) -> None:
-    """Each split as an MLflow dataset input: context, source file, counts, and a SHA-256 digest
-    of exactly the rows used (MLflow's own digest would hash only the first 10,000 elements)."""
+def log_datasets(run_id: str, dataset, roles: tuple[str, ...] = ("train", "val", "test")) -> None:
+    """Each split (of `roles`) as an MLflow dataset input: context, source file, counts, and a
+    SHA-256 digest of exactly the rows used (MLflow's own digest would hash only the first 10,000
+    elements)."""
     import warnings
 
     from mlflow.data import from_numpy
     from mlflow.entities import DatasetInput, InputTag
 
     inputs, tags = [], {"data_digest": dataset.digest}
-    for split in dataset.splits():
+    for split in (split for split in dataset.splits() if split.role in roles):
         context = {"val": "validation"}.get(split.role, split.role)
         with warnings.catch_warnings():  # "" and file:// both map to the local source: no matter
             warnings.simplefilter("ignore", UserWarning)

@@ -51,6 +51,7 @@ def report(predictions: str, model: str = "svhn-classifier-synthetic") -> int:
     from mlflow.exceptions import MlflowException
 
     from pipeline import tracking
+    from pipeline.errors import first_line
 
     rows = list(csv.DictReader(open(predictions)))
     print(f"\n{'file':<24} {'true digit':>10} {'predicted':>10} {'confidence':>11}")
@@ -65,7 +66,7 @@ def report(predictions: str, model: str = "svhn-classifier-synthetic") -> int:
     try:
         version = tracking.client().get_model_version_by_alias(model, "champion")
     except MlflowException as err:
-        print(f"no champion registered ({str(err).splitlines()[0]})")
+        print(f"no champion registered ({first_line(err)})")
         return 1
     tags = version.tags
     split = tags.get("selected_on", "test")

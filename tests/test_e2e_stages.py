@@ -421,7 +421,7 @@ def test_evaluate_entry_point_reports_the_champions_accuracy_on_the_test_split(s
     assert run.data.tags["model_uri"] == f"models:/svhn-classifier-synthetic/{champion.version}"  # pinned
     inputs = {[t.value for t in d.tags if t.key == "mlflow.data.context"][0]: d.dataset.digest
               for d in study.client.get_run(run.info.run_id).inputs.dataset_inputs}  # the data it read
-    assert inputs["test"] == dataset.test.digest[:32] and run.data.tags["data_digest"] == dataset.digest
+    assert inputs == {"test": dataset.test.digest[:32]} and run.data.tags["data_digest"] == dataset.digest
 
 
 def test_main_reuses_by_data_digest_and_retrains_when_one_byte_changes(study, tmp_path):

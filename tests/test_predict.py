@@ -189,7 +189,7 @@ class Diverged(torch.nn.Module):
         return torch.full((len(images), 10), float("nan"))
 
 
-def test_a_model_that_outputs_nan_labels_nothing(tmp_path, store, monkeypatch):
+def test_a_model_that_outputs_nan_labels_nothing(tmp_path, store, monkeypatch, capsys):
     Image.fromarray(image_of(6)).save(tmp_path / "six.png")
     cfg = config.load("predict", {"input": str(tmp_path / "six.png"), "output": str(tmp_path / "out.csv")})
     line = ("the model's outputs are not finite (NaN or inf) for 1 of 1 images: its weights diverged, so it labels "
@@ -202,7 +202,12 @@ def test_a_model_that_outputs_nan_labels_nothing(tmp_path, store, monkeypatch):
     run_id = store.client.create_run("0").info.run_id
     with pytest.raises(PredictError, match="for 2 of 2 images"):
         predict.evaluation_report(Diverged(), images, torch.tensor([1, 2]), run_id)
+    # a stage's own model: no report, said, and its registration keeps it off the alias
+    assert predict.evaluation_report(Diverged(), images, torch.tensor([1, 2]), run_id, skip_if_diverged=True) == {}
     assert store.client.get_run(run_id).data.metrics == {}  # no 10% from NaN rows read as digit 0
+    assert not store.artifacts(run_id)
+    assert "no evaluation report: the model's outputs are not finite (NaN or inf) for 2 of 2 images: its weights " \
+           "diverged" in capsys.readouterr().out
 
 
 def test_a_digit_without_test_images_has_no_accuracy_and_is_never_the_hardest(store, monkeypatch, capsys):

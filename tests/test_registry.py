@@ -73,9 +73,15 @@ def test_a_model_whose_outputs_are_nan_never_takes_the_alias(local, colour_data,
     assert champion(local, "m-nan") == first
     assert (f"version {diverged} nan%; alias 'champion' stays on version {first}: its outputs on the test split are "
             f"not finite (NaN or inf: its weights diverged), so it is never champion") in line
+    assert "to promote it anyway" not in line
     promoted = cfg.replace(promote=True)
     _, line = register(local, promoted, dataset, PRESENT, capsys, diverged=True)
     assert champion(local, "m-nan") == first and "never champion, not even with -P promote=true" in line
+    # a champion whose outputs are not finite (put there by hand) loses the alias to a real figure
+    local.client.set_registered_model_alias("m-nan", registry.CHAMPION, diverged)
+    better, line = register(local, cfg, dataset, ABSENT, capsys)  # 0%: still a figure
+    assert champion(local, "m-nan") == better
+    assert f"version {better} 0.000% over version {diverged} (its outputs are not finite)" in line
     cfg_first, _ = load(colour_data, "m-nan-first")
     _, line = register(local, cfg_first, dataset, PRESENT, capsys, diverged=True)  # no champion yet: none made
     assert "alias 'champion' is not set: its outputs on the test split are not finite" in line

@@ -112,15 +112,16 @@ def test_resume_refuses_a_continued_run_and_leaves_a_finished_one(tiny, capsys):
 
 def test_resume_refuses_a_parameter_it_would_ignore_and_takes_one_the_run_has(tiny):
     """`-P lr=...` with resume_run_id would be dropped (a resume continues with the run's own
-    config): refused, nothing written; a -P equal to the run's own, force and env_manager pass."""
+    config): refused, nothing written; a -P equal to the run's own passes, and so do what never
+    changes a result (log_every) and the device as given, which the resume takes."""
     from pipeline import tracking
 
     store, cfg = tiny
     stopped = store.client.create_run("0", tags={"stage": "tune_lr"}).info.run_id
     tracking.log_config(stopped, cfg)
     store.client.set_terminated(stopped, "KILLED")
-    given = frozenset({"resume_run_id", "lr", "lrs", "epochs", "force", "env_manager"})
-    changed = cfg.replace(resume_run_id=stopped, lr=0.5, lrs=[0.5, 0.1], force=True)
+    given = frozenset({"resume_run_id", "lr", "lrs", "epochs", "force", "env_manager", "log_every", "device"})
+    changed = cfg.replace(resume_run_id=stopped, lr=0.5, lrs=[0.5, 0.1], force=True, log_every=7, device="cpu")
     with pytest.raises(ConfigError) as err:
         session.resume(changed, given)
     assert str(err.value) == (f"run {stopped} resumes with the parameters it started with, not -P lr=0.5 (the run's: "
