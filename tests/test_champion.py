@@ -68,3 +68,15 @@ def test_a_champion_that_cannot_be_loaded_keeps_the_alias(champion_store, monkey
     assert store.client.get_model_version_by_alias(MODEL, "champion").version == before.version
     assert f"alias 'champion' stays on version {before.version}: champion version {before.version} could not be loaded" in line
     assert version != before.version
+
+
+def test_a_retrain_whose_weights_diverged_registers_a_version_that_never_takes_the_alias(store):
+    """lr 1e10 turns every weight to NaN in one step: the stage still finishes, skips its report,
+    and its version stays off the alias (argmax of NaN reads digit 0: 10.9% that could win)."""
+    proc = store.cli("retrain", *[f"--{k}={v}" for k, v in store.params(
+        {"epochs": "1", "phase1_epochs": "1", "lr": "1e10", "phase1_lr": "1e10", "init": "scratch"}).items()])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no evaluation report: the model's outputs are not finite (NaN or inf) for 64 of 64 images" in proc.stdout
+    (version,) = store.client.search_model_versions(f"name = '{MODEL}'")
+    assert version.aliases == [] and version.tags["judged_acc"] == "nan"
+    assert "its weights diverged), so it is never champion" in proc.stdout
