@@ -171,12 +171,11 @@ def data_digest(cfg: Config, file_digests: list[str] | None = None, rows: list[i
     """One digest for the data a run of `cfg` sees: both files' bytes and how they are cut. A
     limit that cuts nothing (at least the file's `rows`) is written as 0, so the same rows give
     the same digest however they were asked for."""
-    if file_digests is None or rows is None:
+    if file_digests is None:
         paths = [mat_path(data_folder(cfg), split) for split in ("train", "test")]
-        file_digests = file_digests or [file_sha256(path) for path in paths]
-        rows = rows or [mat_rows(path) for path in paths]
+        file_digests, rows = [file_sha256(path) for path in paths], [mat_rows(path) for path in paths]
     limits = [0 if n is not None and limit >= n else limit
-              for limit, n in zip((cfg.limit_train, cfg.limit_test), rows)]
+              for limit, n in zip((cfg.limit_train, cfg.limit_test), rows or (None, None))]
     cut = f"{limits[0]}|{limits[1]}|{cfg.val_split!r}|{cfg.data_seed}"
     return hashlib.sha256("|".join([*file_digests, cut]).encode()).hexdigest()
 

@@ -168,8 +168,9 @@ def diverged(probs: np.ndarray) -> str:
 
 def finite(probs: np.ndarray) -> np.ndarray:
     """`probs`, refused when any image's are not finite: their argmax would read as digit 0."""
-    if diverged(probs):
-        raise PredictError(f"{diverged(probs)}, so it labels nothing; pass -P model_uri=<another model>")
+    problem = diverged(probs)
+    if problem:
+        raise PredictError(f"{problem}, so it labels nothing; pass -P model_uri=<another model>")
     return probs
 
 
@@ -257,8 +258,9 @@ def evaluation_report(model, images: torch.Tensor, labels: torch.Tensor, run_id:
     nhwc = images.permute(0, 2, 3, 1).numpy()
     truth = labels.numpy()
     probs = probabilities(model, nhwc)
-    if skip_if_diverged and diverged(probs):
-        print(f"no evaluation report: {diverged(probs)}", flush=True)
+    problem = diverged(probs) if skip_if_diverged else ""
+    if problem:
+        print(f"no evaluation report: {problem}", flush=True)
         return {}
     predicted = finite(probs).argmax(1)
     matrix, per_digit, accuracy = confusion_metrics(truth, predicted)
