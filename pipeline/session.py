@@ -193,7 +193,7 @@ def resume(cfg: Config, given: frozenset = frozenset()) -> RunResult | None:
     original = from_params(yaml.safe_load(text))  # the run's own config, not this command's
     check_resume_params(run_id, original, cfg, given)
     taken = {name: getattr(cfg, name) for name in given & RESUME_TAKES if name != "resume_run_id"}
-    original = original.replace(**taken, force=cfg.force)
+    original = original.replace(**{"force": cfg.force, **taken})
     stage_name = previous.data.tags.get("stage", original.stage)
     stage_run = "mlflow.parentRunId" not in previous.data.tags and stage_name not in ("train", "main")
     arch = previous.data.tags.get("arch") or original.arch or "resnet"
