@@ -69,6 +69,8 @@ def main() -> int:
     parser.add_argument("--data", default="synthetic", help="synthetic (the demo's), or colour (the tests' digits)")
     parser.add_argument("--executor", default="local", help="local, or ray (children as Ray tasks)")
     parser.add_argument("--trials-from", default="parent", help="autotune's trials_from: parent, or best")
+    parser.add_argument("--arms", default="chain,autotune",
+                        help="which arms to run (a pilot of one arm reports no paired difference)")
     args = parser.parse_args()
     import mlflow
 
@@ -106,8 +108,8 @@ def main() -> int:
             return top.data.metrics["best_val_acc"], top.data.metrics["test_acc_at_best"]
 
         epochs = str(args.epochs)
-        for seed in args.seeds.split(","):
-            parent, _ = stage("train", seed, "--epochs", args.parent_epochs, "--init", "scratch")
+
+        def run_chain(seed: str, parent: str) -> tuple[list[str], float]:
             lr_run, lr_s = stage("tune_lr", seed, "--parent_run_id", parent, "--epochs", epochs, *execution)
             gamma_run, gamma_s = stage("tune_gamma", seed, "--parent_run_id", lr_run, "--epochs", epochs, *execution)
             overfit_run, overfit_s = stage("overfit", seed, "--parent_run_id", gamma_run, "--epochs", epochs,
@@ -117,19 +119,28 @@ def main() -> int:
                 history = sorted(client.get_metric_history(child.info.run_id, "val_acc"), key=lambda m: m.step)
                 if len(history) >= 2:
                     levelling.append(history[-1].value - history[-2].value)
+            return chain, lr_s + gamma_s + overfit_s
+
+        def run_autotune(seed: str, parent: str) -> tuple[list[str], float]:
             tuned, tuned_s = stage("autotune", seed, "--parent_run_id", parent, "--trial_epochs",
                                    str(args.trial_epochs), "--epoch_budget", str(budget), "--n_trials", "100",
                                    "--pruner", "hyperband",
                                    "--prune_warmup_epochs", "1", "--startup_trials", "1",
                                    "--trials_from", args.trials_from, *execution)
-            for arm, runs, seconds in (("chain", chain, lr_s + gamma_s + overfit_s), ("autotune", [tuned], tuned_s)):
-                val, test = best(runs)
-                spent = sum(len(client.get_metric_history(c.info.run_id, "test_acc")) for c in children(runs))
-                rows.append({"seed": seed, "arm": arm, "val": val, "test": test, "epochs": spent, "s": seconds})
             tags = client.get_run(tuned).data.tags
             print(f"seed {seed}: autotune's best lr={tags['best_lr']} gamma={tags['best_gamma']} "
                   f"wd={tags['best_wd']} bs={tags['best_bs']} (trial #{tags['best_trial_number']}; "
                   f"{tags['trials_complete']} complete, {tags['trials_pruned']} pruned)", flush=True)
+            return [tuned], tuned_s
+
+        for seed in args.seeds.split(","):
+            parent, _ = stage("train", seed, "--epochs", args.parent_epochs, "--init", "scratch")
+            runners = {"chain": run_chain, "autotune": run_autotune}
+            for arm in args.arms.split(","):
+                runs, seconds = runners[arm](seed, parent)
+                val, test = best(runs)
+                spent = sum(len(client.get_metric_history(c.info.run_id, "test_acc")) for c in children(runs))
+                rows.append({"seed": seed, "arm": arm, "val": val, "test": test, "epochs": spent, "s": seconds})
 
     print(f"\ndata={args.data}, scale=demo, executor={args.executor}; parent: train {args.parent_epochs} epochs "
           f"from scratch; chain: {CHAIN_POINTS} points x {args.epochs} epochs; autotune: trials of up to "
@@ -140,12 +151,12 @@ def main() -> int:
         print(f"| {row['seed']} | {row['arm']} | {row['val']:.2f} | {row['test']:.2f} | {row['epochs']} | {row['s']:.0f} |")
     print("\n| arm | mean best val acc (%) | mean test acc at best (%) | mean epochs | mean wall time (s) |"
           "\n|---|---|---|---|---|")
-    for arm in ("chain", "autotune"):
+    for arm in args.arms.split(","):
         mine = [r for r in rows if r["arm"] == arm]
         print(f"| {arm} | {statistics.fmean(r['val'] for r in mine):.2f} | "
               f"{statistics.fmean(r['test'] for r in mine):.2f} | {statistics.fmean(r['epochs'] for r in mine):.1f} | "
               f"{statistics.fmean(r['s'] for r in mine):.0f} |")
-    for metric in ("val", "test"):
+    for metric in ("val", "test") if {"chain", "autotune"} <= set(args.arms.split(",")) else ():
         by_seed = {(r["seed"], r["arm"]): r[metric] for r in rows}
         diffs = [by_seed[(s, "autotune")] - by_seed[(s, "chain")] for s in args.seeds.split(",")]
         mean, half = interval(diffs)
