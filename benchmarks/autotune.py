@@ -20,7 +20,8 @@ much the chain's children gained in their last epoch (has the curve levelled at 
 
     python benchmarks/autotune.py [--seeds 1412,1413,1414] [--epochs 8] [--trial-epochs 8]
                                   [--data synthetic|colour] [--executor local|ray]
-                                  [--trials-from parent|best]
+                                  [--trials-from parent|best] [--lr-schedule constant|cosine]
+                                  [--arms chain,autotune]
 """
 from __future__ import annotations
 
@@ -69,6 +70,8 @@ def main() -> int:
     parser.add_argument("--data", default="synthetic", help="synthetic (the demo's), or colour (the tests' digits)")
     parser.add_argument("--executor", default="local", help="local, or ray (children as Ray tasks)")
     parser.add_argument("--trials-from", default="parent", help="autotune's trials_from: parent, or best")
+    parser.add_argument("--lr-schedule", default="constant",
+                        help="autotune's lr_schedule: constant (the seed's, as the chain), or cosine within each trial")
     parser.add_argument("--arms", default="chain,autotune",
                         help="which arms to run (a pilot of one arm reports no paired difference)")
     args = parser.parse_args()
@@ -126,7 +129,8 @@ def main() -> int:
                                    str(args.trial_epochs), "--epoch_budget", str(budget), "--n_trials", "100",
                                    "--pruner", "hyperband",
                                    "--prune_warmup_epochs", "1", "--startup_trials", "1",
-                                   "--trials_from", args.trials_from, *execution)
+                                   "--trials_from", args.trials_from, "--lr_schedule", args.lr_schedule,
+                                   *execution)
             tags = client.get_run(tuned).data.tags
             print(f"seed {seed}: autotune's best lr={tags['best_lr']} gamma={tags['best_gamma']} "
                   f"wd={tags['best_wd']} bs={tags['best_bs']} (trial #{tags['best_trial_number']}; "
@@ -144,7 +148,8 @@ def main() -> int:
 
     print(f"\ndata={args.data}, scale=demo, executor={args.executor}; parent: train {args.parent_epochs} epochs "
           f"from scratch; chain: {CHAIN_POINTS} points x {args.epochs} epochs; autotune: trials of up to "
-          f"{args.trial_epochs} epochs, epoch_budget {budget} (half the chain's), trials_from {args.trials_from}")
+          f"{args.trial_epochs} epochs, epoch_budget {budget} (half the chain's), trials_from {args.trials_from}, "
+          f"lr_schedule {args.lr_schedule}")
     print("\n| seed | arm | best val acc (%) | test acc at that checkpoint (%) | epochs trained | wall time (s) |"
           "\n|---|---|---|---|---|---|")
     for row in rows:

@@ -249,10 +249,11 @@ class Tuner:
         return len(live)
 
     def record(self, trial, result: RunResult) -> None:
-        """Tell Optuna how the child ended: COMPLETE with its best selection accuracy, or PRUNED
-        (with its last reported value) when the hook ended it before trial_epochs."""
+        """Tell Optuna how the child ended: COMPLETE with its best selection accuracy (early
+        stopping or a diverged loss may have ended it sooner), or PRUNED (with its last reported
+        value) when the hook ended it before trial_epochs."""
         history = result.history
-        pruned = len(history.epochs) < self.cfg.trial_epochs and not history.stopped_early
+        pruned = len(history.epochs) < self.cfg.trial_epochs and not (history.stopped_early or history.diverged)
         reported = self.study.get_trials(deepcopy=False)[trial.number].intermediate_values
         for epoch in history.epochs:  # a reused child reported nothing to this trial
             if epoch.epoch not in reported:

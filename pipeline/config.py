@@ -41,6 +41,7 @@ class Config:
     alpha: float = 0.99
     gamma: float = 0.0
     wd: float = 0.0
+    lr_schedule: str = "constant"   # constant (the seed's) | cosine: lr falls each epoch towards 0
     tol: float = 1e-5
     patience: int = 5
     seed: int = 1412
@@ -177,7 +178,7 @@ FIELD_TYPES = {f.name: f for f in fields(Config)}
 # reads a whole section (main's hand-on, the key's volatile params) reads it from here.
 SECTIONS = {
     "run": ("stage",),
-    "training": ("arch", "epochs", "bs", "lr", "alpha", "gamma", "wd", "tol", "patience", "seed", "repeats",
+    "training": ("arch", "epochs", "bs", "lr", "alpha", "gamma", "wd", "lr_schedule", "tol", "patience", "seed", "repeats",
                  "augment"),
     "lineage": ("init", "parent_run_id", "resume_run_id", "force", "checkpoint_every"),
     "scale": ("scale", "max_epochs", "max_repeats"),

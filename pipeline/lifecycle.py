@@ -275,4 +275,5 @@ def history_from_record(run_id: str) -> train.History:
                          best_acc=metrics[f"best_{selected_on}_acc"], best_epoch=int(metrics["best_epoch"]),
                          test_acc_at_best=metrics["test_acc_at_best"],
                          stopped_early=tags.get("stopped_early") == "true",
+                         diverged=tags.get("diverged") == "true",
                          total_time_s=metrics.get("total_time_s", 0.0))

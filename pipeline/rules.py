@@ -45,6 +45,7 @@ RULES = [
     ("num_workers", lambda v: v >= 0, ">= 0"),
     ("checkpoint_every", lambda v: v >= 1, ">= 1"),
     ("executor", lambda v: v in ("local", "ray"), "local|ray"),
+    ("lr_schedule", lambda v: v in ("constant", "cosine"), "constant|cosine (cosine: lr falls each epoch towards 0)"),
     ("tuner", lambda v: v in ("seed", "optuna"), "seed|optuna"),
     ("n_trials", lambda v: v >= 1, ">= 1"),
     ("epoch_budget", lambda v: v >= 0, ">= 0 (0 = no budget)"),

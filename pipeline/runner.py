@@ -61,7 +61,7 @@ class Stage:
 
 def hyper(cfg: Config, runtime: Runtime) -> train.Hyper:
     return train.Hyper(epochs=cfg.capped_epochs(cfg.epochs), lr=cfg.lr, alpha=cfg.alpha,
-                       gamma=cfg.gamma, wd=cfg.wd, tol=cfg.tol, patience=cfg.patience,
+                       gamma=cfg.gamma, wd=cfg.wd, lr_schedule=cfg.lr_schedule, tol=cfg.tol, patience=cfg.patience,
                        log_every=cfg.log_every, compile=cfg.compile_mode, precision=runtime.precision)
 
 
@@ -153,8 +153,9 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
         recorder.catch_up(train.History.from_state(resume["history"]))
     train_batches = pause.batches(train_batches, cfg.stage, run_id, before=recorder.writer.wait)
     run_hyper = hyper(cfg, runtime)
+    schedule = "" if cfg.lr_schedule == "constant" else f" ({cfg.lr_schedule})"
     log(f"run {run_id}: {arch}, {dataset.n_train} train / {dataset.n_val} val / {dataset.n_test} test images, "
-        f"{run_hyper.epochs} epochs, bs {cfg.bs} (eval {eval_bs}), lr {cfg.lr:g}, gamma {cfg.gamma:g}, wd {cfg.wd:g}, "
+        f"{run_hyper.epochs} epochs, bs {cfg.bs} (eval {eval_bs}), lr {cfg.lr:g}{schedule}, gamma {cfg.gamma:g}, wd {cfg.wd:g}, "
         f"device {device}, {run_hyper.precision}, pipeline {cfg.data_pipeline}")
     system_metrics = sysmetrics.SystemMetrics(run_id, sysmetrics.guess_epoch_s(
         device.type, dataset.n_train, dataset.n_val + dataset.n_test))
@@ -185,6 +186,7 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
                        {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if keep_final else None)
     tracking.log_epoch(run_id, 0, {**result.metrics(), "total_time_s": history.total_time_s})
     client.set_tag(run_id, "stopped_early", str(history.stopped_early).lower())
+    client.set_tag(run_id, "diverged", str(history.diverged).lower())
     client.set_tag(run_id, "selected_on", history.selected_on)
     if keep_final:
         checkpoints.save_checkpoint(run_id, checkpoints.FINAL, result.final_state)

@@ -8,6 +8,7 @@ With a validation split, early stopping and the best checkpoint follow validatio
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Callable, Iterable, NamedTuple
@@ -30,11 +31,18 @@ class EpochResult:
     train_images_per_s: float
     val_loss: float | None = None   # only with a validation split
     val_acc: float | None = None
+    lr: float | None = None         # only with an lr schedule: the epoch's learning rate
 
     def metrics(self) -> dict[str, float]:
         values = {k: v for k, v in asdict(self).items() if v is not None}
         values.pop("epoch")
         return values
+
+    def diverged(self) -> bool:
+        """A loss that is not finite: the weights have blown up (NaN logits argmax to digit 0,
+        so this epoch's accuracies mean nothing)."""
+        losses = (self.train_loss, self.test_loss, self.val_loss)
+        return not all(math.isfinite(loss) for loss in losses if loss is not None)
 
 
 @dataclass
@@ -46,6 +54,7 @@ class History:
     test_acc_at_best: float = -1.0  # what the selected checkpoint scores on test
     stopped_early: bool = False
     pruned: bool = False            # a stop hook (pruning) ended training after the last epoch
+    diverged: bool = False          # the last epoch's loss was not finite: training stopped there
     total_time_s: float = 0.0
 
     def add(self, result: EpochResult) -> bool:
@@ -53,6 +62,8 @@ class History:
         counts: the seed skips it)."""
         self.epochs.append(result)
         self.total_time_s += result.epoch_time_s
+        if result.diverged() and self.best_epoch:  # its accuracy is digit 0's share, not a best
+            return False
         score = result.val_acc if self.selected_on == "val" else result.test_acc
         if score > self.best_acc:
             self.best_acc, self.best_epoch, self.test_acc_at_best = score, result.epoch, result.test_acc
@@ -146,6 +157,7 @@ class Hyper:
     alpha: float = 0.99
     gamma: float = 0.0
     wd: float = 0.0
+    lr_schedule: str = "constant"   # constant | cosine (see epoch_lr)
     tol: float = 1e-5
     patience: int = 5
     log_every: int = 50
@@ -166,6 +178,15 @@ def autocast(device: torch.device, precision: str = "fp32"):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def epoch_lr(hyper: Hyper, epoch: int) -> float:
+    """The learning rate of `epoch` (from 1): hyper.lr throughout, or with `cosine` half a cosine
+    from hyper.lr at epoch 1 towards 0 after the last. A function of the epoch alone, so a resumed
+    run trains each epoch at the rate it would have had."""
+    if hyper.lr_schedule == "cosine":
+        return hyper.lr * (1 + math.cos(math.pi * (epoch - 1) / hyper.epochs)) / 2
+    return hyper.lr
 
 
 def make_optimizer(model: nn.Module, hyper: Hyper) -> torch.optim.Optimizer:
@@ -280,6 +301,8 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
         log: Callable[[str], None] = print) -> History:
     """Train `model` for up to hyper.epochs: each epoch train_one_epoch, evaluate, then early
     stopping, the `stop_hooks` and the `callbacks` in order (every one sees every epoch).
+    Training stops after the first epoch whose loss is not finite (history.diverged): NaN weights
+    never recover, and such an epoch is never the best unless it is the first.
 
     With `val_batches`, early stopping and the best epoch follow validation; test is only reported.
     `resume` is an EpochEnd.snapshot(): training continues after its epoch.
@@ -295,15 +318,21 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
         stopper.load_state_dict(resume["early_stopping"])
         history = History.from_state(resume["history"])
         set_rng_state(resume["rng"], generator)
-        # a snapshot taken as early stopping fired, or as a stop hook pruned, is complete
-        over = history.stopped_early or history.pruned
+        # a snapshot taken as early stopping fired, as a stop hook pruned or as the loss diverged, is complete
+        over = history.stopped_early or history.pruned or history.diverged
         first_epoch = hyper.epochs + 1 if over else resume["epoch"] + 1
         log(f"resuming after epoch {resume['epoch']} (best {history.selected_on}_acc {history.best_acc:.3f}% "
             f"at epoch {history.best_epoch})" + (", where early stopping had fired" if history.stopped_early else "")
-            + (", where it had been pruned" if history.pruned else ""))
+            + (", where it had been pruned" if history.pruned else "")
+            + (", where its loss had diverged" if history.diverged else ""))
     step = make_step(net, optimizer, hyper, device)
 
     for epoch in range(first_epoch, hyper.epochs + 1):
+        lr = None
+        if hyper.lr_schedule != "constant":
+            lr = epoch_lr(hyper, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         train_loss, train_acc, images_per_s, start = train_one_epoch(net, train_batches, step, device, epoch,
                                                                      hyper.log_every, log)
         val_loss = val_acc = None
@@ -311,7 +340,7 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
             val_loss, val_acc = evaluate(net, val_batches, device, hyper.precision)
         test_loss, test_acc = evaluate(net, test_batches, device, hyper.precision)
         result = EpochResult(epoch, train_loss, test_loss, train_acc, test_acc, time.perf_counter() - start,
-                             images_per_s, val_loss, val_acc)
+                             images_per_s, val_loss, val_acc, lr)
         is_best = history.add(result)
         val_text = "" if val_batches is None else f"val_loss {val_loss:.4f} val_acc {val_acc:.2f}% "
         log(f"epoch {epoch}/{hyper.epochs}: train_loss {train_loss:.4f} {val_text}"
@@ -326,8 +355,13 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
         end = EpochEnd(result, is_best, history, snapshot)
         stopper.on_epoch(end)  # first: the snapshot the callbacks take knows whether it fired
         history.pruned = any([bool(ask(end)) for ask in stop_hooks])  # a list: every hook is asked
+        history.diverged = result.diverged()
         for callback in callbacks:
             callback(end)
+        if history.diverged:
+            log(f"stopped after epoch {epoch}: its loss is not finite (the weights diverged); "
+                f"a lower lr (now {hyper.lr:g}) may train")
+            break
         if history.pruned:
             log(f"stopped after epoch {epoch}: the caller asked to (pruned)")
             break

@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from pipeline import batching, checkpoints, rng, train
 from pipeline.train import EarlyStopping, Hyper
@@ -239,6 +240,71 @@ def test_a_stop_hook_is_asked_before_the_callbacks_so_its_snapshot_resumes_to_no
                         torch.Generator().manual_seed(0), resume=snapshots[-1],
                         callbacks=[lambda end: seen.append(end.result.epoch)], log=lambda m: None)
     assert seen == [] and len(resumed.epochs) == 2 and resumed.pruned
+
+
+def test_training_stops_at_the_first_diverged_epoch_and_never_takes_it_as_the_best():
+    # labels mostly digit 0 (57 of 64): NaN logits argmax to 0, so a diverged epoch scores 89%
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.where(torch.arange(64) % 10 == 0, 3, 0)
+    data = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    model = Tiny()
+    with torch.no_grad():
+        model.fc.bias.copy_(100.0 * torch.arange(10.0))  # digit 9 everywhere: 0% before it diverges
+    snapshots = []
+
+    def blow_up_after_epoch_1(end):
+        snapshots.append(copy.deepcopy(end.snapshot()))
+        if end.result.epoch == 1:
+            with torch.no_grad():
+                model.fc.weight.fill_(float("nan"))
+
+    lines = []
+    history = train.fit(model, data, data, Hyper(epochs=4, lr=1e-9), CPU, torch.Generator().manual_seed(0),
+                        callbacks=[blow_up_after_epoch_1], log=lines.append)
+    assert [e.test_acc for e in history.epochs] == [0.0, 100.0 * 57 / 64]  # epoch 2 diverged: its 0s score
+    assert history.diverged and not history.stopped_early and len(history.epochs) == 2
+    assert (history.best_epoch, history.best_acc, history.test_acc_at_best) == (1, 0.0, 0.0)
+    assert "loss is not finite" in lines[-1] and snapshots[-1]["history"]["diverged"]
+    seen = []
+    resumed = train.fit(Tiny(), data, data, Hyper(epochs=4, lr=1e-9), CPU, torch.Generator().manual_seed(0),
+                        resume=snapshots[-1], callbacks=[lambda end: seen.append(end.result.epoch)],
+                        log=lambda m: None)
+    assert seen == [] and resumed.diverged and resumed.best_epoch == 1
+
+
+def test_a_cosine_schedule_trains_each_epoch_at_its_rate_and_a_resume_goes_on_from_there():
+    rates = []
+    hook = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: rates.append(optimizer.param_groups[0]["lr"]))
+    try:
+        hyper, snapshots = Hyper(epochs=4, lr=0.1, lr_schedule="cosine"), []
+        torch.manual_seed(0)
+        whole = train.fit(Tiny(), batches(1), batches(2), hyper, CPU, torch.Generator().manual_seed(0),
+                          callbacks=[lambda end: snapshots.append(copy.deepcopy(end.snapshot()))],
+                          log=lambda m: None)
+        expected = [0.1, 0.1 * (1 + np.cos(np.pi / 4)) / 2, 0.05, 0.1 * (1 + np.cos(3 * np.pi / 4)) / 2]
+        assert rates == pytest.approx([rate for rate in expected for _ in range(4)])  # 4 batches an epoch
+        assert [e.lr for e in whole.epochs] == pytest.approx(expected)
+        rates.clear()
+        resumed = train.fit(Tiny(), batches(1), batches(2), hyper, CPU, torch.Generator().manual_seed(0),
+                            resume=snapshots[1], log=lambda m: None)
+        assert rates == pytest.approx([expected[2]] * 4 + [expected[3]] * 4)
+        assert [e.train_loss for e in resumed.epochs] == [e.train_loss for e in whole.epochs]
+        rates.clear()
+        constant = train.fit(Tiny(), batches(1), batches(2), Hyper(epochs=2, lr=0.1), CPU,
+                             torch.Generator().manual_seed(0), log=lambda m: None)
+        assert rates == [0.1] * 8 and [e.lr for e in constant.epochs] == [None, None]  # no lr metric
+    finally:
+        hook.remove()
+
+
+def test_a_first_epoch_that_diverged_is_still_the_best_there_is():
+    model = Tiny()
+    with torch.no_grad():
+        model.fc.weight.fill_(float("nan"))
+    history = train.fit(model, batches(1), batches(2), Hyper(epochs=3, lr=0.1), CPU, torch.Generator().manual_seed(0),
+                        log=lambda m: None)
+    assert history.diverged and len(history.epochs) == 1 and history.best_epoch == 1  # best.pt exists
 
 
 def test_resuming_a_snapshot_taken_as_early_stopping_fired_trains_no_more():
