@@ -66,8 +66,9 @@ def first_holding_weights(ranked: list[tuple[str, str]]) -> str:
 
 
 def holding_weights(candidates: list[RunResult], remedy: str) -> RunResult:
-    """The best candidate (the first of equals) that is not deleted and whose best.pt is still there."""
-    ranked = sorted(candidates, key=lambda r: -r.best_acc)
+    """The best candidate (the first of equals) that is not deleted and whose best.pt is still there;
+    one whose best epoch diverged only when every other is gone (its accuracy is no figure)."""
+    ranked = sorted(candidates, key=lambda r: (r.history.best_diverged(), -r.best_acc))
     run_id = first_holding_weights([(r.run_id, r.name) for r in ranked])
     if not run_id:
         raise CheckpointError(f"none of the runs this stage chooses from ({', '.join(r.run_id for r in ranked)}) "

@@ -176,9 +176,9 @@ class Tuner:
 
     def incumbent(self) -> str:
         """The child run of the best complete trial so far (the first of equals), or "" if none.
-        Pruned trials never are: their value is an unfinished one."""
+        Pruned trials never are (their value is an unfinished one), nor those whose weights diverged."""
         complete = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                    if t.user_attrs.get("mlflow_run_id")]
+                    if t.user_attrs.get("mlflow_run_id") and not t.user_attrs.get("diverged")]
         return first_holding_weights([(t.user_attrs["mlflow_run_id"], f"autotune: trial #{self.number(t.number)}")
                                       for t in sorted(complete, key=lambda t: (-t.value, t.number))])
 
@@ -259,6 +259,8 @@ class Tuner:
             if epoch.epoch not in reported:
                 trial.report(selection_value(epoch, result.selected_on), epoch.epoch)
         trial.set_user_attr("mlflow_run_id", result.run_id)
+        if history.best_diverged():  # NaN weights: never a start for trials_from=best
+            trial.set_user_attr("diverged", True)
         tracking.client().set_tag(result.run_id, "pruned", str(pruned).lower())
         if pruned:
             self.study.tell(trial, state=TrialState.PRUNED)

@@ -246,7 +246,13 @@ def check_parent(run_id: str):
 
 
 def parent_state(run_id: str) -> dict:
-    return load_weights(run_id, BEST)
+    """The parent's best.pt; refused when its weights are not finite (its training diverged):
+    every run started from them would only train NaN."""
+    state = load_weights(run_id, BEST)
+    if not all(torch.isfinite(t).all() for t in state.values() if torch.is_tensor(t) and t.is_floating_point()):
+        raise LineageError(f"parent run {run_id}'s {BEST} holds weights that are not finite (its training "
+                           f"diverged): pass another parent_run_id, or train it again at a lower lr")
+    return state
 
 
 def resume_state(run_id: str, arch: str) -> dict:

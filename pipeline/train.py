@@ -70,6 +70,11 @@ class History:
             return True
         return False
 
+    def best_diverged(self) -> bool:
+        """The best epoch is the one that diverged (only ever epoch 1): its weights are not finite
+        and its accuracy is digit 0's share, so no choice should take it."""
+        return self.diverged and bool(self.epochs) and self.best_epoch == self.epochs[-1].epoch
+
     def column(self, name: str) -> list[float]:
         return [getattr(e, name) for e in self.epochs]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline import aggregate, checkpoints, runner, tracking, train
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, LineageError
 
 
 def child(store, stage_id: str, name: str, acc: float, fill: float) -> runner.RunResult:
@@ -55,3 +55,23 @@ def test_no_candidate_with_a_best_pt_is_refused_in_one_line_and_the_stage_gets_n
     assert str(refused.value) == (f"none of the runs this stage chooses from ({only.run_id}) is active and holds "
                                   f"checkpoints/best.pt (deleted?): {aggregate.RETRAIN}")
     assert not tracking.has_artifact(stage_id, checkpoints.BEST)
+
+
+def test_a_child_whose_best_epoch_diverged_is_chosen_only_when_no_other_is_left(stage):
+    """Its accuracy is digit 0's share (NaN logits argmax to 0), which may beat a child near chance."""
+    store, stage_id = stage
+    diverged, finite = child(store, stage_id, "lr=10", 19.0, float("nan")), child(store, stage_id, "lr=0.1", 10.0, 2.0)
+    diverged.history.diverged = True
+    assert aggregate.finish(stage_id, [diverged, finite]) is finite
+    assert torch.equal(checkpoints.load_weights(stage_id)["w"], torch.full((2,), 2.0))
+    tracking.delete_artifact(finite.run_id, checkpoints.BEST)
+    assert aggregate.finish(stage_id, [diverged, finite]) is diverged  # registration keeps it off the alias
+
+
+def test_a_parent_whose_best_pt_is_not_finite_is_refused_in_one_line(stage):
+    store, stage_id = stage
+    nan = child(store, stage_id, "lr=10", 19.0, float("nan"))
+    with pytest.raises(LineageError, match=r"parent run \w+'s checkpoints/best.pt holds weights that are not finite"):
+        checkpoints.parent_state(nan.run_id)
+    finite = child(store, stage_id, "lr=0.1", 10.0, 2.0)
+    assert torch.equal(checkpoints.parent_state(finite.run_id)["w"], torch.full((2,), 2.0))

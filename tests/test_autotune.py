@@ -10,7 +10,7 @@ import torch
 
 from pipeline import autotune, config, lineage, runtime, tuning, workflow
 from pipeline.errors import ConfigError, LineageError
-from pipeline.runner import Stage
+from pipeline.runner import RunResult, Stage
 from pipeline.train import EpochEnd, EpochResult, History
 
 CPU = runtime.Runtime(torch.device("cpu"), "fp32")
@@ -512,10 +512,10 @@ def test_with_trials_from_best_each_trial_starts_from_the_best_complete_trial_so
     # never a pruned one (its value is unfinished), nor one without a child or whose best.pt is gone
     first = trials[0]
 
-    def told(value, run_id, state=optuna.trial.TrialState.COMPLETE):
+    def told(value, run_id, state=optuna.trial.TrialState.COMPLETE, **attrs):
         tuner.study.add_trial(optuna.trial.create_trial(
             params=first.params, distributions=first.distributions, value=value, state=state,
-            user_attrs={"mlflow_run_id": run_id} if run_id else {}, intermediate_values={1: value}))
+            user_attrs={"mlflow_run_id": run_id, **attrs} if run_id else {}, intermediate_values={1: value}))
 
     for value, run_id in ((1000.0, child[0]), (1000.0, child[1]), (999.0, child[2])):
         told(value, run_id)
@@ -538,6 +538,17 @@ def test_with_trials_from_best_each_trial_starts_from_the_best_complete_trial_so
     assert again.init_source == child[0] and again.init_state is spec.init_state  # read once, shared
     assert retried.user_attrs["child_key"] == trial.user_attrs["child_key"]
     assert tuner.spec(tuner.study.ask()).init_source == child[1]  # a new trial: the new best
+
+    # a trial whose best epoch diverged (NaN weights, digit 0's share as its value) is marked so
+    # when told, and never a start
+    diverged = History()
+    diverged.add(EpochResult(1, float("nan"), float("nan"), 10.0, 19.0, 1.0, 100.0))
+    diverged.diverged = True
+    trial = tuner.study.ask()
+    tuner.record(trial, RunResult(child[2], "x", "resnet", 19.0, 1, diverged, "test", 19.0))
+    assert tuner.study.trials[trial.number].user_attrs["diverged"] is True
+    told(5000.0, child[2], diverged=True)
+    assert tuner.spec(tuner.study.ask()).init_source == child[1]
 
 
 def test_trials_from_is_parent_or_best_and_names_another_study():
