@@ -24,6 +24,7 @@ from typing import Callable
 
 import mlflow
 import torch
+from mlflow.exceptions import MlflowException
 
 from . import interrupts, models, tracking
 from .errors import CheckpointError, LineageError, first_line
@@ -137,8 +138,14 @@ def load_checkpoint(run_id: str, artifact_path: str, map_location="cpu"):
     """A checkpoint artifact as tensors and plain containers: torch.load(weights_only=True) runs
     no code from the file; anything else in it is refused with one line naming run and file."""
     with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
-                                                    dst_path=tmp)
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                        dst_path=tmp)
+        except (MlflowException, OSError) as err:  # MLflow's text is a dict of every failed file
+            gone = not tracking.has_artifact(run_id, artifact_path)
+            reason = f"run {run_id}: " + (f"{artifact_path} is gone (deleted?)" if gone
+                                           else f"{artifact_path} could not be read ({first_line(err, 120)})")
+            raise CheckpointError(f"{reason}: use another run, or train this one again", reason) from None
         try:
             with warnings.catch_warnings():  # torch warns about odd pickles on stderr: we say it in one line
                 warnings.simplefilter("ignore")

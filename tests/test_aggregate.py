@@ -75,3 +75,13 @@ def test_a_parent_whose_best_pt_is_not_finite_is_refused_in_one_line(stage):
         checkpoints.parent_state(nan.run_id)
     finite = child(store, stage_id, "lr=0.1", 10.0, 2.0)
     assert torch.equal(checkpoints.parent_state(finite.run_id)["w"], torch.full((2,), 2.0))
+
+
+def test_a_checkpoint_that_is_gone_is_named_in_one_line(stage):
+    store, stage_id = stage
+    gone = child(store, stage_id, "lr=0", 60.0, 1.0)
+    tracking.delete_artifact(gone.run_id, checkpoints.BEST)
+    with pytest.raises(CheckpointError) as refused:
+        checkpoints.load_weights(gone.run_id)
+    assert str(refused.value) == (f"run {gone.run_id}: checkpoints/best.pt is gone (deleted?): use another run, "
+                                  f"or train this one again")
