@@ -51,6 +51,16 @@ def atomic_save(obj, path: Path) -> None:
             tmp.unlink()
 
 
+def drop_stale_temps(run_id: str) -> None:
+    """Remove the temp files of atomic_save that a killed writer (SIGKILL, the OOM killer) left in
+    the run's local checkpoints folder; its resume writes under another pid. Only when no write of
+    the run is in flight (it has finished)."""
+    local = tracking.local_artifact_dir(run_id)
+    if local is not None:
+        for stale in (local / Path(BEST).parent).glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
 def save_checkpoint(run_id: str, artifact_path: str, obj) -> None:
     """write_checkpoint, which SIGINT/SIGTERM let finish before they stop the process."""
     with interrupts.critical():

@@ -267,8 +267,10 @@ def adopt(child_id: str, parent_run_id: str) -> None:
 
 
 def finished(run_id: str) -> None:
-    """last.pt is only for resuming: a run that trained to its end drops it."""
+    """last.pt is only for resuming: a run that trained to its end drops it, and what a killed
+    attempt left half-written."""
     tracking.delete_artifact(run_id, checkpoints.LAST)
+    checkpoints.drop_stale_temps(run_id)
 
 
 def result_from_record(run_id: str, arch: str, keep_final: bool = False) -> RunResult:

@@ -85,3 +85,13 @@ def test_a_checkpoint_that_is_gone_is_named_in_one_line(stage):
         checkpoints.load_weights(gone.run_id)
     assert str(refused.value) == (f"run {gone.run_id}: checkpoints/best.pt is gone (deleted?): use another run, "
                                   f"or train this one again")
+
+
+def test_a_finished_run_drops_the_half_written_checkpoints_a_killed_attempt_left(stage):
+    store, stage_id = stage
+    done = child(store, stage_id, "lr=0", 60.0, 1.0)
+    folder = tracking.local_artifact_dir(done.run_id) / "checkpoints"
+    (folder / ".last.pt.4242.tmp").write_bytes(b"half")  # its writer was SIGKILLed mid-write
+    checkpoints.save_checkpoint(done.run_id, checkpoints.LAST, {"w": torch.ones(1)})
+    runner.finished(done.run_id)
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt"]
