@@ -31,10 +31,16 @@ endif
 
 install: $(VENV)/.installed
 
+# uv installs the lock (pip took about 2 minutes of a fresh demo, uv about 20 s), from where pip
+# would take it (with-pip-sources); pip only installs uv itself, at the lock's version.
+UV_PIN := $(shell grep '^uv==' requirements.lock)
+UV_INSTALL := $(VENV)/bin/python scripts/demo.py with-pip-sources $(VENV)/bin/uv pip install --python $(VENV)/bin/python --quiet
+
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet -r requirements.lock
-	$(VENV)/bin/python -m pip install --quiet --no-deps -e .
+	$(VENV)/bin/python -m pip install --quiet "$(UV_PIN)"
+	$(UV_INSTALL) -r requirements.lock
+	$(UV_INSTALL) --no-deps -e .
 	touch $@
 
 # Two test processes (pytest-xdist), each file whole in one (its module fixtures built once; every
