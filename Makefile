@@ -31,9 +31,12 @@ endif
 
 install: $(VENV)/.installed
 
-# uv installs the lock (pip took about 2 minutes of a fresh demo, uv about 20 s), from where pip
+# uv installs the lock (pip took about 2 minutes of a fresh demo, uv 26 s), from where pip
 # would take it (with-pip-sources); pip only installs uv itself, at the lock's version.
 UV_PIN := $(shell grep '^uv==' requirements.lock)
+ifeq ($(UV_PIN),)
+$(error requirements.lock pins no uv==VERSION, which make install needs to install the lock: add it back)
+endif
 UV_INSTALL := $(VENV)/bin/python scripts/demo.py with-pip-sources $(VENV)/bin/uv pip install --python $(VENV)/bin/python --quiet
 
 $(VENV)/.installed: requirements.lock pyproject.toml

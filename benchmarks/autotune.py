@@ -75,6 +75,9 @@ def main() -> int:
     parser.add_argument("--arms", default="chain,autotune",
                         help="which arms to run (a pilot of one arm reports no paired difference)")
     args = parser.parse_args()
+    arms = args.arms.split(",")
+    if not arms or len(set(arms)) != len(arms) or not set(arms) <= {"chain", "autotune"}:
+        parser.error(f"--arms {args.arms}: give chain, autotune or both, each once")
     import mlflow
 
     from pipeline import tracking

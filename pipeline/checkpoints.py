@@ -152,7 +152,11 @@ def load_checkpoint(run_id: str, artifact_path: str, map_location="cpu"):
             local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
                                                         dst_path=tmp)
         except (MlflowException, OSError) as err:  # MLflow's text is a dict of every failed file
-            gone = not tracking.has_artifact(run_id, artifact_path)
+            tracking.raise_if_refused(err)
+            try:
+                gone = not tracking.has_artifact(run_id, artifact_path)
+            except (MlflowException, OSError):
+                gone = False
             reason = f"run {run_id}: " + (f"{artifact_path} is gone (deleted?)" if gone
                                            else f"{artifact_path} could not be read ({first_line(err, 120)})")
             raise CheckpointError(f"{reason}: use another run, or train this one again", reason) from None

@@ -12,6 +12,7 @@ import statistics
 from . import checkpoints, executor, models, pause, predict, registry, runner, tracking
 from .aggregate import finish
 from .config import Config
+from .errors import LineageError
 from .executor import ChildSpec
 from .lineage import Lineage, stage_arch
 from .runner import RunResult, Stage, log
@@ -122,6 +123,11 @@ def two_phases(cfg, stage, dataset, lineage, arch: str) -> RunResult:
             keep_final=PHASE2_START.get(cfg.stage) == "last")], dataset)
     start, source, init_from = lineage.init_state, lineage.source, ""
     if results:
+        phase1 = results[0].history
+        if phase1.best_diverged() or (phase1.diverged and PHASE2_START.get(cfg.stage) == "last"):
+            raise LineageError(f"{cfg.stage}: phase 1 (run {results[0].run_id}) diverged at epoch "
+                               f"{phase1.epochs[-1].epoch} (its loss is not finite), so phase 2 has no "
+                               f"weights to start from: lower phase1_lr (now {first.lr:g}) and run it again")
         if PHASE2_START.get(cfg.stage, "best") == "last":
             start, init_from = results[0].final_state, f"{results[0].run_id}/last epoch"
         else:

@@ -365,7 +365,7 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
             callback(end)
         if history.diverged:
             log(f"stopped after epoch {epoch}: its loss is not finite (the weights diverged); "
-                f"a lower lr (now {hyper.lr:g}) may train")
+                f"a lower lr (this epoch's: {lr if lr is not None else hyper.lr:g}) may train")
             break
         if history.pruned:
             log(f"stopped after epoch {epoch}: the caller asked to (pruned)")

@@ -545,7 +545,9 @@ def test_with_trials_from_best_each_trial_starts_from_the_best_complete_trial_so
     diverged.add(EpochResult(1, float("nan"), float("nan"), 10.0, 19.0, 1.0, 100.0))
     diverged.diverged = True
     trial = tuner.study.ask()
+    tuner.cfg = tuner.cfg.replace(trial_epochs=3)  # it stopped short of them on its own: not pruned
     tuner.record(trial, RunResult(child[2], "x", "resnet", 19.0, 1, diverged, "test", 19.0))
+    assert tuner.study.trials[trial.number].state == optuna.trial.TrialState.COMPLETE
     assert tuner.study.trials[trial.number].user_attrs["diverged"] is True
     told(5000.0, child[2], diverged=True)
     assert tuner.spec(tuner.study.ask()).init_source == child[1]

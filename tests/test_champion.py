@@ -7,7 +7,7 @@ import pytest
 
 from support.digits import constant_model_run
 from support.store import TINY
-from pipeline import config, data, registry, runner
+from pipeline import config, data, lifecycle, registry, runner
 
 pytestmark = pytest.mark.e2e
 
@@ -70,13 +70,18 @@ def test_a_champion_that_cannot_be_loaded_keeps_the_alias(champion_store, monkey
     assert version != before.version
 
 
-def test_a_retrain_whose_weights_diverged_registers_a_version_that_never_takes_the_alias(store):
-    """lr 1e10 turns every weight to NaN in one step: the stage still finishes, skips its report,
-    and its version stays off the alias (argmax of NaN reads digit 0: 10.9% that could win)."""
+def test_a_retrain_whose_weights_diverged_registers_a_version_that_never_takes_the_alias(store, monkeypatch):
+    """Phase 2 at lr 1e10 turns every weight to NaN in one step: the stage still finishes, skips
+    its report, and its version stays off the alias (argmax of NaN reads digit 0: a figure that
+    could win). (A phase 1 that diverged stops the stage before phase 2: test_runner.)"""
     proc = store.cli("retrain", *[f"--{k}={v}" for k, v in store.params(
-        {"epochs": "1", "phase1_epochs": "1", "lr": "1e10", "phase1_lr": "1e10", "init": "scratch"}).items()])
+        {"epochs": "1", "phase1_epochs": "1", "lr": "1e10", "init": "scratch"}).items()])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no evaluation report: the model's outputs are not finite (NaN or inf) for 64 of 64 images" in proc.stdout
     (version,) = store.client.search_model_versions(f"name = '{MODEL}'")
     assert version.aliases == [] and version.tags["judged_acc"] == "nan"
     assert "its weights diverged), so it is never champion" in proc.stdout
+    (phase2,) = store.client.search_runs(["0"], "tags.phase = '2'")
+    assert phase2.data.tags["diverged"] == "true"  # it stopped after epoch 1 of 1, which is its best
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    assert lifecycle.history_from_record(phase2.info.run_id).best_diverged()  # as reuse reads it back

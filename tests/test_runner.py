@@ -4,7 +4,7 @@ training resnet for one epoch on 64 synthetic images."""
 import pytest
 import torch
 
-from pipeline import checkpoints, config, data, interrupts, runner
+from pipeline import checkpoints, config, data, interrupts, runner, train
 from pipeline.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"), "fp32")
@@ -155,3 +155,37 @@ def test_phase2_without_a_phase1_names_the_weights_it_starts_from(monkeypatch):
         (phase2,) = specs
         assert (phase2.tags["source_run_id"], phase2.init_source) == (source, source)
         assert phase2.init_state is lineage.init_state
+
+
+@pytest.mark.parametrize("stage_name, diverged_at", [("retrain", 1), ("deepen", 1), ("deepen", 3)])
+def test_phase2_never_starts_from_weights_phase1_left_diverged(monkeypatch, stage_name, diverged_at):
+    """retrain goes on from phase 1's best.pt (NaN only when epoch 1 diverged), deepen from its
+    last weights (NaN whenever it diverged): then the stage stops in one line, before phase 2."""
+    from pipeline import stages
+    from pipeline.errors import LineageError
+    from pipeline.lineage import Lineage
+
+    history = train.History()
+    for epoch in range(1, diverged_at + 1):
+        loss = float("nan") if epoch == diverged_at else 1.0
+        history.add(train.EpochResult(epoch, loss, loss, 50.0, 50.0, 1.0, 100.0))
+    history.diverged = True
+    phase1 = runner.RunResult("r" * 32, "phase1", "resnet", 50.0, 1, history, "test", 50.0, {"w": torch.zeros(1)})
+    asked = []
+    monkeypatch.setattr(stages.executor, "run_children",
+                        lambda cfg, stage, children, dataset: asked.extend(children) or [phase1])
+    cfg = config.load(stage_name, {"phase1_epochs": str(diverged_at), "register": "false"})
+    with pytest.raises(LineageError, match=rf"^{stage_name}: phase 1 \(run r{{32}}\) diverged at epoch {diverged_at} "
+                                           r"\(its loss is not finite\), so phase 2 has no weights to start from"):
+        stages.two_phases(cfg, runner.Stage("s" * 32, CPU), None, Lineage(parent_run_id="p" * 32), "resnet")
+    assert [spec.tags["phase"] for spec in asked] == ["1"]  # phase 2 never asked for
+
+
+def test_lr_schedule_reaches_the_loop_and_only_known_schedules_are_taken():
+    from pipeline.errors import ConfigError
+
+    cfg = config.load("train", {"lr_schedule": "cosine", "epochs": "4"})
+    assert runner.hyper(cfg, CPU).lr_schedule == "cosine"
+    assert runner.hyper(config.load("train"), CPU).lr_schedule == "constant"
+    with pytest.raises(ConfigError, match=r"lr_schedule=linear is out of range: allowed constant\|cosine"):
+        config.load("train", {"lr_schedule": "linear"})
