@@ -178,8 +178,8 @@ FIELD_TYPES = {f.name: f for f in fields(Config)}
 # reads a whole section (main's hand-on, the key's volatile params) reads it from here.
 SECTIONS = {
     "run": ("stage",),
-    "training": ("arch", "epochs", "bs", "lr", "alpha", "gamma", "wd", "lr_schedule", "tol", "patience", "seed", "repeats",
-                 "augment"),
+    "training": ("arch", "epochs", "bs", "lr", "alpha", "gamma", "wd", "lr_schedule", "tol", "patience", "seed",
+                 "repeats", "augment"),
     "lineage": ("init", "parent_run_id", "resume_run_id", "force", "checkpoint_every"),
     "scale": ("scale", "max_epochs", "max_repeats"),
     "sweeps": ("lrs", "gammas", "wds", "bss", "archs"),

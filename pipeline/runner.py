@@ -155,8 +155,8 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
     run_hyper = hyper(cfg, runtime)
     schedule = "" if cfg.lr_schedule == "constant" else f" ({cfg.lr_schedule})"
     log(f"run {run_id}: {arch}, {dataset.n_train} train / {dataset.n_val} val / {dataset.n_test} test images, "
-        f"{run_hyper.epochs} epochs, bs {cfg.bs} (eval {eval_bs}), lr {cfg.lr:g}{schedule}, gamma {cfg.gamma:g}, wd {cfg.wd:g}, "
-        f"device {device}, {run_hyper.precision}, pipeline {cfg.data_pipeline}")
+        f"{run_hyper.epochs} epochs, bs {cfg.bs} (eval {eval_bs}), lr {cfg.lr:g}{schedule}, gamma {cfg.gamma:g}, "
+        f"wd {cfg.wd:g}, device {device}, {run_hyper.precision}, pipeline {cfg.data_pipeline}")
     system_metrics = sysmetrics.SystemMetrics(run_id, sysmetrics.guess_epoch_s(
         device.type, dataset.n_train, dataset.n_val + dataset.n_test))
 
