@@ -115,20 +115,21 @@ def two_phases(cfg, stage, dataset, lineage, arch: str) -> RunResult:
     2's best, as the seed reports it (96.608% / 96.716%), not the best over both phases."""
     first = cfg.replace(arch=arch, lr=cfg.phase1_lr, bs=cfg.phase1_bs, gamma=cfg.phase1_gamma,
                         wd=cfg.phase1_wd, tol=cfg.phase1_tol, epochs=cfg.phase1_epochs or cfg.epochs)
+    from_last = PHASE2_START.get(cfg.stage) == "last"
     results = []
     if cfg.phase1_epochs:
         results += executor.run_children(cfg, stage, [ChildSpec(
             f"{cfg.stage} phase1 lr={number(first.lr)}", first, arch, lineage.init_state,
             {"source_run_id": lineage.source, "phase": "1"}, lineage.source,
-            keep_final=PHASE2_START.get(cfg.stage) == "last")], dataset)
+            keep_final=from_last)], dataset)
     start, source, init_from = lineage.init_state, lineage.source, ""
     if results:
         phase1 = results[0].history
-        if phase1.best_diverged() or (phase1.diverged and PHASE2_START.get(cfg.stage) == "last"):
+        if phase1.best_diverged() or (phase1.diverged and from_last):
             raise LineageError(f"{cfg.stage}: phase 1 (run {results[0].run_id}) diverged at epoch "
                                f"{phase1.epochs[-1].epoch} (its loss is not finite), so phase 2 has no "
                                f"weights to start from: lower phase1_lr (now {first.lr:g}) and run it again")
-        if PHASE2_START.get(cfg.stage, "best") == "last":
+        if from_last:
             start, init_from = results[0].final_state, f"{results[0].run_id}/last epoch"
         else:
             start, init_from = checkpoints.load_weights(results[0].run_id), f"{results[0].run_id}/{checkpoints.BEST}"
