@@ -78,7 +78,8 @@ def stamp(task: str = "") -> str:
     """This writer's identity and the time; `task`: the Ray task it trains for ("" outside Ray).
     Ray retries a task under the same id only once its worker is gone, so a run whose heartbeat
     names the task a process trains for has no other writer."""
-    fields = {**identity(), "time": f"{time.time():.0f}"}
+    # to the millisecond: a claim is compared with the run's end_time (live_writer)
+    fields = {**identity(), "time": f"{time.time():.3f}"}
     if task:
         fields["task"] = task
     return " ".join(f"{k}={v}" for k, v in fields.items())
@@ -171,11 +172,16 @@ def writer_alive(fields: dict[str, str]) -> bool:
 
 def live_writer(run, task: str = "") -> str | None:
     """Who is writing `run` now ("host pid N, heartbeat 12 s ago"), or None when nobody is: the
-    newest of its heartbeat and its latest claim."""
-    if run.info.status != "RUNNING":
-        return None
+    newest of its heartbeat and its latest claim. A run that is not RUNNING has a writer only if
+    it was claimed after it last ended: its claimant has not marked it RUNNING yet."""
     made = claims(run)
-    stamps = [parse_stamp(run.data.tags.get(HEARTBEAT, "")), parse_stamp(made[max(made)]) if made else None]
+    claim = parse_stamp(made[max(made)]) if made else None
+    if run.info.status == "RUNNING":
+        stamps = [parse_stamp(run.data.tags.get(HEARTBEAT, "")), claim]
+    elif claim is not None and float(claim["time"]) > (run.info.end_time or 0) / 1000:
+        stamps = [claim]
+    else:
+        return None
     stamps = [s for s in stamps if s is not None]
     if not stamps:
         return None  # never trained an epoch: no writer to protect

@@ -14,14 +14,14 @@ from pipeline.errors import LineageError
 from pipeline.runtime import Runtime
 
 
-def fake_run(status="RUNNING", tags=None, params=None, run_id="r1"):
-    return SimpleNamespace(info=SimpleNamespace(run_id=run_id, status=status),
+def fake_run(status="RUNNING", tags=None, params=None, run_id="r1", end_time=None):
+    return SimpleNamespace(info=SimpleNamespace(run_id=run_id, status=status, end_time=end_time),
                            data=SimpleNamespace(tags=tags or {}, params=params or {}))
 
 
 def stamp_of(pid: int, **changes) -> str:
     fields = {**lifecycle.identity(), "pid": str(pid), "start": lifecycle.process_start(pid),
-              "time": f"{time.time():.0f}", **changes}
+              "time": f"{time.time():.3f}", **changes}
     return " ".join(f"{k}={v}" for k, v in fields.items())
 
 
@@ -60,7 +60,12 @@ def test_the_newest_of_heartbeat_and_claim_decides(sleeper):
     claim = stamp_of(sleeper.pid)
     run = fake_run(tags={"heartbeat": old_dead}, params={"writer.1": claim})
     assert lifecycle.live_writer(run)  # claimed just now by a live process
-    assert lifecycle.live_writer(fake_run(status="KILLED", params={"writer.1": claim})) is None
+    # a run that is not RUNNING: its claim counts only if made after the run last ended
+    claimed_at_ms = float(lifecycle.parse_stamp(claim)["time"]) * 1000
+    ended_after = fake_run(status="KILLED", params={"writer.1": claim}, end_time=int(claimed_at_ms) + 1)
+    assert lifecycle.live_writer(ended_after) is None
+    ended_before = fake_run(status="KILLED", params={"writer.1": claim}, end_time=int(claimed_at_ms) - 1)
+    assert lifecycle.live_writer(ended_before)  # claimed, not yet marked RUNNING by its claimant
 
 
 def test_the_older_stamp_is_still_read(sleeper):
@@ -114,3 +119,24 @@ def test_of_two_claims_on_one_reading_of_a_run_only_the_first_is_accepted(tmp_pa
     assert client.get_run(run_id).data.params == {"writer.1": "host=a pid=1 time=1"}
     lifecycle.claim(client.get_run(run_id), cfg, "resumed")  # a later reading claims the next
     assert client.get_run(run_id).data.params["writer.2"] == "host=b pid=2 time=1"
+
+
+def test_a_killed_run_claimed_by_a_live_process_not_yet_running_is_not_claimed_again(tmp_path, monkeypatch,
+                                                                                     sleeper):
+    """The window between a claim and its claimant marking the run RUNNING: the run still reads
+    KILLED, and a second process that reads it then must not become a second writer."""
+    uri = tracking.new_local_store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = tracking.client()
+    run_id = client.create_run("0").info.run_id
+    client.set_terminated(run_id, "KILLED")
+    time.sleep(0.01)  # the claim is stamped after the end, to the millisecond
+    client.log_param(run_id, "writer.1", stamp_of(sleeper.pid))  # a live process claimed it just now
+    seen = client.get_run(run_id)
+    assert seen.info.status == "KILLED"
+    cfg = config.load("train")
+    with pytest.raises(LineageError, match=f"run {run_id} is live .*pid {sleeper.pid}, heartbeat"):
+        lifecycle.claim(seen, cfg, "resumed")
+    assert set(client.get_run(run_id).data.params) == {"writer.1"}
+    lifecycle.claim(seen, cfg.replace(force=True), "resumed")  # force=true: that process is gone, says the user
+    assert set(client.get_run(run_id).data.params) == {"writer.1", "writer.2"}
