@@ -131,7 +131,6 @@ def ray_child(env: dict[str, str], stage: Stage, spec: ChildSpec, init_state, da
 
     show(f"starting on node {node[:8]}")
     result = train_child(stage, spec, dataset, progress, task=f"ray-task:{context.get_task_id()}")
-    tracking.client().set_tag(result.run_id, "ray_node_id", node)  # a retry may have moved it
     show(f"done: best {result.selected_on}_acc {result.best_acc:.2f}% at epoch {result.best_epoch}", wait=True)
     return result
 

@@ -231,6 +231,8 @@ def child_run(stage: Stage, name: str, cfg: Config, dataset: data_mod.SVHNData, 
         child_id = found.info.run_id
         lifecycle.claim(found, cfg, "resumed", task=task)
         adopt(child_id, parent_run_id)
+        for key, value in tags.items():  # this attempt's (executor=ray: the node that trains it now)
+            client.set_tag(child_id, key, value)
         log(f"{name}: resuming child run {child_id} after epoch {state['epoch']}")
         client.update_run(child_id, status="RUNNING")
         with opened(child_id):

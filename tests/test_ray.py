@@ -269,11 +269,18 @@ def test_tasks_read_the_data_from_the_object_store_not_from_disk(two_nodes, serv
     parent = mlflow.MlflowClient().create_run("0", run_name="object store check").info.run_id
     specs = [executor.ChildSpec(f"point {lr}", cfg.replace(lr=lr, data_pipeline=pipeline), "resnet")
              for lr, pipeline in zip(cfg.lrs, ("tensor", "torchvision"))]
+    stage = runner.Stage(parent, runtime.of(cfg))
     try:
-        results = executor.run_children(cfg, runner.Stage(parent, runtime.of(cfg)), specs, dataset)
+        results = executor.run_children(cfg, stage, specs, dataset)
+        # the same children again are reused where they are: their record still names the node that
+        # trained them, not the one whose task found them finished
+        server.client.set_tag(results[0].run_id, "ray_node_id", "the node that trained it")
+        again = executor.run_children(cfg, stage, specs, dataset)
     finally:
         ray.shutdown()  # only disconnects: the cluster is the fixture's
         RAY.clear()
+    assert [r.run_id for r in again] == [r.run_id for r in results]
+    assert server.client.get_run(results[0].run_id).data.tags["ray_node_id"] == "the node that trained it"
     assert [r.name for r in results] == ["point 0.001", "point 0.0005"]
     for result in results:
         run = server.client.get_run(result.run_id)

@@ -37,9 +37,9 @@ def test_opened_ends_the_run_as_it_went_and_names_a_killed_run_on_the_interrupt(
     assert store.client.get_run(run_id).info.status == status
 
 
-def child(stage, cfg, dataset, name="point", **hooks):
+def child(stage, cfg, dataset, name="point", tags=(), **hooks):
     return runner.child_run(stage, name, cfg, dataset, arch="resnet", init_state=None,
-                            tags={"source_run_id": "scratch"}, init_source="scratch", **hooks)
+                            tags={"source_run_id": "scratch", **dict(tags)}, init_source="scratch", **hooks)
 
 
 def test_a_finished_child_with_the_same_key_is_reused_and_another_name_trains(tiny, capsys):
@@ -115,6 +115,28 @@ def test_a_child_pruned_then_resumed_before_it_finished_trains_no_more(tiny, cap
     assert again.run_id == stopped.info.run_id and "where it had been pruned" in capsys.readouterr().out
     assert asked == [] and store.steps(again.run_id, "test_acc") == [1] and len(again.history.epochs) == 1
     assert store.client.get_run(again.run_id).info.status == "FINISHED"
+
+
+def test_a_reused_child_keeps_where_it_trained_and_a_resumed_one_says_where_it_trains_now(tiny, monkeypatch):
+    """Tags given for this attempt (executor=ray: the node) describe the run only where it trains."""
+    store, cfg, dataset = tiny
+    stage = runner.Stage(store.client.create_run("0").info.run_id, CPU)
+    first = child(stage, cfg, dataset, tags={"ray_node_id": "node-a"})
+    child(stage, cfg, dataset, tags={"ray_node_id": "node-b"})  # reused: trained on node-a
+    assert store.client.get_run(first.run_id).data.tags["ray_node_id"] == "node-a"
+    loss_plot = runner.plots.loss
+
+    def dies(*args, **kwargs):  # after its epoch and its last.pt, before FINISHED
+        monkeypatch.setattr(runner.plots, "loss", loss_plot)
+        raise KeyboardInterrupt("SIGTERM")
+
+    monkeypatch.setattr(runner.plots, "loss", dies)
+    with pytest.raises(KeyboardInterrupt):
+        child(stage, cfg, dataset, name="another", tags={"ray_node_id": "node-a"})
+    (stopped,) = [c for c in store.children(stage.run_id) if c.info.run_id != first.run_id]
+    resumed = child(stage, cfg, dataset, name="another", tags={"ray_node_id": "node-b"})  # a retry elsewhere
+    assert resumed.run_id == stopped.info.run_id
+    assert store.client.get_run(resumed.run_id).data.tags["ray_node_id"] == "node-b"
 
 
 def test_a_child_keyed_on_another_runtime_is_not_reused(tiny):
