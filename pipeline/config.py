@@ -304,6 +304,7 @@ def load(stage: str, overrides: Mapping[str, Any] | None = None) -> Config:
     check_sweep_overrides(values, overrides or {})
     check_registry_overrides(values, overrides or {})
     check_model_overrides(values["stage"], overrides or {})
+    check_stage_reads(values["stage"], overrides or {})
     return check_repeat_seeds(check_epoch_budget(apply_caps(validate(Config(**values)))))
 
 
@@ -391,6 +392,30 @@ def check_registry_overrides(values: Mapping[str, Any], overrides: Mapping[str, 
     if "promote" in overrides and values.get("promote") and not values.get("register"):
         raise ConfigError(f"-P promote={overrides['promote']} would be ignored: stage {values['stage']} runs with "
                           f"register=false; add -P register=true, or drop promote")
+
+
+# Parameters only some stages read (main has its own rule: workflow.stage_overrides): given to
+# any other stage, they would be ignored
+READ_ONLY_BY = {
+    "archs": ("model_selection",), "repeats": ("model_selection", "baseline"), "lrs": ("tune_lr",),
+    "gammas": ("tune_gamma",), "wds": ("overfit",), "bss": ("overfit", "autotune"),
+    **{name: ("baseline",) for name in ("probe_epochs", "probe_tol")},
+    **{name: ("retrain", "deepen") for name in SECTIONS["phases"] if name.startswith("phase1_")},
+    **{name: ("autotune",) for name in (*SECTIONS["study"], *SECTIONS["search"])},
+    "tuner": ("main",),
+}
+
+
+def check_stage_reads(stage: str, overrides: Mapping[str, Any]) -> None:
+    """-P of a parameter the stage never reads (lrs to retrain, repeats to train, n_trials to
+    tune_lr): refused, never silently ignored."""
+    if stage == "main":
+        return
+    for name in overrides:
+        readers = READ_ONLY_BY.get(name)
+        if readers and stage not in readers:
+            raise ConfigError(f"-P {name}={overrides[name]} would be ignored: only {' and '.join(readers)} "
+                              f"read{'s' if len(readers) == 1 else ''} it, not {stage}; drop it")
 
 
 # What the stages that use a registered model read: predict labels `input` into `output` with the

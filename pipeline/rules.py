@@ -73,4 +73,9 @@ RULES = [
     ("synthetic_train", lambda v: v >= 1, ">= 1"),
     ("synthetic_test", lambda v: v >= 1, ">= 1"),
     ("env_manager", lambda v: v in ("local", "conda", "virtualenv", "uv"), "local|conda|virtualenv|uv"),
+    # MLflow refuses / and : (and names that are paths elsewhere) only at the first registry call,
+    # after training; @ would read as an alias in models:/NAME@champion
+    ("registered_model", lambda v: v == "" or (v == v.strip() and not any(c in v for c in "/:@")
+                                               and v != "." and not v.startswith("..")),
+     "a model name without /, : or @, not . or .. (empty: svhn-classifier, -synthetic for synthetic data)"),
 ]

@@ -142,15 +142,34 @@ BOUNDS = [
     ("data_pipeline", "torchvision", "dali"), ("dataset", "synthetic", "mnist"),
     ("env_manager", "uv", "docker"), ("eval_bs", "0", "-1"),
     ("compile", "max-autotune-no-cudagraphs", "fast"),
+    # what MLflow's registry refuses only once a stage has trained, and an alias separator
+    ("registered_model", "svhn classifier-2.1", "team/svhn"), ("registered_model", "svhn-x", "svhn:2"),
+    ("registered_model", "x..y", "svhn@v2"), ("registered_model", "x.", ".."), ("registered_model", "x", "..x"),
 ]
 
 
 @pytest.mark.parametrize("name,accepted,rejected", BOUNDS)
 def test_each_rule_accepts_its_boundary_and_rejects_past_it(name, accepted, rejected):
-    assert config.load("train", {name: accepted}).to_params()[name] == \
+    stage = config.READ_ONLY_BY.get(name, ("train",))[0]  # a stage that reads it
+    assert config.load(stage, {name: accepted}).to_params()[name] == \
         config.format_value(config.parse_value(name, accepted))
     with pytest.raises(ConfigError, match=f"parameter {name}=.* is out of range: allowed "):
-        config.load("train", {name: rejected})
+        config.load(stage, {name: rejected})
+
+
+@pytest.mark.parametrize("stage,name,value,readers", [
+    ("train", "lrs", "0.1,0.01", "only tune_lr reads it"), ("retrain", "lrs", "1e-4", "only tune_lr reads it"),
+    ("retrain", "repeats", "3", "only model_selection and baseline read it"),
+    ("tune_lr", "gammas", "0.1", "only tune_gamma reads it"), ("overfit", "lrs", "0.1", "only tune_lr reads it"),
+    ("tune_lr", "n_trials", "5", "only autotune reads it"), ("train", "phase1_lr", "0.1", "only retrain and deepen"),
+    ("deepen", "probe_epochs", "2", "only baseline reads it"), ("autotune", "tuner", "optuna", "only main reads it"),
+    ("evaluate", "bss", "32", "only overfit and autotune read it")])
+def test_a_parameter_the_stage_never_reads_is_refused_not_ignored(stage, name, value, readers):
+    with pytest.raises(ConfigError) as err:
+        config.load(stage, {name: value})
+    assert str(err.value) == (f"-P {name}={value} would be ignored: {readers}"
+                              f"{'' if readers.endswith(' it') else ' read it'}, not {stage}; drop it")
+    config.load(config.READ_ONLY_BY[name][0], {name: value})  # where it is read, taken
 
 
 @pytest.mark.parametrize("raw,expected", [("true", True), ("Yes", True), ("on", True), ("1", True),
