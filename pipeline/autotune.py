@@ -48,8 +48,8 @@ from .executor import ChildSpec  # noqa: E402
 from .lineage import Lineage, stage_arch  # noqa: E402
 from .runner import RunResult, Stage, log  # noqa: E402
 from .tuning import (GRACE_PERIOD_S, Heartbeats, SearchSpace, TrialRef, build_pruner, epoch_hook,  # noqa: E402
-                     open_storage, redacted, sampler, selection_value, short, storage_url, study_name,
-                     trial_name)
+                     experiment_scope, open_storage, redacted, sampler, selection_value, short, storage_url,
+                     study_name, trial_name)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # A queued-again trial's system attribute: how many of its intermediate values (epochs) it was
@@ -95,7 +95,9 @@ class Tuner:
         self.source = lineage.source
         self.start_weights: dict[str, dict] = {}  # trials_from=best: start run -> its best.pt, read once
         self.url = storage_url(cfg, mlflow.get_tracking_uri())
-        self.name = study_name(cfg, dataset.digest, stage.runtime)
+        client = tracking.client()
+        experiment = client.get_experiment(client.get_run(self.run_id).info.experiment_id)
+        self.name = study_name(cfg, dataset.digest, stage.runtime, experiment_scope(experiment))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retries, inherit_intermediate_values=True)

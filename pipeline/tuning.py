@@ -225,11 +225,20 @@ class Heartbeats:
         self.thread.join(timeout=5)
 
 
-def study_name(cfg: Config, data_digest: str, runtime: Runtime) -> str:
-    """From the stage's study key (its training key without n_trials): more trials continue the
-    same study, and the same stage runs (tag stage_key)."""
-    key = keys.study_key(cfg, data_digest, runtime)
+def study_name(cfg: Config, data_digest: str, runtime: Runtime, experiment: str) -> str:
+    """From the stage's study key (its training key without n_trials) and its MLflow experiment
+    (`experiment_scope`): more trials continue the same study, and the same stage runs (tag
+    stage_key). Another experiment, or another store, has a study of its own: its trials' runs
+    are not this one's to reuse (the default storage is one file for all of a store's experiments,
+    and ./optuna.db for any server)."""
+    key = f"{keys.study_key(cfg, data_digest, runtime)}|{experiment}"
     return f"autotune-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def experiment_scope(experiment) -> str:
+    """An MLflow experiment as a study's scope: its id and creation time (a store made again
+    numbers its experiments from the start again)."""
+    return f"{experiment.experiment_id}@{experiment.creation_time}"
 
 
 def sampler(seed: int, startup_trials: int) -> optuna.samplers.TPESampler:

@@ -97,15 +97,37 @@ def test_the_study_is_kept_beside_a_sqlite_store_never_in_it(tmp_path, monkeypat
 
 def test_the_study_name_ignores_n_trials_and_storage_but_not_the_search():
     base = config.load("autotune", {"dataset": "synthetic"})
-    name = tuning.study_name(base, "digest", CPU)
+    name = tuning.study_name(base, "digest", CPU, "0@1")
     assert tuning.study_name(base.replace(n_trials=50, optuna_storage="sqlite:////x.db", trial_batch=4),
-                             "digest", CPU) == name  # more trials continue the same study
+                             "digest", CPU, "0@1") == name  # more trials continue the same study
     for changed in (base.replace(trial_epochs=2), base.replace(lr_range=[1e-4, 1e-3]),
                     base.replace(pruner="median"), base.replace(start_from_seed=False),
                     base.replace(parent_run_id="abc")):
-        assert tuning.study_name(changed, "digest", CPU) != name
-    assert tuning.study_name(base, "other data", CPU) != name
-    assert tuning.study_name(base, "digest", runtime.Runtime(torch.device("cpu"), "bf16")) != name
+        assert tuning.study_name(changed, "digest", CPU, "0@1") != name
+    assert tuning.study_name(base, "other data", CPU, "0@1") != name
+    assert tuning.study_name(base, "digest", runtime.Runtime(torch.device("cpu"), "bf16"), "0@1") != name
+    assert tuning.study_name(base, "digest", CPU, "2@1") != name  # another experiment
+    assert tuning.study_name(base, "digest", CPU, "0@2") != name  # another store's experiment 0
+
+
+def test_a_study_is_its_experiments_own_another_experiment_starts_one_of_its_own(store, monkeypatch):
+    """Two experiments of one store share the default study storage (one file beside the store):
+    the same autotune stage in another experiment neither continues nor reuses the first's trials."""
+    cfg, dataset, stage_run, first = study_of(store, monkeypatch, n_trials="1", trial_epochs="1", pruner="none")
+    first.tune()
+    (trial,) = first.study.trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    same = autotune.Tuner(cfg, Stage(store.client.create_run("0").info.run_id, CPU), dataset, lineage.Lineage())
+    assert same.name == first.name and len(same.study.trials) == 1  # this experiment: the study continues
+    other_experiment = store.client.create_experiment("another")
+    other_run = store.client.create_run(other_experiment).info.run_id
+    other = autotune.Tuner(cfg, Stage(other_run, CPU), dataset, lineage.Lineage())
+    assert other.name != first.name and other.study.trials == []
+    assert other.url == first.url  # one storage, two studies
+    other.tune()  # trains its own trial, under its own stage run
+    (own,) = store.client.search_runs([other_experiment], f"tags.mlflow.parentRunId = '{other_run}'")
+    assert own.info.run_id != trial.user_attrs["mlflow_run_id"]
+    assert other.study.trials[0].user_attrs["mlflow_run_id"] == own.info.run_id
 
 
 def epoch(number, test_acc):
@@ -450,8 +472,8 @@ def test_an_epoch_budget_stops_asking_before_a_whole_trial_would_pass_it(store, 
     trials = tuner.study.trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
     assert sum(len(t.intermediate_values) for t in trials) == 4
-    assert tuning.study_name(cfg, dataset.digest, CPU) == tuning.study_name(cfg.replace(epoch_budget=0),
-                                                                            dataset.digest, CPU)
+    assert tuning.study_name(cfg, dataset.digest, CPU, "0@1") == tuning.study_name(
+        cfg.replace(epoch_budget=0), dataset.digest, CPU, "0@1")
 
 
 def test_the_epoch_budget_counts_what_every_attempt_trained_itself(store, monkeypatch):
@@ -557,7 +579,8 @@ def test_trials_from_is_parent_or_best_and_names_another_study():
     cfg = config.load("autotune", {"trials_from": "best"})
     with pytest.raises(ConfigError, match=r"trials_from.*parent\|best"):
         config.load("autotune", {"trials_from": "incumbent"})
-    assert tuning.study_name(cfg, "d", CPU) != tuning.study_name(cfg.replace(trials_from="parent"), "d", CPU)
+    assert tuning.study_name(cfg, "d", CPU, "0@1") != tuning.study_name(cfg.replace(trials_from="parent"), "d", CPU,
+                                                                      "0@1")
     assert "trials_from" in workflow.autotune_overrides({"tuner": "optuna", "trials_from": "best"})
 
 
