@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow.exceptions import MlflowException
 
     from .errors import UserError, first_line
+    from .interrupts import killed_runs
 
     stage, overrides = "", {}
     try:
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         return run(stage, overrides)
     except UserError as err:  # what the user can fix: one line (a failed Ray child: its run is FAILED)
         print(f"error: {err}", file=sys.stderr, flush=True)
+        if killed_runs(err):  # a failed Ray child's siblings, stopped with it
+            stopped_runs_hint(err, stage, overrides)
         return err.exit_code
     except KeyboardInterrupt as stopped:
         return interrupted(stopped, stage, overrides)

@@ -230,9 +230,11 @@ def stream_on_ray(cfg: Config, stage: Stage, dataset: data_mod.SVHNData, next_ch
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayError as err:
-                    with interrupts.critical():
-                        stop(list(in_flight), stage.run_id, {spec.name: "FAILED"})
-                    raise ChildFailed(failure_line(spec.name, err, cfg)) from None
+                    failed = ChildFailed(failure_line(spec.name, err, cfg))
+                    with interrupts.critical():  # its siblings still in flight: named for the CLI's hint
+                        interrupts.killed_runs(failed).extend(stop(list(in_flight), stage.run_id,
+                                                                   {spec.name: "FAILED"}))
+                    raise failed from None
                 on_result(key, result)
             fill()
         display.flush()  # the last updates (each task waited for its own to arrive)
@@ -263,7 +265,7 @@ def failure_line(name: str, err: Exception, cfg: Config) -> str:
 def stop(pending: list, parent_run_id: str, status_of: dict[str, str]) -> list[str]:
     """Cancel the tasks still running, then end every child run still RUNNING: FAILED for the
     child named in `status_of`, KILLED for the rest (a force-cancelled worker cannot end its own
-    run). Returns the ended run ids; running the stage again resumes them from their last.pt."""
+    run). Returns the ids it ended KILLED; running the stage again resumes them from their last.pt."""
     import ray
 
     for ref in pending:
@@ -278,8 +280,10 @@ def stop(pending: list, parent_run_id: str, status_of: dict[str, str]) -> list[s
         experiment_id = client.get_run(parent_run_id).info.experiment_id
         for run in client.search_runs([experiment_id], max_results=1000, filter_string=(
                 f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'")):
-            tracking.end_run(run.info.run_id, status_of.get(run.info.run_name, "KILLED"))
-            ended.append(run.info.run_id)
+            status = status_of.get(run.info.run_name, "KILLED")
+            tracking.end_run(run.info.run_id, status)
+            if status == "KILLED":
+                ended.append(run.info.run_id)
     except Exception as err:  # noqa: BLE001 - the tasks are cancelled; the runs wait for a resume
         log(f"[ray] tasks cancelled, but their runs could not be marked ({type(err).__name__}: "
             f"{first_line(err)}); running the command again resumes them")

@@ -18,6 +18,19 @@ def test_a_user_error_is_one_line_with_its_exit_code(monkeypatch, capsys):
     monkeypatch.setattr(session, "run", lambda cfg, given: (_ for _ in ()).throw(ChildFailed("child 'x' failed")))
     assert cli.main(["train"]) == 1
     assert capsys.readouterr().err.splitlines() == ["error: child 'x' failed"]
+
+    def failed_beside_siblings(cfg, given):  # the Ray driver stopped the children in flight with it
+        err = ChildFailed("child 'x' failed: ValueError: boom")
+        interrupts.killed_runs(err).extend(["child-y"])
+        raise err
+
+    monkeypatch.delenv("SVHN_MAIN_RUN_ID", raising=False)
+    monkeypatch.setattr(session, "run", failed_beside_siblings)
+    assert cli.main(["tune_lr", "--lrs", "0.001,0.002"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "error: child 'x' failed: ValueError: boom" and len(err) == 2
+    assert err[1].startswith("runs child-y marked KILLED;") and err[1].endswith(
+        "Continue with the same command: mlflow run . -e tune_lr --env-manager local -P lrs=0.001,0.002")
     assert issubclass(ChildFailed, Exception) and ConfigError.exit_code == 2
 
 

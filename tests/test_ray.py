@@ -381,6 +381,43 @@ def test_any_driver_error_cancels_the_tasks_and_marks_their_runs_killed(two_node
         raise AssertionError(f"worker {worker_pid} still runs after its task was cancelled")
 
 
+def test_a_child_that_fails_stops_its_siblings_and_names_them_for_the_commands_hint(two_nodes, server, monkeypatch,
+                                                                                      tmp_path):
+    """One child raises in its worker while its sibling is held after epoch 1 (the driver reads the
+    failure only once the sibling is held): the failure is one line, the failed child FAILED, the
+    sibling cancelled and KILLED, and named on the error, so the CLI says how to continue it."""
+    from pipeline import executor, interrupts, keys, runner, runtime
+    from pipeline.errors import ChildFailed
+
+    cfg, dataset, parent = in_process_stage(server, two_nodes, monkeypatch, epochs="3")
+    pause = Pause(tmp_path / "pause", "epoch:1")
+    for key, value in pause.env({}).items():
+        monkeypatch.setenv(key, value)
+    real_refresh = executor.Display.refresh
+
+    def once_the_sibling_is_held(self, *args, **kwargs):
+        deadline = time.monotonic() + 600
+        while not (pause.folder / "epoch-1.paused").exists():
+            assert time.monotonic() < deadline, "the sibling never reached its epoch 1"
+            time.sleep(0.1)
+        real_refresh(self, *args, **kwargs)
+
+    monkeypatch.setattr(executor.Display, "refresh", once_the_sibling_is_held)
+    stage = runner.Stage(parent, runtime.of(cfg), code_version=keys.code_version())
+    specs = [executor.ChildSpec("held", cfg, "resnet"), executor.ChildSpec("broken", cfg, "no-such-net")]
+    try:
+        with pytest.raises(ChildFailed) as err:
+            executor.run_children(cfg, stage, specs, dataset)
+    finally:
+        disconnect()
+    assert str(err.value).startswith("child 'broken' failed: ") and "\n" not in str(err.value)
+    statuses = {c.info.run_name: c.info.status for c in server.children(parent)}
+    assert statuses.pop("held") == "KILLED" and set(statuses.values()) <= {"FAILED"}
+    (held,) = [c for c in server.children(parent) if c.info.run_name == "held"]
+    assert interrupts.killed_runs(err.value) == [held.info.run_id]
+    assert server.steps(held.info.run_id, "test_acc") == [1]
+
+
 def test_a_slot_is_refilled_as_soon_as_a_child_ends_never_more_than_slots_at_once(two_nodes, server, monkeypatch):
     """executor.stream with 2 slots and 4 children: 2 start, and each next one is asked for only
     when one has ended (whichever it is), so no slot idles while work is left."""
