@@ -13,7 +13,6 @@ background thread, in order, while the next epoch trains.
 from __future__ import annotations
 
 import functools
-import os
 import pickle
 import re
 import tempfile
@@ -28,6 +27,7 @@ from mlflow.exceptions import MlflowException
 
 from . import interrupts, models, tracking
 from .errors import CheckpointError, LineageError, first_line
+from .files import atomic_write
 from .rng import set_rng_state
 from .train import CHECKPOINT_FORMAT, EpochEnd, History, Hyper, make_optimizer
 
@@ -38,17 +38,8 @@ FINAL = "checkpoints/final.pt"     # the weights after the last epoch, where a n
 
 def atomic_save(obj, path: Path) -> None:
     """torch.save to a temp file, fsync, rename: a kill never leaves a half-written .pt."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as fh:
+        torch.save(obj, fh)
 
 
 def drop_stale_temps(run_id: str) -> None:

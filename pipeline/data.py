@@ -16,6 +16,7 @@ from torchvision.datasets.utils import check_integrity
 
 from . import synthetic
 from .errors import DataError, first_line
+from .files import atomic_write
 from .config import PROJECT_DIR, Config
 
 CACHE_DIR = PROJECT_DIR / ".svhn-cache"
@@ -113,10 +114,8 @@ def read_mat(path: Path, split: str, verify: bool) -> tuple[torch.Tensor, torch.
         raise DataError(f"cannot read {path}: {problem}; {SVHN_FORMAT}, replace the file")
     images = torch.from_numpy(np.ascontiguousarray(dataset.data))
     labels = torch.from_numpy(labels.astype(np.int64))
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-    torch.save({"images": images, "labels": labels, "verified": verify}, tmp)
-    os.replace(tmp, cache)
+    with atomic_write(cache) as fh:
+        torch.save({"images": images, "labels": labels, "verified": verify}, fh)
     return images, labels
 
 

@@ -21,6 +21,7 @@ from . import data as data_mod
 from . import plots, registry, tracking
 from .config import Config
 from .errors import PredictError, first_line
+from .files import atomic_write
 
 
 @dataclass
@@ -212,8 +213,8 @@ def predict(cfg: Config, run_id: str | None, model=None) -> int:
     probs = finite(probabilities(model, np.stack(inputs.images)) if inputs.images else np.zeros((0, 10)))
     labels, confidence = probs.argmax(1), probs.max(1) if len(probs) else probs
     output = writable_output(cfg.output, cfg.input)
-    try:
-        with open(output, "w", newline="") as fh:
+    try:  # whole or not at all: a kill or a full disk leaves an earlier output as it was
+        with atomic_write(output, "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["input", "label", "confidence"])
             for name, label, conf in zip(inputs.names, labels, confidence):

@@ -6,11 +6,12 @@ Image i of a split depends only on (seed, split, i), so a larger set extends a s
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from .files import atomic_write
 
 GENERATOR_VERSION = 6  # 6: the same images as 5, in files with a fixed header (MAT_HEADER)
 HARD_FRACTION = 0.1
@@ -90,17 +91,12 @@ def write_mat(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     """Write atomically, so two processes making the same set never read a half-written file."""
     import scipy.io
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_write(path) as fh:
         scipy.io.savemat(fh, {"X": images, "y": labels})
         # the 116-byte header text says when it was written: the same set must be the same bytes
         # (its SHA-256 is the data digest that keys reuse, resume and the champion's comparison)
         fh.seek(0)
         fh.write(MAT_HEADER)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def ensure(folder: Path, train_count: int, test_count: int, seed: int = 1412) -> Path:

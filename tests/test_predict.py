@@ -103,6 +103,36 @@ def test_predict_writes_each_inputs_label_and_confidence_and_reports_accuracy(tm
     assert "accuracy on 3 labelled images: 66.667%" in capsys.readouterr().out
 
 
+def test_an_output_that_fails_mid_write_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    """A full disk (or a kill) after the header: one line, and the CSV an earlier run wrote is as
+    it was, with no half-written file beside it."""
+    images = np.stack([image_of(d) for d in (4, 2)], axis=-1)
+    synthetic.write_mat(tmp_path / "test_32x32.mat", images, svhn_labels(np.array([4, 2])))
+    cfg = config.load("predict", {"input": str(tmp_path / "test_32x32.mat"), "output": str(tmp_path / "out.csv")})
+    assert predict.predict(cfg, None, Answers()) == 0
+    before = (tmp_path / "out.csv").read_bytes()
+    real_writer = csv.writer
+
+    def disk_full_after_the_header(fh, *args, **kwargs):
+        writer, rows = real_writer(fh, *args, **kwargs), []
+
+        class Failing:
+            def writerow(self, row):
+                rows.append(row)
+                if len(rows) > 1:
+                    fh.flush()  # the header is on disk
+                    raise OSError(28, "No space left on device")
+                return writer.writerow(row)
+        return Failing()
+
+    monkeypatch.setattr(predict.csv, "writer", disk_full_after_the_header)
+    with pytest.raises(PredictError) as err:
+        predict.predict(cfg, None, Answers())
+    assert str(err.value).startswith(f"cannot write output {tmp_path / 'out.csv'} (No space left on device)")
+    assert (tmp_path / "out.csv").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv", "test_32x32.mat"]
+
+
 def test_predict_exits_1_when_some_inputs_could_not_be_read(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()

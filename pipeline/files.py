@@ -1,0 +1,31 @@
+"""Writing a file whole or not at all: every file this pipeline writes for later reading (a
+checkpoint, a synthetic .mat set, the decode cache, predict's CSV) goes through `atomic_write`."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import IO, Iterator
+
+
+def temp_name(path: Path) -> Path:
+    """Where `atomic_write` writes `path` first: hidden, beside it, per process (two writers of one
+    file never share it); checkpoints.drop_stale_temps knows the pattern."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "wb", **open_args) -> Iterator[IO]:
+    """Open a temp file beside `path`; once the block ends, fsync it and rename it over `path`.
+    A kill or an error before then leaves `path` as it was (absent, or the previous file whole)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, mode, **open_args) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
