@@ -383,8 +383,12 @@ def registers(stage: str) -> bool:
 
 
 def check_registry_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
-    """-P register / promote where nothing would register: refused, never silently ignored."""
-    for name in ("register", "promote"):
+    """-P register / promote / registered_model where nothing would register (predict and evaluate
+    read registered_model's champion; main hands it to the stages that register): refused, never
+    silently ignored (registered_model is part of the training key: it would also stop reuse)."""
+    names = ("register", "promote") if values["stage"] in ("predict", "evaluate", "main") else \
+        ("register", "promote", "registered_model")
+    for name in names:
         if name in overrides and not registers(values["stage"]):
             registering = " and ".join(stage for stage in STAGES if registers(stage))
             raise ConfigError(f"-P {name}={overrides[name]} would be ignored: stage {values['stage']} registers "

@@ -150,7 +150,7 @@ BOUNDS = [
 
 @pytest.mark.parametrize("name,accepted,rejected", BOUNDS)
 def test_each_rule_accepts_its_boundary_and_rejects_past_it(name, accepted, rejected):
-    stage = config.READ_ONLY_BY.get(name, ("train",))[0]  # a stage that reads it
+    stage = "retrain" if name == "registered_model" else config.READ_ONLY_BY.get(name, ("train",))[0]  # reads it
     assert config.load(stage, {name: accepted}).to_params()[name] == \
         config.format_value(config.parse_value(name, accepted))
     with pytest.raises(ConfigError, match=f"parameter {name}=.* is out of range: allowed "):
@@ -309,11 +309,15 @@ def test_the_last_repeats_seed_is_checked_with_the_seed_before_any_run():
 def test_register_and_promote_where_nothing_registers_are_refused_not_ignored():
     assert config.load("deepen", {"register": "false"}).register is False
     assert config.load("retrain", {"promote": "true"}).promote is True  # retrain registers
+    for reader in ("retrain", "predict", "evaluate", "main"):  # names the model: its own, its champion, its stages'
+        assert config.load(reader, {"registered_model": "mine"}).registered_model == "mine"
     for stage, given, line in (
             ("train", {"register": "true"}, "-P register=true would be ignored: stage train registers no model "
                                             "(retrain and deepen do); drop it"),
             ("tune_lr", {"promote": "true"}, "-P promote=true would be ignored: stage tune_lr registers no model "
                                              "(retrain and deepen do); drop it"),
+            ("baseline", {"registered_model": "mine"}, "-P registered_model=mine would be ignored: stage baseline "
+                                                       "registers no model (retrain and deepen do); drop it"),
             ("retrain", {"register": "false", "promote": "true"},
              "-P promote=true would be ignored: stage retrain runs with register=false; add -P register=true, "
              "or drop promote")):
