@@ -11,11 +11,11 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Hashable
 
 from . import data as data_mod
-from . import interrupts, keys, pause, runtime, tracking, train
+from . import interrupts, keys, lifecycle, pause, runtime, tracking, train
 from .cluster import TRACKING_ENV, check_cluster, shared, tracking_uri
 from .config import Config
 from .errors import ChildFailed, ConfigError, NotLikeTheDriver, first_line
-from .runner import RunResult, Stage, child_run, log
+from .runner import NODE_TAG, RunResult, Stage, child_run, log
 
 
 @dataclass
@@ -103,6 +103,11 @@ def like_the_driver(stage: Stage, cfg: Config, node: str) -> None:
                                f"support: -P precision=fp32)")
 
 
+def ray_task(task_id: str) -> str:
+    """A Ray task as a writer's stamp names it (lifecycle.stamp's `task`): retries keep the id."""
+    return f"ray-task:{task_id}"
+
+
 def ray_child(env: dict[str, str], stage: Stage, spec: ChildSpec, init_state, dataset, board) -> RunResult:
     """One child on a Ray worker: tracked by the same child_run as executor=local."""
     import ray
@@ -113,7 +118,7 @@ def ray_child(env: dict[str, str], stage: Stage, spec: ChildSpec, init_state, da
     context = ray.get_runtime_context()
     node = context.get_node_id()
     like_the_driver(stage, spec.cfg, node)  # before any run is made or touched
-    spec = replace(spec, init_state=init_state, tags={**spec.tags, "ray_node_id": node})
+    spec = replace(spec, init_state=init_state, tags={**spec.tags, NODE_TAG: node})
 
     def show(text: str, wait: bool = False) -> None:
         """Progress is best-effort: a lost board never fails the child."""
@@ -130,7 +135,7 @@ def ray_child(env: dict[str, str], stage: Stage, spec: ChildSpec, init_state, da
              f"{result.train_images_per_s:,.0f} img/s  node {node[:8]}")
 
     show(f"starting on node {node[:8]}")
-    result = train_child(stage, spec, dataset, progress, task=f"ray-task:{context.get_task_id()}")
+    result = train_child(stage, spec, dataset, progress, task=ray_task(context.get_task_id()))
     show(f"done: best {result.selected_on}_acc {result.best_acc:.2f}% at epoch {result.best_epoch}", wait=True)
     return result
 
@@ -268,6 +273,7 @@ def stop(pending: list, parent_run_id: str, status_of: dict[str, str]) -> list[s
     run). Returns the ids it ended KILLED; running the stage again resumes them from their last.pt."""
     import ray
 
+    cancelled = {ray_task(ref.task_id().hex()) for ref in pending}
     for ref in pending:
         with contextlib.suppress(Exception):
             ray.cancel(ref, force=True)
@@ -278,12 +284,17 @@ def stop(pending: list, parent_run_id: str, status_of: dict[str, str]) -> list[s
     try:
         client = tracking.client()
         experiment_id = client.get_run(parent_run_id).info.experiment_id
-        for run in client.search_runs([experiment_id], max_results=1000, filter_string=(
-                f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'")):
-            status = status_of.get(run.info.run_name, "KILLED")
-            tracking.end_run(run.info.run_id, status)
-            if status == "KILLED":
-                ended.append(run.info.run_id)
+        for run in client.search_runs([experiment_id], max_results=1000,
+                                      filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"):
+            if run.info.status == "RUNNING":
+                status = status_of.get(run.info.run_name, "KILLED")
+                tracking.end_run(run.info.run_id, status)
+                if status == "KILLED":
+                    ended.append(run.info.run_id)
+            elif (claim := lifecycle.claimed_since_it_ended(run)) and claim.get("task") in cancelled:
+                # cancelled between its claim and marking it RUNNING: ended again, so its claim (by a
+                # worker gone) is older than its end and the same command takes it over at once
+                tracking.end_run(run.info.run_id, run.info.status)
     except Exception as err:  # noqa: BLE001 - the tasks are cancelled; the runs wait for a resume
         log(f"[ray] tasks cancelled, but their runs could not be marked ({type(err).__name__}: "
             f"{first_line(err)}); running the command again resumes them")

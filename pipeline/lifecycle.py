@@ -150,6 +150,20 @@ def claims(run) -> dict[int, str]:
             if k.startswith(CLAIM) and k[len(CLAIM):].isdigit()}
 
 
+def latest_claim(run) -> dict[str, str] | None:
+    made = claims(run)
+    return parse_stamp(made[max(made)]) if made else None
+
+
+def claimed_since_it_ended(run) -> dict[str, str] | None:
+    """The latest claim of a run that is not RUNNING, if made after the run last ended: its
+    claimant has taken it over (and, resuming, not marked it RUNNING yet)."""
+    claim = latest_claim(run)
+    if run.info.status == "RUNNING" or claim is None or float(claim["time"]) <= (run.info.end_time or 0) / 1000:
+        return None
+    return claim
+
+
 def writer_alive(fields: dict[str, str]) -> bool:
     me = identity()
     pid = int(fields["pid"])
@@ -174,11 +188,10 @@ def live_writer(run, task: str = "") -> str | None:
     """Who is writing `run` now ("host pid N, heartbeat 12 s ago"), or None when nobody is: the
     newest of its heartbeat and its latest claim. A run that is not RUNNING has a writer only if
     it was claimed after it last ended: its claimant has not marked it RUNNING yet."""
-    made = claims(run)
-    claim = parse_stamp(made[max(made)]) if made else None
+    claim = latest_claim(run)
     if run.info.status == "RUNNING":
         stamps = [parse_stamp(run.data.tags.get(HEARTBEAT, "")), claim]
-    elif claim is not None and float(claim["time"]) > (run.info.end_time or 0) / 1000:
+    elif claimed_since_it_ended(run):
         stamps = [claim]
     else:
         return None
@@ -223,6 +236,7 @@ def claim(run, cfg: Config, action: str, task: str = "") -> None:
             f"{other.get('pid', '?')}) at the same moment, so it was not {action} here: that process "
             f"trains it; wait for it to finish") from None
     beat(run_id, task=task)
+    pause.point("claimed", cfg.stage, run_id)
 
 
 def check_same_record(run, data_digest: str, runtime: Runtime) -> None:

@@ -42,6 +42,9 @@ class RunResult:
                 "test_acc_at_best": self.test_acc_at_best}
 
 
+NODE_TAG = "ray_node_id"  # the Ray node a child trains on (executor=ray sets it; absent elsewhere)
+
+
 @dataclass
 class Stage:
     """A stage run as its children see it, handed down by the session (never a module global):
@@ -233,6 +236,8 @@ def child_run(stage: Stage, name: str, cfg: Config, dataset: data_mod.SVHNData, 
         adopt(child_id, parent_run_id)
         for key, value in tags.items():  # this attempt's (executor=ray: the node that trains it now)
             client.set_tag(child_id, key, value)
+        if NODE_TAG in found.data.tags and NODE_TAG not in tags:  # trained on Ray before, here now
+            client.delete_tag(child_id, NODE_TAG)
         log(f"{name}: resuming child run {child_id} after epoch {state['epoch']}")
         client.update_run(child_id, status="RUNNING")
         with opened(child_id):

@@ -345,18 +345,21 @@ def test_a_worker_that_differs_from_the_driver_refuses_in_one_line_before_any_ru
 def test_any_driver_error_cancels_the_tasks_and_marks_their_runs_killed(two_nodes, server, monkeypatch, tmp_path):
     """An error in the driver itself (here its progress loop breaks while the child's worker is
     held after epoch 1), not only Ctrl-C or a Ray error: the task is cancelled (its worker gone)
-    and its run KILLED, named on the error for the command's hint."""
-    from pipeline import executor, interrupts, keys, runner, runtime
+    and its run KILLED, named on the error for the command's hint. Then the same child again, the
+    driver breaking once the task has claimed it and before it marks it RUNNING: the run, still
+    KILLED, is ended again, so the claim of a worker now gone never reads as a live writer."""
+    from pipeline import executor, interrupts, keys, lifecycle, runner, runtime
 
     cfg, dataset, parent = in_process_stage(server, two_nodes, monkeypatch, epochs="3")
-    pause = Pause(tmp_path / "pause", "epoch:1")
+    pause = Pause(tmp_path / "pause", "epoch:1,claimed")
     for key, value in pause.env({}).items():
         monkeypatch.setenv(key, value)  # the driver hands them to its workers
     real_refresh = executor.Display.refresh
+    held_at = {"marker": "epoch-1"}
 
     def breaks_while_the_worker_is_held(self, *args, **kwargs):
         real_refresh(self, *args, **kwargs)
-        if (pause.folder / "epoch-1.paused").exists():
+        if (pause.folder / f"{held_at['marker']}.paused").exists():
             raise RuntimeError("the driver broke")
 
     monkeypatch.setattr(executor.Display, "refresh", breaks_while_the_worker_is_held)
@@ -379,6 +382,18 @@ def test_any_driver_error_cancels_the_tasks_and_marks_their_runs_killed(two_node
         time.sleep(0.2)
     else:
         raise AssertionError(f"worker {worker_pid} still runs after its task was cancelled")
+
+    held_at["marker"] = "claimed-1"
+    try:
+        with pytest.raises(RuntimeError, match="the driver broke"):
+            executor.run_children(cfg, stage, [executor.ChildSpec("point", cfg, "resnet")], dataset)
+    finally:
+        disconnect()
+    again = server.client.get_run(child.info.run_id)
+    claim = lifecycle.latest_claim(again)
+    assert again.info.status == "KILLED" and claim["task"].startswith("ray-task:")  # claimed by the task
+    assert float(claim["time"]) < again.info.end_time / 1000  # and ended after that
+    assert lifecycle.claimed_since_it_ended(again) is None
 
 
 def test_a_child_that_fails_stops_its_siblings_and_names_them_for_the_commands_hint(two_nodes, server, monkeypatch,

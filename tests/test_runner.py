@@ -134,9 +134,13 @@ def test_a_reused_child_keeps_where_it_trained_and_a_resumed_one_says_where_it_t
     with pytest.raises(KeyboardInterrupt):
         child(stage, cfg, dataset, name="another", tags={"ray_node_id": "node-a"})
     (stopped,) = [c for c in store.children(stage.run_id) if c.info.run_id != first.run_id]
-    resumed = child(stage, cfg, dataset, name="another", tags={"ray_node_id": "node-b"})  # a retry elsewhere
+    monkeypatch.setattr(runner.plots, "loss", dies)
+    with pytest.raises(KeyboardInterrupt):  # a retry elsewhere, stopped too
+        child(stage, cfg, dataset, name="another", tags={"ray_node_id": "node-b"})
+    assert store.client.get_run(stopped.info.run_id).data.tags["ray_node_id"] == "node-b"
+    resumed = child(stage, cfg, dataset, name="another")  # then executor=local: it names no node
     assert resumed.run_id == stopped.info.run_id
-    assert store.client.get_run(resumed.run_id).data.tags["ray_node_id"] == "node-b"
+    assert "ray_node_id" not in store.client.get_run(resumed.run_id).data.tags
 
 
 def test_a_child_keyed_on_another_runtime_is_not_reused(tiny):
