@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -17,15 +18,19 @@ def temp_name(path: Path) -> Path:
 @contextlib.contextmanager
 def atomic_write(path: Path, mode: str = "wb", **open_args) -> Iterator[IO]:
     """Open a temp file beside `path`; once the block ends, fsync it and rename it over `path`.
-    A kill or an error before then leaves `path` as it was (absent, or the previous file whole)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
+    A kill or an error before then leaves `path` as it was (absent, or the previous file whole).
+    A symlink's target is what is written (the link stays), and a file replaced keeps its mode."""
+    target = Path(os.path.realpath(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(target)
     try:
         with open(tmp, mode, **open_args) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if target.exists():
+            os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+        os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
