@@ -157,7 +157,7 @@ def latest_claim(run) -> dict[str, str] | None:
 
 def claimed_since_it_ended(run) -> dict[str, str] | None:
     """The latest claim of a run that is not RUNNING, if made after the run last ended: its
-    claimant has taken it over (and, resuming, not marked it RUNNING yet)."""
+    claimant has taken it over."""
     claim = latest_claim(run)
     if run.info.status == "RUNNING" or claim is None or float(claim["time"]) <= (run.info.end_time or 0) / 1000:
         return None
@@ -187,14 +187,12 @@ def writer_alive(fields: dict[str, str]) -> bool:
 def live_writer(run, task: str = "") -> str | None:
     """Who is writing `run` now ("host pid N, heartbeat 12 s ago"), or None when nobody is: the
     newest of its heartbeat and its latest claim. A run that is not RUNNING has a writer only if
-    it was claimed after it last ended: its claimant has not marked it RUNNING yet."""
-    claim = latest_claim(run)
+    it was claimed after it last ended (a resumer that has not marked it RUNNING yet, or a command
+    that continues its children in a run of its own)."""
     if run.info.status == "RUNNING":
-        stamps = [parse_stamp(run.data.tags.get(HEARTBEAT, "")), claim]
-    elif claimed_since_it_ended(run):
-        stamps = [claim]
+        stamps = [parse_stamp(run.data.tags.get(HEARTBEAT, "")), latest_claim(run)]
     else:
-        return None
+        stamps = [claimed_since_it_ended(run)]
     stamps = [s for s in stamps if s is not None]
     if not stamps:
         return None  # never trained an epoch: no writer to protect

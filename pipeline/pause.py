@@ -7,8 +7,8 @@ still delivered, until SVHN_PAUSE_DIR/<name>-<n>.go exists or the process is kil
 holds one process once: another process that shares the folder (a Ray retry of a killed worker)
 passes a point whose marker exists already.
 Points: `epoch` (after an epoch's record is written), `batch` (before a training batch),
-`takeover` (after the liveness check, before claiming a run), `claimed` (after claiming it), `cleanup` (a signal caught, before
-the run is marked KILLED), `registered` (a stage's model registered and its alias judged, before its run finishes).
+`takeover` (after the liveness check, before claiming a run), `claimed` (after claiming it),
+`cleanup` (a signal caught, before the run is marked KILLED), `registered` (a stage's model registered and its alias judged, before its run finishes).
 """
 from __future__ import annotations
 
