@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 
 from . import interrupts, models, tracking
 from .errors import CheckpointError, LineageError, first_line
-from .files import atomic_write
+from .files import TEMP_GLOB, atomic_write
 from .rng import set_rng_state
 from .train import CHECKPOINT_FORMAT, EpochEnd, History, Hyper, make_optimizer
 
@@ -48,7 +48,7 @@ def drop_stale_temps(run_id: str) -> None:
     the run is in flight (it has finished)."""
     local = tracking.local_artifact_dir(run_id)
     if local is not None:
-        for stale in (local / Path(BEST).parent).glob(".*.tmp"):
+        for stale in (local / Path(BEST).parent).glob(TEMP_GLOB):
             stale.unlink(missing_ok=True)
 
 

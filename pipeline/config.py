@@ -410,16 +410,20 @@ READ_ONLY_BY = {
 }
 
 
+def refuse_unread(stage: str, overrides: Mapping[str, Any], readers_of: Mapping[str, tuple[str, ...]],
+                  also: str = "") -> None:
+    """One line for the first -P that `readers_of` says only other stages read."""
+    for name, readers in readers_of.items():
+        if name in overrides and stage not in readers:
+            raise ConfigError(f"-P {name}={overrides[name]} would be ignored: only {' and '.join(readers)} "
+                              f"read{'s' if len(readers) == 1 else ''} it, not {stage}{also}; drop it")
+
+
 def check_stage_reads(stage: str, overrides: Mapping[str, Any]) -> None:
     """-P of a parameter the stage never reads (lrs to retrain, repeats to train, n_trials to
     tune_lr): refused, never silently ignored."""
-    if stage == "main":
-        return
-    for name in overrides:
-        readers = READ_ONLY_BY.get(name)
-        if readers and stage not in readers:
-            raise ConfigError(f"-P {name}={overrides[name]} would be ignored: only {' and '.join(readers)} "
-                              f"read{'s' if len(readers) == 1 else ''} it, not {stage}; drop it")
+    if stage != "main":
+        refuse_unread(stage, overrides, READ_ONLY_BY)
 
 
 # What the stages that use a registered model read: predict labels `input` into `output` with the
@@ -432,12 +436,9 @@ PREDICT_READS = frozenset({"input", "output", "model_uri", "registered_model", "
 def check_model_overrides(stage: str, overrides: Mapping[str, Any]) -> None:
     """-P input / output / model_uri where the stage reads none, or a training or data -P given
     to predict: refused, never silently ignored."""
-    for name, readers in MODEL_ONLY.items():
-        if name in overrides and stage not in readers:
-            also = "; evaluate judges the model on the test split of its data (-P data_dir, dataset)" \
-                if stage == "evaluate" else ""
-            raise ConfigError(f"-P {name}={overrides[name]} would be ignored: only {' and '.join(readers)} "
-                              f"read{'s' if len(readers) == 1 else ''} it, not {stage}{also}; drop it")
+    also = "; evaluate judges the model on the test split of its data (-P data_dir, dataset)" \
+        if stage == "evaluate" else ""
+    refuse_unread(stage, overrides, MODEL_ONLY, also)
     unread = sorted(overrides.keys() - PREDICT_READS) if stage == "predict" else []
     if unread:
         raise ConfigError(f"{', '.join(f'-P {name}' for name in unread)} would be ignored: predict reads only "

@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import IO, Iterator
 
 
+TEMP_GLOB = ".*.tmp"  # what temp_name makes, as a folder's glob finds what a killed writer left
+
+
 def temp_name(path: Path) -> Path:
     """Where `atomic_write` writes `path` first: hidden, beside it, per process (two writers of one
-    file never share it); checkpoints.drop_stale_temps knows the pattern."""
+    file never share it)."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
