@@ -303,8 +303,8 @@ def load(stage: str, overrides: Mapping[str, Any] | None = None) -> Config:
     values = {name: parse_value(name, raw) for name, raw in merged.items()}
     check_sweep_overrides(values, overrides or {})
     check_registry_overrides(values, overrides or {})
-    check_model_overrides(values["stage"], overrides or {})
     check_stage_reads(values["stage"], overrides or {})
+    check_model_overrides(values["stage"], overrides or {})
     return check_repeat_seeds(check_epoch_budget(apply_caps(validate(Config(**values)))))
 
 
@@ -431,19 +431,28 @@ def check_stage_reads(stage: str, overrides: Mapping[str, Any]) -> None:
 # the test split of its data parameters. Anything else given to them would be ignored.
 MODEL_ONLY = {"input": ("predict",), "output": ("predict",), "model_uri": ("predict", "evaluate")}
 PREDICT_READS = frozenset({"input", "output", "model_uri", "registered_model", "dataset", "env_manager"})
+# evaluate: the model, and the data whose test split it judges (scale sets the data's sizes)
+EVALUATE_READS = frozenset({"model_uri", "registered_model", *SECTIONS["data"], "scale", "env_manager"})
+WHAT_IT_READS = {
+    "predict": (PREDICT_READS, "input, output and the model (model_uri, or the champion that registered_model "
+                               "or dataset names)"),
+    "evaluate": (EVALUATE_READS, "the model (model_uri, or the champion that registered_model or dataset names) "
+                                 "and the data whose test split it judges (-P dataset, data_dir, scale, limit_test, "
+                                 "...)"),
+}
 
 
 def check_model_overrides(stage: str, overrides: Mapping[str, Any]) -> None:
-    """-P input / output / model_uri where the stage reads none, or a training or data -P given
-    to predict: refused, never silently ignored."""
+    """-P input / output / model_uri where the stage reads none, or a training -P (epochs, lr) given
+    to predict or evaluate, or a data -P to predict: refused, never silently ignored."""
     also = "; evaluate judges the model on the test split of its data (-P data_dir, dataset)" \
         if stage == "evaluate" else ""
     refuse_unread(stage, overrides, MODEL_ONLY, also)
-    unread = sorted(overrides.keys() - PREDICT_READS) if stage == "predict" else []
+    reads, described = WHAT_IT_READS.get(stage, (None, ""))
+    unread = sorted(overrides.keys() - reads) if reads is not None else []
     if unread:
-        raise ConfigError(f"{', '.join(f'-P {name}' for name in unread)} would be ignored: predict reads only "
-                          f"input, output and the model (model_uri, or the champion that registered_model or "
-                          f"dataset names); drop {'it' if len(unread) == 1 else 'them'}")
+        raise ConfigError(f"{', '.join(f'-P {name}' for name in unread)} would be ignored: {stage} reads only "
+                          f"{described}; drop {'it' if len(unread) == 1 else 'them'}")
 
 
 def from_params(params: Mapping[str, str]) -> Config:

@@ -326,10 +326,12 @@ def test_register_and_promote_where_nothing_registers_are_refused_not_ignored():
         assert str(err.value) == line
 
 
-def test_what_only_predict_or_evaluate_reads_is_refused_elsewhere_and_predict_takes_only_what_it_reads():
+def test_what_only_predict_or_evaluate_reads_is_refused_elsewhere_and_each_takes_only_what_it_reads():
     assert config.load("predict", {"input": "x.png", "output": "p.csv", "model_uri": "models:/m/1",
                                    "dataset": "synthetic", "registered_model": "m"}).input == "x.png"
     assert config.load("evaluate", {"model_uri": "models:/m/1", "limit_test": "5"}).limit_test == 5
+    assert config.load("evaluate", {"scale": "demo", "dataset": "synthetic", "data_dir": "d", "val_split": "0.1",
+                                    "registered_model": "m", "env_manager": "uv"}).limit_test == 1000
     for stage, given, line in (
             ("evaluate", {"input": "mine.mat"},
              "-P input=mine.mat would be ignored: only predict reads it, not evaluate; evaluate judges the model on "
@@ -338,7 +340,15 @@ def test_what_only_predict_or_evaluate_reads_is_refused_elsewhere_and_predict_ta
              "-P model_uri=models:/m/1 would be ignored: only predict and evaluate read it, not retrain; drop it"),
             ("predict", {"input": "x.png", "limit_test": "5", "data_dir": "d"},
              "-P data_dir, -P limit_test would be ignored: predict reads only input, output and the model "
-             "(model_uri, or the champion that registered_model or dataset names); drop them")):
+             "(model_uri, or the champion that registered_model or dataset names); drop them"),
+            ("evaluate", {"model_uri": "models:/m/1", "epochs": "3", "lr": "0.1", "scale": "demo"},
+             "-P epochs, -P lr would be ignored: evaluate reads only the model (model_uri, or the champion that "
+             "registered_model or dataset names) and the data whose test split it judges (-P dataset, data_dir, "
+             "scale, limit_test, ...); drop them"),
+            ("evaluate", {"log_every": "10"},
+             "-P log_every would be ignored: evaluate reads only the model (model_uri, or the champion that "
+             "registered_model or dataset names) and the data whose test split it judges (-P dataset, data_dir, "
+             "scale, limit_test, ...); drop it")):
         with pytest.raises(ConfigError) as err:
             config.load(stage, given)
         assert str(err.value) == line

@@ -402,7 +402,7 @@ def test_evaluate_entry_point_reports_the_champions_accuracy_on_the_test_split(s
     from pipeline import config, data, predict
 
     params = main_params(study)
-    params.pop("epochs"), params.pop("repeats")
+    params.pop("epochs"), params.pop("repeats"), params.pop("log_every")  # evaluate reads the model and data only
     study.mlflow_run("evaluate", params)
     (run,) = study.top_level("evaluate")  # this test's: no other runs evaluate
     cfg = config.load("evaluate", params)
