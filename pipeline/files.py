@@ -3,7 +3,9 @@ checkpoint, a synthetic .mat set, the decode cache, predict's CSV) goes through 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import socket
 import stat
 from pathlib import Path
 from typing import IO, Iterator
@@ -13,18 +15,40 @@ TEMP_GLOB = ".*.tmp"  # what temp_name makes, as a folder's glob finds what a ki
 
 
 def temp_name(path: Path) -> Path:
-    """Where `atomic_write` writes `path` first: hidden, beside it, per process (two writers of one
-    file never share it)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Where `atomic_write` writes `path` first: hidden, beside it, per machine and process (two
+    writers of one file never share it, on a shared file system either)."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def drop_dead_writers_temps(path: Path) -> None:
+    """Remove the temp files of `path` that a writer on this machine left when it was killed
+    (SIGKILL, the OOM killer: no `finally` ran); those of live writers and of other machines stay."""
+    mine = f".{path.name}.{socket.gethostname()}."
+    for temp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = temp.name[len(mine):-len(".tmp")] if temp.name.startswith(mine) else ""
+        if pid.isdigit() and not alive(int(pid)):
+            temp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def atomic_write(path: Path, mode: str = "wb", **open_args) -> Iterator[IO]:
     """Open a temp file beside `path`; once the block ends, fsync it and rename it over `path`.
     A kill or an error before then leaves `path` as it was (absent, or the previous file whole).
-    A symlink's target is what is written (the link stays), and a file replaced keeps its mode."""
+    A symlink's target is what is written (the link stays), and a file replaced keeps its mode.
+    What an earlier writer of `path` killed mid-write left beside it is removed first."""
     target = Path(os.path.realpath(path))
     target.parent.mkdir(parents=True, exist_ok=True)
+    drop_dead_writers_temps(target)
     tmp = temp_name(target)
     try:
         with open(tmp, mode, **open_args) as fh:
