@@ -7,7 +7,7 @@
 
 Every file is written atomically (temp file, fsync, rename) and read with torch's weights-only
 loader, so a kill never leaves half a file and a crafted file runs no code. An `EpochRecorder`
-writes each epoch's record (best.pt, last.pt, then the metrics that last.pt covers) in a
+writes each epoch's record (last.pt, best.pt, then the metrics that last.pt covers) in a
 background thread, in order, while the next epoch trains.
 """
 from __future__ import annotations
@@ -189,7 +189,10 @@ def load_weights(run_id: str, artifact_path: str = BEST) -> dict:
 
 class EpochRecorder:
     """The callback that records each epoch of run `run_id` (train.Callback), in this order:
-    best.pt, last.pt, then the metrics of the epochs that last.pt covers.
+    last.pt, best.pt, then the metrics of the epochs that last.pt covers. A kill between the two
+    files leaves a last.pt whose own epoch is the best and an older best.pt: catch_up writes
+    best.pt again from it. (The other order could leave a best.pt from an epoch no last.pt
+    covers, which the resume trains again, maybe to other weights than those kept.)
 
     An epoch's metrics are held back until a last.pt covers them, so a kill never leaves a
     logged epoch that a resume would train (and log) again. The record is handed to a
@@ -212,8 +215,12 @@ class EpochRecorder:
             self.submit(end.is_best)
         return False
 
-    def catch_up(self, history: History) -> None:
-        """A resumed run killed between writing last.pt and logging what it covers: log it now, once."""
+    def catch_up(self, resume: dict) -> None:
+        """A resumed run killed between writing last.pt and best.pt, or before logging what last.pt
+        covers: write best.pt from last.pt when last.pt's epoch is the best, and log the rest, once."""
+        history = History.from_state(resume["history"])
+        if history.epochs and history.best_epoch == history.epochs[-1].epoch == resume["epoch"]:
+            save_checkpoint(self.run_id, BEST, resume["model"])
         for done in history.epochs:
             if done.epoch not in self.logged:
                 tracking.log_epoch(self.run_id, done.epoch, done.metrics())
@@ -226,9 +233,9 @@ class EpochRecorder:
             self.writer.submit(functools.partial(self.write, is_best, state, covered))
 
     def write(self, is_best: bool, state: dict, covered: list[tuple[int, dict]]) -> None:
+        write_checkpoint(self.run_id, LAST, state)
         if is_best:
             write_checkpoint(self.run_id, BEST, state["model"])
-        write_checkpoint(self.run_id, LAST, state)
         for epoch, metrics in covered:
             if epoch not in self.logged:
                 tracking.log_epoch(self.run_id, epoch, metrics)

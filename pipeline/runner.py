@@ -153,7 +153,7 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
     recorder = checkpoints.EpochRecorder(run_id, device, cfg.checkpoint_every,
                                          tracking.logged_steps(run_id, "test_acc") if resume else set())
     if resume is not None:
-        recorder.catch_up(train.History.from_state(resume["history"]))
+        recorder.catch_up(resume)
     train_batches = pause.batches(train_batches, cfg.stage, run_id, before=recorder.writer.wait)
     run_hyper = hyper(cfg, runtime)
     schedule = "" if cfg.lr_schedule == "constant" else f" ({cfg.lr_schedule})"

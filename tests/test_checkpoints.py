@@ -202,10 +202,49 @@ def test_a_resumed_run_logs_what_its_last_pt_covers_once(recorded_run):
         epoch_end(epoch, False, history)
     store.client.log_metric(run_id, "test_acc", 5.0, step=1)  # epoch 1 logged before the kill
     recorder = checkpoints.EpochRecorder(run_id, CPU, every=1, logged={1})
-    recorder.catch_up(history)
+    resume = {"epoch": 3, "model": {"w": torch.zeros(2)}, "history": history.to_state()}
+    recorder.catch_up(resume)
     assert store.steps(run_id, "test_acc") == [1, 2, 3]
-    recorder.catch_up(history)  # nothing twice
+    recorder.catch_up(resume)  # nothing twice
     assert store.steps(run_id, "test_acc") == [1, 2, 3]
+
+
+def test_a_kill_between_last_pt_and_best_pt_leaves_a_best_pt_of_the_epoch_the_record_names(recorded_run, monkeypatch):
+    """Epoch 1 best, 2 not, 3 best; the writer dies before epoch 3's second file. The resume
+    must hold, in best.pt, the weights of the epoch its last.pt's history names as best."""
+    store, run_id, saved = recorded_run
+    recorder = checkpoints.EpochRecorder(run_id, CPU, every=1, logged=set())
+    history = train.History()
+    for epoch, val in ((1, 50.0), (2, 40.0)):
+        result = train.EpochResult(epoch, 1.0, 1.0, 1.0, val, 1.0, 100.0)
+        recorder(train.EpochEnd(result, history.add(result), history, snapshot_of(epoch, history)))
+        recorder.writer.wait()
+    written = []
+    real_write = checkpoints.write_checkpoint
+
+    def dies_at(run, path, obj):
+        if written:  # epoch 3's second file: the kill (SIGKILL, the OOM killer) comes first
+            raise OSError("killed")
+        written.append(path)
+        real_write(run, path, obj)
+
+    monkeypatch.setattr(checkpoints, "write_checkpoint", dies_at)
+    result = train.EpochResult(3, 1.0, 1.0, 1.0, 60.0, 1.0, 100.0)
+    recorder(train.EpochEnd(result, history.add(result), history, snapshot_of(3, history)))
+    assert isinstance(recorder.abandon(), OSError) and len(written) == 1
+    monkeypatch.setattr(checkpoints, "write_checkpoint", real_write)
+    resume = saved(checkpoints.LAST)
+    checkpoints.EpochRecorder(run_id, CPU, every=1, logged=set()).catch_up(resume)  # as the resume starts
+    best_epoch = train.History.from_state(resume["history"]).best_epoch
+    assert torch.equal(saved(checkpoints.BEST)["w"], torch.full((2,), float(best_epoch)))
+    assert best_epoch == resume["epoch"] == 3  # last.pt is written first: epoch 3 is not trained again
+
+
+def snapshot_of(epoch: int, history: train.History):
+    weights = {"w": torch.full((2,), float(epoch))}
+    state = {"format": checkpoints.CHECKPOINT_FORMAT, "epoch": epoch, "model": weights,
+             "history": history.to_state()}
+    return lambda: state
 
 
 def test_abandon_finishes_the_record_in_flight_and_returns_its_error(recorded_run, monkeypatch):
