@@ -44,10 +44,11 @@ def continue_command(stage: str, overrides: dict[str, str]) -> str:
 
 
 def run(stage: str, overrides: dict[str, str]) -> int:
-    from . import config, interrupts, runtime, session, workflow
+    from . import config, interrupts, keys, runtime, session, workflow
     from . import predict as predict_mod
     from .cluster import check_before_runs
 
+    keys.code_version()  # the code this process runs, read as it starts: every run of it records that one
     interrupts.install()
     runtime.tune_allocator()  # before the first tensor: MyVgg's epoch on CPU took 1.6x as long without
     cfg = config.load(stage, overrides)  # every value checked before any work

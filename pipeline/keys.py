@@ -3,6 +3,7 @@ version they all include. Equal keys mean the same computation: same params, dat
 type and precision (a bf16 run never stands in for fp32)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import yaml
@@ -28,8 +29,9 @@ DATA_MADE = ("verify", "synthetic_train", "synthetic_test")
 RESOLVED = ("device", "precision")
 
 
-def code_version() -> str:
-    """Hash of the code and default params: a changed file invalidates reused runs."""
+def hash_code() -> str:
+    """Hash of the code and default params as they are on disk now: a changed file invalidates
+    reused runs."""
     digest = hashlib.sha256()
     files = sorted((PROJECT_DIR / "pipeline").glob("*.py")) + sorted(PARAMS_DIR.glob("*.yaml"))
     files.append(PROJECT_DIR / "MLproject")
@@ -40,9 +42,18 @@ def code_version() -> str:
     return digest.hexdigest()[:12]
 
 
-def training_key(cfg: Config, data_digest: str, runtime: Runtime) -> str:
-    """Hash of everything that decides a result: params, code version, the data's digest, and
-    the device type and precision the stage runs with."""
+@functools.lru_cache(maxsize=None)
+def code_version() -> str:
+    """The version of the code this process runs: hash_code() when the process first asks (the CLI
+    asks as it starts), kept for its life. An edit or a `git pull` while it trains never gives its
+    later runs, keys and resume checks a version they are not running. (A Ray worker keeps the one
+    it imported; the driver refuses a worker whose version is not its own.)"""
+    return hash_code()
+
+
+def training_key(cfg: Config, data_digest: str, runtime: Runtime, code: str = "") -> str:
+    """Hash of everything that decides a result: params, code version (`code`, else this process's),
+    the data's digest, and the device type and precision the stage runs with."""
     params = cfg.to_params()
     for volatile in (*VOLATILE, *DATA_MADE, *RESOLVED):
         if volatile == "num_workers" and cfg.data_pipeline == "torchvision":
@@ -50,7 +61,7 @@ def training_key(cfg: Config, data_digest: str, runtime: Runtime) -> str:
         params.pop(volatile, None)
     params.update(data_digest=data_digest, device_type=runtime.device_type,
                   resolved_precision=runtime.precision)
-    text = yaml.safe_dump(params, sort_keys=True) + code_version()
+    text = yaml.safe_dump(params, sort_keys=True) + (code or code_version())
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

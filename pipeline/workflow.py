@@ -80,7 +80,8 @@ def stage_parameters(stage: str, overrides: dict[str, str], parent: str = "") ->
 def run_stage(stage: str, parameters: dict[str, str], cfg: Config, experiment_id: str, resolved: Runtime) -> str:
     stage_cfg = config_mod.load(stage, parameters)  # the stage's own config: fail fast if invalid
     stage_cfg, _ = tuned_by_parent(stage_cfg, frozenset(parameters))  # as the stage will resolve it
-    key = keys.training_key(stage_cfg, data_mod.data_digest(stage_cfg), resolved)
+    # the stage runs in a process of its own, so with the code on disk now (not main's, if it changed)
+    key = keys.training_key(stage_cfg, data_mod.data_digest(stage_cfg), resolved, code=keys.hash_code())
     found = tracking.find_finished_run(experiment_id, key)
     if found:
         log(f"[main] {stage}: reusing FINISHED run {found.info.run_id} "

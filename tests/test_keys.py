@@ -26,9 +26,9 @@ VOLATILE = {"log_every", "resume_run_id", "env_manager", "num_workers", "force",
             "device", "precision"}
 
 
-def key(stage="train", digest="d" * 64, **overrides):
+def key(stage="train", digest="d" * 64, code="", **overrides):
     cfg = config.load(stage, overrides)
-    return keys.training_key(cfg, digest, runtime.of(cfg))
+    return keys.training_key(cfg, digest, runtime.of(cfg), code=code)
 
 
 def test_training_key_follows_params_not_spelling():
@@ -86,15 +86,32 @@ def test_code_version_follows_code_params_and_mlproject(tmp_path, monkeypatch):
         (tmp_path / name).write_text("one")
     monkeypatch.setattr(keys, "PROJECT_DIR", tmp_path)
     monkeypatch.setattr(keys, "PARAMS_DIR", tmp_path / "params")
-    versions = {keys.code_version()}
+    versions = {keys.hash_code()}
     for name in ("pipeline/a.py", "params/x.yaml", "MLproject"):
         (tmp_path / name).write_text("two")
-        versions.add(keys.code_version())
+        versions.add(keys.hash_code())
     (tmp_path / "pipeline/a.py").rename(tmp_path / "pipeline/b.py")  # a renamed module counts too
-    versions.add(keys.code_version())
+    versions.add(keys.hash_code())
     (tmp_path / "pipeline/notes.txt").write_text("not code")
-    versions.add(keys.code_version())
-    assert len(versions) == 5 and len(keys.code_version()) == 12
+    versions.add(keys.hash_code())
+    assert len(versions) == 5 and len(keys.hash_code()) == 12
+
+
+def test_a_process_keeps_the_code_version_it_started_with_though_the_files_change(tmp_path, monkeypatch):
+    """An edit or a `git pull` while a stage trains: its later children are still the code it runs."""
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "a.py").write_text("one")
+    monkeypatch.setattr(keys, "PROJECT_DIR", tmp_path)
+    keys.code_version.cache_clear()
+    try:
+        started = keys.code_version()
+        before = key()
+        (tmp_path / "pipeline" / "a.py").write_text("two")
+        assert keys.hash_code() != started  # what a new process would run
+        assert keys.code_version() == started and key() == before
+        assert key(code=keys.hash_code()) != before  # main's look-up for a stage it starts anew
+    finally:
+        keys.code_version.cache_clear()  # the real checkout's, for the tests after this one
 
 
 def test_training_key_is_sixteen_hex_digits():
