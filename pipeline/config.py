@@ -280,7 +280,13 @@ def read_yaml(path: Path) -> dict:
     if not path.exists():
         raise ConfigError(f"missing {path}: every stage needs its parameter file; restore it "
                           f"from git (`git checkout -- params/{path.name}`)")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError(f"{path} is not valid YAML{at} ({getattr(err, 'problem', None) or type(err).__name__}): "
+                          f"fix it, or restore it from git (`git checkout -- params/{path.name}`)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of parameter: value")
     return data
@@ -419,11 +425,20 @@ def refuse_unread(stage: str, overrides: Mapping[str, Any], readers_of: Mapping[
                               f"read{'s' if len(readers) == 1 else ''} it, not {stage}{also}; drop it")
 
 
+# stages whose every child trains from scratch: a parent's weights would be recorded, never loaded
+FROM_SCRATCH = ("model_selection",)
+
+
 def check_stage_reads(stage: str, overrides: Mapping[str, Any]) -> None:
     """-P of a parameter the stage never reads (lrs to retrain, repeats to train, n_trials to
-    tune_lr): refused, never silently ignored."""
+    tune_lr, a parent to model_selection): refused, never silently ignored."""
     if stage != "main":
         refuse_unread(stage, overrides, READ_ONLY_BY)
+    if stage in FROM_SCRATCH:
+        for name in ("parent_run_id", "init"):
+            if name in overrides and not (name == "init" and str(overrides[name]).strip() == "scratch"):
+                raise ConfigError(f"-P {name}={overrides[name]} would be ignored: {stage} trains every arch "
+                                  f"from scratch, so it starts from no parent's weights; drop it")
 
 
 # What the stages that use a registered model read: predict labels `input` into `output` with the

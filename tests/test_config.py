@@ -172,6 +172,16 @@ def test_a_parameter_the_stage_never_reads_is_refused_not_ignored(stage, name, v
     config.load(config.READ_ONLY_BY[name][0], {name: value})  # where it is read, taken
 
 
+def test_model_selection_takes_no_parent_it_would_record_and_never_load():
+    assert config.load("model_selection", {"init": "scratch"}).init == "scratch"
+    for name, value in (("parent_run_id", "abc123"), ("init", "parent"), ("init", "auto")):
+        with pytest.raises(ConfigError) as err:
+            config.load("model_selection", {name: value})
+        assert str(err.value) == (f"-P {name}={value} would be ignored: model_selection trains every arch from "
+                                  f"scratch, so it starts from no parent's weights; drop it")
+    assert config.load("train", {"parent_run_id": "abc123"}).parent_run_id == "abc123"  # where it is read
+
+
 @pytest.mark.parametrize("raw,expected", [("true", True), ("Yes", True), ("on", True), ("1", True),
                                           (True, True), ("FALSE", False), ("no", False), ("off", False),
                                           ("0", False), (False, False)])
@@ -249,6 +259,11 @@ def test_params_yaml_must_be_a_mapping(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="list.yaml must hold a mapping of parameter: value"):
         config.read_yaml(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("lr: 1e-4\nlrs: [0.1, 0.2\n")  # a bracket never closed
+    with pytest.raises(ConfigError) as err:
+        config.read_yaml(tmp_path / "broken.yaml")
+    assert str(err.value).startswith(f"{tmp_path / 'broken.yaml'} is not valid YAML at line 3, column 1 (")
+    assert str(err.value).endswith("fix it, or restore it from git (`git checkout -- params/broken.yaml`)")
 
 
 def test_load_reads_defaults_then_the_stage_file(tmp_path, monkeypatch):
