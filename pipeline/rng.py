@@ -8,20 +8,24 @@ import numpy as np
 import torch
 
 
-def rng_state(generator: torch.Generator) -> dict:
-    """Every RNG's state as tensors and plain numbers, loadable with weights_only=True."""
+def rng_state(generator: torch.Generator, device: torch.device | None = None) -> dict:
+    """Every RNG's state as tensors and plain numbers, loadable with weights_only=True; CUDA's only
+    for the one device a run trains on (a CPU run never starts CUDA, and a resume that sees fewer
+    GPUs, or others, restores it to the device it trains on then)."""
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     version, internal, gauss_next = random.getstate()
     state = {"torch": torch.get_rng_state(), "generator": generator.get_state(),
              "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
              "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = [torch.cuda.get_rng_state(device)]
     return state
 
 
-def set_rng_state(state: dict, generator: torch.Generator) -> None:
+def set_rng_state(state: dict, generator: torch.Generator, device: torch.device | None = None) -> None:
+    """`state` back into every RNG; CUDA's into `device` when it is a GPU. The first saved state is
+    the trained device's (a run trains on one; older checkpoints hold every visible GPU's)."""
     torch.set_rng_state(state["torch"])
     generator.set_state(state["generator"])
     numpy = state["numpy"]
@@ -29,8 +33,8 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
                          numpy["has_gauss"], numpy["cached_gaussian"]))
     python = state["python"]
     random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"][0], device)
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -322,7 +322,7 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
         optimizer.load_state_dict(resume["optimizer"])
         stopper.load_state_dict(resume["early_stopping"])
         history = History.from_state(resume["history"])
-        set_rng_state(resume["rng"], generator)
+        set_rng_state(resume["rng"], generator, device)
         # a snapshot taken as early stopping fired, as a stop hook pruned or as the loss diverged, is complete
         over = history.stopped_early or history.pruned or history.diverged
         first_epoch = hyper.epochs + 1 if over else resume["epoch"] + 1
@@ -355,7 +355,7 @@ def fit(model: nn.Module, train_batches, test_batches, hyper: Hyper, device: tor
         def snapshot(epoch=epoch) -> dict:
             return {"format": CHECKPOINT_FORMAT, "epoch": epoch, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "early_stopping": stopper.state_dict(),
-                    "history": history.to_state(), "rng": rng_state(generator)}
+                    "history": history.to_state(), "rng": rng_state(generator, device)}
 
         end = EpochEnd(result, is_best, history, snapshot)
         stopper.on_epoch(end)  # first: the snapshot the callbacks take knows whether it fired

@@ -443,6 +443,30 @@ def test_bf16_autocast_computes_in_bf16_and_fp32_does_not():
         assert (x @ x).dtype == torch.float32
 
 
+def test_cuda_rng_state_is_the_trained_devices_alone_and_goes_back_to_the_device_a_resume_trains_on(monkeypatch):
+    """A CPU run on a GPU machine never starts CUDA; a GPU run saves its own device's state, and a
+    resume that sees fewer GPUs (an older checkpoint holds 3) restores the first to its device."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: calls.append("all") or [torch.zeros(1)] * 3)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or torch.ones(4))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append(("set all", len(states))))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", state.sum().item(),
+                                                                                          device)))
+    generator = rng.seed_everything(7)
+    on_cpu = rng.rng_state(generator, torch.device("cpu"))
+    rng.set_rng_state(on_cpu, generator, torch.device("cpu"))
+    assert "cuda" not in on_cpu and calls == []
+    gpu = torch.device("cuda")
+    on_gpu = rng.rng_state(generator, gpu)
+    assert calls == [("get", gpu)] and torch.equal(on_gpu["cuda"][0], torch.ones(4))
+    older = dict(on_gpu, cuda=[torch.full((4,), 2.0), torch.zeros(4), torch.zeros(4)])  # 3 GPUs were visible
+    rng.set_rng_state(older, generator, gpu)
+    assert calls[1:] == [("set", 8.0, gpu)]
+    rng.set_rng_state(older, generator, torch.device("cpu"))  # resumed on the CPU: CUDA left alone
+    assert len(calls) == 2
+
+
 def test_rng_state_round_trips():
     generator = rng.seed_everything(7)
     state = rng.rng_state(generator)
