@@ -311,6 +311,7 @@ def load(stage: str, overrides: Mapping[str, Any] | None = None) -> Config:
     check_registry_overrides(values, overrides or {})
     check_stage_reads(values["stage"], overrides or {})
     check_model_overrides(values["stage"], overrides or {})
+    check_capped_overrides(values, overrides or {})
     return check_repeat_seeds(check_epoch_budget(apply_caps(validate(Config(**values)))))
 
 
@@ -339,6 +340,20 @@ def scale_values(stage: str, scale: Any) -> dict[str, Any]:
             raise ConfigError(f"{path}: section '{section}' must hold a mapping of parameter: value")
         values.update(part)
     return values
+
+
+CAPPED = {"max_epochs": ("epochs", "probe_epochs", "phase1_epochs", "trial_epochs"), "max_repeats": ("repeats",)}
+
+
+def check_capped_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
+    """-P epochs=30 with -P max_epochs=2: the run would train 2, while `mlflow run` has logged the
+    epochs param as given (30), and a param cannot change: refused, so the record says what ran."""
+    for cap, names in CAPPED.items():
+        for name in names:
+            if name in overrides and cap in overrides and 0 < values[cap] < values[name]:
+                raise ConfigError(f"-P {name}={overrides[name]} with -P {cap}={overrides[cap]}: the run would "
+                                  f"run with {name}={values[cap]} while its {name} param reads {overrides[name]}; "
+                                  f"pass -P {name}={values[cap]}, or drop {cap}")
 
 
 def apply_caps(cfg: Config) -> Config:

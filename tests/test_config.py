@@ -172,6 +172,25 @@ def test_a_parameter_the_stage_never_reads_is_refused_not_ignored(stage, name, v
     config.load(config.READ_ONLY_BY[name][0], {name: value})  # where it is read, taken
 
 
+def test_a_value_given_with_a_cap_that_cuts_it_is_refused_so_the_param_says_what_ran():
+    assert config.load("baseline", {"epochs": "2", "max_epochs": "2"}).epochs == 2
+    assert config.load("baseline", {"max_epochs": "2"}).epochs == 2  # the yaml's 30, capped: logged as 2
+    assert config.load("baseline", {"epochs": "30", "max_epochs": "0"}).epochs == 30  # 0: no cap
+    for stage, given, line in (
+            ("baseline", {"epochs": "30", "max_epochs": "2"},
+             "-P epochs=30 with -P max_epochs=2: the run would run with epochs=2 while its epochs param reads 30; "
+             "pass -P epochs=2, or drop max_epochs"),
+            ("retrain", {"phase1_epochs": "6", "max_epochs": "1"},
+             "-P phase1_epochs=6 with -P max_epochs=1: the run would run with phase1_epochs=1 while its "
+             "phase1_epochs param reads 6; pass -P phase1_epochs=1, or drop max_epochs"),
+            ("model_selection", {"repeats": "5", "max_repeats": "1"},
+             "-P repeats=5 with -P max_repeats=1: the run would run with repeats=1 while its repeats param reads 5; "
+             "pass -P repeats=1, or drop max_repeats")):
+        with pytest.raises(ConfigError) as err:
+            config.load(stage, given)
+        assert str(err.value) == line
+
+
 def test_model_selection_takes_no_parent_it_would_record_and_never_load():
     assert config.load("model_selection", {"init": "scratch"}).init == "scratch"
     for name, value in (("parent_run_id", "abc123"), ("init", "parent"), ("init", "auto")):
