@@ -188,11 +188,15 @@ def live_writer(run, task: str = "") -> str | None:
     """Who is writing `run` now ("host pid N, heartbeat 12 s ago"), or None when nobody is: the
     newest of its heartbeat and its latest claim. A run that is not RUNNING has a writer only if
     it was claimed after it last ended (a resumer that has not marked it RUNNING yet, or a command
-    that continues its children in a run of its own)."""
+    that continues its children in a run of its own, which beats it while it runs)."""
+    heartbeat = parse_stamp(run.data.tags.get(HEARTBEAT, ""))
     if run.info.status == "RUNNING":
-        stamps = [parse_stamp(run.data.tags.get(HEARTBEAT, "")), latest_claim(run)]
-    else:
-        stamps = [claimed_since_it_ended(run)]
+        stamps = [heartbeat, latest_claim(run)]
+    else:  # and its claimant's own heartbeats since (a command continuing it beats it as it goes)
+        claim = claimed_since_it_ended(run)
+        same_writer = claim is not None and heartbeat is not None and \
+            all(heartbeat.get(k) == claim.get(k) for k in ("host", "boot", "pidns", "pid", "start"))
+        stamps = [claim, heartbeat if same_writer else None]
     stamps = [s for s in stamps if s is not None]
     if not stamps:
         return None  # never trained an epoch: no writer to protect

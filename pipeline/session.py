@@ -5,6 +5,7 @@ close the run: FINISHED with its training_key, or KILLED/FAILED with what it reg
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -88,15 +89,29 @@ def run_stage_work(cfg: Config, stage: Stage, dataset, lineage, on_success: Call
     """The stage's work in its open run (a new one, or one resumed), with heartbeats while it
     trains, then `on_success`: the tags that let `main` reuse it, set last, since only a stage
     that finished may be found. If either fails, a version the stage registered is withdrawn."""
-    lifecycle.beat(stage.run_id)
+    # this process writes the stage run, and the earlier runs it continues (claimed: no one else
+    # may take them while it runs); Ray workers write their children
+    writing = (stage.run_id, *sorted(stage.adoptable))
+    lifecycle.beat(*writing)
     try:
-        with lifecycle.heartbeat(stage.run_id):  # this process writes the stage run, Ray workers their children
+        with lifecycle.heartbeat(*writing):
             result = STAGES[cfg.stage](cfg, stage, dataset, lineage)
         on_success()
     except BaseException:
         registry.withdraw(stage.registered)  # a version registered by a run that failed is not left behind
+        release(stage.adoptable)
         raise
     return result
+
+
+def release(earlier: frozenset[str]) -> None:
+    """Earlier runs this command claimed and did not finish continuing: ended again (KILLED if one
+    still read RUNNING), so their claim is older than their end and the same command, from any
+    machine, continues them at once rather than waiting out a live-looking claim."""
+    for run_id in sorted(earlier):
+        with contextlib.suppress(Exception):  # the error being raised is the one to report
+            run = tracking.client().get_run(run_id)
+            tracking.end_run(run_id, "KILLED" if run.info.status == "RUNNING" else run.info.status)
 
 
 def continue_earlier_runs(cfg: Config, run_id: str, stage_key: str) -> list:

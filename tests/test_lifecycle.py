@@ -68,6 +68,23 @@ def test_the_newest_of_heartbeat_and_claim_decides(sleeper):
     assert lifecycle.live_writer(ended_before)  # claimed, not yet marked RUNNING by its claimant
 
 
+def test_a_continued_runs_claimant_stays_live_while_it_beats_the_run_and_no_other_beat_counts():
+    """A command on another machine continues an earlier KILLED run (claim 20 minutes old, so stale
+    alone); its heartbeats on that run keep it live, a heartbeat of another writer does not."""
+    long_ago = time.time() - lifecycle.STALE_AFTER_S - 300
+    elsewhere = dict(boot="another-boot", start="1")
+    claim = stamp_of(2 ** 22 + 1, time=f"{long_ago:.3f}", **elsewhere)
+    ended = int(long_ago * 1000) - 1000  # the claim came after the run's end
+
+    def continued(heartbeat: str | None):
+        return fake_run(status="KILLED", params={"writer.1": claim}, end_time=ended,
+                        tags={"heartbeat": heartbeat} if heartbeat else {})
+
+    assert lifecycle.live_writer(continued(stamp_of(2 ** 22 + 1, **elsewhere)))  # its beat just now
+    assert lifecycle.live_writer(continued(None)) is None  # never beaten: its claim alone is stale
+    assert lifecycle.live_writer(continued(stamp_of(2 ** 22 + 2, **elsewhere))) is None  # another writer's beat
+
+
 def test_the_older_stamp_is_still_read(sleeper):
     import socket
 

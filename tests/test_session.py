@@ -91,6 +91,43 @@ def test_a_stage_continues_an_earlier_unfinished_run_of_the_same_key_and_finishe
     assert store.client.get_run(other).info.status == "RUNNING"  # left alone
 
 
+def test_a_command_beats_the_earlier_run_it_continues_and_lets_it_go_when_it_fails(tiny, monkeypatch):
+    """While it runs, the earlier run it claimed carries this process's heartbeats (live from any
+    machine); once it fails, that run is ended again after the claim, so the same command (from
+    any machine) continues it at once."""
+    import os
+    import time
+
+    store, cfg = tiny
+    dataset = data.load(cfg)
+    stage_key = keys.study_key(cfg, dataset.digest, runtime.of(cfg))
+    earlier = store.client.create_run("0", tags={"stage": "tune_lr", lifecycle.STAGE_KEY: stage_key}).info.run_id
+    store.client.set_terminated(earlier, "KILLED")  # an earlier command, stopped
+    seen = {}
+
+    def beat_of_earlier():
+        return lifecycle.parse_stamp(store.client.get_run(earlier).data.tags.get(lifecycle.HEARTBEAT, ""))
+
+    def breaks(cfg, stage, dataset, lineage):
+        seen["claimed"] = lifecycle.claimed_since_it_ended(store.client.get_run(earlier))
+        first = beat_of_earlier()
+        deadline = time.monotonic() + 30
+        while (beat := beat_of_earlier()) == first:  # the heartbeat thread's next beat, however slow
+            assert time.monotonic() < deadline, "the earlier run was never beaten while the stage ran"
+            time.sleep(0.05)
+        seen["heartbeat"] = beat
+        raise RuntimeError("the stage broke")
+
+    monkeypatch.setattr(lifecycle, "BEAT_EVERY_S", 0.1)
+    monkeypatch.setitem(stages.STAGES, "tune_lr", breaks)
+    with pytest.raises(RuntimeError, match="the stage broke"):
+        session.run(cfg)
+    assert seen["claimed"]["pid"] == seen["heartbeat"]["pid"] == str(os.getpid())
+    old = store.client.get_run(earlier)
+    assert old.info.status == "KILLED" and lifecycle.latest_claim(old)["pid"] == str(os.getpid())
+    assert lifecycle.claimed_since_it_ended(old) is None  # ended again after the claim: free to continue
+
+
 def test_resume_refuses_a_continued_run_and_leaves_a_finished_one(tiny, capsys):
     store, cfg = tiny
     continued = store.client.create_run("0", tags={"stage": "tune_lr", lifecycle.CONTINUED_IN: "newer"}).info.run_id
