@@ -237,7 +237,7 @@ def stream_on_ray(cfg: Config, stage: Stage, dataset: data_mod.SVHNData, next_ch
                 except ray.exceptions.RayError as err:
                     failed = ChildFailed(failure_line(spec.name, err, cfg))
                     with interrupts.critical():  # its siblings still in flight: named for the CLI's hint
-                        interrupts.killed_runs(failed).extend(stop(list(in_flight), stage.run_id,
+                        interrupts.killed_runs(failed).extend(stop(list(in_flight), stage,
                                                                    {spec.name: "FAILED"}))
                     raise failed from None
                 on_result(key, result)
@@ -249,7 +249,7 @@ def stream_on_ray(cfg: Config, stage: Stage, dataset: data_mod.SVHNData, next_ch
         # Ctrl-C, SIGTERM, or any error in this driver (the tracking server, Ray, a bug): no task
         # outlives it and no child run stays RUNNING; the CLI prints the command that continues
         with interrupts.critical():  # `mlflow run` follows Ctrl-C with SIGTERM: finish this first
-            interrupts.killed_runs(stopped).extend(stop(list(in_flight), stage.run_id, {}))
+            interrupts.killed_runs(stopped).extend(stop(list(in_flight), stage, {}))
         raise
     finally:
         with contextlib.suppress(Exception):  # the board may be gone already
@@ -267,10 +267,12 @@ def failure_line(name: str, err: Exception, cfg: Config) -> str:
             f"({type(err).__name__}); run the same command again to resume it, or raise -P max_retries")
 
 
-def stop(pending: list, parent_run_id: str, status_of: dict[str, str]) -> list[str]:
-    """Cancel the tasks still running, then end every child run still RUNNING: FAILED for the
-    child named in `status_of`, KILLED for the rest (a force-cancelled worker cannot end its own
-    run). Returns the ids it ended KILLED; running the stage again resumes them from their last.pt."""
+def stop(pending: list, stage: Stage, status_of: dict[str, str]) -> list[str]:
+    """Cancel the tasks still running, then end every child run of the stage still RUNNING: FAILED
+    for the child named in `status_of`, KILLED for the rest (a force-cancelled worker cannot end its
+    own run). A child a cancelled task claimed and had not marked RUNNING yet, under the stage or
+    still under the earlier run it was being taken from (stage.adoptable), is ended again. Returns
+    the ids it ended KILLED; running the stage again resumes them from their last.pt."""
     import ray
 
     cancelled = {ray_task(ref.task_id().hex()) for ref in pending}
@@ -283,10 +285,12 @@ def stop(pending: list, parent_run_id: str, status_of: dict[str, str]) -> list[s
     ended = []
     try:
         client = tracking.client()
-        experiment_id = client.get_run(parent_run_id).info.experiment_id
-        for run in client.search_runs([experiment_id], max_results=1000,
-                                      filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"):
-            if run.info.status == "RUNNING":
+        experiment_id = client.get_run(stage.run_id).info.experiment_id
+        children = [run for parent in (stage.run_id, *sorted(stage.adoptable))
+                    for run in client.search_runs([experiment_id], max_results=1000,
+                                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")]
+        for run in children:
+            if run.info.status == "RUNNING" and run.data.tags.get("mlflow.parentRunId") == stage.run_id:
                 status = status_of.get(run.info.run_name, "KILLED")
                 tracking.end_run(run.info.run_id, status)
                 if status == "KILLED":

@@ -347,7 +347,9 @@ def test_any_driver_error_cancels_the_tasks_and_marks_their_runs_killed(two_node
     held after epoch 1), not only Ctrl-C or a Ray error: the task is cancelled (its worker gone)
     and its run KILLED, named on the error for the command's hint. Then the same child again, the
     driver breaking once the task has claimed it and before it marks it RUNNING: the run, still
-    KILLED, is ended again, so the claim of a worker now gone never reads as a live writer."""
+    KILLED, is ended again, so the claim of a worker now gone never reads as a live writer. Last, a
+    later command's task claims it from this (earlier, unfinished) stage run, and the driver breaks
+    before the task adopts it: ended again there too, under the run it was being taken from."""
     from pipeline import executor, interrupts, keys, lifecycle, runner, runtime
 
     cfg, dataset, parent = in_process_stage(server, two_nodes, monkeypatch, epochs="3")
@@ -355,11 +357,11 @@ def test_any_driver_error_cancels_the_tasks_and_marks_their_runs_killed(two_node
     for key, value in pause.env({}).items():
         monkeypatch.setenv(key, value)  # the driver hands them to its workers
     real_refresh = executor.Display.refresh
-    held_at = {"marker": "epoch-1"}
+    held_at = {"marker": pause.folder / "epoch-1.paused"}
 
     def breaks_while_the_worker_is_held(self, *args, **kwargs):
         real_refresh(self, *args, **kwargs)
-        if (pause.folder / f"{held_at['marker']}.paused").exists():
+        if held_at["marker"].exists():
             raise RuntimeError("the driver broke")
 
     monkeypatch.setattr(executor.Display, "refresh", breaks_while_the_worker_is_held)
@@ -383,7 +385,7 @@ def test_any_driver_error_cancels_the_tasks_and_marks_their_runs_killed(two_node
     else:
         raise AssertionError(f"worker {worker_pid} still runs after its task was cancelled")
 
-    held_at["marker"] = "claimed-1"
+    held_at["marker"] = pause.folder / "claimed-1.paused"
     try:
         with pytest.raises(RuntimeError, match="the driver broke"):
             executor.run_children(cfg, stage, [executor.ChildSpec("point", cfg, "resnet")], dataset)
@@ -394,6 +396,22 @@ def test_any_driver_error_cancels_the_tasks_and_marks_their_runs_killed(two_node
     assert again.info.status == "KILLED" and claim["task"].startswith("ray-task:")  # claimed by the task
     assert float(claim["time"]) < again.info.end_time / 1000  # and ended after that
     assert lifecycle.claimed_since_it_ended(again) is None
+
+    later_pause = Pause(tmp_path / "later", "claimed")  # a new worker counts its claims from 1 again
+    for key, value in later_pause.env({}).items():
+        monkeypatch.setenv(key, value)
+    held_at["marker"] = later_pause.folder / "claimed-1.paused"
+    later = server.client.create_run(again.info.experiment_id).info.run_id
+    later_stage = runner.Stage(later, runtime.of(cfg), frozenset({parent}), code_version=keys.code_version())
+    try:
+        with pytest.raises(RuntimeError, match="the driver broke"):
+            executor.run_children(cfg, later_stage, [executor.ChildSpec("point", cfg, "resnet")], dataset)
+    finally:
+        disconnect()
+    taken = server.client.get_run(child.info.run_id)
+    assert taken.data.tags["mlflow.parentRunId"] == parent  # claimed, not adopted yet
+    assert lifecycle.latest_claim(taken)["task"] != claim["task"]  # the later command's task claimed it
+    assert taken.info.status == "KILLED" and lifecycle.claimed_since_it_ended(taken) is None
 
 
 def test_a_child_that_fails_stops_its_siblings_and_names_them_for_the_commands_hint(two_nodes, server, monkeypatch,
