@@ -201,5 +201,16 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def exit_with(code: int) -> None:
+    """Exit with `code`, the collector's work skipped: at exit the interpreter collects again and
+    again over every object this process made (about 630,000 after torch, MLflow and a run), which
+    took 2.3 s of CPU at the end of every stage process. Frozen, they are left to the exit itself;
+    atexit handlers (MLflow's, Ray's, temp folders') run as before."""
+    import gc
+
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())
