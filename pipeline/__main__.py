@@ -169,7 +169,14 @@ PICKLE = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 def main(argv: list[str] | None = None) -> int:
     # the imports (torch, MLflow, ours) make some 600,000 objects that live as long as the process:
     # the collector's passes over them while they were made took about 1 s of every stage process
-    gc.disable()  # until run() has imported them (a refusal before that exits at once)
+    gc.disable()  # until run() has imported them
+    try:
+        return command(argv)
+    finally:
+        gc.enable()  # a refusal before run(), or a caller in this process (the tests), gets it back
+
+
+def command(argv: list[str] | None) -> int:
     # MLflow 3.17 unpickles by default: nothing this process loads from a store may run code. Set
     # before MLflow reads it, inherited by every process this one starts (stages, Ray workers).
     os.environ.setdefault(PICKLE, "false")
