@@ -3,6 +3,7 @@ checkpoint, a synthetic .mat set, the decode cache, predict's CSV) goes through 
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import os
 import socket
@@ -14,10 +15,22 @@ from typing import IO, Iterator
 TEMP_GLOB = ".*.tmp"  # what temp_name makes, as a folder's glob finds what a killed writer left
 
 
+@functools.lru_cache(maxsize=None)
+def this_machine() -> str:
+    """Host name, boot id and pid namespace: where a pid means this process. Containers may share a
+    host name (--network host) or a cloned machine its name, never a boot and a namespace."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        pidns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:  # no /proc: pids are never judged (drop_dead_writers_temps matches nothing)
+        return f"{socket.gethostname()}-unknown-{os.getpid()}"
+    return f"{socket.gethostname()}-{boot}-{pidns}"
+
+
 def temp_name(path: Path) -> Path:
     """Where `atomic_write` writes `path` first: hidden, beside it, per machine and process (two
     writers of one file never share it, on a shared file system either)."""
-    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.name}.{this_machine()}.{os.getpid()}.tmp")
 
 
 def alive(pid: int) -> bool:
@@ -32,8 +45,9 @@ def alive(pid: int) -> bool:
 
 def drop_dead_writers_temps(path: Path) -> None:
     """Remove the temp files of `path` that a writer on this machine left when it was killed
-    (SIGKILL, the OOM killer: no `finally` ran); those of live writers and of other machines stay."""
-    mine = f".{path.name}.{socket.gethostname()}."
+    (SIGKILL, the OOM killer: no `finally` ran); those of live writers, and of other machines or
+    containers (whose pids mean nothing here), stay."""
+    mine = f".{path.name}.{this_machine()}."
     for temp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         pid = temp.name[len(mine):-len(".tmp")] if temp.name.startswith(mine) else ""
         if pid.isdigit() and not alive(int(pid)):

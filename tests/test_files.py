@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pipeline.files import atomic_write, temp_name
+from pipeline.files import atomic_write, temp_name, this_machine
 
 
 def test_an_error_mid_write_leaves_the_file_as_it_was_and_no_temp_file(tmp_path):
@@ -34,13 +34,16 @@ def test_a_symlink_is_written_through_and_a_replaced_file_keeps_its_mode(tmp_pat
 
 
 def test_what_a_killed_writer_left_beside_the_file_is_removed_and_a_live_or_remote_writers_temp_stays(tmp_path):
+    """Remote: another machine, or a container with this host name (another pid namespace)."""
     path = tmp_path / "predictions.csv"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its pid is gone
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    host = socket.gethostname()
+    host = this_machine()
+    same_name_other_container = f"{socket.gethostname()}-{host.split('-')[-2]}-4026531999"
     left = {name: tmp_path / f".predictions.csv.{name}.tmp"
-            for name in (f"{host}.{dead.pid}", f"{host}.{live.pid}", f"elsewhere.{dead.pid}")}
+            for name in (f"{host}.{dead.pid}", f"{host}.{live.pid}", f"elsewhere.{dead.pid}",
+                         f"{same_name_other_container}.{dead.pid}")}
     other_file = tmp_path / f".labels.csv.{host}.{dead.pid}.tmp"  # another file's: not ours to judge
     try:
         for temp in (*left.values(), other_file):
@@ -52,5 +55,6 @@ def test_what_a_killed_writer_left_beside_the_file_is_removed_and_a_live_or_remo
         live.wait()
     assert path.read_text() == "whole\n"
     assert sorted(os.listdir(tmp_path)) == sorted(
-        ["predictions.csv", left[f"{host}.{live.pid}"].name, left[f"elsewhere.{dead.pid}"].name, other_file.name])
+        ["predictions.csv", left[f"{host}.{live.pid}"].name, left[f"elsewhere.{dead.pid}"].name,
+         left[f"{same_name_other_container}.{dead.pid}"].name, other_file.name])
     assert temp_name(path).name == f".predictions.csv.{host}.{os.getpid()}.tmp"
