@@ -295,10 +295,11 @@ def stop(pending: list, stage: Stage, status_of: dict[str, str]) -> list[str]:
                 tracking.end_run(run.info.run_id, status)
                 if status == "KILLED":
                     ended.append(run.info.run_id)
-            elif (claim := lifecycle.claimed_since_it_ended(run)) and claim.get("task") in cancelled:
-                # cancelled between its claim and marking it RUNNING: ended again, so its claim (by a
-                # worker gone) is older than its end and the same command takes it over at once
-                tracking.end_run(run.info.run_id, run.info.status)
+            elif (claim := lifecycle.latest_claim(run)) and claim.get("task") in cancelled:
+                # cancelled between its claim and marking it RUNNING (or, under an earlier run, one an
+                # earlier command left RUNNING): ended again, so its claim (by a worker gone) is older
+                # than its end and the same command takes it over at once
+                tracking.end_run(run.info.run_id, "KILLED" if run.info.status == "RUNNING" else run.info.status)
     except Exception as err:  # noqa: BLE001 - the tasks are cancelled; the runs wait for a resume
         log(f"[ray] tasks cancelled, but their runs could not be marked ({type(err).__name__}: "
             f"{first_line(err)}); running the command again resumes them")

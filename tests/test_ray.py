@@ -348,8 +348,8 @@ def test_any_driver_error_cancels_the_tasks_and_marks_their_runs_killed(two_node
     and its run KILLED, named on the error for the command's hint. Then the same child again, the
     driver breaking once the task has claimed it and before it marks it RUNNING: the run, still
     KILLED, is ended again, so the claim of a worker now gone never reads as a live writer. Last, a
-    later command's task claims it from this (earlier, unfinished) stage run, and the driver breaks
-    before the task adopts it: ended again there too, under the run it was being taken from."""
+    later command's task claims it, left RUNNING, from this (earlier, unfinished) stage run, and the
+    driver breaks before the task adopts it: ended KILLED there too, under the run it was taken from."""
     from pipeline import executor, interrupts, keys, lifecycle, runner, runtime
 
     cfg, dataset, parent = in_process_stage(server, two_nodes, monkeypatch, epochs="3")
@@ -401,6 +401,7 @@ def test_any_driver_error_cancels_the_tasks_and_marks_their_runs_killed(two_node
     for key, value in later_pause.env({}).items():
         monkeypatch.setenv(key, value)
     held_at["marker"] = later_pause.folder / "claimed-1.paused"
+    server.client.update_run(child.info.run_id, "RUNNING")  # as a command killed outright leaves it
     later = server.client.create_run(again.info.experiment_id).info.run_id
     later_stage = runner.Stage(later, runtime.of(cfg), frozenset({parent}), code_version=keys.code_version())
     try:
@@ -412,6 +413,7 @@ def test_any_driver_error_cancels_the_tasks_and_marks_their_runs_killed(two_node
     assert taken.data.tags["mlflow.parentRunId"] == parent  # claimed, not adopted yet
     assert lifecycle.latest_claim(taken)["task"] != claim["task"]  # the later command's task claimed it
     assert taken.info.status == "KILLED" and lifecycle.claimed_since_it_ended(taken) is None
+    assert lifecycle.live_writer(taken) is None
 
 
 def test_a_child_that_fails_stops_its_siblings_and_names_them_for_the_commands_hint(two_nodes, server, monkeypatch,
