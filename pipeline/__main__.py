@@ -49,9 +49,6 @@ def run(stage: str, overrides: dict[str, str]) -> int:
     from . import predict as predict_mod
     from .cluster import check_before_runs
 
-    gc.freeze()  # what the imports made is never collected: the collector need not look at it again
-    gc.enable()
-
     keys.code_version()  # the code this process runs, read as it starts: every run of it records that one
     interrupts.install()
     runtime.tune_allocator()  # before the first tensor: MyVgg's epoch on CPU took 1.6x as long without
@@ -167,16 +164,6 @@ PICKLE = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 
 
 def main(argv: list[str] | None = None) -> int:
-    # the imports (torch, MLflow, ours) make some 600,000 objects that live as long as the process:
-    # the collector's passes over them while they were made took about 1 s of every stage process
-    gc.disable()  # until run() has imported them
-    try:
-        return command(argv)
-    finally:
-        gc.enable()  # a refusal before run(), or a caller in this process (the tests), gets it back
-
-
-def command(argv: list[str] | None) -> int:
     # MLflow 3.17 unpickles by default: nothing this process loads from a store may run code. Set
     # before MLflow reads it, inherited by every process this one starts (stages, Ray workers).
     os.environ.setdefault(PICKLE, "false")
@@ -215,6 +202,24 @@ def command(argv: list[str] | None) -> int:
         raise
 
 
+def import_without_collecting() -> None:
+    """Import what a command runs (torch, MLflow, every stage) with the collector off, then freeze
+    it: those some 600,000 objects live as long as the process, and the collector's passes over them
+    while they were made took about 1 s of every stage process. The collector is on again after."""
+    import importlib
+
+    os.environ.setdefault(PICKLE, "false")  # before MLflow is imported, as main() sets it
+    gc.disable()
+    try:
+        for module in ("requests", "mlflow.exceptions"):  # what main() and run() import
+            importlib.import_module(module)
+        for module in ("cluster", "config", "interrupts", "keys", "predict", "runtime", "session", "workflow"):
+            importlib.import_module(f"pipeline.{module}")
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 def exit_with(code: int) -> None:
     """Exit with `code`, the collector's work skipped: at exit the interpreter collects again and
     again over every object this process made (about 630,000 after torch, MLflow and a run), which
@@ -224,5 +229,6 @@ def exit_with(code: int) -> None:
     sys.exit(code)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the process's own entry; main() and run() leave the collector alone
+    import_without_collecting()
     exit_with(main())

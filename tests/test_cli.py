@@ -147,3 +147,21 @@ def test_an_errors_one_line_report_is_its_first_line_cut_to_the_limit():
     assert first_line(ValueError("\n  no such table: trials\n[SQL: SELECT ...]")) == "no such table: trials"
     assert first_line(ValueError("x" * 300), 200) == "x" * 200 and first_line(ValueError("x" * 300), None) == "x" * 300
     assert first_line(OSError(), None, "OSError") == "OSError" and first_line(ValueError("  ")) == ""
+
+
+def test_the_entry_imports_with_the_collector_off_and_freezes_what_it_made_then_gives_it_back():
+    """python -m pipeline: the imports' lasting objects frozen (never traversed again) and the
+    collector on for the run; at exit frozen again, with the code main returned."""
+    import gc
+
+    gc.unfreeze()
+    try:
+        cli.import_without_collecting()
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+        gc.unfreeze()
+        with pytest.raises(SystemExit) as ended:
+            cli.exit_with(3)
+        assert ended.value.code == 3 and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.enable()
