@@ -115,6 +115,10 @@ def malformed(kind: str, real_last: Path, tmp_path: Path) -> Path:
         state = torch.load(real_last, weights_only=True)
         state["history"]["epochs"][0]["test_acc"] = torch.zeros(3)
         torch.save(state, path)
+    elif kind == "cuda_rng":  # a GPU's RNG state that no GPU could take (checked on a CPU too)
+        state = torch.load(real_last, weights_only=True)
+        state["rng"]["cuda"] = [torch.zeros(4, dtype=torch.float32)]
+        torch.save(state, path)
     elif kind == "older_format":  # what the previous version wrote: pickled History objects
         state = torch.load(real_last, weights_only=True)
         state.pop("format")
@@ -128,6 +132,7 @@ def malformed(kind: str, real_last: Path, tmp_path: Path) -> Path:
     ("raw_pickle", "is not plain data"), ("truncated", "is not a readable checkpoint"),
     ("missing_keys", "is malformed (KeyError: 'optimizer')"),
     ("not_a_number", "is malformed (ValueError: EpochResult.test_acc is a Tensor"),
+    ("cuda_rng", "is malformed (ValueError: rng cuda state [tensor([0., 0., 0., 0.])] is not a list of byte tensors)"),
     ("older_format", "older format (it pickles pipeline.train.History)")])
 def test_a_malformed_last_pt_is_one_line_naming_run_and_file(trained, tmp_path, monkeypatch, kind, expected):
     store, source = trained
