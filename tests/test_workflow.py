@@ -55,6 +55,22 @@ def test_a_new_upstream_run_makes_main_use_the_runs_made_from_it(store, monkeypa
 
 
 
+def test_main_looks_a_stage_up_by_the_code_on_disk_which_the_stages_new_process_runs(store, monkeypatch):
+    """A file edited while main runs: its next stage starts a new process, which runs the edited
+    code, so main reuses a run of that code, not one of the code main itself started with."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    monkeypatch.setattr(mlflow.projects, "run", lambda *a, **k: pytest.fail(f"main started a stage: {a} {k}"))
+    parameters = {"dataset": "synthetic", "data_dir": str(store.data_dir), "synthetic_train": "600",
+                  "synthetic_test": "300", "max_epochs": "1"}
+    cfg = config.load("model_selection", parameters)
+    resolved = runtime.of(cfg)
+    monkeypatch.setattr(keys, "hash_code", lambda: "edited-code")  # on disk now; this process runs another
+    edited = store.client.create_run("0", tags={"stage": "model_selection", "training_key": keys.training_key(
+        cfg, data.data_digest(cfg), resolved, code="edited-code")}).info.run_id
+    store.client.set_terminated(edited, "FINISHED")
+    assert workflow.run_stage("model_selection", parameters, config.load("main", {}), "0", resolved) == edited
+
+
 def test_main_hands_on_whole_sections_and_autotune_gets_its_study_section(monkeypatch, tmp_path):
     assert set(workflow.SHARED) == {
         "scale", "max_epochs", "max_repeats",  # how big the study is
