@@ -184,6 +184,12 @@ def writer_alive(fields: dict[str, str]) -> bool:
     return time.time() - float(fields["time"]) < STALE_AFTER_S  # another machine or container
 
 
+def is_mine(fields: dict[str, str]) -> bool:
+    """Whether a stamp (heartbeat or claim) is this process's."""
+    me = identity()
+    return all(fields.get(k) == me[k] for k in ("host", "boot", "pidns", "pid", "start") if k in fields)
+
+
 def live_writer(run, task: str = "") -> str | None:
     """Who is writing `run` now ("host pid N, heartbeat 12 s ago"), or None when nobody is: the
     newest of its heartbeat and its latest claim. A run that is not RUNNING has a writer only if
@@ -201,8 +207,7 @@ def live_writer(run, task: str = "") -> str | None:
     if not stamps:
         return None  # never trained an epoch: no writer to protect
     fields = max(stamps, key=lambda f: float(f["time"]))
-    me = identity()
-    if all(fields.get(k) == me[k] for k in ("host", "boot", "pidns", "pid", "start") if k in fields):
+    if is_mine(fields):
         return None
     if fields.get("task") and fields["task"] == task:  # an earlier attempt of this Ray task
         return None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import mlflow
 import yaml
@@ -63,23 +63,27 @@ def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
         dataset = data_mod.load(cfg)
         key, stage_key = keys.training_key(cfg, dataset.digest, resolved), keys.study_key(cfg, dataset.digest, resolved)
         client.set_tag(run_id, tracking.LINEAGE_DIGEST, lineage.data_of(dataset.digest))  # children copy it
-        earlier = []
         if cfg.stage != "train":  # a train run logs its own inputs; a stage's are its children's
             tracking.log_datasets(run_id, dataset)
-            earlier = continue_earlier_runs(cfg, run_id, stage_key)
-        stage = Stage(run_id, resolved, frozenset(r.info.run_id for r in earlier), code_version=keys.code_version())
-        client.set_tag(run_id, lifecycle.STAGE_KEY, stage_key)
-        log(f"{cfg.stage}: run {run_id} in {mlflow.get_tracking_uri()}")
+        earlier = continue_earlier_runs(cfg, run_id, stage_key) if cfg.stage != "train" else []
+        try:
+            stage = Stage(run_id, resolved, frozenset(r.info.run_id for r in earlier),
+                          code_version=keys.code_version())
+            client.set_tag(run_id, lifecycle.STAGE_KEY, stage_key)
+            log(f"{cfg.stage}: run {run_id} in {mlflow.get_tracking_uri()}")
 
-        def on_success() -> None:
-            for old in earlier:  # their children now belong to this run
-                client.set_tag(old.info.run_id, lifecycle.CONTINUED_IN, run_id)
-                if old.info.status == "RUNNING":
-                    tracking.end_run(old.info.run_id, "KILLED")
-            client.set_tag(run_id, "training_key", key)
-            runner.finished(run_id)
+            def on_success() -> None:
+                for old in earlier:  # their children now belong to this run
+                    client.set_tag(old.info.run_id, lifecycle.CONTINUED_IN, run_id)
+                    if old.info.status == "RUNNING":
+                        tracking.end_run(old.info.run_id, "KILLED")
+                client.set_tag(run_id, "training_key", key)
+                runner.finished(run_id)
 
-        result = run_stage_work(cfg, stage, dataset, lineage, on_success)
+            result = run_stage_work(cfg, stage, dataset, lineage, on_success)
+        except BaseException:
+            release(r.info.run_id for r in earlier)
+            raise
     log(f"{cfg.stage} done: run {run_id}, best {result.selected_on}_acc "
         f"{format_value(result.best_acc)}%, test {format_value(result.test_acc_at_best)}% at that epoch")
     return result
@@ -99,19 +103,20 @@ def run_stage_work(cfg: Config, stage: Stage, dataset, lineage, on_success: Call
         on_success()
     except BaseException:
         registry.withdraw(stage.registered)  # a version registered by a run that failed is not left behind
-        release(stage.adoptable)
         raise
     return result
 
 
-def release(earlier: frozenset[str]) -> None:
+def release(earlier: Iterable[str]) -> None:
     """Earlier runs this command claimed and did not finish continuing: ended again (KILLED if one
     still read RUNNING), so their claim is older than their end and the same command, from any
-    machine, continues them at once rather than waiting out a live-looking claim."""
+    machine, continues them at once rather than waiting out a live-looking claim. A run another
+    process has claimed since (-P force=true) is its now, and left alone."""
     for run_id in sorted(earlier):
         with contextlib.suppress(Exception):  # the error being raised is the one to report
             run = tracking.client().get_run(run_id)
-            tracking.end_run(run_id, "KILLED" if run.info.status == "RUNNING" else run.info.status)
+            if (claim := lifecycle.latest_claim(run)) is not None and lifecycle.is_mine(claim):
+                tracking.end_run(run_id, "KILLED" if run.info.status == "RUNNING" else run.info.status)
 
 
 def continue_earlier_runs(cfg: Config, run_id: str, stage_key: str) -> list:
@@ -123,14 +128,20 @@ def continue_earlier_runs(cfg: Config, run_id: str, stage_key: str) -> list:
     that holds its result now. A finished run taken over is never reused by `main` again."""
     experiment_id = tracking.client().get_run(run_id).info.experiment_id
     earlier = lifecycle.earlier_stage_runs(experiment_id, stage_key, run_id, finished=cfg.stage == "autotune")
-    for old in earlier:  # one writer: of two commands continuing the same runs, one goes on
-        lifecycle.claim(old, cfg, "continued")
-    for old in earlier:  # this run registers again, if its stage does
-        registry.withdraw_left_by(old)
-    for old in earlier:
-        if old.info.status == "FINISHED":  # its children move here: its result is not one to reuse
-            tracking.client().set_tag(old.info.run_id, "training_key",
-                                      f"superseded-{old.data.tags.get('training_key', '')}")
+    claimed = []
+    try:
+        for old in earlier:  # one writer: of two commands continuing the same runs, one goes on
+            lifecycle.claim(old, cfg, "continued")
+            claimed.append(old.info.run_id)
+        for old in earlier:  # this run registers again, if its stage does
+            registry.withdraw_left_by(old)
+        for old in earlier:
+            if old.info.status == "FINISHED":  # its children move here: its result is not one to reuse
+                tracking.client().set_tag(old.info.run_id, "training_key",
+                                          f"superseded-{old.data.tags.get('training_key', '')}")
+    except BaseException:  # e.g. one of them is live elsewhere: those claimed already are let go
+        release(claimed)
+        raise
     if earlier:
         log(f"{cfg.stage}: continuing {', '.join(r.info.run_id for r in earlier)} (same parameters, "
             f"parent and data{'; the same study' if cfg.stage == 'autotune' else '; never finished'}): "

@@ -128,6 +128,46 @@ def test_a_command_beats_the_earlier_run_it_continues_and_lets_it_go_when_it_fai
     assert lifecycle.claimed_since_it_ended(old) is None  # ended again after the claim: free to continue
 
 
+def test_runs_claimed_before_a_refusal_are_let_go_and_one_another_process_claimed_is_left_to_it(tiny):
+    """Two earlier runs to continue: the newer is claimed, the older is live in another process, so
+    the command is refused; the newer is ended again after its claim (free at once from anywhere).
+    release() never ends a run another process has claimed since."""
+    import subprocess
+    import sys
+    import time
+
+    store, cfg = tiny
+    dataset = data.load(cfg)
+    stage_key = keys.study_key(cfg, dataset.digest, runtime.of(cfg))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        def killed_run(start_time: int) -> str:
+            run_id = store.client.create_run("0", start_time=start_time,
+                                             tags={"stage": "tune_lr", lifecycle.STAGE_KEY: stage_key}).info.run_id
+            store.client.set_terminated(run_id, "KILLED")
+            return run_id
+
+        def claimed_by_other(run_id: str) -> None:
+            time.sleep(0.01)  # after its end, to the millisecond
+            fields = {**lifecycle.identity(), "pid": str(other.pid), "start": lifecycle.process_start(other.pid),
+                      "time": f"{time.time():.3f}"}
+            store.client.log_param(run_id, "writer.1", " ".join(f"{k}={v}" for k, v in fields.items()))
+
+        older, newer = killed_run(1000), killed_run(2000)
+        claimed_by_other(older)
+        with pytest.raises(LineageError, match=f"run {older} is live"):
+            session.run(cfg)
+        let_go = store.client.get_run(newer)
+        assert lifecycle.is_mine(lifecycle.latest_claim(let_go))  # claimed by this command,
+        assert lifecycle.claimed_since_it_ended(let_go) is None  # then ended again after that
+        taken = store.client.get_run(older)
+        session.release([older])
+        assert store.client.get_run(older).info.end_time == taken.info.end_time  # another's: untouched
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_resume_refuses_a_continued_run_and_leaves_a_finished_one(tiny, capsys):
     store, cfg = tiny
     continued = store.client.create_run("0", tags={"stage": "tune_lr", lifecycle.CONTINUED_IN: "newer"}).info.run_id
