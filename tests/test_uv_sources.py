@@ -1,6 +1,9 @@
 """scripts/demo.py with-pip-sources: what `pip config list` says about where pip install finds
 wheels, told to uv in its own variables (make demo ENV_MANAGER=uv, tests/test_e2e_uv.py)."""
 import importlib.util
+import os
+import subprocess
+import sys
 
 from support.store import PROJECT
 
@@ -34,3 +37,16 @@ def test_a_uv_variable_of_the_users_wins_and_their_index_keeps_uvs_own_strategy(
 def test_nothing_configured_sets_nothing():
     assert demo.uv_sources("", {}) == {}
     assert demo.uv_sources("global.timeout='60'\n", {}) == {}
+
+
+def test_uv_compiles_bytecode_as_pip_does_unless_you_say_otherwise():
+    """Where PYTHONDONTWRITEBYTECODE is set no process writes a .pyc: compiled at install, or never."""
+    def uv_compiles(**environ: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "UV_COMPILE_BYTECODE"}
+        proc = subprocess.run([sys.executable, str(PROJECT / "scripts" / "demo.py"), "with-pip-sources", sys.executable,
+                               "-c", "import os; print(os.environ.get('UV_COMPILE_BYTECODE'))"],
+                              env={**env, **environ}, capture_output=True, text=True, check=True, timeout=120)
+        return proc.stdout.strip()
+
+    assert uv_compiles() == "1"
+    assert uv_compiles(UV_COMPILE_BYTECODE="0") == "0"  # yours wins
