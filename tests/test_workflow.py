@@ -64,7 +64,8 @@ def test_main_looks_a_stage_up_by_the_code_on_disk_which_the_stages_new_process_
                   "synthetic_test": "300", "max_epochs": "1"}
     cfg = config.load("model_selection", parameters)
     resolved = runtime.of(cfg)
-    monkeypatch.setattr(keys, "hash_code", lambda: "edited-code")  # on disk now; this process runs another
+    monkeypatch.setattr(keys, "hash_code", lambda: "edited-code")  # on disk now
+    monkeypatch.setattr(keys, "code_version", lambda: "started-code")  # what this process runs
     edited = store.client.create_run("0", tags={"stage": "model_selection", "training_key": keys.training_key(
         cfg, data.data_digest(cfg), resolved, code="edited-code")}).info.run_id
     store.client.set_terminated(edited, "FINISHED")
