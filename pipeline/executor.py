@@ -295,7 +295,8 @@ def stop(pending: list, stage: Stage, status_of: dict[str, str]) -> list[str]:
                 tracking.end_run(run.info.run_id, status)
                 if status == "KILLED":
                     ended.append(run.info.run_id)
-            elif (claim := lifecycle.latest_claim(run)) and claim.get("task") in cancelled:
+            elif (claim := lifecycle.latest_claim(run)) and claim.get("task") in cancelled and \
+                    (run.info.status == "RUNNING" or lifecycle.claimed_since_it_ended(run)):
                 # cancelled between its claim and marking it RUNNING (or, under an earlier run, one an
                 # earlier command left RUNNING): ended again, so its claim (by a worker gone) is older
                 # than its end and the same command takes it over at once
