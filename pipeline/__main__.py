@@ -230,5 +230,8 @@ def exit_with(code: int) -> None:
 
 
 if __name__ == "__main__":  # the process's own entry; main() and run() leave the collector alone
-    import_without_collecting()
+    try:
+        import_without_collecting()
+    except KeyboardInterrupt as stopped:  # Ctrl-C while importing: one line, as main() says it
+        exit_with(interrupted(stopped, "", {}))
     exit_with(main())
