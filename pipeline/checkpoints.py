@@ -309,6 +309,7 @@ def check_resumable(state: dict, arch: str, source: str) -> None:
     if not history.epochs or history.epochs[-1].epoch != state["epoch"]:
         raise ValueError(f"history does not end at epoch {state['epoch']!r:.20}")
     set_rng_state(state["rng"], torch.Generator())  # train.fit sets them again from the same state
-    cuda = state["rng"].get("cuda", [])  # not applied here (no GPU needed to check): its form, then
-    if not isinstance(cuda, list) or not all(torch.is_tensor(s) and s.dtype == torch.uint8 for s in cuda):
-        raise ValueError(f"rng cuda state {cuda!r:.80} is not a list of byte tensors")
+    cuda = state["rng"].get("cuda", [])  # applied in fit (it needs a GPU): only its form is checked here
+    if not isinstance(cuda, list) or len(cuda) > 1 or \
+            not all(torch.is_tensor(s) and s.dtype == torch.uint8 and s.dim() == 1 for s in cuda):
+        raise ValueError(f"rng cuda state {cuda!r:.80} is not one device's state (a list of one byte tensor)")

@@ -132,7 +132,8 @@ def malformed(kind: str, real_last: Path, tmp_path: Path) -> Path:
     ("raw_pickle", "is not plain data"), ("truncated", "is not a readable checkpoint"),
     ("missing_keys", "is malformed (KeyError: 'optimizer')"),
     ("not_a_number", "is malformed (ValueError: EpochResult.test_acc is a Tensor"),
-    ("cuda_rng", "is malformed (ValueError: rng cuda state [tensor([0., 0., 0., 0.])] is not a list of byte tensors)"),
+    ("cuda_rng", "is malformed (ValueError: rng cuda state [tensor([0., 0., 0., 0.])] is not one device's state "
+                 "(a list of one byte tensor))"),
     ("older_format", "older format (it pickles pipeline.train.History)")])
 def test_a_malformed_last_pt_is_one_line_naming_run_and_file(trained, tmp_path, monkeypatch, kind, expected):
     store, source = trained
