@@ -16,9 +16,9 @@ TEMP_GLOB = ".*.tmp"  # what temp_name makes, as a folder's glob finds what a ki
 
 
 @functools.lru_cache(maxsize=None)
-def this_machine() -> str:
-    """Host name, boot id and pid namespace: where a pid means this process. Containers may share a
-    host name (--network host) or a cloned machine its name, never a boot and a namespace."""
+def pid_scope() -> str:
+    """Host name, boot id and pid namespace: where a pid names one process. Containers may share a
+    host name (--network host), a cloned machine its name, never a boot and a namespace."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
         pidns = str(os.stat("/proc/self/ns/pid").st_ino)
@@ -30,7 +30,7 @@ def this_machine() -> str:
 def temp_name(path: Path) -> Path:
     """Where `atomic_write` writes `path` first: hidden, beside it, per machine and process (two
     writers of one file never share it, on a shared file system either)."""
-    return path.with_name(f".{path.name}.{this_machine()}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.name}.{pid_scope()}.{os.getpid()}.tmp")
 
 
 def alive(pid: int) -> bool:
@@ -47,7 +47,7 @@ def drop_dead_writers_temps(path: Path) -> None:
     """Remove the temp files of `path` that a writer on this machine left when it was killed
     (SIGKILL, the OOM killer: no `finally` ran); those of live writers, and of other machines or
     containers (whose pids mean nothing here), stay."""
-    mine = f".{path.name}.{this_machine()}."
+    mine = f".{path.name}.{pid_scope()}."
     for temp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         pid = temp.name[len(mine):-len(".tmp")] if temp.name.startswith(mine) else ""
         if pid.isdigit() and not alive(int(pid)):

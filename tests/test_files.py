@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pipeline.files import atomic_write, temp_name, this_machine
+from pipeline.files import atomic_write, pid_scope, temp_name
 
 
 def test_an_error_mid_write_leaves_the_file_as_it_was_and_no_temp_file(tmp_path):
@@ -39,8 +39,8 @@ def test_what_a_killed_writer_left_beside_the_file_is_removed_and_a_live_or_remo
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its pid is gone
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    host = this_machine()
-    same_name_other_container = f"{socket.gethostname()}-{host.split('-')[-2]}-4026531999"
+    host = pid_scope()
+    same_name_other_container = f"{socket.gethostname()}-{host.split('-')[-2]}-0"  # no real namespace is 0
     left = {name: tmp_path / f".predictions.csv.{name}.tmp"
             for name in (f"{host}.{dead.pid}", f"{host}.{live.pid}", f"elsewhere.{dead.pid}",
                          f"{same_name_other_container}.{dead.pid}")}
