@@ -9,6 +9,11 @@ endif
 VENV := $(CURDIR)/.venv
 export PATH := $(VENV)/bin:$(PATH)
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+# Python writes its bytecode cache (.pyc) in .venv and MLflow's environments even where
+# PYTHONDONTWRITEBYTECODE is set (this project's machines set it; uv compiles nothing as it
+# installs): otherwise no process ever wrote one, and each compiled torch and MLflow again
+# (importing the pipeline took 14-15 s against 5.5-5.9 s; docs/benchmarks.md)
+unexport PYTHONDONTWRITEBYTECODE
 
 # The demo scale (params/scale_demo.yaml) sizes every stage; selection on a validation split,
 # so the champion's test accuracy is a fair figure.

@@ -112,18 +112,10 @@ def uv_sources(listed: str, environ: dict[str, str]) -> dict[str, str]:
     return sources
 
 
-# what pip install does by default and uv does not: compile every module's bytecode as it installs.
-# Without it, where PYTHONDONTWRITEBYTECODE is set (this project's machines), no process ever
-# wrote a .pyc and each one compiled torch and MLflow again: 14 s to import the pipeline, 6 s with
-# them (docs/benchmarks.md)
-AS_PIP_INSTALLS = {"UV_COMPILE_BYTECODE": "1"}
-
-
 def with_pip_sources(*command: str) -> None:
-    """Run COMMAND (`uv pip install`, or `mlflow run ... --env-manager uv`, whose environment uv
-    builds) with uv told where pip finds wheels and to compile bytecode as pip does, so that it
-    installs what pip would, as pip would: on a machine with torch's wheels on disk, those, not a
-    3 GB download. Says in one line what it set; a UV_* variable you set yourself wins."""
+    """Run COMMAND (`mlflow run ... --env-manager uv`) with uv told where pip finds wheels, so that
+    it installs what pip would: on a machine with torch's wheels on disk, those, not a 3 GB
+    download. Says in one line what it set."""
     try:
         listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True,
                                 text=True, timeout=60, check=True).stdout
@@ -132,7 +124,6 @@ def with_pip_sources(*command: str) -> None:
         print(f"with-pip-sources: cannot read pip's configuration ({type(err).__name__}): uv uses its own "
               f"defaults (PyPI)", file=sys.stderr)
     sources = uv_sources(listed, dict(os.environ))
-    sources.update({k: v for k, v in AS_PIP_INSTALLS.items() if k not in os.environ})
     print(f"with-pip-sources: {' '.join(f'{k}={v}' for k, v in sources.items()) or 'nothing to set'}",
           file=sys.stderr, flush=True)
     try:

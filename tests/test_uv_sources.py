@@ -3,7 +3,6 @@ wheels, told to uv in its own variables (make demo ENV_MANAGER=uv, tests/test_e2
 import importlib.util
 import os
 import subprocess
-import sys
 
 from support.store import PROJECT
 
@@ -39,14 +38,12 @@ def test_nothing_configured_sets_nothing():
     assert demo.uv_sources("global.timeout='60'\n", {}) == {}
 
 
-def test_uv_compiles_bytecode_as_pip_does_unless_you_say_otherwise():
-    """Where PYTHONDONTWRITEBYTECODE is set no process writes a .pyc: compiled at install, or never."""
-    def uv_compiles(**environ: str) -> str:
-        env = {k: v for k, v in os.environ.items() if k != "UV_COMPILE_BYTECODE"}
-        proc = subprocess.run([sys.executable, str(PROJECT / "scripts" / "demo.py"), "with-pip-sources", sys.executable,
-                               "-c", "import os; print(os.environ.get('UV_COMPILE_BYTECODE'))"],
-                              env={**env, **environ}, capture_output=True, text=True, check=True, timeout=120)
-        return proc.stdout.strip()
 
-    assert uv_compiles() == "1"
-    assert uv_compiles(UV_COMPILE_BYTECODE="0") == "0"  # yours wins
+def test_make_lets_python_write_its_bytecode_even_where_the_machine_says_not_to():
+    """Where PYTHONDONTWRITEBYTECODE is set and uv compiles nothing, no process would ever write a
+    .pyc: make's recipes run without it, so the first import of torch and MLflow writes them."""
+    proc = subprocess.run(["make", "-s", "-C", str(PROJECT), "--eval", "show-env: ; @env", "show-env"],
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, capture_output=True, text=True,
+                          check=True, timeout=60)
+    names = {line.partition("=")[0] for line in proc.stdout.splitlines()}
+    assert "PATH" in names and "PYTHONDONTWRITEBYTECODE" not in names
