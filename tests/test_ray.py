@@ -365,16 +365,21 @@ def test_any_driver_error_cancels_the_tasks_and_marks_their_runs_killed(two_node
             raise RuntimeError("the driver broke")
 
     monkeypatch.setattr(executor.Display, "refresh", breaks_while_the_worker_is_held)
+
+    def the_driver_breaks(on_stage) -> RuntimeError:
+        try:
+            with pytest.raises(RuntimeError, match="the driver broke") as err:
+                executor.run_children(cfg, on_stage, [executor.ChildSpec("point", cfg, "resnet")], dataset)
+        finally:
+            disconnect()
+        return err.value
+
     stage = runner.Stage(parent, runtime.of(cfg), code_version=keys.code_version())
-    try:
-        with pytest.raises(RuntimeError, match="the driver broke") as err:
-            executor.run_children(cfg, stage, [executor.ChildSpec("point", cfg, "resnet")], dataset)
-    finally:
-        disconnect()
+    broke = the_driver_breaks(stage)
     worker_pid = int((pause.folder / "epoch-1.paused").read_text().split()[0])
     (child,) = server.children(parent)
     assert child.info.status == "KILLED" and server.steps(child.info.run_id, "test_acc") == [1]
-    assert interrupts.killed_runs(err.value) == [child.info.run_id]
+    assert interrupts.killed_runs(broke) == [child.info.run_id]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # a force-cancelled task's worker is killed
         try:
@@ -386,11 +391,7 @@ def test_any_driver_error_cancels_the_tasks_and_marks_their_runs_killed(two_node
         raise AssertionError(f"worker {worker_pid} still runs after its task was cancelled")
 
     held_at["marker"] = pause.folder / "claimed-1.paused"
-    try:
-        with pytest.raises(RuntimeError, match="the driver broke"):
-            executor.run_children(cfg, stage, [executor.ChildSpec("point", cfg, "resnet")], dataset)
-    finally:
-        disconnect()
+    the_driver_breaks(stage)
     again = server.client.get_run(child.info.run_id)
     claim = lifecycle.latest_claim(again)
     assert again.info.status == "KILLED" and claim["task"].startswith("ray-task:")  # claimed by the task
@@ -403,12 +404,7 @@ def test_any_driver_error_cancels_the_tasks_and_marks_their_runs_killed(two_node
     held_at["marker"] = later_pause.folder / "claimed-1.paused"
     server.client.update_run(child.info.run_id, "RUNNING")  # as a command killed outright leaves it
     later = server.client.create_run(again.info.experiment_id).info.run_id
-    later_stage = runner.Stage(later, runtime.of(cfg), frozenset({parent}), code_version=keys.code_version())
-    try:
-        with pytest.raises(RuntimeError, match="the driver broke"):
-            executor.run_children(cfg, later_stage, [executor.ChildSpec("point", cfg, "resnet")], dataset)
-    finally:
-        disconnect()
+    the_driver_breaks(runner.Stage(later, runtime.of(cfg), frozenset({parent}), code_version=keys.code_version()))
     taken = server.client.get_run(child.info.run_id)
     assert taken.data.tags["mlflow.parentRunId"] == parent  # claimed, not adopted yet
     assert lifecycle.latest_claim(taken)["task"] != claim["task"]  # the later command's task claimed it
