@@ -30,6 +30,7 @@ from mlflow.exceptions import MlflowException
 from . import pause, tracking, train
 from .config import Config
 from .errors import LineageError
+from .files import alive
 from .keys import code_version
 from .runtime import Runtime
 
@@ -174,12 +175,8 @@ def writer_alive(fields: dict[str, str]) -> bool:
         start = process_start(pid)
         if start:
             return start == fields.get("start")
-        try:  # no start time: gone, or hidden from this user (/proc mounted hidepid)
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not alive(pid):  # no start time: gone, or hidden from this user (/proc mounted hidepid)
             return False
-        except PermissionError:
-            pass
         return time.time() - float(fields["time"]) < STALE_AFTER_S
     return time.time() - float(fields["time"]) < STALE_AFTER_S  # another machine or container
 
