@@ -305,6 +305,8 @@ def check_resumable(state: dict, arch: str, source: str) -> None:
     if not isinstance(stopper.get("counter"), int) or \
             not isinstance(stopper.get("lowest_loss"), (int, float, type(None))):
         raise ValueError(f"early_stopping state {stopper!r:.80} is not a counter and a loss")
+    if type(state["epoch"]) is not int or state["epoch"] < 1:
+        raise ValueError(f"epoch {state['epoch']!r:.20} is not a whole number from 1")
     history = History.from_state(state["history"])
     if not history.epochs or history.epochs[-1].epoch != state["epoch"]:
         raise ValueError(f"history does not end at epoch {state['epoch']!r:.20}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import types
+import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Callable, Iterable, NamedTuple
 
@@ -113,10 +115,34 @@ def _from_fields(cls, state):
         raise ValueError(f"{cls.__name__} has no fields {sorted(state.keys() - names)}")
     if required - state.keys():
         raise ValueError(f"{cls.__name__} state lacks {sorted(required - state.keys())}")
+    hints = typing.get_type_hints(cls)
     for name, value in state.items():
         if name != "epochs" and not _plain(value):
             raise ValueError(f"{cls.__name__}.{name} is a {type(value).__name__}, not a plain value")
+        if name != "epochs" and not _fits(value, hints[name]):
+            raise ValueError(f"{cls.__name__}.{name} is {value!r:.20}, not of type {_type_name(hints[name])}")
     return cls(**state)
+
+
+def _options(hint) -> tuple:
+    return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+
+
+def _fits(value, hint) -> bool:
+    """Whether a plain value has its field's type: an epoch 2.0 would reach range() mid-run.
+    A bool is no number here, and an int may stand for a float (as JSON writes 1.0)."""
+    for option in _options(hint):
+        if value is None and option is type(None):
+            return True
+        if option is float and type(value) in (int, float):
+            return True
+        if option in (int, bool, str) and type(value) is option:
+            return True
+    return False
+
+
+def _type_name(hint) -> str:
+    return " or ".join("None" if option is type(None) else option.__name__ for option in _options(hint))
 
 
 # The seed's losses are x100 per sample; ours are per sample. `tol` keeps the seed's meaning.

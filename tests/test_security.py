@@ -119,6 +119,13 @@ def malformed(kind: str, real_last: Path, tmp_path: Path) -> Path:
         state = torch.load(real_last, weights_only=True)
         state["rng"]["cuda"] = [torch.zeros(4, dtype=torch.float32)]
         torch.save(state, path)
+    elif kind in ("float_epoch", "float_history_epoch"):  # 1.0 == 1 passes a comparison, then fails range()
+        state = torch.load(real_last, weights_only=True)
+        if kind == "float_epoch":
+            state["epoch"] = float(state["epoch"])
+        else:
+            state["history"]["epochs"][-1]["epoch"] = float(state["history"]["epochs"][-1]["epoch"])
+        torch.save(state, path)
     elif kind == "older_format":  # what the previous version wrote: pickled History objects
         state = torch.load(real_last, weights_only=True)
         state.pop("format")
@@ -134,6 +141,8 @@ def malformed(kind: str, real_last: Path, tmp_path: Path) -> Path:
     ("not_a_number", "is malformed (ValueError: EpochResult.test_acc is a Tensor"),
     ("cuda_rng", "is malformed (ValueError: rng cuda state [tensor([0., 0., 0., 0.])] is not one device's state "
                  "(a list of one byte tensor))"),
+    ("float_epoch", "is malformed (ValueError: epoch 1.0 is not a whole number from 1)"),
+    ("float_history_epoch", "is malformed (ValueError: EpochResult.epoch is 1.0, not of type int)"),
     ("older_format", "older format (it pickles pipeline.train.History)")])
 def test_a_malformed_last_pt_is_one_line_naming_run_and_file(trained, tmp_path, monkeypatch, kind, expected):
     store, source = trained
