@@ -211,6 +211,9 @@ def resume(cfg: Config, given: frozenset = frozenset()) -> RunResult | None:
         raise LineageError(
             f"run {run_id} was continued in run {previous.data.tags[lifecycle.CONTINUED_IN]}, which holds "
             f"its children now: resume that run instead (-P resume_run_id=...), or run the stage again")
+    if previous.data.tags.get("stage") == "main":  # its stages are runs of their own, with their own last.pt
+        raise LineageError(f"run {run_id} is a main run, which holds no training of its own: run main again with "
+                           f"the same -P (it reuses the stages that finished and continues the one that stopped)")
     if not tracking.has_artifact(run_id, "config.yaml"):  # not a run of this pipeline's training
         raise LineageError(f"run {run_id} has no config.yaml: it was not started by a training stage of this "
                            f"pipeline (a predict, evaluate or `mlflow run` launcher run?), or was stopped before "

@@ -168,7 +168,9 @@ def test_runs_claimed_before_a_refusal_are_let_go_and_one_another_process_claime
         other.wait()
 
 
-def test_resume_refuses_a_continued_run_and_leaves_a_finished_one(tiny, capsys):
+def test_resume_refuses_a_continued_run_or_a_main_one_and_leaves_a_finished_one(tiny, capsys):
+    from pipeline import tracking
+
     store, cfg = tiny
     continued = store.client.create_run("0", tags={"stage": "tune_lr", lifecycle.CONTINUED_IN: "newer"}).info.run_id
     with pytest.raises(LineageError, match=f"run {continued} was continued in run newer"):
@@ -185,6 +187,13 @@ def test_resume_refuses_a_continued_run_and_leaves_a_finished_one(tiny, capsys):
                                            f"stage of this pipeline"):
         session.resume(cfg.replace(resume_run_id=launcher))
     assert store.client.get_run(launcher).info.status == "KILLED"  # nothing written
+    main_run = store.client.create_run("0", tags={"stage": "main"}).info.run_id  # with a config.yaml, as main logs
+    tracking.log_config(main_run, cfg.replace(stage="main"))
+    store.client.set_terminated(main_run, "KILLED")
+    with pytest.raises(LineageError, match=f"run {main_run} is a main run, which holds no training of its own: "
+                                           f"run main again with the same -P"):
+        session.resume(cfg.replace(resume_run_id=main_run))
+    assert store.client.get_run(main_run).info.status == "KILLED"
 
 
 def test_resume_refuses_a_parameter_it_would_ignore_and_takes_one_the_run_has(tiny):
