@@ -73,6 +73,12 @@ def tuned_by_parent(cfg: Config, given: frozenset = frozenset()) -> tuple[Config
     parent = tracking.get_run(cfg.parent_run_id)
     if parent.data.tags.get("stage") != "autotune":
         return cfg, {}
+    tuned_under = parent.data.params.get("lr_schedule", "constant")
+    if "lr" not in given and tuned_under != cfg.lr_schedule:  # its best lr means another rate under another schedule
+        raise LineageError(
+            f"parent autotune run {cfg.parent_run_id} tuned lr with lr_schedule={tuned_under}, and {cfg.stage} "
+            f"would train it with lr_schedule={cfg.lr_schedule}: pass -P lr_schedule={tuned_under} (or set it in "
+            f"params/{cfg.stage}.yaml), or -P lr=<value>")
     changes, sources = {}, {}
     for name in TUNED:
         if name in given:

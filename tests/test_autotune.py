@@ -178,6 +178,24 @@ def test_retrain_takes_its_values_from_an_autotune_parent_and_says_so(store, mon
         lineage.tuned_by_parent(config.load("retrain", {"parent_run_id": unfinished}))
 
 
+def test_retrain_refuses_an_lr_tuned_under_another_schedule_than_it_would_train_it_with(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    best = {"best_lr": "0.00031", "best_gamma": "0.5", "best_wd": "0.0", "best_bs": "64"}
+    tuned = store.client.create_run("0", tags={"stage": "autotune", **best}).info.run_id
+    store.client.log_param(tuned, "lr_schedule", "cosine")  # a peak rate, which falls each epoch
+    with pytest.raises(LineageError) as err:
+        lineage.tuned_by_parent(config.load("retrain", {"parent_run_id": tuned}))
+    assert str(err.value) == (f"parent autotune run {tuned} tuned lr with lr_schedule=cosine, and retrain would "
+                              f"train it with lr_schedule=constant: pass -P lr_schedule=cosine (or set it in "
+                              f"params/retrain.yaml), or -P lr=<value>")
+    same = config.load("retrain", {"parent_run_id": tuned, "lr_schedule": "cosine"})
+    cfg, _ = lineage.tuned_by_parent(same, frozenset({"parent_run_id", "lr_schedule"}))
+    assert (cfg.lr, cfg.lr_schedule) == (0.00031, "cosine")
+    own_lr = config.load("retrain", {"parent_run_id": tuned, "lr": "1e-5"})
+    cfg, _ = lineage.tuned_by_parent(own_lr, frozenset({"parent_run_id", "lr"}))
+    assert (cfg.lr, cfg.gamma, cfg.lr_schedule) == (1e-5, 0.5, "constant")
+
+
 def test_main_swaps_the_seed_sweeps_for_autotune_only_with_tuner_optuna():
     assert workflow.CHAINS["optuna"] == ["model_selection", "baseline", "autotune", "retrain", "deepen"]
     assert workflow.CHAINS["seed"] == workflow.CHAIN
