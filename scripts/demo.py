@@ -23,7 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 NAME = re.compile(r"test(\d+)_digit(\d)\.png$")
 # pip's settings and the uv variables that say the same thing (uv never reads pip's config)
 PIP_TO_UV = {"index-url": "UV_DEFAULT_INDEX", "extra-index-url": "UV_INDEX",
-             "find-links": "UV_FIND_LINKS", "constraint": "UV_CONSTRAINT"}
+             "find-links": "UV_FIND_LINKS", "constraint": "UV_CONSTRAINT",
+             "cert": "SSL_CERT_FILE",  # uv's own CA bundle variable (uv has no --cert variable)
+             "trusted-host": "UV_INSECURE_HOST", "no-index": "UV_OFFLINE"}  # no-index: see uv_sources
+INDEXES = ("UV_DEFAULT_INDEX", "UV_INDEX")
 
 
 def samples(folder: str, *pairs: str, count: int = 8) -> None:
@@ -94,8 +97,9 @@ def ui(experiment: str) -> int:
 
 def uv_sources(listed: str, environ: dict[str, str]) -> dict[str, str]:
     """The UV_* variables that say what `pip config list` printed (`listed`) about where pip
-    install finds wheels: its PIP_* variables first, then its [install] section, then [global]
-    (pip's own order; other sections are not pip install's). A variable set in `environ` wins."""
+    install finds wheels and whom it trusts: its PIP_* variables first, then its [install]
+    section, then [global] (pip's own order; other sections are not pip install's). A variable
+    set in `environ` wins."""
     rank = {":env:": 0, "install": 1, "global": 2}
     found: dict[str, tuple[int, str]] = {}
     for line in listed.splitlines():  # e.g. global.extra-index-url='file:///a/simple file:///b/simple'
@@ -105,6 +109,16 @@ def uv_sources(listed: str, environ: dict[str, str]) -> dict[str, str]:
         if uv_name and section in rank and (uv_name not in found or rank[section] < found[uv_name][0]):
             found[uv_name] = (rank[section], value.strip().strip("'\""))
     sources = {uv_name: value for uv_name, (_, value) in found.items() if uv_name not in environ}
+    sources.pop("UV_OFFLINE", None)
+    if found.get("UV_OFFLINE", (0, ""))[1].lower() in ("1", "true", "yes", "on"):
+        # pip's no-index: find-links only. uv has no variable for it; where every find-links
+        # location is on disk, uv offline installs the same (otherwise uv also asks PyPI)
+        for name in INDEXES:
+            sources.pop(name, None)
+        links = environ["UV_FIND_LINKS"].split(",") if "UV_FIND_LINKS" in environ else \
+            found["UV_FIND_LINKS"][1].split() if "UV_FIND_LINKS" in found else []
+        if "UV_OFFLINE" not in environ and all("://" not in link or link.startswith("file://") for link in links):
+            sources["UV_OFFLINE"] = "1"
     if "UV_FIND_LINKS" in sources:  # pip separates them with spaces, uv with commas
         sources["UV_FIND_LINKS"] = ",".join(sources["UV_FIND_LINKS"].split())
     if "UV_INDEX" in sources and "UV_INDEX_STRATEGY" not in environ:

@@ -33,6 +33,19 @@ def test_a_uv_variable_of_the_users_wins_and_their_index_keeps_uvs_own_strategy(
     assert sources == {"UV_FIND_LINKS": "/env/wheels,/more/wheels"}
 
 
+def test_pips_certificate_and_trusted_hosts_go_to_uv_and_no_index_keeps_uv_off_every_index():
+    listed = LISTED + ":env:.cert='/corp/ca.pem'\nglobal.trusted-host='pypi.corp mirror.corp'\nglobal.no-index='true'\n"
+    assert demo.uv_sources(listed, {}) == {
+        "UV_FIND_LINKS": "/env/wheels,/more/wheels",
+        "SSL_CERT_FILE": "/corp/ca.pem",
+        "UV_INSECURE_HOST": "pypi.corp mirror.corp",
+        "UV_OFFLINE": "1",  # pip reads find-links alone, all on disk: uv installs the same offline
+    }
+    remote = listed.replace("'/env/wheels /more/wheels'", "'/env/wheels https://wheels.corp/links'")
+    assert "UV_OFFLINE" not in demo.uv_sources(remote, {})  # offline would lose the remote find-links
+    assert "UV_OFFLINE" not in demo.uv_sources(LISTED + "global.no-index='false'\n", {})
+
+
 def test_nothing_configured_sets_nothing():
     assert demo.uv_sources("", {}) == {}
     assert demo.uv_sources("global.timeout='60'\n", {}) == {}
