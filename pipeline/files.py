@@ -15,16 +15,33 @@ from typing import IO, Iterator
 TEMP_GLOB = ".*.tmp"  # what temp_name makes, as a folder's glob finds what a killed writer left
 
 
+def proc_text(path: str) -> str:
+    """A /proc file's text, stripped ("" where there is no /proc, or no such process)."""
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def boot_id() -> str:
+    return proc_text("/proc/sys/kernel/random/boot_id")
+
+
+def pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
 @functools.lru_cache(maxsize=None)
 def pid_scope() -> str:
     """Host name, boot id and pid namespace: where a pid names one process. Containers may share a
     host name (--network host), a cloned machine its name, never a boot and a namespace."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
-        pidns = str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:  # no /proc: pids are never judged (drop_dead_writers_temps matches nothing)
+    boot, pidns = boot_id(), pid_namespace()
+    if not boot or not pidns:  # no /proc: pids are never judged (drop_dead_writers_temps matches nothing)
         return f"{socket.gethostname()}-unknown-{os.getpid()}"
-    return f"{socket.gethostname()}-{boot}-{pidns}"
+    return f"{socket.gethostname()}-{boot[:8]}-{pidns}"
 
 
 def temp_name(path: Path) -> Path:

@@ -30,7 +30,7 @@ from mlflow.exceptions import MlflowException
 from . import pause, tracking, train
 from .config import Config
 from .errors import LineageError
-from .files import alive
+from .files import alive, boot_id, pid_namespace, proc_text
 from .keys import code_version
 from .runtime import Runtime
 
@@ -42,25 +42,11 @@ STALE_AFTER_S = 900                 # a heartbeat from another host older than t
 
 
 
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return ""
-
-
 def process_start(pid: int) -> str:
     """The process's start time in clock ticks since boot ("" where /proc does not say)."""
-    stat = _read(f"/proc/{pid}/stat")
+    stat = proc_text(f"/proc/{pid}/stat")
     fields = stat.rpartition(")")[2].split()
     return fields[19] if len(fields) > 19 else ""
-
-
-def pid_namespace() -> str:
-    try:
-        return str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        return ""
 
 
 _identity: dict[int, dict[str, str]] = {}
@@ -70,7 +56,7 @@ def identity() -> dict[str, str]:
     """This process as a writer: host, boot id, pid namespace, pid and start time."""
     pid = os.getpid()
     if pid not in _identity:  # per pid: a forked child is another writer
-        _identity[pid] = {"host": socket.gethostname(), "boot": _read("/proc/sys/kernel/random/boot_id"),
+        _identity[pid] = {"host": socket.gethostname(), "boot": boot_id(),
                           "pidns": pid_namespace(), "pid": str(pid), "start": process_start(pid)}
     return _identity[pid]
 
