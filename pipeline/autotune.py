@@ -47,8 +47,9 @@ from .errors import LineageError  # noqa: E402
 from .executor import ChildSpec  # noqa: E402
 from .lineage import Lineage, stage_arch  # noqa: E402
 from .runner import RunResult, Stage, log  # noqa: E402
+from .tracking import redacted  # noqa: E402
 from .tuning import (GRACE_PERIOD_S, Heartbeats, SearchSpace, TrialRef, build_pruner, epoch_hook,  # noqa: E402
-                     experiment_scope, open_storage, redacted, sampler, selection_value, short, storage_url,
+                     experiment_scope, open_storage, sampler, selection_value, short, storage_url,
                      study_name, trial_name)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

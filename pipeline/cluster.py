@@ -13,6 +13,7 @@ from . import interrupts
 from .config import Config
 from .errors import ConfigError, first_line
 from .runner import log
+from .tracking import redacted
 
 # MLflow tracking settings a worker on another machine needs (it does not share our environment)
 TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
@@ -94,7 +95,7 @@ def check_tracking(cfg: Config) -> None:
     """Children on other machines need an http(s) tracking URI: an explicit ray_address elsewhere
     is refused before connecting, `auto` (or a local address) once its nodes are known."""
     uri = tracking_uri()
-    require_shared_store(cfg, "the tracking URI", uri, is_server(uri), "a tracking server",
+    require_shared_store(cfg, "the tracking URI", redacted(uri), is_server(uri), "a tracking server",
                          "start `mlflow server` and set MLFLOW_TRACKING_URI=http://<host>:5000")
 
 

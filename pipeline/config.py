@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -273,7 +274,18 @@ def validate(cfg: Config) -> Config:
         if not check(value):
             raise ConfigError(f"parameter {name}={format_value(value)} is out of range: "
                               f"allowed {allowed}; fix it with -P {name}=<value>")
+    if holds_password(cfg.optuna_storage):  # said without the value, which would show it
+        raise ConfigError("parameter optuna_storage holds a password, which every run would log (its params and "
+                          "config.yaml): drop it from the URL and give it as the database driver reads it "
+                          "(PostgreSQL: PGPASSWORD or ~/.pgpass)")
     return cfg
+
+
+def holds_password(url: str) -> bool:
+    try:
+        return urlsplit(url).password is not None
+    except ValueError:  # not a URL at all: the storage check says so
+        return False
 
 
 def read_yaml(path: Path) -> dict:

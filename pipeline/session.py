@@ -70,7 +70,7 @@ def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
             stage = Stage(run_id, resolved, frozenset(r.info.run_id for r in earlier),
                           code_version=keys.code_version())
             client.set_tag(run_id, lifecycle.STAGE_KEY, stage_key)
-            log(f"{cfg.stage}: run {run_id} in {mlflow.get_tracking_uri()}")
+            log(f"{cfg.stage}: run {run_id} in {tracking.redacted(mlflow.get_tracking_uri())}")
 
             def on_success() -> None:
                 for old in earlier:  # their children now belong to this run

@@ -9,7 +9,7 @@ import platform
 import re
 import subprocess
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 import mlflow
 import torch
@@ -193,7 +193,7 @@ def server_refusal(err: BaseException) -> str | None:
         fix = (f"ask the {kind}'s owner (or an admin) for {level} permission for {who}, or set "
                f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user who has it")
     reason = "401 not authenticated" if status == 401 else "403 permission denied"
-    return f"tracking server {server} refused {who} ({reason}) for {what}: {fix}"
+    return f"tracking server {redacted(server)} refused {who} ({reason}) for {what}: {fix}"
 
 
 def raise_if_refused(err: BaseException) -> None:
@@ -263,13 +263,25 @@ def has_artifact(run_id: str, artifact_path: str) -> bool:
 
 # -- lineage -----------------------------------------------------------------------------------
 
+def redacted(uri: str) -> str:
+    """`uri` as a message or log line may show it: a password in it becomes *** (user:***@host)."""
+    try:
+        parts = urlsplit(uri)
+        if parts.password is None:
+            return uri
+    except ValueError:  # not a URL: nothing to hide
+        return uri
+    userinfo, _, host = parts.netloc.rpartition("@")
+    return parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}").geturl()
+
+
 def get_run(run_id: str, role: str = "parent"):
     try:
         return client().get_run(run_id)
     except MlflowException as err:
         raise_if_refused(err)
         raise LineageError(f"{role} run '{run_id}' was not found in the tracking store "
-                           f"{mlflow.get_tracking_uri()}: pass the id of an existing run "
+                           f"{redacted(mlflow.get_tracking_uri())}: pass the id of an existing run "
                            f"(see the MLflow UI or `mlflow runs list`)") from None
 
 

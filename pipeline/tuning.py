@@ -13,6 +13,7 @@ from . import cluster, keys
 from .config import Config, absolute
 from .errors import ConfigError, first_line
 from .runtime import Runtime
+from .tracking import redacted
 
 
 # -- the search space -------------------------------------------------------------------------------
@@ -86,6 +87,18 @@ def sqlite_file(url: str) -> Path | None:
     return absolute(path)
 
 
+def in_memory(url: str) -> bool:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return False
+    return parsed.get_backend_name() == "sqlite" and (parsed.database in (None, "", ":memory:")
+                                                       or parsed.query.get("mode") == "memory")
+
+
 def default_storage(tracking_uri: str) -> str:
     """SQLite beside a SQLite tracking store (mlflow.db -> mlflow.optuna.db), else ./optuna.db.
     Never the MLflow database itself: both keep their schema version in an alembic_version table."""
@@ -125,6 +138,12 @@ def same_database(a: str, b: str) -> bool:
 
 def storage_url(cfg: Config, tracking_uri: str) -> str:
     url = cfg.optuna_storage or default_storage(tracking_uri)
+    if in_memory(url):
+        raise ConfigError(f"optuna_storage={url} is a database in memory, which no trial (another connection) "
+                          f"shares: pass a file (sqlite:///study.db) or a server, or leave it empty")
+    study_file = sqlite_file(url)
+    if study_file is not None:  # as this directory reads it: Ray's workers run in theirs
+        url = f"sqlite:///{study_file}"
     if same_database(url, tracking_uri):
         raise ConfigError(f"optuna_storage={redacted(url)} is the MLflow tracking database: Optuna needs its own "
                           f"(both keep an alembic_version table); pass another, or leave it empty")
@@ -148,16 +167,6 @@ def reachable_storage(cfg: Config, tracking_uri: str) -> str:
                           f"pass a database Optuna can reach, or leave it empty for one beside the tracking "
                           f"store") from None
     return url
-
-
-def redacted(url: str) -> str:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):
-        return url
 
 
 # Optuna's trial heartbeat: the driver beats for each trial it has in flight; a trial whose driver

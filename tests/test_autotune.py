@@ -73,17 +73,18 @@ def test_the_study_is_kept_beside_a_sqlite_store_never_in_it(tmp_path, monkeypat
         with pytest.raises(ConfigError, match="is the MLflow tracking database: Optuna needs its own"):
             tuning.storage_url(config.load("autotune", {"optuna_storage": spelt}), uri)
     server_db = "postgresql://mlflow:secret@db:5432/mlflow"
-    for spelt in ("postgresql://tuner:hidden@db:5432/mlflow", "postgresql://tuner:hidden@DB/mlflow"):
+    for spelt in ("postgresql://tuner@db:5432/mlflow", "postgresql://tuner@DB/mlflow"):
         with pytest.raises(ConfigError) as refused:  # whoever logs in, the default port spelt or not
             tuning.storage_url(config.load("autotune", {"optuna_storage": spelt}), server_db)
-        assert str(refused.value).startswith("optuna_storage=postgresql://tuner:***@")  # no password shown
+        assert str(refused.value).startswith(f"optuna_storage={spelt} is the MLflow tracking database")
     assert tuning.same_database("mysql+pymysql://u@db/m", "mysql://v@db:3306/m")
     for other in ("postgresql://tuner@db:5432/optuna", "postgresql://tuner@db:5433/mlflow", "databricks://profile:x"):
         assert not tuning.same_database(other, server_db)
     assert not tuning.same_database("postgresql:///m?host=/run/a", "postgresql:///m?host=/run/b")  # two sockets
     assert tuning.storage_url(config.load("autotune"), "databricks://profile:x") == f"sqlite:///{tmp_path}/optuna.db"
+    # a relative file as this directory reads it: a Ray worker runs in its own
     assert tuning.storage_url(config.load("autotune", {"optuna_storage": "sqlite:///other.db"}), uri) == \
-        "sqlite:///other.db"
+        f"sqlite:///{tmp_path}/other.db"
     elsewhere = config.load("autotune", {"executor": "ray", "ray_address": "ray://192.0.2.10:10001"})
     with pytest.raises(ConfigError) as refused:
         tuning.storage_url(elsewhere, "http://tracking:5000")
@@ -93,6 +94,23 @@ def test_the_study_is_kept_beside_a_sqlite_store_never_in_it(tmp_path, monkeypat
         f"-P optuna_storage=postgresql://user@host/db (or mysql+pymysql://...) (README: Scaling out with Ray)")
     server = "postgresql://tuner@db:5432/optuna"
     assert tuning.storage_url(elsewhere.replace(optuna_storage=server), "http://tracking:5000") == server
+
+
+def test_a_study_url_with_a_password_or_in_memory_is_refused_in_one_line_that_never_shows_it():
+    with pytest.raises(ConfigError) as refused:  # every run would log it: params and config.yaml
+        config.load("autotune", {"optuna_storage": "postgresql://tuner:hidden@db/optuna"})
+    assert str(refused.value) == (
+        "parameter optuna_storage holds a password, which every run would log (its params and config.yaml): "
+        "drop it from the URL and give it as the database driver reads it (PostgreSQL: PGPASSWORD or ~/.pgpass)")
+    with pytest.raises(ConfigError, match="holds a password"):
+        config.load("main", {"tuner": "optuna", "optuna_storage": "mysql+pymysql://u:p@db/m"})
+    assert config.load("autotune", {"optuna_storage": "postgresql://tuner@db/optuna"})  # the user alone passes
+    for memory in ("sqlite://", "sqlite:///:memory:", "sqlite:///file:s?mode=memory&uri=true"):
+        with pytest.raises(ConfigError) as refused:  # each connection would get a database of its own
+            tuning.storage_url(config.load("autotune", {"optuna_storage": memory}), "http://tracking:5000")
+        assert str(refused.value) == (
+            f"optuna_storage={memory} is a database in memory, which no trial (another connection) shares: "
+            f"pass a file (sqlite:///study.db) or a server, or leave it empty")
 
 
 def test_the_study_name_ignores_n_trials_and_storage_but_not_the_search():

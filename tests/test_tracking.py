@@ -112,3 +112,18 @@ def test_a_lost_dataset_insert_is_known_by_any_database_and_through_a_server(wor
 ])
 def test_other_store_errors_are_not_taken_for_the_race(error_class, statement, words):
     assert not tracking.lost_dataset_race(store_error(error_class, statement, words, through_server=False))
+
+
+def test_a_password_in_a_store_uri_never_reaches_a_message(monkeypatch):
+    from pipeline import cluster, config
+    from pipeline.errors import ConfigError
+
+    assert tracking.redacted("postgresql://mlflow:hunter2@db:5432/mlflow") == "postgresql://mlflow:***@db:5432/mlflow"
+    assert tracking.redacted("https://me:hunter2@mlflow.example/x?y=1") == "https://me:***@mlflow.example/x?y=1"
+    for kept in ("postgresql://mlflow@db/mlflow", "sqlite:///mlflow.db", "databricks://profile:x", "[::1"):
+        assert tracking.redacted(kept) == kept
+    # a database store with a Ray cluster elsewhere: refused, and the line shows the URI without it
+    monkeypatch.setattr(cluster, "tracking_uri", lambda: "postgresql://mlflow:hunter2@db/mlflow")
+    with pytest.raises(ConfigError) as refused:
+        cluster.check_tracking(config.load("tune_lr", {"executor": "ray", "ray_address": "ray://192.0.2.10:10001"}))
+    assert "is postgresql://mlflow:***@db/mlflow:" in str(refused.value) and "hunter2" not in str(refused.value)
