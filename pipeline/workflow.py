@@ -50,11 +50,18 @@ def autotune_overrides(overrides: dict[str, str]) -> dict[str, str]:
     return given
 
 
+def tighter(cap: str | None, other: str) -> str:
+    """Two caps as one: the smaller, where 0 is none."""
+    caps = [c for c in (cap, other) if c is not None and int(float(c))]
+    return min(caps, key=lambda c: int(float(c))) if caps else other
+
+
 def stage_overrides(overrides: dict[str, str]) -> dict[str, str]:
     shared = {}
     for key, value in overrides.items():
-        if key in AS_CAPS:
-            shared[AS_CAPS[key]] = value
+        if key in AS_CAPS or key in AS_CAPS.values():  # -P epochs=5 -P max_epochs=10: 5, in either order
+            cap = AS_CAPS.get(key, key)
+            shared[cap] = tighter(shared.get(cap), value)
         elif key == "data_dir" and value:  # the stages run in the project folder, main maybe elsewhere
             shared[key] = str(config_mod.absolute(value))
         elif key in SHARED:
