@@ -6,6 +6,7 @@ Each image is resized to SVHN's 32x32 RGB; the model applies the seed's test tra
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import re
@@ -33,7 +34,7 @@ class Inputs:
 
 
 def read_image(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with warnings.catch_warnings():
@@ -46,7 +47,7 @@ def read_image(path: Path) -> np.ndarray:
         raise PredictError(f"skipped image {path}: {found.group(1) if found else 'too many'} pixels, over "
                            f"PIL's limit of {Image.MAX_IMAGE_PIXELS} (an oversized image or a "
                            f"decompression bomb); shrink it to include it") from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except Exception as err:  # PIL's decoders raise what they like (a broken PNG chunk: SyntaxError)
         raise PredictError(f"cannot read image {path}: {type(err).__name__}: "
                            f"{first_line(err, None, 'unreadable')}; "
                            f"skipped it (replace or remove the file)") from None
@@ -96,14 +97,25 @@ def folder_files(folder: Path) -> tuple[list[Path], list[str], list[Path]]:
     return files, refused, folders
 
 
+def printable(name: str) -> str:
+    """A file name as UTF-8 text: bytes that are not (a Latin-1 name) are written as \\xe9."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def input_path(source: str) -> Path:
     """cfg.input as a path that is there; checked before the model loads, and again when read."""
-    path = Path(source).expanduser()
     if not source:
         raise PredictError("no input given: pass -P input=<image, folder of images, or .mat>")
-    if not path.exists():
+    try:
+        path = Path(source).expanduser()
+        there = path.exists()
+        empty = there and path.is_dir() and folder_files(path)[:2] == ([], [])
+    except (RuntimeError, OSError) as err:  # ~nosuchuser, or a folder this user may not read
+        raise PredictError(f"cannot read input {source}: {type(err).__name__}: {first_line(err, None, 'refused')}; "
+                           f"pass an image, a folder of images, or a .mat that you can read") from None
+    if not there:
         raise PredictError(f"input {path} does not exist: pass an image, a folder of images, or a .mat")
-    if path.is_dir() and folder_files(path)[:2] == ([], []):  # 0 predictions and exit 0 would hide the mistake
+    if empty:  # 0 predictions and exit 0 would hide the mistake
         raise PredictError(f"input folder {path} holds no visible files (subfolders and dot-files are not "
                            f"read): put images (png, jpg, ...) in it, or pass -P input=<image or .mat>")
     return path
@@ -135,7 +147,7 @@ def collect(source: str) -> Inputs:
     for file in files:
         try:
             inputs.images.append(read_image(file))
-            inputs.names.append(file.name if path.is_dir() else str(file))
+            inputs.names.append(printable(file.name if path.is_dir() else str(file)))
         except PredictError as err:
             print(str(err), flush=True)
             inputs.failures.append(str(file))
@@ -210,21 +222,26 @@ def predict(cfg: Config, run_id: str | None, model=None) -> int:
     some inputs could not be read)."""
     model = load_model(cfg.champion_uri)[0] if model is None else model
     inputs = collect(cfg.input)
+    if not inputs.names:  # an output of 0 rows would replace the last good one
+        raise PredictError(f"none of the {len(inputs.failures)} inputs could be read (listed above), so nothing "
+                           f"was written: replace or remove them")
     probs = finite(probabilities(model, np.stack(inputs.images)) if inputs.images else np.zeros((0, 10)))
     labels, confidence = probs.argmax(1), probs.max(1) if len(probs) else probs
     output = writable_output(cfg.output, cfg.input)
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["input", "label", "confidence"])
+    for name, label, conf in zip(inputs.names, labels, confidence):
+        writer.writerow([name, int(label), f"{float(conf):.4f}"])
     try:  # whole or not at all: a kill or a full disk leaves an earlier output as it was
         with atomic_write(output, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["input", "label", "confidence"])
-            for name, label, conf in zip(inputs.names, labels, confidence):
-                writer.writerow([name, int(label), f"{float(conf):.4f}"])
+            fh.write(table.getvalue())
     except OSError as err:
         raise PredictError(unwritable(output, err.strerror or type(err).__name__)) from None
     print(f"wrote {len(inputs.names)} predictions to {output.resolve()}", flush=True)  # mlflow run: the project folder
     if run_id:
         client = tracking.client()
-        client.log_artifact(run_id, str(output))
+        client.log_text(run_id, table.getvalue(), output.name)  # what this run wrote, whoever writes the file next
         client.set_tag(run_id, "stage", "predict")
         metrics = {"n_predictions": len(inputs.names), "n_failed": len(inputs.failures)}
         if inputs.labels is not None:

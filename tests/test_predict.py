@@ -1,6 +1,9 @@
 """predict: reading inputs (images, folders, .mat), labelling them with a model, the CSV and the
 evaluation report, with in-memory models whose answers are known."""
+import contextlib
 import csv
+import io
+import os
 
 import numpy as np
 import pytest
@@ -111,21 +114,19 @@ def test_an_output_that_fails_mid_write_leaves_the_earlier_one_whole(tmp_path, m
     cfg = config.load("predict", {"input": str(tmp_path / "test_32x32.mat"), "output": str(tmp_path / "out.csv")})
     assert predict.predict(cfg, None, Answers()) == 0
     before = (tmp_path / "out.csv").read_bytes()
-    real_writer = csv.writer
+    real_atomic_write = predict.atomic_write
 
-    def disk_full_after_the_header(fh, *args, **kwargs):
-        writer, rows = real_writer(fh, *args, **kwargs), []
-
-        class Failing:
-            def writerow(self, row):
-                rows.append(row)
-                if len(rows) > 1:
+    @contextlib.contextmanager
+    def disk_full_after_the_header(path, *args, **kwargs):
+        with real_atomic_write(path, *args, **kwargs) as fh:
+            class Failing:
+                def write(self, text):
+                    fh.write(text.splitlines(keepends=True)[0])
                     fh.flush()  # the header is on disk
                     raise OSError(28, "No space left on device")
-                return writer.writerow(row)
-        return Failing()
+            yield Failing()
 
-    monkeypatch.setattr(predict.csv, "writer", disk_full_after_the_header)
+    monkeypatch.setattr(predict, "atomic_write", disk_full_after_the_header)
     with pytest.raises(PredictError) as err:
         predict.predict(cfg, None, Answers())
     assert str(err.value).startswith(f"cannot write output {tmp_path / 'out.csv'} (No space left on device)")
@@ -142,6 +143,64 @@ def test_predict_exits_1_when_some_inputs_could_not_be_read(tmp_path):
     assert predict.predict(cfg, None, Answers()) == 1
     rows = list(csv.DictReader(open(tmp_path / "out.csv")))
     assert [(r["input"], r["label"]) for r in rows] == [("six.png", "6")]
+
+
+def broken_png(path):
+    """A PNG whose second IDAT chunk has a type no PNG has: PIL raises SyntaxError as it decodes."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(buffer, "PNG")
+    data = buffer.getvalue()
+    second = data.find(b"IDAT", data.find(b"IDAT") + 4)
+    path.write_bytes(data[:second] + b"ID!T" + data[second + 4:])
+
+
+def test_any_image_a_decoder_fails_on_and_a_name_that_is_not_utf8_are_one_line_each_not_fatal(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    broken_png(folder / "broken.png")
+    Image.fromarray(image_of(6)).save(folder / os.fsdecode(b"caf\xe9.png"))  # a Latin-1 name, from an old zip
+    cfg = config.load("predict", {"input": str(folder), "output": str(tmp_path / "out.csv")})
+    assert predict.predict(cfg, None, Answers()) == 1
+    assert f"cannot read image {folder / 'broken.png'}: SyntaxError: broken PNG file" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "out.csv", encoding="utf-8")))
+    assert [(r["input"], r["label"]) for r in rows] == [("caf\\xe9.png", "6")]
+
+
+def test_when_no_input_can_be_read_nothing_is_written_and_the_earlier_output_stays(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "out.csv").write_text("input,label,confidence\nsix.png,6,0.8000\n")
+    cfg = config.load("predict", {"input": str(tmp_path / "notes.txt"), "output": str(tmp_path / "out.csv")})
+    with pytest.raises(PredictError) as refused:
+        predict.predict(cfg, None, Answers())
+    assert str(refused.value) == ("none of the 1 inputs could be read (listed above), so nothing was written: "
+                                  "replace or remove them")
+    assert (tmp_path / "out.csv").read_text() == "input,label,confidence\nsix.png,6,0.8000\n"
+
+
+def test_an_input_that_cannot_be_looked_at_is_one_line():
+    with pytest.raises(PredictError) as refused:
+        predict.input_path("~no_such_user_here/six.png")
+    assert str(refused.value).startswith("cannot read input ~no_such_user_here/six.png: RuntimeError: ")
+
+
+def test_the_run_logs_the_predictions_it_wrote_though_another_command_writes_the_file_next(
+        tmp_path, store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    Image.fromarray(image_of(6)).save(tmp_path / "six.png")
+    real_atomic_write = predict.atomic_write
+
+    @contextlib.contextmanager
+    def then_another_predict_writes_it(path, *args, **kwargs):
+        with real_atomic_write(path, *args, **kwargs) as fh:
+            yield fh
+        path.write_text("input,label,confidence\nother.png,1,0.5500\n")  # before this run logs it
+
+    monkeypatch.setattr(predict, "atomic_write", then_another_predict_writes_it)
+    run_id = store.client.create_run("0").info.run_id
+    cfg = config.load("predict", {"input": str(tmp_path / "six.png"), "output": str(tmp_path / "out.csv")})
+    assert predict.predict(cfg, run_id, Answers()) == 0
+    logged = store.client.download_artifacts(run_id, "out.csv", str(tmp_path / "logged"))
+    assert open(logged).read().splitlines() == ["input,label,confidence", f"{tmp_path / 'six.png'},6,0.8000"]
 
 
 def test_confusion_metrics_count_each_true_digit_as_a_row():
