@@ -495,6 +495,12 @@ def check_model_overrides(stage: str, overrides: Mapping[str, Any]) -> None:
     if unread:
         raise ConfigError(f"{', '.join(f'-P {name}' for name in unread)} would be ignored: {stage} reads only "
                           f"{described}; drop {'it' if len(unread) == 1 else 'them'}")
+    # model_uri names the model: a registered model's name (or, to predict, the dataset's) would not
+    naming = ("registered_model", "dataset") if stage == "predict" else ("registered_model",)
+    if str(overrides.get("model_uri", "")).strip():
+        for name in (n for n in naming if n in overrides):
+            raise ConfigError(f"-P {name}={overrides[name]} would be ignored: -P model_uri names the model "
+                              f"{stage} uses; drop {name}, or drop model_uri to use the champion it names")
 
 
 def from_params(params: Mapping[str, str]) -> Config:

@@ -361,8 +361,9 @@ def test_register_and_promote_where_nothing_registers_are_refused_not_ignored():
 
 
 def test_what_only_predict_or_evaluate_reads_is_refused_elsewhere_and_each_takes_only_what_it_reads():
-    assert config.load("predict", {"input": "x.png", "output": "p.csv", "model_uri": "models:/m/1",
-                                   "dataset": "synthetic", "registered_model": "m"}).input == "x.png"
+    assert config.load("predict", {"input": "x.png", "output": "p.csv", "model_uri": "models:/m/1"}).input == "x.png"
+    assert config.load("predict", {"input": "x.png", "dataset": "synthetic", "registered_model": "m"}).input == "x.png"
+    assert config.load("evaluate", {"model_uri": "models:/m/1", "dataset": "synthetic"}).dataset == "synthetic"
     assert config.load("evaluate", {"model_uri": "models:/m/1", "limit_test": "5"}).limit_test == 5
     assert config.load("evaluate", {"scale": "demo", "dataset": "synthetic", "data_dir": "d", "val_split": "0.1",
                                     "registered_model": "m", "env_manager": "uv"}).limit_test == 1000
@@ -379,6 +380,12 @@ def test_what_only_predict_or_evaluate_reads_is_refused_elsewhere_and_each_takes
              "-P epochs, -P lr would be ignored: evaluate reads only the model (model_uri, or the champion that "
              "registered_model or dataset names) and the data whose test split it judges (-P dataset, data_dir, "
              "scale, limit_test, ...); drop them"),
+            ("predict", {"input": "x.png", "model_uri": "models:/m/1", "dataset": "synthetic"},
+             "-P dataset=synthetic would be ignored: -P model_uri names the model predict uses; drop dataset, or "
+             "drop model_uri to use the champion it names"),
+            ("evaluate", {"model_uri": "models:/m/1", "registered_model": "m"},
+             "-P registered_model=m would be ignored: -P model_uri names the model evaluate uses; drop "
+             "registered_model, or drop model_uri to use the champion it names"),
             ("evaluate", {"log_every": "10"},
              "-P log_every would be ignored: evaluate reads only the model (model_uri, or the champion that "
              "registered_model or dataset names) and the data whose test split it judges (-P dataset, data_dir, "
