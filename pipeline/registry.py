@@ -336,8 +336,8 @@ def withdraw_left_by(run) -> None:
 
 def withdraw(registered: list) -> None:
     """Remove the versions a stage registered (it failed after registering); the alias
-    goes back to where it was only if it still points at the withdrawn version (read right
-    before): an alias another run moved since is left where that run put it."""
+    goes back to where it was only if it pointed at the withdrawn version (read right before)
+    and the delete left it unset: an alias another run moved since is left where that run put it."""
     client = tracking.client()
     while registered:
         name, version, previous = registered.pop()
@@ -350,7 +350,8 @@ def withdraw(registered: list) -> None:
                   f"delete it by hand", flush=True)
             continue
         back = ""
-        if ours and previous:
+        # and only if no other run moved it between that read and the delete (which unset it)
+        if ours and previous and current_champion(name) is None:
             try:
                 client.set_registered_model_alias(name, CHAMPION, previous)
                 back = f"; alias '{CHAMPION}' back on version {previous}"

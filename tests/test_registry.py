@@ -6,6 +6,7 @@ import os
 
 import pytest
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from torch import nn
 
 from support.digits import constant_model_run
@@ -217,7 +218,8 @@ def test_an_alias_moved_while_judging_is_not_overwritten(local, colour_data, cap
     assert f"the alias moved to version {meanwhile} while this run judged version {first}" in line
 
 
-def test_withdraw_puts_the_alias_back_only_if_it_still_points_at_the_withdrawn_version(local, colour_data, capsys):
+def test_withdraw_puts_the_alias_back_only_if_it_still_points_at_the_withdrawn_version(local, colour_data, capsys,
+                                                                                     monkeypatch):
     cfg, dataset = load(colour_data, "m-withdraw")
     first, _ = register(local, cfg, dataset, ABSENT, capsys)
     other, _ = register(local, cfg, dataset, ABSENT, capsys)  # a tie: the alias stays on `first`
@@ -238,6 +240,19 @@ def test_withdraw_puts_the_alias_back_only_if_it_still_points_at_the_withdrawn_v
     local.client.set_registered_model_alias("m-withdraw", registry.CHAMPION, other)  # another run's move
     registry.withdraw(registered)
     assert champion(local, "m-withdraw") == other and versions() == {first, other}
+    # another run moves it after withdraw read it on this run's version, before the delete
+    local.client.set_registered_model_alias("m-withdraw", registry.CHAMPION, first)
+    mine, _ = register(local, cfg, dataset, PRESENT, capsys, registered=registered)
+    assert champion(local, "m-withdraw") == mine
+    real_delete = MlflowClient.delete_model_version
+
+    def moved_meanwhile(self, name, version):
+        self.set_registered_model_alias(name, registry.CHAMPION, other)
+        return real_delete(self, name, version)
+
+    monkeypatch.setattr(MlflowClient, "delete_model_version", moved_meanwhile)
+    registry.withdraw(registered)
+    assert champion(local, "m-withdraw") == other and versions() == {first, other}  # not back on `first`
 
 
 def test_a_version_left_by_a_run_that_died_unfinished_is_withdrawn_and_the_alias_put_back(local, colour_data,
