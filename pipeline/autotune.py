@@ -279,8 +279,10 @@ class Tuner:
             if not child_id:
                 continue
             child = tracking.stored_run(child_id)
-            if child is None:  # the study goes on without it, as without a deleted best.pt
-                log(f"autotune: trial #{self.number(frozen.number)} ({child_id}) {tracking.GONE}")
+            if child is None or child.info.lifecycle_stage == "deleted":  # the study goes on without it,
+                # as without a deleted best.pt (and MLflow refuses to move a deleted run)
+                gone = tracking.GONE if child is None else "was deleted: passed over"
+                log(f"autotune: trial #{self.number(frozen.number)} ({child_id}) {gone}")
                 continue
             parent = child.data.tags.get("mlflow.parentRunId")
             if parent in self.stage.adoptable:

@@ -363,6 +363,24 @@ def test_a_trial_whose_child_run_was_deleted_for_good_is_passed_over(store, monk
         spent.tune()
 
 
+def test_a_trial_whose_child_run_was_deleted_in_the_ui_is_passed_over_not_moved(store, monkeypatch, capsys):
+    cfg, dataset, earlier_run, tuner = study_of(store, monkeypatch)
+    kept, deleted = tuner.study.ask(), tuner.study.ask()
+    children = {}
+    for trial, value in ((kept, 40.0), (deleted, 50.0)):
+        tuner.spec(trial)
+        children[trial.number] = child_of(store, earlier_run, trial, status="FINISHED")
+        trial.set_user_attr("mlflow_run_id", children[trial.number])
+        tuner.study.tell(trial, value)
+    store.client.delete_run(children[deleted.number])  # in the UI, not `mlflow gc`: MLflow will not move it
+    later_run = store.client.create_run("0").info.run_id  # the same command again, continuing the study
+    again = autotune.Tuner(cfg, Stage(later_run, CPU, frozenset({earlier_run})), dataset, lineage.Lineage())
+    monkeypatch.setattr(autotune.runner, "result_from_record", lambda run_id, arch: run_id)
+    assert again.earlier_results() == {kept.number: children[kept.number]}
+    assert store.client.get_run(children[kept.number]).data.tags["mlflow.parentRunId"] == later_run
+    assert f"autotune: trial #1 ({children[deleted.number]}) was deleted: passed over" in capsys.readouterr().out
+
+
 def test_a_retry_whose_start_run_was_deleted_for_good_is_start_gone(store, monkeypatch):
     cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, trials_from="best")
     trial = tuner.study.ask()
