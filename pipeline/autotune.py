@@ -43,7 +43,7 @@ from . import config as config_mod  # noqa: E402
 from . import checkpoints, executor, interrupts, keys, runner, tracking  # noqa: E402
 from .aggregate import finish, first_holding_weights  # noqa: E402
 from .config import Config  # noqa: E402
-from .errors import LineageError  # noqa: E402
+from .errors import ConfigError, LineageError  # noqa: E402
 from .executor import ChildSpec  # noqa: E402
 from .lineage import Lineage, stage_arch  # noqa: E402
 from .runner import RunResult, Stage, log  # noqa: E402
@@ -296,6 +296,7 @@ class Tuner:
         """Asynchronous trials: a new trial is asked for as soon as a slot frees (a pruned trial's
         slot does not wait for the slowest of a batch), until n_trials have finished or are in
         flight. This driver beats Optuna's heartbeat for each trial it has in flight."""
+        self.refuse_a_study_past_its_limits()
         self.retry_interrupted()
         results = self.earlier_results()
         asked = {}  # trial number -> Trial, in flight
@@ -341,6 +342,21 @@ class Tuner:
         finally:
             beats.close()  # a stopped command's trials go quiet: its children are KILLED, or go stale
         return self.conclude(results)
+
+    def refuse_a_study_past_its_limits(self) -> None:
+        """A study continued with a lower n_trials or epoch_budget than it already spent would pick
+        its best from all it has, under this run's smaller figures (which main would reuse as such)."""
+        trials = self.study.get_trials(deepcopy=False)
+        done = sum(t.state in FINISHED for t in trials)
+        if done > self.cfg.n_trials:
+            raise ConfigError(f"study {self.name} already has {done} finished trials, more than -P n_trials="
+                              f"{self.cfg.n_trials}: pass -P n_trials={done} or more to continue it, or another "
+                              f"-P optuna_storage for a new study")
+        trained = epochs_trained(trials)
+        if self.cfg.epoch_budget and trained > self.cfg.epoch_budget:
+            raise ConfigError(f"study {self.name} already trained {trained} epochs, more than -P epoch_budget="
+                              f"{self.cfg.epoch_budget}: pass -P epoch_budget={trained} or more (or 0) to continue "
+                              f"it, or another -P optuna_storage for a new study")
 
     def budget_spent(self, running: int) -> bool:
         """Whether one more whole trial would pass epoch_budget: the epochs the study's trials

@@ -381,6 +381,27 @@ def test_a_trial_whose_child_run_was_deleted_in_the_ui_is_passed_over_not_moved(
     assert f"autotune: trial #1 ({children[deleted.number]}) was deleted: passed over" in capsys.readouterr().out
 
 
+def test_a_study_continued_with_fewer_trials_or_epochs_than_it_spent_is_refused_before_anything(store, monkeypatch):
+    cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, n_trials="3")
+    for value in (40.0, 50.0, 45.0):  # three finished trials of two epochs each
+        trial = tuner.study.ask()
+        tuner.spec(trial)
+        trial.report(value - 5, 1)
+        trial.report(value, 2)
+        tuner.study.tell(trial, value)
+    fewer = autotune.Tuner(cfg.replace(n_trials=2), Stage(stage_run, CPU), dataset, lineage.Lineage())
+    with pytest.raises(ConfigError) as refused:  # it would pick the best of 3 as a study of 2
+        fewer.tune()
+    assert str(refused.value) == (
+        f"study {fewer.name} already has 3 finished trials, more than -P n_trials=2: pass -P n_trials=3 or "
+        f"more to continue it, or another -P optuna_storage for a new study")
+    assert len(fewer.study.trials) == 3  # nothing asked, nothing retried
+    tighter = autotune.Tuner(cfg.replace(epoch_budget=5), Stage(stage_run, CPU), dataset, lineage.Lineage())
+    with pytest.raises(ConfigError, match=r"already trained 6 epochs, more than -P epoch_budget=5: pass "
+                                          r"-P epoch_budget=6 or more \(or 0\)"):
+        tighter.tune()
+
+
 def test_a_retry_whose_start_run_was_deleted_for_good_is_start_gone(store, monkeypatch):
     cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, trials_from="best")
     trial = tuner.study.ask()
