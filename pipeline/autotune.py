@@ -366,8 +366,13 @@ class Tuner:
 
     def conclude(self, results: dict[int, RunResult]) -> RunResult:
         states = {t.number: t.state for t in self.study.get_trials(deepcopy=False)}
+        live = sum(state == TrialState.RUNNING for state in states.values())  # ours have all ended
+        if live and results:  # a choice without them, keyed as the whole study, which main would reuse
+            raise LineageError(
+                f"study {self.name} has {live} trials in flight from another driver, which this run would choose "
+                f"without: wait for that driver and run again (the {len(results)} finished here are kept), or, "
+                f"if it is gone, run again after Optuna's {GRACE_PERIOD_S} s grace period or with -P force=true")
         if not results:  # nothing to choose from: say why, not that checkpoints were deleted
-            live = sum(state == TrialState.RUNNING for state in states.values())
             if live:
                 raise LineageError(
                     f"no trial of study {self.name} has finished here: {live} in flight from another driver; "

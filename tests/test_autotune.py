@@ -338,6 +338,27 @@ def test_a_study_whose_every_trial_is_another_drivers_says_so_not_that_checkpoin
         f"driver and run again, or, if it is gone, run again after Optuna's 60 s grace period or with -P force=true")
 
 
+def test_a_study_with_a_trial_in_flight_from_another_driver_does_not_finish_without_it(store, monkeypatch):
+    cfg, dataset, stage_run, tuner = study_of(store, monkeypatch)
+    mine, theirs = tuner.study.ask(), tuner.study.ask()
+    for trial in (mine, theirs):
+        tuner.spec(trial)
+    child = child_of(store, stage_run, mine, status="FINISHED")
+    mine.set_user_attr("mlflow_run_id", child)
+    tuner.study.tell(mine, 40.0)
+    child_of(store, stage_run, theirs)
+    beat(tuner, theirs)  # their driver beats it: 1 finished + 1 in flight = n_trials, nothing to ask
+    again = autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())
+    monkeypatch.setattr(autotune.runner, "result_from_record", lambda run_id, arch: run_id)
+    with pytest.raises(LineageError) as err:
+        again.tune()
+    assert str(err.value) == (
+        f"study {again.name} has 1 trials in flight from another driver, which this run would choose without: "
+        f"wait for that driver and run again (the 1 finished here are kept), or, if it is gone, run again after "
+        f"Optuna's 60 s grace period or with -P force=true")
+    assert "best_child_run_id" not in store.client.get_run(stage_run).data.tags
+
+
 def test_a_trial_whose_child_run_was_deleted_for_good_is_passed_over(store, monkeypatch, capsys):
     cfg, dataset, stage_run, tuner = study_of(store, monkeypatch)
     trial = tuner.study.ask()
