@@ -28,7 +28,8 @@ def run_stage(root: Path, executor: str, args) -> tuple[float, float, str]:
     env.pop("MLFLOW_RUN_ID", None)
     params = {"init": "scratch", "dataset": "synthetic", "synthetic_train": args.train, "synthetic_test": 500,
               "data_dir": root / "data", "lrs": "0.001,0.0005,0.0002,0.0001", "epochs": args.epochs,
-              "bs": 64, "log_every": 1000, "executor": executor, "cpus_per_trial": 1}
+              "bs": 64, "log_every": 1000, "executor": executor,
+              **({"cpus_per_trial": 1} if executor == "ray" else {})}  # refused where nothing places children
     cmd = [str(BIN / "mlflow"), "run", str(PROJECT), "-e", "tune_lr", "--env-manager", "local"]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]

@@ -324,6 +324,8 @@ def load(stage: str, overrides: Mapping[str, Any] | None = None) -> Config:
     check_stage_reads(values["stage"], overrides or {})
     check_model_overrides(values["stage"], overrides or {})
     check_capped_overrides(values, overrides or {})
+    check_search_overrides(values, overrides or {})
+    check_execution_overrides(values, overrides or {})
     return check_repeat_seeds(check_epoch_budget(apply_caps(validate(Config(**values)))))
 
 
@@ -399,6 +401,40 @@ def check_repeat_seeds(cfg: Config) -> Config:
 
 # a scalar that a non-empty sweep list replaces: giving it alone would be silently ignored
 SWEEP_OF = {"lr": "lrs", "gamma": "gammas", "wd": "wds", "bs": "bss", "arch": "archs"}
+
+
+# what autotune draws or trains each trial with instead of the scalar (bs: its bss, above)
+SEARCHED_BY = {"lr": "lr_range", "gamma": "gamma_range", "wd": "wd_range", "epochs": "trial_epochs"}
+
+
+def check_search_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
+    if values["stage"] != "autotune":
+        return
+    for scalar, instead in SEARCHED_BY.items():
+        if scalar in overrides:
+            raise ConfigError(f"-P {scalar}={overrides[scalar]} would be ignored: autotune trains each trial with "
+                              f"{instead}={format_value(values.get(instead))}; pass -P {instead}=... instead")
+
+
+# Where a stage's children train: read by the stages that have children, and only on Ray
+RAY_ONLY = ("ray_address", "cpus_per_trial", "gpus_per_trial")
+
+
+def check_execution_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
+    """`train` is one run in its own process: it places no children, on Ray or anywhere. The Ray
+    keys, and trial_batch above one at a time, place children on Ray only."""
+    if values["stage"] == "train":
+        given = [n for n in ("executor", *RAY_ONLY, "max_retries")
+                 if n in overrides and not (n == "executor" and values[n] == "local")]
+        if given:
+            raise ConfigError(f"-P {given[0]}={overrides[given[0]]} would be ignored: train trains one run in its "
+                              f"own process (the executor places a stage's children); drop it")
+    elif values.get("executor") != "ray":
+        given = [n for n in (*RAY_ONLY, "trial_batch") if n in overrides and not (n == "trial_batch" and
+                                                                                   values[n] == 0)]
+        if given:
+            raise ConfigError(f"-P {given[0]}={overrides[given[0]]} would be ignored: it places children on Ray, "
+                              f"and executor={values.get('executor')}; add -P executor=ray, or drop it")
 
 
 def check_sweep_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:

@@ -395,6 +395,35 @@ def test_what_only_predict_or_evaluate_reads_is_refused_elsewhere_and_each_takes
         assert str(err.value) == line
 
 
+def test_what_autotune_draws_and_where_children_train_are_refused_where_nothing_reads_them():
+    assert config.load("autotune", {"trial_epochs": "3", "lr_range": "1e-4,1e-3"}).trial_epochs == 3
+    assert config.load("train", {"executor": "local"}).executor == "local"
+    assert config.load("tune_lr", {"executor": "ray", "ray_address": "auto", "cpus_per_trial": "2"}).cpus_per_trial == 2
+    assert config.load("autotune", {"trial_batch": "0"}).trial_batch == 0
+    for stage, given, line in (
+            ("autotune", {"lr": "1e-4"},
+             "-P lr=1e-4 would be ignored: autotune trains each trial with lr_range=1e-05,0.002; pass "
+             "-P lr_range=... instead"),
+            ("autotune", {"epochs": "30"},
+             "-P epochs=30 would be ignored: autotune trains each trial with trial_epochs=10; pass "
+             "-P trial_epochs=... instead"),
+            ("train", {"executor": "ray"},
+             "-P executor=ray would be ignored: train trains one run in its own process (the executor places a "
+             "stage's children); drop it"),
+            ("train", {"ray_address": "auto"},
+             "-P ray_address=auto would be ignored: train trains one run in its own process (the executor places a "
+             "stage's children); drop it"),
+            ("tune_lr", {"cpus_per_trial": "2"},
+             "-P cpus_per_trial=2 would be ignored: it places children on Ray, and executor=local; add "
+             "-P executor=ray, or drop it"),
+            ("autotune", {"trial_batch": "4"},
+             "-P trial_batch=4 would be ignored: it places children on Ray, and executor=local; add "
+             "-P executor=ray, or drop it")):
+        with pytest.raises(ConfigError) as err:
+            config.load(stage, given)
+        assert str(err.value) == line, (stage, given)
+
+
 def test_the_stage_is_the_entry_point_never_a_parameter():
     with pytest.raises(ConfigError) as err:
         config.load("train", {"stage": "deepen"})
