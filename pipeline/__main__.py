@@ -54,8 +54,7 @@ def run(stage: str, overrides: dict[str, str]) -> int:
     runtime.tune_allocator()  # before the first tensor: MyVgg's epoch on CPU took 1.6x as long without
     cfg = config.load(stage, overrides)  # every value checked before any work
     if stage == "main":  # and what main hands its stages, before main's run exists
-        for chained in workflow.CHAINS[cfg.tuner]:  # as each stage loads it: its yaml, the scale, the caps
-            config.load(chained, workflow.stage_parameters(chained, overrides))
+        workflow.check_chain(cfg.tuner, overrides)
     checks = []
     if stage == "autotune" or (stage == "main" and cfg.tuner == "optuna"):
         import mlflow
@@ -167,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow 3.17 unpickles by default: nothing this process loads from a store may run code. Set
     # before MLflow reads it, inherited by every process this one starts (stages, Ray workers).
     os.environ.setdefault(PICKLE, "false")
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is written \udce9, never a traceback
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     if os.environ[PICKLE].lower() in ("true", "1"):
         print(f"note: {PICKLE}={os.environ[PICKLE]} (set by you): MLflow may unpickle what it loads; "
               f"this pipeline still loads pt2 models and weights-only checkpoints only", flush=True)

@@ -47,7 +47,7 @@ from .errors import ConfigError, LineageError  # noqa: E402
 from .executor import ChildSpec  # noqa: E402
 from .lineage import Lineage, stage_arch  # noqa: E402
 from .runner import RunResult, Stage, log  # noqa: E402
-from .tracking import redacted  # noqa: E402
+from .urls import redacted  # noqa: E402
 from .tuning import (GRACE_PERIOD_S, Heartbeats, SearchSpace, TrialRef, build_pruner, epoch_hook,  # noqa: E402
                      experiment_scope, open_storage, sampler, selection_value, short, storage_url,
                      study_name, trial_name)
@@ -296,8 +296,8 @@ class Tuner:
         """Asynchronous trials: a new trial is asked for as soon as a slot frees (a pruned trial's
         slot does not wait for the slowest of a batch), until n_trials have finished or are in
         flight. This driver beats Optuna's heartbeat for each trial it has in flight."""
+        self.retry_interrupted()  # records a trial whose child finished after its command died: it counts
         self.refuse_a_study_past_its_limits()
-        self.retry_interrupted()
         results = self.earlier_results()
         asked = {}  # trial number -> Trial, in flight
         beats = Heartbeats(self.storage)
@@ -370,7 +370,7 @@ class Tuner:
         if live and results:  # a choice without them, keyed as the whole study, which main would reuse
             raise LineageError(
                 f"study {self.name} has {live} trials in flight from another driver, which this run would choose "
-                f"without: wait for that driver and run again (the {len(results)} finished here are kept), or, "
+                f"without: wait for that driver and run again (its {len(results)} finished trials are kept), or, "
                 f"if it is gone, run again after Optuna's {GRACE_PERIOD_S} s grace period or with -P force=true")
         if not results:  # nothing to choose from: say why, not that checkpoints were deleted
             if live:

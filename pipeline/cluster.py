@@ -13,7 +13,7 @@ from . import interrupts
 from .config import Config
 from .errors import ConfigError, first_line
 from .runner import log
-from .tracking import redacted
+from .urls import redacted
 
 # MLflow tracking settings a worker on another machine needs (it does not share our environment)
 TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",

@@ -10,12 +10,12 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import urlsplit
 
 import yaml
 
 from .errors import ConfigError
 from .rules import RULES
+from .urls import holds_password
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 PARAMS_DIR = PROJECT_DIR / "params"
@@ -277,15 +277,9 @@ def validate(cfg: Config) -> Config:
     if holds_password(cfg.optuna_storage):  # said without the value, which would show it
         raise ConfigError("parameter optuna_storage holds a password, which every run would log (its params and "
                           "config.yaml): drop it from the URL and give it as the database driver reads it "
-                          "(PostgreSQL: PGPASSWORD or ~/.pgpass)")
+                          "(PostgreSQL: PGPASSWORD or ~/.pgpass); `mlflow run` logs every -P on the run it makes "
+                          "before this check, so delete that run (`mlflow runs delete`, then `mlflow gc`)")
     return cfg
-
-
-def holds_password(url: str) -> bool:
-    try:
-        return urlsplit(url).password is not None
-    except ValueError:  # not a URL at all: the storage check says so
-        return False
 
 
 def read_yaml(path: Path) -> dict:
@@ -422,7 +416,7 @@ RAY_ONLY = ("ray_address", "cpus_per_trial", "gpus_per_trial")
 
 def check_execution_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
     """`train` is one run in its own process: it places no children, on Ray or anywhere. The Ray
-    keys, and trial_batch above one at a time, place children on Ray only."""
+    keys, and a trial_batch other than 0 (one at a time here), place children on Ray only."""
     if values["stage"] == "train":
         given = [n for n in ("executor", *RAY_ONLY, "max_retries")
                  if n in overrides and not (n == "executor" and values[n] == "local")]

@@ -77,8 +77,8 @@ def tuned_by_parent(cfg: Config, given: frozenset = frozenset()) -> tuple[Config
     if "lr" not in given and tuned_under != cfg.lr_schedule:  # its best lr means another rate under another schedule
         raise LineageError(
             f"parent autotune run {cfg.parent_run_id} tuned lr with lr_schedule={tuned_under}, and {cfg.stage} "
-            f"would train it with lr_schedule={cfg.lr_schedule}: pass -P lr_schedule={tuned_under} (or set it in "
-            f"params/{cfg.stage}.yaml), or -P lr=<value>")
+            f"would train it with lr_schedule={cfg.lr_schedule}: pass -P lr_schedule={tuned_under} or -P lr=<value> "
+            f"(under main, which passes neither on: set lr_schedule: {tuned_under} in params/{cfg.stage}.yaml)")
     changes, sources = {}, {}
     for name in TUNED:
         if name in given:

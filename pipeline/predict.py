@@ -234,7 +234,7 @@ def predict(cfg: Config, run_id: str | None, model=None) -> int:
     for name, label, conf in zip(inputs.names, labels, confidence):
         writer.writerow([name, int(label), f"{float(conf):.4f}"])
     try:  # whole or not at all: a kill or a full disk leaves an earlier output as it was
-        with atomic_write(output, "w", newline="") as fh:
+        with atomic_write(output, "w", newline="", encoding="utf-8") as fh:  # as the logged copy
             fh.write(table.getvalue())
     except OSError as err:
         raise PredictError(unwritable(output, err.strerror or type(err).__name__)) from None

@@ -350,12 +350,12 @@ def withdraw(registered: list) -> None:
                   f"delete it by hand", flush=True)
             continue
         back = ""
-        # and only if no other run moved it between that read and the delete (which unset it)
-        if ours and previous and current_champion(name) is None:
-            try:
-                client.set_registered_model_alias(name, CHAMPION, previous)
-                back = f"; alias '{CHAMPION}' back on version {previous}"
-            except MlflowException as err:  # that version was deleted since, by hand
+        if ours and previous:
+            try:  # only if no other run moved it between that read and the delete (which unset it)
+                if current_champion(name) is None:
+                    client.set_registered_model_alias(name, CHAMPION, previous)
+                    back = f"; alias '{CHAMPION}' back on version {previous}"
+            except MlflowException as err:  # that version was deleted since, by hand; or the store refused
                 back = (f"; alias '{CHAMPION}' not put back on version {previous} ({first_line(err, 120)}): "
                         f"it is unset")
         print(f"withdrew {name} version {version}: its run did not finish{back}", flush=True)

@@ -20,6 +20,7 @@ from .lineage import resolve_lineage, tuned_by_parent
 from .runner import RunResult, Stage, log
 from .runtime import Runtime
 from .stages import PHASE2_START, STAGES
+from .urls import redacted
 
 
 def run_name(cfg: Config) -> str:
@@ -70,7 +71,7 @@ def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
             stage = Stage(run_id, resolved, frozenset(r.info.run_id for r in earlier),
                           code_version=keys.code_version())
             client.set_tag(run_id, lifecycle.STAGE_KEY, stage_key)
-            log(f"{cfg.stage}: run {run_id} in {tracking.redacted(mlflow.get_tracking_uri())}")
+            log(f"{cfg.stage}: run {run_id} in {redacted(mlflow.get_tracking_uri())}")
 
             def on_success() -> None:
                 for old in earlier:  # their children now belong to this run

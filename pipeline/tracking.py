@@ -9,7 +9,7 @@ import platform
 import re
 import subprocess
 from pathlib import Path
-from urllib.parse import urlparse, urlsplit
+from urllib.parse import urlparse
 
 import mlflow
 import torch
@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from .config import PROJECT_DIR, Config
 from .errors import LineageError
 from .keys import code_version
+from .urls import redacted
 
 # On stage runs and their children: the data digest their weights descend from, or "mixed" when
 # they grew out of a parent's weights trained on other data (lineage.Lineage.data_of).
@@ -262,18 +263,6 @@ def has_artifact(run_id: str, artifact_path: str) -> bool:
 
 
 # -- lineage -----------------------------------------------------------------------------------
-
-def redacted(uri: str) -> str:
-    """`uri` as a message or log line may show it: a password in it becomes *** (user:***@host)."""
-    try:
-        parts = urlsplit(uri)
-        if parts.password is None:
-            return uri
-    except ValueError:  # not a URL: nothing to hide
-        return uri
-    userinfo, _, host = parts.netloc.rpartition("@")
-    return parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}").geturl()
-
 
 def get_run(run_id: str, role: str = "parent"):
     try:

@@ -13,7 +13,7 @@ from . import cluster, keys
 from .config import Config, absolute
 from .errors import ConfigError, first_line
 from .runtime import Runtime
-from .tracking import redacted
+from .urls import redacted
 
 
 # -- the search space -------------------------------------------------------------------------------
@@ -99,6 +99,12 @@ def in_memory(url: str) -> bool:
                                                        or parsed.query.get("mode") == "memory")
 
 
+def absolute_sqlite(url: str) -> str:
+    """A sqlite:/// URL with its file as this process's working directory reads it; else as given."""
+    path = sqlite_file(url)
+    return url if path is None else f"sqlite:///{path}"
+
+
 def default_storage(tracking_uri: str) -> str:
     """SQLite beside a SQLite tracking store (mlflow.db -> mlflow.optuna.db), else ./optuna.db.
     Never the MLflow database itself: both keep their schema version in an alembic_version table."""
@@ -141,9 +147,7 @@ def storage_url(cfg: Config, tracking_uri: str) -> str:
     if in_memory(url):
         raise ConfigError(f"optuna_storage={url} is a database in memory, which no trial (another connection) "
                           f"shares: pass a file (sqlite:///study.db) or a server, or leave it empty")
-    study_file = sqlite_file(url)
-    if study_file is not None:  # as this directory reads it: Ray's workers run in theirs
-        url = f"sqlite:///{study_file}"
+    url = absolute_sqlite(url)  # as this directory reads it: Ray's workers run in theirs
     if same_database(url, tracking_uri):
         raise ConfigError(f"optuna_storage={redacted(url)} is the MLflow tracking database: Optuna needs its own "
                           f"(both keep an alembic_version table); pass another, or leave it empty")

@@ -44,9 +44,8 @@ def autotune_overrides(overrides: dict[str, str]) -> dict[str, str]:
     if given and overrides.get("tuner", "seed") != "optuna":
         raise ConfigError(f"main passes {', '.join(given)} to the autotune stage, which runs with "
                           f"-P tuner=optuna only: add it, or drop {', '.join(given)}")
-    study_file = tuning.sqlite_file(given.get("optuna_storage", ""))
-    if study_file is not None:  # as main's working directory reads it (the stage runs in the project's)
-        given["optuna_storage"] = f"sqlite:///{study_file}"
+    if "optuna_storage" in given:  # as main's working directory reads it (the stage runs in the project's)
+        given["optuna_storage"] = tuning.absolute_sqlite(given["optuna_storage"])
     return given
 
 
@@ -82,6 +81,17 @@ def stage_parameters(stage: str, overrides: dict[str, str], parent: str = "") ->
     if not config_mod.registers(stage):
         parameters.pop("registered_model", None)
     return parameters
+
+
+def check_chain(tuner: str, overrides: dict[str, str]) -> None:
+    """Each stage's config as the stage will load it (its yaml, the scale, the caps), before any
+    run exists; with tuner=optuna, retrain must train autotune's lr under the schedule it was
+    tuned with (lineage.tuned_by_parent refuses it only once the study has run)."""
+    loaded = {stage: config_mod.load(stage, stage_parameters(stage, overrides)) for stage in CHAINS[tuner]}
+    if tuner == "optuna" and loaded["autotune"].lr_schedule != loaded["retrain"].lr_schedule:
+        raise ConfigError(f"autotune would tune lr with lr_schedule={loaded['autotune'].lr_schedule} and retrain "
+                          f"train it with lr_schedule={loaded['retrain'].lr_schedule}: set the same lr_schedule "
+                          f"in params/autotune.yaml and params/retrain.yaml (main passes none on)")
 
 
 def run_stage(stage: str, parameters: dict[str, str], cfg: Config, experiment_id: str, resolved: Runtime) -> str:

@@ -110,15 +110,16 @@ def uv_sources(listed: str, environ: dict[str, str]) -> dict[str, str]:
             found[uv_name] = (rank[section], value.strip().strip("'\""))
     sources = {uv_name: value for uv_name, (_, value) in found.items() if uv_name not in environ}
     sources.pop("UV_OFFLINE", None)
-    if found.get("UV_OFFLINE", (0, ""))[1].lower() in ("1", "true", "yes", "on"):
-        # pip's no-index: find-links only. uv has no variable for it; where every find-links
-        # location is on disk, uv offline installs the same (otherwise uv also asks PyPI)
+    links = environ["UV_FIND_LINKS"].split(",") if "UV_FIND_LINKS" in environ else \
+        found["UV_FIND_LINKS"][1].split() if "UV_FIND_LINKS" in found else []
+    on_disk = all("://" not in link or link.startswith("file://") for link in links)
+    if found.get("UV_OFFLINE", (0, ""))[1].lower() in ("1", "true", "yes", "on") and on_disk and \
+            not {"UV_OFFLINE", *INDEXES} & environ.keys():
+        # pip's no-index: find-links only. uv has no variable for it; with every location on disk,
+        # uv offline installs the same (with one elsewhere, or an index of yours, uv keeps its indexes)
         for name in INDEXES:
             sources.pop(name, None)
-        links = environ["UV_FIND_LINKS"].split(",") if "UV_FIND_LINKS" in environ else \
-            found["UV_FIND_LINKS"][1].split() if "UV_FIND_LINKS" in found else []
-        if "UV_OFFLINE" not in environ and all("://" not in link or link.startswith("file://") for link in links):
-            sources["UV_OFFLINE"] = "1"
+        sources["UV_OFFLINE"] = "1"
     if "UV_FIND_LINKS" in sources:  # pip separates them with spaces, uv with commas
         sources["UV_FIND_LINKS"] = ",".join(sources["UV_FIND_LINKS"].split())
     if "UV_INDEX" in sources and "UV_INDEX_STRATEGY" not in environ:

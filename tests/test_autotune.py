@@ -101,9 +101,14 @@ def test_a_study_url_with_a_password_or_in_memory_is_refused_in_one_line_that_ne
         config.load("autotune", {"optuna_storage": "postgresql://tuner:hidden@db/optuna"})
     assert str(refused.value) == (
         "parameter optuna_storage holds a password, which every run would log (its params and config.yaml): "
-        "drop it from the URL and give it as the database driver reads it (PostgreSQL: PGPASSWORD or ~/.pgpass)")
-    with pytest.raises(ConfigError, match="holds a password"):
-        config.load("main", {"tuner": "optuna", "optuna_storage": "mysql+pymysql://u:p@db/m"})
+        "drop it from the URL and give it as the database driver reads it (PostgreSQL: PGPASSWORD or ~/.pgpass); "
+        "`mlflow run` logs every -P on the run it makes before this check, so delete that run (`mlflow runs "
+        "delete`, then `mlflow gc`)")
+    # however it is spelt: SQLAlchemy takes # and / in a password unencoded, and ?password=
+    for spelt in ("mysql+pymysql://u:p@db/m", "postgresql://u:pa#ss@db/optuna", "postgresql://u:pa/ss@db/optuna",
+                  "postgresql://u@db/optuna?password=secret"):
+        with pytest.raises(ConfigError, match="holds a password"):
+            config.load("main", {"tuner": "optuna", "optuna_storage": spelt})
     assert config.load("autotune", {"optuna_storage": "postgresql://tuner@db/optuna"})  # the user alone passes
     for memory in ("sqlite://", "sqlite:///:memory:", "sqlite:///file:s?mode=memory&uri=true"):
         with pytest.raises(ConfigError) as refused:  # each connection would get a database of its own
@@ -204,14 +209,31 @@ def test_retrain_refuses_an_lr_tuned_under_another_schedule_than_it_would_train_
     with pytest.raises(LineageError) as err:
         lineage.tuned_by_parent(config.load("retrain", {"parent_run_id": tuned}))
     assert str(err.value) == (f"parent autotune run {tuned} tuned lr with lr_schedule=cosine, and retrain would "
-                              f"train it with lr_schedule=constant: pass -P lr_schedule=cosine (or set it in "
-                              f"params/retrain.yaml), or -P lr=<value>")
+                              f"train it with lr_schedule=constant: pass -P lr_schedule=cosine or -P lr=<value> "
+                              f"(under main, which passes neither on: set lr_schedule: cosine in params/retrain.yaml)")
     same = config.load("retrain", {"parent_run_id": tuned, "lr_schedule": "cosine"})
     cfg, _ = lineage.tuned_by_parent(same, frozenset({"parent_run_id", "lr_schedule"}))
     assert (cfg.lr, cfg.lr_schedule) == (0.00031, "cosine")
     own_lr = config.load("retrain", {"parent_run_id": tuned, "lr": "1e-5"})
     cfg, _ = lineage.tuned_by_parent(own_lr, frozenset({"parent_run_id", "lr"}))
     assert (cfg.lr, cfg.gamma, cfg.lr_schedule) == (1e-5, 0.5, "constant")
+
+
+def test_main_refuses_before_any_run_an_autotune_and_a_retrain_under_different_schedules(monkeypatch):
+    load = config.load
+
+    def autotune_under_cosine(stage, overrides=None):  # as params/autotune.yaml with lr_schedule: cosine
+        cfg = load(stage, overrides)
+        return cfg.replace(lr_schedule="cosine") if stage == "autotune" else cfg
+
+    workflow.check_chain("optuna", {"tuner": "optuna"})
+    monkeypatch.setattr(workflow.config_mod, "load", autotune_under_cosine)
+    workflow.check_chain("seed", {})  # no autotune in the seed's chain
+    with pytest.raises(ConfigError) as refused:
+        workflow.check_chain("optuna", {"tuner": "optuna"})
+    assert str(refused.value) == (
+        "autotune would tune lr with lr_schedule=cosine and retrain train it with lr_schedule=constant: set the "
+        "same lr_schedule in params/autotune.yaml and params/retrain.yaml (main passes none on)")
 
 
 def test_main_swaps_the_seed_sweeps_for_autotune_only_with_tuner_optuna():
@@ -354,7 +376,7 @@ def test_a_study_with_a_trial_in_flight_from_another_driver_does_not_finish_with
         again.tune()
     assert str(err.value) == (
         f"study {again.name} has 1 trials in flight from another driver, which this run would choose without: "
-        f"wait for that driver and run again (the 1 finished here are kept), or, if it is gone, run again after "
+        f"wait for that driver and run again (its 1 finished trials are kept), or, if it is gone, run again after "
         f"Optuna's 60 s grace period or with -P force=true")
     assert "best_child_run_id" not in store.client.get_run(stage_run).data.tags
 
@@ -402,7 +424,8 @@ def test_a_trial_whose_child_run_was_deleted_in_the_ui_is_passed_over_not_moved(
     assert f"autotune: trial #1 ({children[deleted.number]}) was deleted: passed over" in capsys.readouterr().out
 
 
-def test_a_study_continued_with_fewer_trials_or_epochs_than_it_spent_is_refused_before_anything(store, monkeypatch):
+def test_a_study_continued_with_fewer_trials_or_epochs_than_it_spent_is_refused_before_it_asks_for_more(
+        store, monkeypatch):
     cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, n_trials="3")
     for value in (40.0, 50.0, 45.0):  # three finished trials of two epochs each
         trial = tuner.study.ask()
@@ -416,10 +439,16 @@ def test_a_study_continued_with_fewer_trials_or_epochs_than_it_spent_is_refused_
     assert str(refused.value) == (
         f"study {fewer.name} already has 3 finished trials, more than -P n_trials=2: pass -P n_trials=3 or "
         f"more to continue it, or another -P optuna_storage for a new study")
-    assert len(fewer.study.trials) == 3  # nothing asked, nothing retried
-    tighter = autotune.Tuner(cfg.replace(epoch_budget=5), Stage(stage_run, CPU), dataset, lineage.Lineage())
-    with pytest.raises(ConfigError, match=r"already trained 6 epochs, more than -P epoch_budget=5: pass "
-                                          r"-P epoch_budget=6 or more \(or 0\)"):
+    assert len(fewer.study.trials) == 3  # nothing asked
+    # a fourth trial, whose command was stopped after 2 epochs: its epochs count once it is retried
+    stopped = tuner.study.ask()
+    tuner.spec(stopped)
+    stopped.report(30.0, 1)
+    stopped.report(35.0, 2)
+    child_of(store, stage_run, stopped, status="KILLED")
+    tighter = autotune.Tuner(cfg.replace(epoch_budget=7), Stage(stage_run, CPU), dataset, lineage.Lineage())
+    with pytest.raises(ConfigError, match=r"already trained 8 epochs, more than -P epoch_budget=7: pass "
+                                          r"-P epoch_budget=8 or more \(or 0\)"):
         tighter.tune()
 
 

@@ -1,6 +1,9 @@
 """The CLI (`python -m pipeline`): every refusal is one line with its exit code, and a command
 whose runs were stopped on an error's way up says how to continue them."""
+import io
+import os
 import sqlite3
+import sys
 
 import optuna
 import pytest
@@ -32,6 +35,18 @@ def test_a_user_error_is_one_line_with_its_exit_code(monkeypatch, capsys):
     assert err[1].startswith("runs child-y marked KILLED;") and err[1].endswith(
         "Continue with the same command: mlflow run . -e tune_lr --env-manager local -P lrs=0.001,0.002")
     assert issubclass(ChildFailed, Exception) and ConfigError.exit_code == 2
+
+
+def test_a_line_naming_a_file_whose_name_is_not_utf8_is_written_escaped_where_stdout_is_strict(monkeypatch):
+    """Under en_US.UTF-8 (not C), stdout refuses the surrogate that stands for byte 0xe9 in a
+    Latin-1 file name: the line is written with \\udce9, not a UnicodeEncodeError traceback."""
+    strict = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", strict)
+    name = os.fsdecode(b"caf\xe9.png")  # as os.listdir gives it: 0xe9 as the surrogate \udce9
+    monkeypatch.setattr(session, "run", lambda cfg, given: print(f"cannot read image {name}"))
+    assert cli.main(["train"]) == 0
+    strict.flush()
+    assert strict.buffer.getvalue() == b"cannot read image caf\\udce9.png\n"
 
 
 def test_an_error_that_stopped_runs_prints_the_command_that_continues_them(monkeypatch, capsys):

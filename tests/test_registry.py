@@ -253,6 +253,24 @@ def test_withdraw_puts_the_alias_back_only_if_it_still_points_at_the_withdrawn_v
     monkeypatch.setattr(MlflowClient, "delete_model_version", moved_meanwhile)
     registry.withdraw(registered)
     assert champion(local, "m-withdraw") == other and versions() == {first, other}  # not back on `first`
+    monkeypatch.setattr(MlflowClient, "delete_model_version", real_delete)
+    # the store fails as withdraw looks at the alias again: said, and the next version is withdrawn too
+    for _ in range(2):
+        register(local, cfg, dataset, PRESENT, capsys, registered=registered)
+    real_lookup, lookups = MlflowClient.get_model_version_by_alias, []
+
+    def fails_after_the_delete(self, name, alias):
+        lookups.append(name)
+        if len(lookups) == 3:  # 1: the tie's version, not the champion; 2: the champion's, then deleted
+            raise MlflowException("the store is down")
+        return real_lookup(self, name, alias)
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", fails_after_the_delete)
+    capsys.readouterr()
+    registry.withdraw(registered)
+    assert registered == [] and versions() == {first, other}
+    out = capsys.readouterr().out
+    assert "not put back on version" in out and "(the store is down)" in out
 
 
 def test_a_version_left_by_a_run_that_died_unfinished_is_withdrawn_and_the_alias_put_back(local, colour_data,

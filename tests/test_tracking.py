@@ -115,13 +115,18 @@ def test_other_store_errors_are_not_taken_for_the_race(error_class, statement, w
 
 
 def test_a_password_in_a_store_uri_never_reaches_a_message(monkeypatch):
-    from pipeline import cluster, config
+    from pipeline import cluster, config, urls
     from pipeline.errors import ConfigError
 
-    assert tracking.redacted("postgresql://mlflow:hunter2@db:5432/mlflow") == "postgresql://mlflow:***@db:5432/mlflow"
-    assert tracking.redacted("https://me:hunter2@mlflow.example/x?y=1") == "https://me:***@mlflow.example/x?y=1"
+    for given, shown in (("postgresql://mlflow:hunter2@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow"),
+                         ("https://me:hunter2@mlflow.example/x?y=1", "https://me:***@mlflow.example/x?y=1"),
+                         ("postgresql://u:hun#ter2@db/m", "postgresql://u:***@db/m"),  # SQLAlchemy reads it so
+                         ("postgresql://u:hun/ter2@db/m", "postgresql://u:***@db/m"),
+                         ("postgresql://u@db/m?password=hunter2", "postgresql://u@db/m?password=***"),
+                         ("weird://me:hunter2@host:port", "weird://me:***@host:port")):  # no database URL
+        assert urls.redacted(given) == shown
     for kept in ("postgresql://mlflow@db/mlflow", "sqlite:///mlflow.db", "databricks://profile:x", "[::1"):
-        assert tracking.redacted(kept) == kept
+        assert urls.redacted(kept) == kept
     # a database store with a Ray cluster elsewhere: refused, and the line shows the URI without it
     monkeypatch.setattr(cluster, "tracking_uri", lambda: "postgresql://mlflow:hunter2@db/mlflow")
     with pytest.raises(ConfigError) as refused:

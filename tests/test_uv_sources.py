@@ -42,7 +42,9 @@ def test_pips_certificate_and_trusted_hosts_go_to_uv_and_no_index_keeps_uv_off_e
         "UV_OFFLINE": "1",  # pip reads find-links alone, all on disk: uv installs the same offline
     }
     remote = listed.replace("'/env/wheels /more/wheels'", "'/env/wheels https://wheels.corp/links'")
-    assert "UV_OFFLINE" not in demo.uv_sources(remote, {})  # offline would lose the remote find-links
+    sources = demo.uv_sources(remote, {})  # offline would lose the remote find-links: pip's indexes, as before
+    assert "UV_OFFLINE" not in sources and sources["UV_DEFAULT_INDEX"] == "https://install.example/simple"
+    assert "UV_OFFLINE" not in demo.uv_sources(listed, {"UV_INDEX": "https://mine.example/simple"})  # yours wins
     assert "UV_OFFLINE" not in demo.uv_sources(LISTED + "global.no-index='false'\n", {})
 
 

@@ -85,7 +85,7 @@ def test_main_hands_on_whole_sections_and_autotune_gets_its_study_section(monkey
     for given in ({"epochs": "5", "max_epochs": "10"}, {"max_epochs": "10", "epochs": "5"},  # the tighter cap,
                   {"epochs": "5", "max_epochs": "0"}, {"max_epochs": "0", "epochs": "5"}):  # in either order
         assert workflow.stage_overrides(given) == {"max_epochs": "5"}, given
-    assert workflow.stage_overrides({"repeats": "3", "max_repeats": "2"}) == {"max_repeats": "2"}
+    assert workflow.stage_overrides({"repeats": "2", "max_repeats": "3"}) == {"max_repeats": "2"}
     assert workflow.autotune_overrides({"tuner": "optuna", "n_trials": "3", "optuna_storage": "sqlite:////db/x.db"}) == \
         {"n_trials": "3", "optuna_storage": "sqlite:////db/x.db"}
     with pytest.raises(ConfigError, match="main does not pass 'lr' on to the stages"):

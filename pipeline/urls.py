@@ -1,0 +1,41 @@
+"""Store URLs as messages and params may show them: a password in one is found however it is
+spelt (SQLAlchemy takes `#` or `/` in it unencoded, or `?password=`), and shown as ***."""
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+PASSWORD_KEYS = ("password", "passwd", "pwd")  # what database drivers read from a URL's query
+
+
+def _database_url(url: str):
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError):  # not one SQLAlchemy reads (databricks://profile:x)
+        return None
+
+
+def holds_password(url: str) -> bool:
+    parsed = _database_url(url)
+    if parsed is not None:
+        return parsed.password is not None or any(key in parsed.query for key in PASSWORD_KEYS)
+    try:
+        return urlsplit(url).password is not None
+    except ValueError:  # not a URL at all
+        return False
+
+
+def redacted(url: str) -> str:
+    """`url` with any password in it as *** (user:***@host, ?password=***); else as given."""
+    if not holds_password(url):
+        return url
+    parsed = _database_url(url)
+    if parsed is not None:
+        hidden = {key: "***" for key in PASSWORD_KEYS if key in parsed.query}
+        shown = parsed.set(query={**parsed.query, **hidden}).render_as_string(hide_password=True)
+        return shown.replace("%2A%2A%2A", "***")  # the query's, as the password's
+    parts = urlsplit(url)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    return parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}").geturl()
