@@ -62,6 +62,16 @@ def test_decode_once_cache_is_reused_and_invalidated_on_change(mat_folder):
     assert data._cache_file(path) != cache and len(data.read_mat(path, "train", verify=False)[0]) == 10
 
 
+def test_a_cache_that_cannot_be_written_is_a_note_and_the_data_is_read(mat_folder, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("")  # where the cache folder would be: as a read-only project, mkdir fails
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "a_file" / ".svhn-cache")
+    path = mat_folder / "train_32x32.mat"
+    images, labels = data.read_mat(path, "train", verify=False)
+    X, y = synthetic.generate("train", 64)
+    assert torch.equal(images, torch.from_numpy(X).permute(3, 2, 0, 1)) and len(labels) == 64
+    assert "note: could not keep the decoded train_32x32.mat in " in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("problem", ["folder", "file", "checksum", "corrupt"])
 def test_bad_data_gets_one_line_naming_path_and_fix(tmp_path, mat_folder, problem):
     overrides = {"dataset": "svhn", "data_dir": str(mat_folder), "verify": "false"}
