@@ -30,7 +30,10 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
             if i + 1 >= len(rest):
                 raise ConfigError(f"parameter --{key} has no value: pass --{key} VALUE (or -P {key}=VALUE)")
             value, i = rest[i + 1], i + 1
-        overrides[key.replace("-", "_")] = value
+        name = key.replace("-", "_")
+        if name in overrides and overrides[name] != value:  # which one would win is no answer to give
+            raise ConfigError(f"parameter {name} given twice ({overrides[name]} and {value}): give it once")
+        overrides[name] = value
         i += 1
     return stage, overrides
 
@@ -41,7 +44,10 @@ def continue_command(stage: str, overrides: dict[str, str]) -> str:
 
     params = " ".join(f"-P {shlex.quote(f'{k}={v}')}" for k, v in overrides.items() if k != "force")
     env_manager = overrides.get("env_manager", "local")
-    return f"mlflow run . -e {stage} --env-manager {env_manager} {params}".rstrip()
+    # `mlflow run` tells its command the experiment (--experiment-name svhn-demo): reuse looks there only
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_ID", "")
+    where = f" --experiment-id {shlex.quote(experiment)}" if experiment else ""
+    return f"mlflow run . -e {stage}{where} --env-manager {env_manager} {params}".rstrip()
 
 
 def run(stage: str, overrides: dict[str, str]) -> int:

@@ -8,9 +8,11 @@ PASSWORD_KEYS = ("password", "passwd", "pwd")  # what database drivers read from
 
 
 def _database_url(url: str):
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
+    try:  # scripts/demo.py shows pip's indexes with this before SQLAlchemy is installed
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+    except ImportError:
+        return None
     try:
         return make_url(url)
     except (ArgumentError, ValueError):  # not one SQLAlchemy reads (databricks://profile:x)

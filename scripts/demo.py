@@ -11,6 +11,7 @@ and its true digit (test0042_digit7.png); `report` reads the truth back from the
 """
 from __future__ import annotations
 
+import ast
 import csv
 import os
 import re
@@ -95,6 +96,16 @@ def ui(experiment: str) -> int:
     return 0
 
 
+def pip_value(printed: str) -> str:
+    """A value as `pip config list` prints it (its repr: a pip.conf list over several lines reads
+    '\\n/a\\n/b'), as one line: the items separated by spaces."""
+    try:
+        value = ast.literal_eval(printed.strip())
+    except (ValueError, SyntaxError):
+        value = printed.strip().strip("'\"")
+    return " ".join(str(value).split())
+
+
 def uv_sources(listed: str, environ: dict[str, str]) -> dict[str, str]:
     """The UV_* variables that say what `pip config list` printed (`listed`) about where pip
     install finds wheels and whom it trusts: its PIP_* variables first, then its [install]
@@ -107,7 +118,7 @@ def uv_sources(listed: str, environ: dict[str, str]) -> dict[str, str]:
         section, _, name = key.rpartition(".")
         uv_name = PIP_TO_UV.get(name)
         if uv_name and section in rank and (uv_name not in found or rank[section] < found[uv_name][0]):
-            found[uv_name] = (rank[section], value.strip().strip("'\""))
+            found[uv_name] = (rank[section], pip_value(value))
     sources = {uv_name: value for uv_name, (_, value) in found.items() if uv_name not in environ}
     sources.pop("UV_OFFLINE", None)
     links = environ["UV_FIND_LINKS"].split(",") if "UV_FIND_LINKS" in environ else \
@@ -138,8 +149,12 @@ def with_pip_sources(*command: str) -> None:
         listed = ""
         print(f"with-pip-sources: cannot read pip's configuration ({type(err).__name__}): uv uses its own "
               f"defaults (PyPI)", file=sys.stderr)
+    from pipeline.urls import redacted  # an index's token must not reach a CI log
+
     sources = uv_sources(listed, dict(os.environ))
-    print(f"with-pip-sources: {' '.join(f'{k}={v}' for k, v in sources.items()) or 'nothing to set'}",
+    shown = {k: ",".join(" ".join(redacted(url) for url in part.split()) for part in v.split(","))
+             for k, v in sources.items()}
+    print(f"with-pip-sources: {' '.join(f'{k}={v}' for k, v in shown.items()) or 'nothing to set'}",
           file=sys.stderr, flush=True)
     try:
         os.execvpe(command[0], list(command), {**os.environ, **sources})

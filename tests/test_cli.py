@@ -18,6 +18,8 @@ def test_a_user_error_is_one_line_with_its_exit_code(monkeypatch, capsys):
     assert cli.main(["train", "--epochs", "0"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "error: parameter epochs=0 is out of range: allowed >= 1; fix it with -P epochs=<value>"]
+    assert cli.main(["train", "--data-dir", "a", "--data_dir=b"]) == 2  # one spelling or the other: neither wins
+    assert capsys.readouterr().err.splitlines() == ["error: parameter data_dir given twice (a and b): give it once"]
     monkeypatch.setattr(session, "run", lambda cfg, given: (_ for _ in ()).throw(ChildFailed("child 'x' failed")))
     assert cli.main(["train"]) == 1
     assert capsys.readouterr().err.splitlines() == ["error: child 'x' failed"]
@@ -35,6 +37,12 @@ def test_a_user_error_is_one_line_with_its_exit_code(monkeypatch, capsys):
     assert err[1].startswith("runs child-y marked KILLED;") and err[1].endswith(
         "Continue with the same command: mlflow run . -e tune_lr --env-manager local -P lrs=0.001,0.002")
     assert issubclass(ChildFailed, Exception) and ConfigError.exit_code == 2
+    # under `mlflow run --experiment-name svhn-demo`: the same experiment, where reuse looks for runs
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "7")
+    assert cli.main(["tune_lr", "--lrs", "0.001,0.002"]) == 1
+    assert capsys.readouterr().err.splitlines()[1].endswith(
+        "Continue with the same command: mlflow run . -e tune_lr --experiment-id 7 --env-manager local "
+        "-P lrs=0.001,0.002")
 
 
 def test_a_line_naming_a_file_whose_name_is_not_utf8_is_written_escaped_where_stdout_is_strict(monkeypatch):

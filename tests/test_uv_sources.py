@@ -62,3 +62,19 @@ def test_make_lets_python_write_its_bytecode_even_where_the_machine_says_not_to(
                           check=True, timeout=60)
     names = {line.partition("=")[0] for line in proc.stdout.splitlines()}
     assert "PATH" in names and "PYTHONDONTWRITEBYTECODE" not in names
+
+
+def test_a_list_over_several_lines_in_pip_conf_is_each_item_and_an_index_token_is_never_printed(monkeypatch, capsys):
+    # pip config list prints a value's repr: a pip.conf list over several lines reads '\n/a\n/b'
+    listed = ("global.find-links='\\n/opt/w1\\n/opt/w2'\n"
+              "global.extra-index-url='\\nhttps://__token__:s3cret@registry.corp/simple\\nfile:///b/simple'\n")
+    sources = demo.uv_sources(listed, {})
+    assert sources["UV_FIND_LINKS"] == "/opt/w1,/opt/w2"
+    assert sources["UV_INDEX"] == "https://__token__:s3cret@registry.corp/simple file:///b/simple"  # uv needs it
+    monkeypatch.setattr(demo.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, listed, ""))
+    ran = []
+    monkeypatch.setattr(demo.os, "execvpe", lambda path, argv, env: ran.append(env))
+    demo.with_pip_sources("uv", "pip", "install")
+    err = capsys.readouterr().err
+    assert "s3cret" not in err and "https://__token__:***@registry.corp/simple file:///b/simple" in err
+    assert ran[0]["UV_INDEX"] == sources["UV_INDEX"]  # what uv is given is whole
