@@ -187,7 +187,8 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
     result = RunResult(run_id, client.get_run(run_id).info.run_name, arch, history.best_acc,
                        history.best_epoch, history, history.selected_on, history.test_acc_at_best,
                        {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if keep_final else None)
-    tracking.log_epoch(run_id, 0, {**result.metrics(), "total_time_s": history.total_time_s})
+    if resume is None or 0 not in tracking.logged_steps(run_id, "total_time_s"):  # a kill after them: once
+        tracking.log_epoch(run_id, 0, {**result.metrics(), "total_time_s": history.total_time_s})
     client.set_tag(run_id, "stopped_early", str(history.stopped_early).lower())
     client.set_tag(run_id, "diverged", str(history.diverged).lower())
     client.set_tag(run_id, "selected_on", history.selected_on)

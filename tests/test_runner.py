@@ -115,6 +115,8 @@ def test_a_child_pruned_then_resumed_before_it_finished_trains_no_more(tiny, cap
     assert again.run_id == stopped.info.run_id and "where it had been pruned" in capsys.readouterr().out
     assert asked == [] and store.steps(again.run_id, "test_acc") == [1] and len(again.history.epochs) == 1
     assert store.client.get_run(again.run_id).info.status == "FINISHED"
+    for total in ("total_time_s", "best_epoch"):  # the killed attempt logged the totals already: once
+        assert len(store.client.get_metric_history(again.run_id, total)) == 1, total
 
 
 def test_a_reused_child_keeps_where_it_trained_and_a_resumed_one_says_where_it_trains_now(tiny, monkeypatch):
