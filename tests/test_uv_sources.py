@@ -3,6 +3,7 @@ wheels, told to uv in its own variables (make demo ENV_MANAGER=uv, tests/test_e2
 import importlib.util
 import os
 import subprocess
+import sys
 
 from support.store import PROJECT
 
@@ -78,3 +79,16 @@ def test_a_list_over_several_lines_in_pip_conf_is_each_item_and_an_index_token_i
     err = capsys.readouterr().err
     assert "s3cret" not in err and "https://__token__:***@registry.corp/simple file:///b/simple" in err
     assert ran[0]["UV_INDEX"] == sources["UV_INDEX"]  # what uv is given is whole
+
+
+def test_make_install_refuses_another_python_in_one_line_before_it_makes_anything(tmp_path):
+    fake = tmp_path / "python3.12"  # a Python 3.12, as far as the check can tell
+    fake.write_text(f"#!{sys.executable}\nimport sys\ncode = sys.argv[2]\nsys.version_info = (3, 12, 1, 'final', 0)\n"
+                    f"exec(code)\n")
+    fake.chmod(0o755)
+    venv = tmp_path / "venv"
+    proc = subprocess.run(["make", "-s", "-C", str(PROJECT), f"{venv}/.installed", f"VENV={venv}", f"PYTHON={fake}"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and not venv.exists()
+    assert f"{fake} is Python 3.12: this project needs 3.11 (pyproject.toml); run make again with " \
+           f"PYTHON=python3.11" in proc.stderr
