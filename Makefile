@@ -7,6 +7,7 @@ ifneq ($(word 2,$(CURDIR)),)
 $(error the checkout's path "$(CURDIR)" holds a space, which make cannot use in file names: clone or move it to a path without spaces)
 endif
 VENV := $(CURDIR)/.venv
+HOST_PATH := $(PATH)# PYTHON as the caller's PATH finds it, never .venv's own python3
 export PATH := $(VENV)/bin:$(PATH)
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 # Python writes its bytecode cache (.pyc) in .venv and MLflow's environments even where
@@ -45,9 +46,9 @@ endif
 UV_INSTALL := $(VENV)/bin/python scripts/demo.py with-pip-sources $(VENV)/bin/uv pip install --python $(VENV)/bin/python --quiet
 
 $(VENV)/.installed: requirements.lock pyproject.toml
-	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(None if v[:2] == (3, 11) else f"$(PYTHON) is Python {v[0]}.{v[1]}: this project needs 3.11 (pyproject.toml); run make again with PYTHON=python3.11")'
+	@PATH='$(HOST_PATH)' $(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(None if v[:2] == (3, 11) else f"$(PYTHON) is Python {v[0]}.{v[1]}: this project needs 3.11 (pyproject.toml); run make again with PYTHON=python3.11")'
 	@# a .venv of another Python, or one whose venv stopped before pip (no python3-venv), is made again
-	$(VENV)/bin/python -c 'import sys, pip; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null || $(PYTHON) -m venv --clear $(VENV)
+	$(VENV)/bin/python -c 'import sys, pip; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null || PATH='$(HOST_PATH)' $(PYTHON) -m venv --clear $(VENV)
 	$(VENV)/bin/python -m pip install --quiet "$(UV_PIN)"
 	$(UV_INSTALL) -r requirements.lock
 	$(UV_INSTALL) --no-deps -e .

@@ -296,6 +296,7 @@ class Tuner:
         """Asynchronous trials: a new trial is asked for as soon as a slot frees (a pruned trial's
         slot does not wait for the slowest of a batch), until n_trials have finished or are in
         flight. This driver beats Optuna's heartbeat for each trial it has in flight."""
+        self.refuse_a_study_past_its_limits()  # before anything changes (force=true takes trials over)
         self.retry_interrupted()  # records a trial whose child finished after its command died: it counts
         self.refuse_a_study_past_its_limits()
         results = self.earlier_results()

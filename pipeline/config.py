@@ -278,7 +278,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("parameter optuna_storage holds a password, which every run would log (its params and "
                           "config.yaml): drop it from the URL and give it as the database driver reads it "
                           "(PostgreSQL: PGPASSWORD or ~/.pgpass); `mlflow run` logs every -P on the run it makes "
-                          "before this check, so delete that run (`mlflow runs delete`, then `mlflow gc`)")
+                          "before this check, so delete that run: `mlflow runs delete --run-id ID`, then "
+                          "`mlflow gc --backend-store-uri STORE --run-ids ID`")
     return cfg
 
 

@@ -30,7 +30,15 @@ def holds_password(url: str) -> bool:
 
 
 def redacted(url: str) -> str:
-    """`url` with any password in it as *** (user:***@host, ?password=***); else as given."""
+    """`url` with any password in it as *** (user:***@host, ?password=***); else as given. An
+    http(s) URL shows no user at all (***@host): a package index's token is often the user name."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.scheme in ("http", "https"):
+        host = parts.netloc.rpartition("@")[2]
+        return parts._replace(netloc=f"***@{host}").geturl() if "@" in parts.netloc else url
     if not holds_password(url):
         return url
     parsed = _database_url(url)
@@ -38,6 +46,5 @@ def redacted(url: str) -> str:
         hidden = {key: "***" for key in PASSWORD_KEYS if key in parsed.query}
         shown = parsed.set(query={**parsed.query, **hidden}).render_as_string(hide_password=True)
         return shown.replace("%2A%2A%2A", "***")  # the query's, as the password's
-    parts = urlsplit(url)
     userinfo, _, host = parts.netloc.rpartition("@")
     return parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}").geturl()

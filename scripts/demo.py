@@ -97,13 +97,15 @@ def ui(experiment: str) -> int:
 
 
 def pip_value(printed: str) -> str:
-    """A value as `pip config list` prints it (its repr: a pip.conf list over several lines reads
-    '\\n/a\\n/b'), as one line: the items separated by spaces."""
+    """A value as `pip config list` prints it: its repr (a pip.conf list over several lines reads
+    '\\n/a\\n/b')."""
     try:
-        value = ast.literal_eval(printed.strip())
+        return str(ast.literal_eval(printed.strip())).strip()
     except (ValueError, SyntaxError):
-        value = printed.strip().strip("'\"")
-    return " ".join(str(value).split())
+        return printed.strip().strip("'\"")
+
+
+LISTS = ("UV_FIND_LINKS", "UV_INDEX", "UV_INSECURE_HOST")  # pip's lists: items on one line, or several
 
 
 def uv_sources(listed: str, environ: dict[str, str]) -> dict[str, str]:
@@ -119,7 +121,8 @@ def uv_sources(listed: str, environ: dict[str, str]) -> dict[str, str]:
         uv_name = PIP_TO_UV.get(name)
         if uv_name and section in rank and (uv_name not in found or rank[section] < found[uv_name][0]):
             found[uv_name] = (rank[section], pip_value(value))
-    sources = {uv_name: value for uv_name, (_, value) in found.items() if uv_name not in environ}
+    sources = {uv_name: " ".join(value.split()) if uv_name in LISTS else value
+               for uv_name, (_, value) in found.items() if uv_name not in environ}
     sources.pop("UV_OFFLINE", None)
     links = environ["UV_FIND_LINKS"].split(",") if "UV_FIND_LINKS" in environ else \
         found["UV_FIND_LINKS"][1].split() if "UV_FIND_LINKS" in found else []

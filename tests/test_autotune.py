@@ -102,8 +102,8 @@ def test_a_study_url_with_a_password_or_in_memory_is_refused_in_one_line_that_ne
     assert str(refused.value) == (
         "parameter optuna_storage holds a password, which every run would log (its params and config.yaml): "
         "drop it from the URL and give it as the database driver reads it (PostgreSQL: PGPASSWORD or ~/.pgpass); "
-        "`mlflow run` logs every -P on the run it makes before this check, so delete that run (`mlflow runs "
-        "delete`, then `mlflow gc`)")
+        "`mlflow run` logs every -P on the run it makes before this check, so delete that run: `mlflow runs "
+        "delete --run-id ID`, then `mlflow gc --backend-store-uri STORE --run-ids ID`")
     # however it is spelt: SQLAlchemy takes # and / in a password unencoded, and ?password=
     for spelt in ("mysql+pymysql://u:p@db/m", "postgresql://u:pa#ss@db/optuna", "postgresql://u:pa/ss@db/optuna",
                   "postgresql://u@db/optuna?password=secret"):

@@ -120,6 +120,13 @@ def test_main_refuses_what_it_cannot_hand_its_stages_before_its_run_exists(store
         assert cli.main(["main", *args]) == 2
         assert capsys.readouterr().err.splitlines() == [f"error: {line}"]
     assert store.runs() == []  # no FAILED main run left behind
+    load = config.load  # as params/autotune.yaml with lr_schedule: cosine and params/retrain.yaml without
+    monkeypatch.setattr(config, "load", lambda stage, overrides=None: load(stage, overrides).replace(
+        lr_schedule="cosine") if stage == "autotune" else load(stage, overrides))
+    assert cli.main(["main", "--tuner", "optuna"]) == 2
+    assert capsys.readouterr().err.splitlines()[0].startswith("error: autotune would tune lr with lr_schedule=cosine")
+    assert store.runs() == []
+    monkeypatch.setattr(config, "load", load)
     # what the autotune stage accepts, main accepts: 6 epochs hold 3 trials of 2
     assert config.load("main", {"tuner": "optuna", "scale": "demo", "epoch_budget": "6"}).epoch_budget == 6
     assert config.load("autotune", {"scale": "demo", "epoch_budget": "6"}).trial_epochs == 2

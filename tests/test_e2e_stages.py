@@ -45,7 +45,8 @@ def study(module_store):
     out, err = proc.communicate(timeout=300)
     hints = re.findall(r"Continue with the same command: (mlflow run .*)", err)
     assert len(hints) == 1, err[-3000:]  # main's, not also the stage process's
-    assert hints[0].startswith("mlflow run . -e main --env-manager local ")
+    experiment = store.client.get_run(tune_lr[0].info.run_id).info.experiment_id  # where reuse looks
+    assert hints[0].startswith(f"mlflow run . -e main --experiment-id {experiment} --env-manager local ")
     pairs = dict(p.split("=", 1) for p in re.findall(r"-P '?([^ ']+)'?", hints[0]))
     assert pairs == main_params(store)
     store.interrupted = {"tune_lr": tune_lr[0].info.run_id, "stderr": err,

@@ -119,7 +119,9 @@ def test_a_password_in_a_store_uri_never_reaches_a_message(monkeypatch):
     from pipeline.errors import ConfigError
 
     for given, shown in (("postgresql://mlflow:hunter2@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow"),
-                         ("https://me:hunter2@mlflow.example/x?y=1", "https://me:***@mlflow.example/x?y=1"),
+                         ("https://me:hunter2@mlflow.example/x?y=1", "https://***@mlflow.example/x?y=1"),
+                         ("https://TOKEN@index.example/simple", "https://***@index.example/simple"),  # a token user
+                         ("https://u:p@rt@index.example/s", "https://***@index.example/s"),
                          ("postgresql://u:hun#ter2@db/m", "postgresql://u:***@db/m"),  # SQLAlchemy reads it so
                          ("postgresql://u:hun/ter2@db/m", "postgresql://u:***@db/m"),
                          ("postgresql://u@db/m?password=hunter2", "postgresql://u@db/m?password=***"),

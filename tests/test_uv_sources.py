@@ -77,7 +77,7 @@ def test_a_list_over_several_lines_in_pip_conf_is_each_item_and_an_index_token_i
     monkeypatch.setattr(demo.os, "execvpe", lambda path, argv, env: ran.append(env))
     demo.with_pip_sources("uv", "pip", "install")
     err = capsys.readouterr().err
-    assert "s3cret" not in err and "https://__token__:***@registry.corp/simple file:///b/simple" in err
+    assert "s3cret" not in err and "https://***@registry.corp/simple file:///b/simple" in err
     assert ran[0]["UV_INDEX"] == sources["UV_INDEX"]  # what uv is given is whole
 
 
