@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,11 +114,9 @@ def read_mat(path: Path, split: str, verify: bool) -> tuple[torch.Tensor, torch.
         raise DataError(f"cannot read {path}: {problem}; {SVHN_FORMAT}, replace the file")
     images = torch.from_numpy(np.ascontiguousarray(dataset.data))
     labels = torch.from_numpy(labels.astype(np.int64))
-    blob = io.BytesIO()  # in memory first: torch's zip writer turns a failed write into a RuntimeError
-    torch.save({"images": images, "labels": labels, "verified": verify}, blob)
     try:
         with atomic_write(cache) as fh:
-            fh.write(blob.getbuffer())
+            torch.save({"images": images, "labels": labels, "verified": verify}, fh)
     except OSError as err:  # a cache only spares the next decode: a read-only project or a full disk is no error
         print(f"note: could not keep the decoded {path.name} in {CACHE_DIR} ({err.strerror or type(err).__name__}): "
               f"it is decoded again next time", flush=True)
