@@ -1,6 +1,5 @@
 """Data: the synthetic set, the .mat reader and its errors, decode-once cache, and the two
 augmentation pipelines agreeing in distribution."""
-import contextlib
 import math
 
 import numpy as np
@@ -13,6 +12,7 @@ from torchvision.transforms import functional as TF
 
 from pipeline import batching, config, data, synthetic
 from pipeline.data import DataError
+from support.faults import disk_full_midway
 
 
 def test_synthetic_is_deterministic_and_a_larger_set_extends_a_smaller_one():
@@ -72,21 +72,7 @@ def test_a_cache_that_cannot_be_written_is_a_note_and_the_data_is_read(mat_folde
     assert torch.equal(images, torch.from_numpy(X).permute(3, 2, 0, 1)) and len(labels) == 64
     assert "note: could not keep the decoded train_32x32.mat in " in capsys.readouterr().out
     monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")  # a folder, on a disk that fills up mid-write
-    real_atomic_write = data.atomic_write
-
-    @contextlib.contextmanager
-    def disk_full(path, *args, **kwargs):
-        with real_atomic_write(path, *args, **kwargs) as fh:
-            class Full:
-                def write(self, data):
-                    fh.write(bytes(data)[:100])
-                    raise OSError(28, "No space left on device")
-
-                def __getattr__(self, name):
-                    return getattr(fh, name)
-            yield Full()
-
-    monkeypatch.setattr(data, "atomic_write", disk_full)
+    monkeypatch.setattr(data, "atomic_write", disk_full_midway(data.atomic_write, keep=lambda blob: bytes(blob)[:100]))
     assert torch.equal(data.read_mat(path, "train", verify=False)[0], images)
     assert "(No space left on device): it is decoded again next time" in capsys.readouterr().out
     assert list((tmp_path / "cache").iterdir()) == []  # no half-written cache, no temp beside it

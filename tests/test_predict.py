@@ -13,6 +13,7 @@ from PIL import Image
 from pipeline import config, predict, synthetic
 from pipeline.errors import PredictError
 from support.digits import svhn_labels
+from support.faults import disk_full_midway
 
 
 class Answers(torch.nn.Module):
@@ -114,19 +115,8 @@ def test_an_output_that_fails_mid_write_leaves_the_earlier_one_whole(tmp_path, m
     cfg = config.load("predict", {"input": str(tmp_path / "test_32x32.mat"), "output": str(tmp_path / "out.csv")})
     assert predict.predict(cfg, None, Answers()) == 0
     before = (tmp_path / "out.csv").read_bytes()
-    real_atomic_write = predict.atomic_write
-
-    @contextlib.contextmanager
-    def disk_full_after_the_header(path, *args, **kwargs):
-        with real_atomic_write(path, *args, **kwargs) as fh:
-            class Failing:
-                def write(self, text):
-                    fh.write(text.splitlines(keepends=True)[0])
-                    fh.flush()  # the header is on disk
-                    raise OSError(28, "No space left on device")
-            yield Failing()
-
-    monkeypatch.setattr(predict, "atomic_write", disk_full_after_the_header)
+    header_only = disk_full_midway(predict.atomic_write, keep=lambda text: text.splitlines(keepends=True)[0])
+    monkeypatch.setattr(predict, "atomic_write", header_only)  # the header is on disk, then the disk is full
     with pytest.raises(PredictError) as err:
         predict.predict(cfg, None, Answers())
     assert str(err.value).startswith(f"cannot write output {tmp_path / 'out.csv'} (No space left on device)")
