@@ -13,7 +13,7 @@ from . import cluster, keys
 from .config import Config, absolute
 from .errors import ConfigError, first_line
 from .runtime import Runtime
-from .urls import redacted
+from .urls import in_memory, redacted
 
 
 # -- the search space -------------------------------------------------------------------------------
@@ -85,18 +85,6 @@ def sqlite_file(url: str) -> Path | None:
     if not path or path.startswith((":memory:", "file:")):
         return None
     return absolute(path)
-
-
-def in_memory(url: str) -> bool:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):
-        return False
-    return parsed.get_backend_name() == "sqlite" and (parsed.database in (None, "", ":memory:")
-                                                       or parsed.query.get("mode") == "memory")
 
 
 def absolute_sqlite(url: str) -> str:

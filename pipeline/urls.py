@@ -1,5 +1,6 @@
 """Store URLs as messages and params may show them: a password in one is found however it is
-spelt (SQLAlchemy takes `#` or `/` in it unencoded, or `?password=`), and shown as ***."""
+spelt (SQLAlchemy takes `#` or `/` in it unencoded, or `?password=`), and shown as ***; and
+what a URL says about the database it names."""
 from __future__ import annotations
 
 from urllib.parse import urlsplit
@@ -17,6 +18,13 @@ def _database_url(url: str):
         return make_url(url)
     except (ArgumentError, ValueError):  # not one SQLAlchemy reads (databricks://profile:x)
         return None
+
+
+def in_memory(url: str) -> bool:
+    """A SQLite database in memory: each connection gets one of its own."""
+    parsed = _database_url(url)
+    return parsed is not None and parsed.get_backend_name() == "sqlite" and (
+        parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory")
 
 
 def holds_password(url: str) -> bool:
