@@ -47,12 +47,14 @@ def redacted(url: str) -> str:
     if parts.scheme in ("http", "https"):
         host = parts.netloc.rpartition("@")[2]
         return parts._replace(netloc=f"***@{host}").geturl() if "@" in parts.netloc else url
-    if not holds_password(url):
-        return url
     parsed = _database_url(url)
     if parsed is not None:
         hidden = {key: "***" for key in PASSWORD_KEYS if key in parsed.query}
+        if parsed.password is None and not hidden:
+            return url
         shown = parsed.set(query={**parsed.query, **hidden}).render_as_string(hide_password=True)
         return shown.replace("%2A%2A%2A", "***")  # the query's, as the password's
+    if parts.password is None:
+        return url
     userinfo, _, host = parts.netloc.rpartition("@")
     return parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}").geturl()
