@@ -14,6 +14,7 @@ import re
 import socket
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,6 +30,17 @@ from .errors import ModelRefused, first_line
 CHAMPION = "champion"
 # a version's tag: the champion when it was registered, where withdrawing it puts the alias back
 CHAMPION_BEFORE = "champion_before"
+# a version's tag: "true" when registering it created its registered model, which withdrawing the
+# last version deletes again (a failed run leaves no registered model behind)
+CREATED_MODEL = "created_model"
+
+
+class Registered(NamedTuple):
+    """A version a stage registered, as withdraw() needs it."""
+    name: str
+    version: str
+    previous: str | None  # the champion when it was registered
+    created: bool         # registering it created the registered model
 
 
 class Classifier(nn.Module):
@@ -145,6 +157,17 @@ def no_champion(err: MlflowException) -> bool:
         err.error_code == "INVALID_PARAMETER_VALUE" and "not found" in err.message)
 
 
+def model_exists(name: str) -> bool:
+    try:
+        tracking.client().get_registered_model(name)
+        return True
+    except MlflowException as err:
+        tracking.raise_if_refused(err)
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+
+
 def current_champion(name: str):
     """The version the alias points at now, or None when the model or its alias does not exist."""
     try:
@@ -238,8 +261,8 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData, registe
     cfg.model_name, and move the champion alias to it only if it beats the current champion on
     held-out data meant for both (same data digest, same split), both evaluated here on the same
     images; or, with cfg.promote, whatever the figures, recording who promoted it.
-    `registered` (the stage's, owned by the session) gets (name, version, previous champion):
-    withdraw(registered) removes it if the stage fails afterwards."""
+    `registered` (the stage's, owned by the session) gets its Registered: withdraw(registered)
+    removes it if the stage fails afterwards."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -281,8 +304,11 @@ def register(run_id: str, cfg: Config, best, dataset: data_mod.SVHNData, registe
             "judged_acc": repr(challenger_acc), "arch": best.arch, "stage": cfg.stage}
     previous = str(champion.version) if champion is not None else None
     tags[CHAMPION_BEFORE] = previous or ""
+    created = not model_exists(name)
+    if created:
+        tags[CREATED_MODEL] = "true"
     version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
-    registered.append((name, version, previous))
+    registered.append(Registered(name, version, previous, created))
     client.set_tag(run_id, "registered_model_version", f"{name}/{version}")
     mine = f"version {version} {challenger_acc:.3f}%"
     by_hand = (f"to promote it anyway, run the stage with -P promote=true, or call MlflowClient()"
@@ -331,16 +357,18 @@ def withdraw_left_by(run) -> None:
         print(f"could not look for versions run {run.info.run_id} left ({first_line(err, 120)}): check the "
               f"registry by hand", flush=True)
         return
-    withdraw([(v.name, str(v.version), v.tags.get(CHAMPION_BEFORE) or None) for v in left])
+    withdraw([Registered(v.name, str(v.version), v.tags.get(CHAMPION_BEFORE) or None,
+                         v.tags.get(CREATED_MODEL) == "true") for v in left])
 
 
 def withdraw(registered: list) -> None:
     """Remove the versions a stage registered (it failed after registering); the alias
     goes back to where it was only if it pointed at the withdrawn version (read right before)
-    and the delete left it unset: an alias another run moved since is left where that run put it."""
+    and the delete left it unset: an alias another run moved since is left where that run put it.
+    A registered model that registering created goes too once it holds no version."""
     client = tracking.client()
     while registered:
-        name, version, previous = registered.pop()
+        name, version, previous, created = registered.pop()
         try:
             now = current_champion(name)
             ours = now is not None and str(now.version) == version
@@ -358,4 +386,19 @@ def withdraw(registered: list) -> None:
             except MlflowException as err:  # that version was deleted since, by hand; or the store refused
                 back = (f"; alias '{CHAMPION}' not put back on version {previous} ({first_line(err, 120)}): "
                         f"it is unset")
+        if created:
+            back += delete_if_empty(name)
         print(f"withdrew {name} version {version}: its run did not finish{back}", flush=True)
+
+
+def delete_if_empty(name: str) -> str:
+    """Delete registered model `name` if it holds no version (another run's version keeps it):
+    what was done, for withdraw's line."""
+    client = tracking.client()
+    try:
+        if client.get_registered_model(name).latest_versions:
+            return ""
+        client.delete_registered_model(name)
+    except MlflowException as err:
+        return f"; registered model {name} not deleted ({first_line(err, 120)}): delete it by hand if empty"
+    return f"; registered model {name} deleted (this run created it, and it holds no version now)"

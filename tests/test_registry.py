@@ -306,6 +306,32 @@ def test_a_version_left_by_a_run_that_died_unfinished_is_withdrawn_and_the_alias
         local.client.get_model_version_by_alias("m-left", registry.CHAMPION)
 
 
+def test_a_registered_model_that_a_withdrawn_version_created_goes_with_it(local, colour_data, capsys):
+    def exists(name):
+        return bool(local.client.search_registered_models(f"name = '{name}'"))
+
+    cfg, dataset = load(colour_data, "m-created")
+    mine = []
+    register(local, cfg, dataset, PRESENT, capsys, registered=mine)  # the first version: creates the model
+    registry.withdraw(mine)
+    assert "registered model m-created deleted" in capsys.readouterr().out and not exists("m-created")
+    # another run's version registered meanwhile keeps the model, and its alias
+    register(local, cfg, dataset, ABSENT, capsys, registered=mine)
+    other, _ = register(local, cfg, dataset, PRESENT, capsys)
+    registry.withdraw(mine)
+    assert exists("m-created") and champion(local, "m-created") == other
+    # a model this run did not create stays, even empty (a name someone made by hand)
+    local.client.delete_model_version("m-created", other)
+    register(local, cfg, dataset, PRESENT, capsys, registered=mine)
+    registry.withdraw(mine)
+    assert exists("m-created")
+    # the version of a run that died unfinished (SIGKILL), found by its run id and tags
+    dead = constant_result(local, PRESENT, dataset.digest)
+    registry.register(dead.run_id, load(colour_data, "m-created-dead")[0], dead, dataset, [])
+    registry.withdraw_left_by(local.client.get_run(dead.run_id))
+    assert not exists("m-created-dead")
+
+
 class RunsCode(nn.Module):
     """Unpickling this module runs a shell command: what a planted pickle-format model could do."""
 
