@@ -19,7 +19,7 @@ def result(run_id: str) -> runner.RunResult:
     return runner.RunResult(run_id, "stand-in", "resnet", 50.0, 1, None, "test", 40.0)
 
 
-VERSION = ("svhn-classifier-synthetic", "3", "2")  # (name, version, previous champion)
+VERSION = registry.Registered("svhn-classifier-synthetic", "3", "2", created=False)
 
 
 @pytest.fixture
