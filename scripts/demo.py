@@ -36,6 +36,9 @@ def samples(folder: str, *pairs: str, count: int = 8) -> None:
 
     from pipeline import config, data
 
+    wrong = [pair for pair in pairs if "=" not in pair]
+    if wrong:
+        raise ValueError(f"{wrong[0]!r} is not key=value (the study's parameters, e.g. scale=demo)")
     cfg = config.load("main", dict(pair.split("=", 1) for pair in pairs))
     test = data.load(cfg).test
     out = Path(folder)
@@ -57,7 +60,12 @@ def report(predictions: str, model: str = "svhn-classifier-synthetic") -> int:
     from pipeline import tracking
     from pipeline.errors import first_line
 
-    rows = list(csv.DictReader(open(predictions)))
+    with open(predictions, newline="", encoding="utf-8") as file:
+        rows = list(csv.DictReader(file))
+    missing = {"input", "label", "confidence"} - set(rows[0] if rows else ())
+    if missing:
+        raise ValueError(f"{predictions} has no prediction rows with {', '.join(sorted(missing))}: "
+                         f"give the CSV that `predict` wrote")
     print(f"\n{'file':<24} {'true digit':>10} {'predicted':>10} {'confidence':>11}")
     right = 0
     for row in rows:
@@ -165,15 +173,24 @@ def with_pip_sources(*command: str) -> None:
         sys.exit(f"with-pip-sources: cannot run {command[0]}: {err.strerror}")
 
 
+def main(argv: list[str]) -> int:
+    from pipeline.errors import UserError, first_line
+
+    command, *args = argv or ["help"]
+    try:
+        if command == "samples" and args:
+            samples(*args)
+            return 0
+        if command == "report" and len(args) in (1, 2):
+            return report(*args)
+        if command == "ui" and len(args) == 1:
+            return ui(*args)
+        if command == "with-pip-sources" and args:
+            with_pip_sources(*args)
+    except (UserError, OSError, ValueError, csv.Error) as err:  # a bad argument or file: one line
+        sys.exit(f"demo.py {command}: {first_line(err, None) or type(err).__name__}")
+    sys.exit(__doc__)
+
+
 if __name__ == "__main__":
-    command, *args = sys.argv[1:] or ["help"]
-    if command == "samples" and args:
-        samples(*args)
-    elif command == "report" and len(args) in (1, 2):
-        sys.exit(report(*args))
-    elif command == "ui" and len(args) == 1:
-        sys.exit(ui(*args))
-    elif command == "with-pip-sources" and args:
-        with_pip_sources(*args)
-    else:
-        sys.exit(__doc__)
+    sys.exit(main(sys.argv[1:]))
