@@ -63,13 +63,20 @@ def write_checkpoint(run_id: str, artifact_path: str, obj) -> None:
     a local atomic file uploaded whole to a remote one. No signal handling of its own: the
     training thread calls save_checkpoint, the EpochRecorder's writer thread this."""
     local = tracking.local_artifact_dir(run_id)
-    if local is not None:
-        atomic_save(obj, local / artifact_path)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(artifact_path).name
-        atomic_save(obj, path)
-        tracking.client().log_artifact(run_id, str(path), str(Path(artifact_path).parent))
+    where = local / artifact_path if local is not None else Path(tempfile.gettempdir())
+    try:
+        if local is not None:
+            atomic_save(obj, where)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_path).name
+            atomic_save(obj, path)
+            tracking.client().log_artifact(run_id, str(path), str(Path(artifact_path).parent))
+    except OSError as err:  # a full disk, a folder made read-only: the file there before is whole
+        raise CheckpointError(f"cannot write {artifact_path} of run {run_id} to {where} "
+                              f"({err.strerror or type(err).__name__}): free some space there or make it "
+                              f"writable; the checkpoints written before are whole, so the run can "
+                              f"continue from them") from None
 
 
 def host_copy(state, device: torch.device):

@@ -28,7 +28,11 @@ STAGES = ("train", "model_selection", "baseline", "tune_lr", "tune_gamma", "over
 
 def absolute(path: str) -> Path:
     """A path as this process's working directory reads it (a stage may run in another)."""
-    return Path(path).expanduser().resolve()
+    try:
+        return Path(path).expanduser().resolve()
+    except RuntimeError:  # ~name of no user here (pathlib's only RuntimeError)
+        raise ConfigError(f"path {path}: there is no user {path.split('/')[0]} on this machine: "
+                          f"give the path in full") from None
 
 
 @dataclass

@@ -6,12 +6,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision
+from torchvision.datasets import utils as tv_utils
 from torchvision.datasets.utils import check_integrity
 
 from . import synthetic
@@ -51,7 +53,7 @@ def data_folder(cfg: Config) -> Path:
         return synthetic.ensure(folder, cfg.synthetic_train, cfg.synthetic_test, cfg.data_seed)
     if cfg.download:
         for split in ("train", "test"):
-            _download(folder, split)
+            _download(folder, split, cfg.verify)
     if not folder.is_dir():
         raise DataError(f"data folder {folder} does not exist: put SVHN's train_32x32.mat and "
                         f"test_32x32.mat there, or add -P download=true (needs network) or "
@@ -59,11 +61,21 @@ def data_folder(cfg: Config) -> Path:
     return folder
 
 
-def _download(folder: Path, split: str) -> None:
+def _download(folder: Path, split: str, verify: bool) -> None:
+    """Fetch SVHN's `split` file unless it is there (and, with verify, official). It is downloaded
+    beside its place and moved there only once its checksum passes: a failed download leaves
+    the folder as it was. With verify=false a file that is there is the user's own: never replaced."""
+    url, name, md5 = SVHNMat.split_list[split]
+    path = folder / name
+    if path.is_file() and (not verify or check_integrity(str(path), md5)):
+        return
     try:
-        SVHNMat(str(folder), split, verify=True, download=True)
-    except (OSError, RuntimeError) as err:  # URLError is an OSError
-        reason = first_line(err, None, type(err).__name__)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as fetched:
+            tv_utils.download_url(url, fetched, name, md5)  # checks the md5 of what it fetched
+            os.replace(Path(fetched) / name, path)
+    except Exception as err:  # noqa: BLE001 - URLError, http.client's errors, a bad checksum: one line
+        reason = f"{type(err).__name__}: {first_line(err, None, 'no reason given')}"
         raise DataError(f"cannot download SVHN {split} split into {folder} ({reason}): are you "
                         f"offline? Copy the .mat files there by hand, or use -P dataset=synthetic") from None
 
@@ -148,6 +160,8 @@ def read_unlabelled_mat(path: Path) -> torch.Tensor:
         x = scipy.io.loadmat(str(path), variable_names=["X"])["X"]
     except Exception as err:  # noqa: BLE001 - any unreadable file is one line
         raise not_svhn_mat(path, err) from None
+    if x.shape == (32, 32, 3):  # one image: MATLAB and Octave drop a trailing dimension of 1
+        x = x[..., np.newaxis]
     images = np.transpose(x, (3, 2, 0, 1)) if x.ndim == 4 else x  # as torchvision's reader turns it
     problem = svhn_problem(images, None, from_mat=True)
     if problem:
@@ -157,8 +171,12 @@ def read_unlabelled_mat(path: Path) -> torch.Tensor:
 
 def file_sha256(path: Path) -> str:
     """SHA-256 of a data file's bytes: what the data digest and `training_key` rest on."""
-    stat = path.stat()  # hashed once per process and file version (read_mat and load both ask)
-    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    try:
+        stat = path.stat()  # hashed once per process and file version (read_mat and load both ask)
+        return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    except OSError as err:  # a file of another user's, mode 600
+        raise DataError(f"cannot read {path} ({err.strerror or type(err).__name__}): make it readable "
+                        f"to this user, or copy it to a folder of yours and pass -P data_dir=<that folder>") from None
 
 
 @functools.lru_cache(maxsize=16)
@@ -227,7 +245,7 @@ def svhn_problem(images, labels, from_mat: bool = False) -> str:
     label 10 already mapped to 0), described in the file's own terms.
     """
     shape, dtype = tuple(images.shape), str(images.dtype).replace("torch.", "")
-    x_shape = "x".join(map(str, (*shape[2:], shape[1], shape[0]))) if len(shape) == 4 else "?"
+    x_shape = "x".join(map(str, (*shape[2:], shape[1], shape[0]) if len(shape) == 4 else shape)) or "?"
     if len(shape) != 4 or shape[1:] != (3, 32, 32):
         return f"X has shape {x_shape}, not 32x32x3xN" if from_mat else f"images of shape {shape}"
     if dtype != "uint8":

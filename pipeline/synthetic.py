@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from .errors import DataError
 from .files import atomic_write
 
 GENERATOR_VERSION = 6  # 6: the same images as 5, in files with a fixed header (MAT_HEADER)
@@ -106,5 +107,9 @@ def ensure(folder: Path, train_count: int, test_count: int, seed: int = 1412) ->
         path = target / f"{split}_32x32.mat"
         if not path.exists():
             print(f"generating synthetic SVHN-format {split} set: {count} images -> {path}", flush=True)
-            write_mat(path, *generate(split, count, seed))
+            try:
+                write_mat(path, *generate(split, count, seed))
+            except OSError as err:  # a read-only project, a data_dir under a file, a full disk
+                raise DataError(f"cannot write the synthetic set to {target} ({err.strerror or type(err).__name__}): "
+                                f"pass -P data_dir=<a folder you can write>") from None
     return target

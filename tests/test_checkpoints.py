@@ -261,3 +261,22 @@ def test_abandon_finishes_the_record_in_flight_and_returns_its_error(recorded_ru
     recorder(epoch_end(1, True, history))
     assert recorder.abandon() is refused  # waited for: last.pt is whole before the error surfaces
     assert saved(checkpoints.LAST)["epoch"] == 1
+
+
+def test_a_checkpoint_the_disk_cannot_hold_is_one_line_and_the_one_before_stays_whole(recorded_run, monkeypatch):
+    from support.faults import disk_full_midway
+
+    from pipeline.errors import CheckpointError
+
+    store, run_id, saved = recorded_run
+    checkpoints.save_checkpoint(run_id, checkpoints.LAST, {"epoch": 1, "w": torch.ones(3)})
+    monkeypatch.setattr(checkpoints, "atomic_write", disk_full_midway(checkpoints.atomic_write, lambda b: b[:10]))
+    with pytest.raises(CheckpointError) as err:
+        checkpoints.save_checkpoint(run_id, checkpoints.LAST, {"epoch": 2, "w": torch.zeros(3)})
+    message = str(err.value)
+    assert message.startswith(f"cannot write {checkpoints.LAST} of run {run_id} to ") and "\n" not in message
+    assert "(No space left on device): free some space there" in message
+    kept = saved(checkpoints.LAST)
+    assert kept["epoch"] == 1 and torch.equal(kept["w"], torch.ones(3))
+    local = tracking.local_artifact_dir(run_id) / "checkpoints"
+    assert sorted(p.name for p in local.iterdir()) == ["last.pt"]  # no temp file left beside it

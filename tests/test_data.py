@@ -98,13 +98,127 @@ def test_bad_data_gets_one_line_naming_path_and_fix(tmp_path, mat_folder, proble
     assert expected in message and ("-P " in message or "replace" in message)
 
 
-def test_offline_download_is_one_clear_line(tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+@pytest.fixture
+def svhn_server(tmp_path, monkeypatch):
+    """SVHN's two files served over HTTP on 127.0.0.1, torchvision's own download code fetching
+    them: `serve(mode)` points SVHN's URLs at it and returns the files' bytes. Modes: "ok", "cut"
+    (a chunked body that stops midway), "other" (bytes that are not the checksummed ones)."""
+    import hashlib
+    import http.server
+    import threading
 
-    monkeypatch.setattr(data.torchvision.datasets.svhn, "download_url", offline)
-    cfg = config.load("train", {"download": "true", "data_dir": str(tmp_path / "svhn")})
-    with pytest.raises(DataError, match="cannot download SVHN train split .* are you offline"):
+    files = {}
+    for split, count in (("train", 30), ("test", 20)):
+        path = tmp_path / "served" / f"{split}_32x32.mat"
+        synthetic.write_mat(path, *synthetic.generate(split, count, 7))
+        files[path.name] = path.read_bytes()
+    requests = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            requests.append(self.path)
+            mode, name = self.path.strip("/").split("/")
+            body = files[name] if mode != "other" else b"not the file" * 100
+            self.send_response(200)
+            if mode == "cut":
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self.wfile.write(b"%x\r\n" % len(body) + body[:len(body) // 2])  # then the connection drops
+                self.close_connection = True
+                return
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+
+    def serve(mode):
+        base = f"http://127.0.0.1:{server.server_address[1]}/{mode}"
+        monkeypatch.setattr(data.SVHNMat, "split_list", {
+            split: [f"{base}/{split}_32x32.mat", f"{split}_32x32.mat",
+                    hashlib.md5(files[f"{split}_32x32.mat"]).hexdigest()] for split in ("train", "test")})
+        return files
+
+    serve.requests = requests
+    yield serve
+    server.shutdown()
+
+
+def test_a_download_lands_whole_or_not_at_all_and_never_replaces_the_users_own_file(tmp_path, svhn_server):
+    folder = tmp_path / "svhn"
+
+    def load(**params):
+        return data.load(config.load("train", {"download": "true", "data_dir": str(folder),
+                                              **{k: str(v) for k, v in params.items()}}))
+
+    def contents():
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    # a connection that drops midway, then bytes whose checksum is not SVHN's: one line, nothing left
+    for mode, said in (("cut", "IncompleteRead"), ("other", "File not found or corrupted")):
+        svhn_server(mode)
+        with pytest.raises(DataError) as err:
+            load()
+        assert f"cannot download SVHN train split into {folder} (" in str(err.value) and said in str(err.value)
+        assert "\n" not in str(err.value) and contents() == {}
+    files = svhn_server("ok")
+    dataset = load()
+    assert contents() == files and dataset.n_train == 30 and dataset.n_test == 20
+    fetched = len(svhn_server.requests)
+    load()  # there and official: nothing fetched again
+    assert len(svhn_server.requests) == fetched
+    # the user's own SVHN-format file (verify=false) stays, whatever the download would bring
+    own = tmp_path / "own.mat"
+    synthetic.write_mat(own, *synthetic.generate("train", 12, 99))
+    (folder / "train_32x32.mat").write_bytes(own.read_bytes())
+    assert load(verify="false").n_train == 12 and len(svhn_server.requests) == fetched
+    # with verify=true a file that is not SVHN's is fetched again, but a failed fetch leaves it as it was
+    svhn_server("cut")
+    with pytest.raises(DataError, match="IncompleteRead"):
+        load()
+    assert contents() == {**files, "train_32x32.mat": own.read_bytes()}
+
+
+def test_a_data_file_this_user_cannot_read_is_one_line(mat_folder, tmp_path):
+    """As root, the file is read under a bounding set without the capabilities that bypass modes."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    for name in ("train_32x32.mat", "test_32x32.mat"):
+        (folder / name).write_bytes((mat_folder / name).read_bytes())
+        (folder / name).chmod(0o200 if name.startswith("train") else 0o644)
+    script = ("from pipeline import config, data\n"
+              f"data.load(config.load('train', {{'data_dir': {str(folder)!r}, 'verify': 'false'}}))")
+    command = [sys.executable, "-c", script]
+    if os.geteuid() == 0:
+        command = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *command]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "DataError: cannot read" in done.stderr
+    assert (f"cannot read {folder / 'train_32x32.mat'} (Permission denied): make it readable to this user"
+            in done.stderr.strip().splitlines()[-1])
+
+
+def test_a_synthetic_set_that_cannot_be_written_and_a_home_of_no_user_are_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    cfg = config.load("train", {"dataset": "synthetic", "data_dir": str(tmp_path / "a-file" / "synthetic")})
+    with pytest.raises(DataError) as err:
+        data.load(cfg)
+    assert str(err.value).startswith(f"cannot write the synthetic set to {tmp_path / 'a-file' / 'synthetic'}/")
+    assert str(err.value).endswith("(Not a directory): pass -P data_dir=<a folder you can write>")
+    cfg = config.load("train", {"data_dir": "~no-such-user-here/svhn"})
+    with pytest.raises(config.ConfigError, match="^path ~no-such-user-here/svhn: there is no user "
+                                                 "~no-such-user-here on this machine: give the path in full$"):
         data.load(cfg)
 
 
@@ -298,6 +412,19 @@ def test_a_mat_of_one_image_is_read_and_one_of_none_is_one_line(tmp_path):
         data.read_mat(tmp_path / "none" / "test_32x32.mat", "test", verify=False)
     assert str(err.value) == (f"cannot read {tmp_path / 'none' / 'test_32x32.mat'}: X holds no images; "
                               f"{data.SVHN_FORMAT}, replace the file")
+
+
+def test_an_unlabelled_mat_of_one_image_saved_without_its_last_dimension_is_read(tmp_path):
+    """MATLAB and Octave drop a trailing dimension of 1: one image is stored as X 32x32x3."""
+    import scipy.io
+
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    scipy.io.savemat(tmp_path / "one.mat", {"X": image})
+    assert torch.equal(data.read_unlabelled_mat(tmp_path / "one.mat"),
+                       torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0))
+    scipy.io.savemat(tmp_path / "flat.mat", {"X": image[..., 0]})
+    with pytest.raises(DataError, match="X has shape 32x32, not 32x32x3xN"):
+        data.read_unlabelled_mat(tmp_path / "flat.mat")
 
 
 def test_the_same_rows_have_one_digest_however_the_limits_ask_for_them(tmp_path):
