@@ -51,14 +51,19 @@ def code_version() -> str:
     return hash_code()
 
 
+def changes_the_result(cfg: Config) -> frozenset[str]:
+    """The VOLATILE params that do change this config's result: num_workers under the torchvision
+    pipeline, whose DataLoader workers draw crops and rotations from their own seeds."""
+    return frozenset({"num_workers"}) if cfg.data_pipeline == "torchvision" else frozenset()
+
+
 def training_key(cfg: Config, data_digest: str, runtime: Runtime, code: str = "") -> str:
     """Hash of everything that decides a result: params, code version (`code`, else this process's),
     the data's digest, and the device type and precision the stage runs with."""
     params = cfg.to_params()
     for volatile in (*VOLATILE, *DATA_MADE, *RESOLVED):
-        if volatile == "num_workers" and cfg.data_pipeline == "torchvision":
-            continue  # its DataLoader's workers draw crops and rotations from their own seeds
-        params.pop(volatile, None)
+        if volatile not in changes_the_result(cfg):
+            params.pop(volatile, None)
     params.update(data_digest=data_digest, device_type=runtime.device_type,
                   resolved_precision=runtime.precision)
     text = yaml.safe_dump(params, sort_keys=True) + (code or code_version())

@@ -162,7 +162,7 @@ def point_holder_at(run_id: str) -> None:
 def check_resume_params(run_id: str, original: Config, cfg: Config, given: frozenset) -> None:
     """A -P given with resume_run_id that differs from the run's own value would be ignored:
     refused, never silently dropped."""
-    differing = [name for name in sorted(given - RESUME_TAKES) if getattr(cfg, name) != getattr(original, name)]
+    differing = [name for name in sorted(given - resume_takes(original)) if getattr(cfg, name) != getattr(original, name)]
     if differing:
         shown = ", ".join(f"-P {name}={format_value(getattr(cfg, name))} (the run's: "
                           f"{format_value(getattr(original, name))})" for name in differing)
@@ -197,6 +197,11 @@ def resume_stage(previous, cfg: Config, dataset, resolved: Runtime) -> RunResult
 RESUME_TAKES = (frozenset(keys.VOLATILE) - frozenset(keys.TUNING_EXECUTION)) | frozenset(keys.RESOLVED)
 
 
+def resume_takes(original: Config) -> frozenset[str]:
+    """RESUME_TAKES less what changes this run's result after all (keys.changes_the_result)."""
+    return RESUME_TAKES - keys.changes_the_result(original)
+
+
 def resume(cfg: Config, given: frozenset = frozenset()) -> RunResult | None:
     """Reopen run `cfg.resume_run_id` and continue it: a training run from its last completed
     epoch, a stage run child by child (finished children kept, the interrupted one resumed).
@@ -222,7 +227,7 @@ def resume(cfg: Config, given: frozenset = frozenset()) -> RunResult | None:
     text = mlflow.artifacts.load_text(f"{previous.info.artifact_uri}/config.yaml")
     original = from_params(yaml.safe_load(text))  # the run's own config, not this command's
     check_resume_params(run_id, original, cfg, given)
-    taken = {name: getattr(cfg, name) for name in given & RESUME_TAKES if name != "resume_run_id"}
+    taken = {name: getattr(cfg, name) for name in given & resume_takes(original) if name != "resume_run_id"}
     original = original.replace(**{"force": cfg.force, **taken})
     stage_name = previous.data.tags.get("stage", original.stage)
     stage_run = "mlflow.parentRunId" not in previous.data.tags and stage_name not in ("train", "main")

@@ -215,3 +215,9 @@ def test_resume_refuses_a_parameter_it_would_ignore_and_takes_one_the_run_has(ti
                               f"train with them")
     assert store.client.get_run(stopped).info.status == "KILLED"  # nothing written
     session.check_resume_params(stopped, cfg, cfg.replace(resume_run_id=stopped, force=True), given)
+    # num_workers never changes the tensor pipeline's result, so a resume takes it; under torchvision's
+    # DataLoader each worker draws its own crops and rotations: refused there, as the training key says
+    session.check_resume_params(stopped, cfg, cfg.replace(num_workers=2), given | {"num_workers"})
+    loader = cfg.replace(data_pipeline="torchvision")
+    with pytest.raises(ConfigError, match=r"not -P num_workers=2 \(the run's: 0\)"):
+        session.check_resume_params(stopped, loader, loader.replace(num_workers=2), given | {"num_workers"})
