@@ -162,7 +162,8 @@ def point_holder_at(run_id: str) -> None:
 def check_resume_params(run_id: str, original: Config, cfg: Config, given: frozenset) -> None:
     """A -P given with resume_run_id that differs from the run's own value would be ignored:
     refused, never silently dropped."""
-    differing = [name for name in sorted(given - resume_takes(original)) if getattr(cfg, name) != getattr(original, name)]
+    differing = [name for name in sorted(given - resume_takes(original))
+                 if getattr(cfg, name) != getattr(original, name)]
     if differing:
         shown = ", ".join(f"-P {name}={format_value(getattr(cfg, name))} (the run's: "
                           f"{format_value(getattr(original, name))})" for name in differing)
