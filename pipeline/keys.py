@@ -3,12 +3,13 @@ version they all include. Equal keys mean the same computation: same params, dat
 type and precision (a bf16 run never stands in for fp32)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 
 import yaml
 
-from .config import PARAMS_DIR, PROJECT_DIR, SECTIONS, Config
+from .config import PARAMS_DIR, PROJECT_DIR, SECTIONS, Config, apply_caps
 from .runtime import Runtime
 
 # where an Optuna study is kept and how many trials are in flight at once: not what a trial computes
@@ -24,6 +25,9 @@ VOLATILE = ("log_every", "resume_run_id", "env_manager", "num_workers", "force",
 # what the data digest counts already: the files' bytes (a synthetic set's size makes other bytes;
 # verify only checks them)
 DATA_MADE = ("verify", "synthetic_train", "synthetic_test")
+# main's caps: the key holds the epochs and repeats they leave (config.apply_caps), so a cap that
+# cuts nothing (main -P epochs=30 at scale=demo) keeps the key of the run without it
+CAPS = ("max_epochs", "max_repeats")
 # the choices as given (auto|cpu|cuda, auto|fp32|bf16): the key holds what they resolve to, so
 # -P device=cpu on a machine without a GPU is the run that device=auto made there
 RESOLVED = ("device", "precision")
@@ -60,8 +64,8 @@ def changes_the_result(cfg: Config) -> frozenset[str]:
 def training_key(cfg: Config, data_digest: str, runtime: Runtime, code: str = "") -> str:
     """Hash of everything that decides a result: params, code version (`code`, else this process's),
     the data's digest, and the device type and precision the stage runs with."""
-    params = cfg.to_params()
-    for volatile in (*VOLATILE, *DATA_MADE, *RESOLVED):
+    params = apply_caps(dataclasses.replace(cfg)).to_params()  # a copy: apply_caps sets its fields
+    for volatile in (*VOLATILE, *DATA_MADE, *RESOLVED, *CAPS):
         if volatile not in changes_the_result(cfg):
             params.pop(volatile, None)
     params.update(data_digest=data_digest, device_type=runtime.device_type,

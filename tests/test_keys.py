@@ -52,7 +52,8 @@ def test_training_key_changes_with_parent_run_id():
     assert len(found) == 3
 
 
-@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(config.Config)])
+# a cap counts only where it cuts: test_a_cap_counts_as_the_epochs_and_repeats_it_leaves
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(config.Config) if f.name not in keys.CAPS])
 def test_training_key_covers_every_param_that_decides_the_result(name):
     cfg = config.load("train")
     other = dataclasses.replace(cfg, **{name: changed(getattr(cfg, name))})
@@ -72,6 +73,22 @@ def test_device_and_precision_count_as_what_they_resolve_to():
 def test_num_workers_counts_only_where_its_workers_draw_the_augmentation():
     assert key(num_workers="0") == key(num_workers="2")  # the tensor pipeline: the same batches
     assert key(data_pipeline="torchvision", num_workers="0") != key(data_pipeline="torchvision", num_workers="2")
+
+
+def test_a_cap_counts_as_the_epochs_and_repeats_it_leaves():
+    """main -P epochs=30 hands its stages max_epochs=30: at scale=demo (2 epochs) it cuts nothing,
+    and the stages main already finished without it are reused, the stopped one continued."""
+    def of(cfg):
+        return keys.training_key(cfg, "d" * 64, runtime.of(cfg))  # as key() resolves it
+
+    assert key("model_selection", scale="demo") == key("model_selection", scale="demo", max_epochs="30",
+                                                        max_repeats="9")
+    train = config.load("train")  # 3 epochs (and autotune's 10 trial_epochs, which max_epochs caps too)
+    cut = dataclasses.replace(train, epochs=2, trial_epochs=2)
+    assert key(max_epochs="2") == of(cut) != of(train)
+    assert key("model_selection", max_repeats="1") == key("model_selection", repeats="1") != key("model_selection")
+    # a cap on a config not yet capped (replace, not load) counts as what it will cut at run time
+    assert of(dataclasses.replace(train, max_epochs=2)) == of(cut)
 
 
 def test_training_key_covers_the_code(monkeypatch):
