@@ -260,8 +260,11 @@ class EpochRecorder:
 
 
 def check_parent(run_id: str):
-    """The parent run, once it is known to exist, be FINISHED and hold checkpoints/best.pt."""
+    """The parent run, once it is known to exist (not deleted), be FINISHED and hold checkpoints/best.pt."""
     run = tracking.get_run(run_id)
+    if run.info.lifecycle_stage == "deleted":  # `mlflow gc` may purge it, and the lineage with it
+        raise LineageError(f"parent run {run_id} was deleted: restore it (`mlflow runs restore --run-id "
+                           f"{run_id}`), or pass another parent_run_id")
     if run.info.status != "FINISHED":
         raise LineageError(f"parent run {run_id} is {run.info.status}, not FINISHED: wait for it, "
                            f"resume it with -P resume_run_id={run_id}, or pass a finished run")

@@ -300,6 +300,11 @@ def test_unfinished_parent_and_parent_without_checkpoint_are_refused(study):
     proc = study.cli("tune_lr", "--parent_run_id", study.main_run.info.run_id)
     assert proc.returncode == 2 and "has no checkpoints/best.pt" in proc.stderr
     assert "epoch 1" not in proc.stdout
+    deleted = study.client.create_run(experiment).info.run_id  # FINISHED, then deleted in the UI
+    study.client.set_terminated(deleted, "FINISHED")
+    study.client.delete_run(deleted)
+    proc = study.cli("tune_lr", "--parent_run_id", deleted)
+    assert proc.returncode == 2 and f"parent run {deleted} was deleted: restore it" in proc.stderr
 
 
 # -- the record: what every run says about what ran ---------------------------------------------
