@@ -220,6 +220,9 @@ def child_run(stage: Stage, name: str, cfg: Config, dataset: data_mod.SVHNData, 
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     found = lifecycle.find_child(experiment_id, key, {parent_run_id, *stage.adoptable})
     finished_run = found is not None and found.info.status == "FINISHED"
+    if finished_run and not holds_weights(found.info.run_id, keep_final):
+        log(f"{name}: FINISHED child run {found.info.run_id} has lost its weights (deleted?): training it again")
+        finished_run = False
     resumable = found is not None and not finished_run and tracking.has_artifact(found.info.run_id, checkpoints.LAST)
     if finished_run or resumable:
         # the key says it matches: its own record must say so too, before it is reused or resumed
@@ -255,6 +258,14 @@ def child_run(stage: Stage, name: str, cfg: Config, dataset: data_mod.SVHNData, 
         result = train_in_run(run_id, cfg, dataset, init_state=init_state, **trained)
     finished(run_id)
     return result
+
+
+def holds_weights(run_id: str, keep_final: bool = False) -> bool:
+    """Whether a FINISHED run still holds the weights a reuse hands on (best.pt; final.pt where
+    the next phase starts from it): a run whose checkpoints were deleted is trained again, not
+    reused into an error on every rerun."""
+    wanted = (checkpoints.BEST, checkpoints.FINAL) if keep_final else (checkpoints.BEST,)
+    return all(tracking.has_artifact(run_id, path) for path in wanted)
 
 
 def resumable_state(child_id: str, arch: str, name: str) -> dict | None:

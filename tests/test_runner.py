@@ -56,6 +56,25 @@ def test_a_finished_child_with_the_same_key_is_reused_and_another_name_trains(ti
     assert len(store.children(stage.run_id)) == 2
 
 
+def test_a_finished_child_whose_weights_were_deleted_is_trained_again_not_reused_into_an_error(tiny, capsys):
+    from pipeline import tracking
+
+    store, cfg, dataset = tiny
+    stage = runner.Stage(store.client.create_run("0").info.run_id, CPU)
+    first = child(stage, cfg, dataset, keep_final=True)  # a phase 1: phase 2 starts from its final.pt
+    tracking.delete_artifact(first.run_id, checkpoints.FINAL)  # by hand, or a cleanup of the store
+    capsys.readouterr()
+    again = child(stage, cfg, dataset, keep_final=True)
+    assert again.run_id != first.run_id and store.steps(again.run_id, "test_acc") == [1]
+    assert torch.equal(again.final_state["fc.weight"], store.checkpoint(again.run_id, checkpoints.FINAL)["fc.weight"])
+    assert f"point: FINISHED child run {first.run_id} has lost its weights (deleted?): training it again" \
+        in capsys.readouterr().out
+    assert store.client.get_run(first.run_id).data.tags["training_key"].startswith("superseded-")
+    assert child(stage, cfg, dataset, keep_final=True).run_id == again.run_id  # whole: reused
+    tracking.delete_artifact(again.run_id, checkpoints.BEST)
+    assert child(stage, cfg, dataset).run_id not in (first.run_id, again.run_id)
+
+
 def test_only_an_adoptable_earlier_stage_runs_children_are_taken_over(tiny):
     store, cfg, dataset = tiny
     earlier = runner.Stage(store.client.create_run("0").info.run_id, CPU)

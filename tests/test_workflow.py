@@ -3,7 +3,7 @@ when a FINISHED run has its params AND its parent run; a new upstream run makes 
 import mlflow
 import pytest
 
-from pipeline import config, data, keys, runtime, workflow
+from pipeline import config, data, keys, runtime, tracking, workflow
 from pipeline.errors import ConfigError
 from pipeline.workflow import CHAIN
 
@@ -18,8 +18,16 @@ def finished_run(store, stage, parameters, start_time):
     run_id = store.client.create_run("0", start_time=start_time,
                                      tags={"stage": stage, "training_key": key}).info.run_id
     store.client.log_metric(run_id, "best_test_acc", 50.0)
+    holds_weights(store, run_id)
     store.client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def holds_weights(store, run_id):
+    """A checkpoints/best.pt, as every finished stage run holds (main hands it to the next stage)."""
+    weights = store.root / "best.pt"
+    weights.write_bytes(b"weights")
+    store.client.log_artifact(run_id, str(weights), "checkpoints")
 
 
 def chain(store, shared, start_time, first_parent="", stages=CHAIN):
@@ -68,8 +76,28 @@ def test_main_looks_a_stage_up_by_the_code_on_disk_which_the_stages_new_process_
     monkeypatch.setattr(keys, "code_version", lambda: "started-code")  # what this process runs
     edited = store.client.create_run("0", tags={"stage": "model_selection", "training_key": keys.training_key(
         cfg, data.data_digest(cfg), resolved, code="edited-code")}).info.run_id
+    holds_weights(store, edited)
     store.client.set_terminated(edited, "FINISHED")
     assert workflow.run_stage("model_selection", parameters, config.load("main", {}), "0", resolved) == edited
+
+
+def test_main_runs_a_stage_again_whose_finished_run_lost_its_weights(store, monkeypatch, capsys):
+    """Its best.pt deleted: reused, the next stage would stop at its parent on every rerun."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    started = []
+    monkeypatch.setattr(mlflow.projects, "run", lambda *a, **k: started.append(k) or SimpleNamespace(run_id="new"))
+    parameters = {"dataset": "synthetic", "data_dir": str(store.data_dir), "synthetic_train": "600",
+                  "synthetic_test": "300", "max_epochs": "1"}
+    lost = finished_run(store, "model_selection", parameters, 1000)
+    tracking.delete_artifact(lost, "checkpoints/best.pt")
+    resolved = runtime.of(config.load("model_selection", parameters))
+    assert workflow.run_stage("model_selection", parameters, config.load("main", {}), "0", resolved) == "new"
+    assert len(started) == 1 and started[0]["entry_point"] == "model_selection"
+    assert f"[main] model_selection: FINISHED run {lost} has lost its checkpoints/best.pt (deleted?): running the " \
+           f"stage again" in capsys.readouterr().out
+    assert store.client.get_run(lost).data.tags["training_key"].startswith("superseded-")
 
 
 def test_main_hands_on_whole_sections_and_autotune_gets_its_study_section(monkeypatch, tmp_path):
