@@ -70,6 +70,7 @@ def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
         try:
             stage = Stage(run_id, resolved, frozenset(r.info.run_id for r in earlier),
                           code_version=keys.code_version())
+            lifecycle.beat(run_id)  # live before it can be found by its key: no one takes it over
             client.set_tag(run_id, lifecycle.STAGE_KEY, stage_key)
             log(f"{cfg.stage}: run {run_id} in {redacted(mlflow.get_tracking_uri())}")
 

@@ -1,6 +1,8 @@
 """session: what a command does around a stage, with the stage itself replaced by a stand-in
 (no training): the Stage it hands down, the runs it continues, how it closes the run, what it
 withdraws when the stage fails, and what it refuses to resume; in a real temporary store."""
+import os
+
 import pytest
 
 from pipeline import config, data, keys, lifecycle, registry, runner, runtime, session, stages
@@ -89,6 +91,28 @@ def test_a_stage_continues_an_earlier_unfinished_run_of_the_same_key_and_finishe
     assert old.data.tags[lifecycle.CONTINUED_IN] == stage.run_id and old.info.status == "KILLED"
     assert [k for k in old.data.params if k.startswith(lifecycle.CLAIM)] == ["writer.1"]  # claimed once
     assert store.client.get_run(other).info.status == "RUNNING"  # left alone
+
+
+def test_a_stage_run_is_live_before_it_can_be_found_by_its_key(tiny, monkeypatch):
+    """Another command with the same key looks for runs by their stage key: one it finds without
+    a live writer it would take over (and end KILLED when it fails), though this one still runs."""
+    from mlflow.tracking import MlflowClient
+
+    store, cfg = tiny
+    found_by_key = []
+    real_set_tag = MlflowClient.set_tag
+
+    def set_tag(self, run_id, key, value, *args, **kwargs):
+        real_set_tag(self, run_id, key, value, *args, **kwargs)
+        if key == lifecycle.STAGE_KEY:  # what another command would see now: this live process's beat
+            tags = store.client.get_run(run_id).data.tags
+            found_by_key.append(lifecycle.parse_stamp(tags.get(lifecycle.HEARTBEAT, "")))
+
+    monkeypatch.setattr(MlflowClient, "set_tag", set_tag)
+    monkeypatch.setitem(stages.STAGES, "tune_lr", lambda cfg, stage, dataset, lineage: result(stage.run_id))
+    session.run(cfg)
+    (beat,) = found_by_key
+    assert beat is not None and beat["pid"] == str(os.getpid()) and lifecycle.is_mine(beat)
 
 
 def test_a_command_beats_the_earlier_run_it_continues_and_lets_it_go_when_it_fails(tiny, monkeypatch):
