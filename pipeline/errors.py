@@ -27,6 +27,11 @@ class LineageError(UserError, RuntimeError):
     """A parent or resume run that cannot be used."""
 
 
+class TakenOver(LineageError):
+    """Another process claimed the run this one trains (its heartbeat looked stale from there, or
+    -P force=true): this one stops and leaves the run, status and all, to that writer."""
+
+
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; `reason`: what is wrong with it, without the advice."""
 

@@ -29,7 +29,7 @@ from mlflow.exceptions import MlflowException
 
 from . import pause, tracking, train
 from .config import Config
-from .errors import LineageError
+from .errors import LineageError, TakenOver
 from .files import alive, boot_id, pid_namespace, proc_text
 from .keys import code_version
 from .runtime import Runtime
@@ -227,6 +227,16 @@ def claim(run, cfg: Config, action: str, task: str = "") -> None:
             f"trains it; wait for it to finish") from None
     beat(run_id, task=task)
     pause.point("claimed", cfg.stage, run_id)
+
+
+def check_still_writer(run_id: str) -> None:
+    """TakenOver once another process has claimed `run_id` (the latest claim is not this
+    process's): asked before each epoch's record, so two writers never both train one run."""
+    claim = latest_claim(tracking.client().get_run(run_id))
+    if claim is not None and not is_mine(claim):
+        raise TakenOver(f"run {run_id} was taken over by {claim.get('host', '?')} pid {claim.get('pid', '?')} "
+                        f"(this process's heartbeat looked stale there, or it was given -P force=true): this "
+                        f"process stopped training it and left the run to that writer")
 
 
 def check_same_record(run, data_digest: str, runtime: Runtime) -> None:

@@ -18,7 +18,7 @@ import torch
 from . import batching, checkpoints, interrupts, lifecycle, models, pause, plots, sysmetrics, tracking, train
 from . import data as data_mod
 from .config import Config
-from .errors import CheckpointError
+from .errors import CheckpointError, TakenOver
 from .keys import child_key
 from .rng import seed_everything
 from .runtime import Runtime
@@ -83,6 +83,8 @@ def opened(run_id: str, end: bool = True):
         pause.point("cleanup", run_id=run_id)
         tracking.end_run(run_id, "KILLED")
         interrupts.killed_runs(stopped).append(run_id)
+        raise
+    except TakenOver:  # the run is another process's now: its status is that writer's to set
         raise
     except BaseException:
         if end:
@@ -163,6 +165,9 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
     system_metrics = sysmetrics.SystemMetrics(run_id, sysmetrics.guess_epoch_s(
         device.type, dataset.n_train, dataset.n_val + dataset.n_test))
 
+    def still_writer(end: train.EpochEnd) -> None:
+        lifecycle.check_still_writer(run_id)
+
     def heartbeat(end: train.EpochEnd) -> None:
         system_metrics.epoch_took(end.result.epoch_time_s)
         lifecycle.beat(*beating, task=task)
@@ -173,7 +178,7 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
             try:
                 history = train.fit(model, train_batches, test_batches, run_hyper, device, generator,
                                     val_batches=val_batches, resume=resume, log=log,
-                                    stop_hooks=stop_hooks, callbacks=(recorder, heartbeat, *callbacks))
+                                    stop_hooks=stop_hooks, callbacks=(still_writer, recorder, heartbeat, *callbacks))
                 recorder.close()  # the last epoch's record, before the totals and FINISHED
             except BaseException:
                 # Ctrl-C, SIGTERM or an error (in close() too): the record in flight is finished

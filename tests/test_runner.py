@@ -75,6 +75,30 @@ def test_a_finished_child_whose_weights_were_deleted_is_trained_again_not_reused
     assert child(stage, cfg, dataset).run_id not in (first.run_id, again.run_id)
 
 
+def test_a_run_taken_over_by_another_process_stops_before_its_next_record_and_is_left_to_it(tiny):
+    """This process looked dead from elsewhere (a partition longer than the stale limit): another
+    claimed the run after epoch 1. This one writes nothing more to it, and ends it neither FAILED
+    nor FINISHED: the run, last.pt and status, is the other writer's now."""
+    from pipeline import lifecycle
+    from pipeline.errors import TakenOver
+
+    store, cfg, dataset = tiny
+    run_id = store.client.create_run("0").info.run_id
+    other = {**lifecycle.identity(), "pid": "999999", "start": "1", "time": "1"}
+
+    def another_process_claims(end):
+        if end.result.epoch == 1:
+            store.client.log_param(run_id, f"{lifecycle.CLAIM}1", " ".join(f"{k}={v}" for k, v in other.items()))
+
+    with pytest.raises(TakenOver, match=f"^run {run_id} was taken over by {other['host']} pid 999999 "):
+        with runner.opened(run_id):
+            runner.train_in_run(run_id, cfg.replace(epochs=3), dataset, arch="resnet", runtime=CPU,
+                                callbacks=(another_process_claims,))
+    assert store.steps(run_id, "test_acc") == [1]  # epoch 2 trained, never recorded
+    assert store.checkpoint(run_id, checkpoints.LAST)["epoch"] == 1
+    assert store.client.get_run(run_id).info.status == "RUNNING"
+
+
 def test_only_an_adoptable_earlier_stage_runs_children_are_taken_over(tiny):
     store, cfg, dataset = tiny
     earlier = runner.Stage(store.client.create_run("0").info.run_id, CPU)
