@@ -29,7 +29,12 @@ class LineageError(UserError, RuntimeError):
 
 class TakenOver(LineageError):
     """Another process claimed the run this one trains (its heartbeat looked stale from there, or
-    -P force=true): this one stops and leaves the run, status and all, to that writer."""
+    -P force=true): this one stops and leaves that run's status to that writer (the runs above it
+    are this process's and end FAILED as for any error)."""
+
+    def __init__(self, message: str, run_id: str):
+        super().__init__(message)
+        self.run_id = run_id
 
 
 class CheckpointError(UserError, RuntimeError):

@@ -104,8 +104,8 @@ def heartbeat(*run_ids: str, task: str = ""):
 
     def loop():
         while not stop.wait(BEAT_EVERY_S):
-            try:
-                beat(*run_ids, task=task)
+            try:  # not over the beats of a process that has taken a run over (check_still_writer)
+                beat(*[r for r in run_ids if taken_over(tracking.client().get_run(r)) is None], task=task)
             except Exception:  # noqa: BLE001 - a missed beat is retried; training goes on
                 pass
 
@@ -229,14 +229,26 @@ def claim(run, cfg: Config, action: str, task: str = "") -> None:
     pause.point("claimed", cfg.stage, run_id)
 
 
+def taken_over(run) -> dict[str, str] | None:
+    """The claim by which another process took `run` over from this one (its latest claim, when
+    not this process's), or None."""
+    claim = latest_claim(run)
+    return claim if claim is not None and not is_mine(claim) else None
+
+
 def check_still_writer(run_id: str) -> None:
-    """TakenOver once another process has claimed `run_id` (the latest claim is not this
-    process's): asked before each epoch's record, so two writers never both train one run."""
-    claim = latest_claim(tracking.client().get_run(run_id))
-    if claim is not None and not is_mine(claim):
+    """TakenOver once another process has claimed `run_id`: asked before each epoch's record,
+    so two writers never both train one run. A run this process claimed, which the writer it
+    took over from ended as it stopped (FAILED by `mlflow run` or a Ray driver), reads RUNNING
+    again: it is being written."""
+    run = tracking.client().get_run(run_id)
+    claim = taken_over(run)
+    if claim is not None:
         raise TakenOver(f"run {run_id} was taken over by {claim.get('host', '?')} pid {claim.get('pid', '?')} "
                         f"(this process's heartbeat looked stale there, or it was given -P force=true): this "
-                        f"process stopped training it and left the run to that writer")
+                        f"process stopped training it and left the run to that writer", run_id)
+    if latest_claim(run) is not None and run.info.status != "RUNNING":
+        tracking.client().update_run(run_id, status="RUNNING")
 
 
 def check_same_record(run, data_digest: str, runtime: Runtime) -> None:

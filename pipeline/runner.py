@@ -84,8 +84,11 @@ def opened(run_id: str, end: bool = True):
         tracking.end_run(run_id, "KILLED")
         interrupts.killed_runs(stopped).append(run_id)
         raise
-    except TakenOver:  # the run is another process's now: its status is that writer's to set
-        raise
+    except TakenOver as taken:
+        if taken.run_id != run_id:  # a run below this one was taken over: this one ends as on any error
+            if end:
+                tracking.end_run(run_id, "FAILED")
+        raise  # this run is another process's now: its status is that writer's to set
     except BaseException:
         if end:
             tracking.end_run(run_id, "FAILED")
@@ -165,8 +168,9 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
     system_metrics = sysmetrics.SystemMetrics(run_id, sysmetrics.guess_epoch_s(
         device.type, dataset.n_train, dataset.n_val + dataset.n_test))
 
-    def still_writer(end: train.EpochEnd) -> None:
+    def still_writer(end: train.EpochEnd) -> bool:  # first of the stop hooks: before a pruner hears of the epoch
         lifecycle.check_still_writer(run_id)
+        return False
 
     def heartbeat(end: train.EpochEnd) -> None:
         system_metrics.epoch_took(end.result.epoch_time_s)
@@ -178,7 +182,7 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
             try:
                 history = train.fit(model, train_batches, test_batches, run_hyper, device, generator,
                                     val_batches=val_batches, resume=resume, log=log,
-                                    stop_hooks=stop_hooks, callbacks=(still_writer, recorder, heartbeat, *callbacks))
+                                    stop_hooks=(still_writer, *stop_hooks), callbacks=(recorder, heartbeat, *callbacks))
                 recorder.close()  # the last epoch's record, before the totals and FINISHED
             except BaseException:
                 # Ctrl-C, SIGTERM or an error (in close() too): the record in flight is finished

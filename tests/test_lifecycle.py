@@ -157,3 +157,22 @@ def test_a_killed_run_claimed_by_a_live_process_not_yet_running_is_not_claimed_a
     assert set(client.get_run(run_id).data.params) == {"writer.1"}
     lifecycle.claim(seen, cfg.replace(force=True), "resumed")  # force=true: that process is gone, says the user
     assert set(client.get_run(run_id).data.params) == {"writer.1", "writer.2"}
+
+
+def test_the_heartbeat_thread_never_beats_over_a_process_that_took_a_run_over(tmp_path, monkeypatch):
+    uri = tracking.new_local_store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = tracking.client()
+    mine, taken = (client.create_run("0").info.run_id for _ in range(2))
+    theirs = " ".join(f"{k}={v}" for k, v in {**lifecycle.identity(), "pid": "999999", "time": "1"}.items())
+    client.log_param(taken, f"{lifecycle.CLAIM}1", theirs)
+    client.set_tag(taken, lifecycle.HEARTBEAT, theirs)  # the new writer's beat
+    monkeypatch.setattr(lifecycle, "BEAT_EVERY_S", 0.05)
+    with lifecycle.heartbeat(mine, taken):
+        deadline = time.monotonic() + 30
+        while lifecycle.HEARTBEAT not in client.get_run(mine).data.tags:
+            assert time.monotonic() < deadline, "the heartbeat thread never beat"
+            time.sleep(0.05)
+        time.sleep(0.3)  # several more beats
+    assert lifecycle.is_mine(lifecycle.parse_stamp(client.get_run(mine).data.tags[lifecycle.HEARTBEAT]))
+    assert client.get_run(taken).data.tags[lifecycle.HEARTBEAT] == theirs

@@ -77,12 +77,13 @@ def test_a_finished_child_whose_weights_were_deleted_is_trained_again_not_reused
 
 def test_a_run_taken_over_by_another_process_stops_before_its_next_record_and_is_left_to_it(tiny):
     """This process looked dead from elsewhere (a partition longer than the stale limit): another
-    claimed the run after epoch 1. This one writes nothing more to it, and ends it neither FAILED
-    nor FINISHED: the run, last.pt and status, is the other writer's now."""
+    claimed the run after epoch 1. This one records nothing more of it and leaves its status to
+    that writer; the stage run above it is this process's, and ends FAILED as on any error."""
     from pipeline import lifecycle
     from pipeline.errors import TakenOver
 
     store, cfg, dataset = tiny
+    stage_run = store.client.create_run("0").info.run_id
     run_id = store.client.create_run("0").info.run_id
     other = {**lifecycle.identity(), "pid": "999999", "start": "1", "time": "1"}
 
@@ -91,12 +92,36 @@ def test_a_run_taken_over_by_another_process_stops_before_its_next_record_and_is
             store.client.log_param(run_id, f"{lifecycle.CLAIM}1", " ".join(f"{k}={v}" for k, v in other.items()))
 
     with pytest.raises(TakenOver, match=f"^run {run_id} was taken over by {other['host']} pid 999999 "):
-        with runner.opened(run_id):
+        with runner.opened(stage_run), runner.opened(run_id):
             runner.train_in_run(run_id, cfg.replace(epochs=3), dataset, arch="resnet", runtime=CPU,
                                 callbacks=(another_process_claims,))
     assert store.steps(run_id, "test_acc") == [1]  # epoch 2 trained, never recorded
     assert store.checkpoint(run_id, checkpoints.LAST)["epoch"] == 1
     assert store.client.get_run(run_id).info.status == "RUNNING"
+    assert store.client.get_run(stage_run).info.status == "FAILED"
+
+
+def test_a_run_this_process_took_over_reads_running_again_once_the_writer_before_ended_it(tiny):
+    """The writer it took over from stops at its next epoch, and `mlflow run` (or a Ray driver)
+    then ends the run FAILED: at this writer's next epoch the run reads RUNNING again, so it is
+    live to everyone else, and it ends FINISHED when this writer is done."""
+    from pipeline import lifecycle
+
+    store, cfg, dataset = tiny
+    run_id = store.client.create_run("0").info.run_id
+    lifecycle.claim(store.client.get_run(run_id), cfg.replace(force=True), "resumed")
+    seen = []
+
+    def the_old_writers_launcher_ends_it(end):
+        seen.append(store.client.get_run(run_id).info.status)
+        if end.result.epoch == 1:
+            store.client.set_terminated(run_id, "FAILED")
+
+    with runner.opened(run_id):
+        runner.train_in_run(run_id, cfg.replace(epochs=2), dataset, arch="resnet", runtime=CPU,
+                            callbacks=(the_old_writers_launcher_ends_it,))
+    assert seen == ["RUNNING", "RUNNING"] and store.steps(run_id, "test_acc") == [1, 2]
+    assert store.client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_only_an_adoptable_earlier_stage_runs_children_are_taken_over(tiny):
