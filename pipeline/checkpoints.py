@@ -63,17 +63,22 @@ def write_checkpoint(run_id: str, artifact_path: str, obj) -> None:
     a local atomic file uploaded whole to a remote one. No signal handling of its own: the
     training thread calls save_checkpoint, the EpochRecorder's writer thread this."""
     local = tracking.local_artifact_dir(run_id)
-    where = local / artifact_path if local is not None else Path(tempfile.gettempdir())
+    if local is not None:
+        save_here(obj, local / artifact_path, artifact_path, run_id)
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # an upload's own errors are the store's: reported as such
+        path = Path(tmp) / Path(artifact_path).name
+        save_here(obj, path, artifact_path, run_id)
+        tracking.client().log_artifact(run_id, str(path), str(Path(artifact_path).parent))
+
+
+def save_here(obj, path: Path, artifact_path: str, run_id: str) -> None:
+    """atomic_save on this machine's disk; a full disk or a folder made read-only is one line (the
+    file there before stays whole)."""
     try:
-        if local is not None:
-            atomic_save(obj, where)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(artifact_path).name
-            atomic_save(obj, path)
-            tracking.client().log_artifact(run_id, str(path), str(Path(artifact_path).parent))
-    except OSError as err:  # a full disk, a folder made read-only: the file there before is whole
-        raise CheckpointError(f"cannot write {artifact_path} of run {run_id} to {where} "
+        atomic_save(obj, path)
+    except OSError as err:
+        raise CheckpointError(f"cannot write {artifact_path} of run {run_id} to {path} "
                               f"({err.strerror or type(err).__name__}): free some space there or make it "
                               f"writable; the checkpoints written before are whole, so the run can "
                               f"continue from them") from None
@@ -272,6 +277,14 @@ def check_parent(run_id: str):
         raise LineageError(f"parent run {run_id} has no {BEST}: pass the id of a training "
                            f"stage's run (train, baseline, tune_lr, ...)")
     return run
+
+
+def holds_weights(run_id: str, keep_final: bool = False) -> bool:
+    """Whether a FINISHED run still holds the weights a reuse hands on (best.pt; final.pt where
+    the next phase starts from it): a run whose checkpoints were deleted is trained again, not
+    reused into an error on every rerun."""
+    wanted = (BEST, FINAL) if keep_final else (BEST,)
+    return all(tracking.has_artifact(run_id, path) for path in wanted)
 
 
 def parent_state(run_id: str) -> dict:

@@ -29,10 +29,15 @@ STAGES = ("train", "model_selection", "baseline", "tune_lr", "tune_gamma", "over
 def absolute(path: str) -> Path:
     """A path as this process's working directory reads it (a stage may run in another)."""
     try:
-        return Path(path).expanduser().resolve()
-    except RuntimeError:  # ~name of no user here (pathlib's only RuntimeError)
-        raise ConfigError(f"path {path}: there is no user {path.split('/')[0]} on this machine: "
+        expanded = Path(path).expanduser()
+    except RuntimeError:  # ~name of no user here, or ~ with no home known
+        raise ConfigError(f"path {path}: {path.split('/')[0]} names no home directory on this machine: "
                           f"give the path in full") from None
+    try:
+        return expanded.resolve()
+    except RuntimeError:  # Python 3.11's resolve() on a symlink loop
+        raise ConfigError(f"path {path}: a symbolic link in it points back at itself (a loop): "
+                          f"fix the link or give another path") from None
 
 
 @dataclass

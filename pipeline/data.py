@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,22 +63,27 @@ def data_folder(cfg: Config) -> Path:
 
 
 def _download(folder: Path, split: str, verify: bool) -> None:
-    """Fetch SVHN's `split` file unless it is there (and, with verify, official). It is downloaded
-    beside its place and moved there only once its checksum passes: a failed download leaves
-    the folder as it was. With verify=false a file that is there is the user's own: never replaced."""
+    """Fetch SVHN's `split` file unless it is there (and, with verify, official). It is fetched
+    into a temp folder and its checksum checked there, then written into place atomically: a
+    failed or killed download leaves the data folder as it was. With verify=false a file that
+    is there is the user's own: never replaced."""
     url, name, md5 = SVHNMat.split_list[split]
     path = folder / name
     if path.is_file() and (not verify or check_integrity(str(path), md5)):
         return
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as fetched:
+    with tempfile.TemporaryDirectory(prefix="svhn-download-") as fetched:
+        try:
             tv_utils.download_url(url, fetched, name, md5)  # checks the md5 of what it fetched
-            os.replace(Path(fetched) / name, path)
-    except Exception as err:  # noqa: BLE001 - URLError, http.client's errors, a bad checksum: one line
-        reason = f"{type(err).__name__}: {first_line(err, None, 'no reason given')}"
-        raise DataError(f"cannot download SVHN {split} split into {folder} ({reason}): are you "
-                        f"offline? Copy the .mat files there by hand, or use -P dataset=synthetic") from None
+        except Exception as err:  # noqa: BLE001 - URLError, http.client's errors, a bad checksum: one line
+            reason = f"{type(err).__name__}: {first_line(err, None, 'no reason given')}"
+            raise DataError(f"cannot download SVHN {split} split into {folder} ({reason}): are you "
+                            f"offline? Copy the .mat files there by hand, or use -P dataset=synthetic") from None
+        try:
+            with open(Path(fetched) / name, "rb") as source, atomic_write(path) as target:
+                shutil.copyfileobj(source, target, 1 << 20)
+        except OSError as err:
+            raise DataError(f"cannot write {path} ({err.strerror or type(err).__name__}): make {folder} writable, "
+                            f"or pass -P data_dir=<a folder you can write>") from None
 
 
 def mat_path(folder: Path, split: str) -> Path:

@@ -50,11 +50,11 @@ class Stage:
     """A stage run as its children see it, handed down by the session (never a module global):
     its run, the one Runtime and code version it resolved (what its key and its children's keys
     say they ran), the earlier unfinished runs of the same stage whose children it takes over,
-    and the model versions it registered, (name, version, previous champion), withdrawn if it fails."""
+    and the model versions it registered (registry.Registered), withdrawn if it fails."""
     run_id: str
     runtime: Runtime
     adoptable: frozenset[str] = frozenset()
-    registered: list[tuple[str, str, str | None]] = field(default_factory=list)
+    registered: list = field(default_factory=list)  # registry.Registered
     code_version: str = ""
 
     def for_children(self) -> "Stage":
@@ -229,7 +229,7 @@ def child_run(stage: Stage, name: str, cfg: Config, dataset: data_mod.SVHNData, 
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     found = lifecycle.find_child(experiment_id, key, {parent_run_id, *stage.adoptable})
     finished_run = found is not None and found.info.status == "FINISHED"
-    if finished_run and not holds_weights(found.info.run_id, keep_final):
+    if finished_run and not checkpoints.holds_weights(found.info.run_id, keep_final):
         log(f"{name}: FINISHED child run {found.info.run_id} has lost its weights (deleted?): training it again")
         finished_run = False
     resumable = found is not None and not finished_run and tracking.has_artifact(found.info.run_id, checkpoints.LAST)
@@ -261,20 +261,12 @@ def child_run(stage: Stage, name: str, cfg: Config, dataset: data_mod.SVHNData, 
         lifecycle.claim(found, cfg, "replaced", task=task)
         if found.info.status == "RUNNING":
             tracking.end_run(found.info.run_id, "KILLED")
-        client.set_tag(found.info.run_id, "training_key", f"superseded-{key}")
+        tracking.supersede(found.info.run_id, key)
     run_id = create_child(parent_run_id, name, {"stage": cfg.stage, "training_key": key, **tags})
     with opened(run_id):
         result = train_in_run(run_id, cfg, dataset, init_state=init_state, **trained)
     finished(run_id)
     return result
-
-
-def holds_weights(run_id: str, keep_final: bool = False) -> bool:
-    """Whether a FINISHED run still holds the weights a reuse hands on (best.pt; final.pt where
-    the next phase starts from it): a run whose checkpoints were deleted is trained again, not
-    reused into an error on every rerun."""
-    wanted = (checkpoints.BEST, checkpoints.FINAL) if keep_final else (checkpoints.BEST,)
-    return all(tracking.has_artifact(run_id, path) for path in wanted)
 
 
 def resumable_state(child_id: str, arch: str, name: str) -> dict | None:

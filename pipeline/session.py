@@ -139,8 +139,7 @@ def continue_earlier_runs(cfg: Config, run_id: str, stage_key: str) -> list:
             registry.withdraw_left_by(old)
         for old in earlier:
             if old.info.status == "FINISHED":  # its children move here: its result is not one to reuse
-                tracking.client().set_tag(old.info.run_id, "training_key",
-                                          f"superseded-{old.data.tags.get('training_key', '')}")
+                tracking.supersede(old.info.run_id, old.data.tags.get("training_key", ""))
     except BaseException:  # e.g. one of them is live elsewhere: those claimed already are let go
         release(claimed)
         raise

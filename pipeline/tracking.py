@@ -299,5 +299,10 @@ def find_finished_run(experiment_id: str, training_key: str):
     return runs[0] if runs else None
 
 
+def supersede(run_id: str, key: str) -> None:
+    """Take a run out of reuse for good: main and child_run find runs by their training_key tag."""
+    client().set_tag(run_id, "training_key", f"superseded-{key}")
+
+
 def end_run(run_id: str, status: str) -> None:
     client().set_terminated(run_id, status=status)

@@ -15,7 +15,7 @@ import mlflow
 
 from . import config as config_mod
 from . import data as data_mod
-from . import checkpoints, keys, plots, runner, tracking, tuning
+from . import checkpoints, keys, plots, tracking, tuning
 from .config import Config
 from .errors import ConfigError
 from .lineage import tuned_by_parent
@@ -100,10 +100,10 @@ def run_stage(stage: str, parameters: dict[str, str], cfg: Config, experiment_id
     # the stage runs in a process of its own, so with the code on disk now (not main's, if it changed)
     key = keys.training_key(stage_cfg, data_mod.data_digest(stage_cfg), resolved, code=keys.hash_code())
     found = tracking.find_finished_run(experiment_id, key)
-    if found and not runner.holds_weights(found.info.run_id):
+    if found and not checkpoints.holds_weights(found.info.run_id):
         log(f"[main] {stage}: FINISHED run {found.info.run_id} has lost its {checkpoints.BEST} (deleted?): "
             f"running the stage again")
-        tracking.client().set_tag(found.info.run_id, "training_key", f"superseded-{key}")
+        tracking.supersede(found.info.run_id, key)
         found = None
     if found:
         log(f"[main] {stage}: reusing FINISHED run {found.info.run_id} "

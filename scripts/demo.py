@@ -66,6 +66,10 @@ def report(predictions: str, model: str = "svhn-classifier-synthetic") -> int:
     if missing:
         raise ValueError(f"{predictions} has no prediction rows with {', '.join(sorted(missing))}: "
                          f"give the CSV that `predict` wrote")
+    short = next((n for n, row in enumerate(rows, 2) if None in row.values()), None)
+    if short is not None:
+        raise ValueError(f"{predictions} line {short} has fewer fields than its header (cut short?): "
+                         f"give the CSV that `predict` wrote")
     print(f"\n{'file':<24} {'true digit':>10} {'predicted':>10} {'confidence':>11}")
     right = 0
     for row in rows:

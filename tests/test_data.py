@@ -185,6 +185,12 @@ def test_a_download_lands_whole_or_not_at_all_and_never_replaces_the_users_own_f
     with pytest.raises(DataError, match="IncompleteRead"):
         load()
     assert contents() == {**files, "train_32x32.mat": own.read_bytes()}
+    # a data folder under a file: fetched, then it cannot be written, which is not "offline"
+    (tmp_path / "a-file").write_text("not a folder")
+    svhn_server("ok")
+    cfg = config.load("train", {"download": "true", "data_dir": str(tmp_path / "a-file" / "svhn")})
+    with pytest.raises(DataError, match=r"^cannot write .*a-file/svhn/train_32x32.mat \(Not a directory\): make "):
+        data.load(cfg)
 
 
 def test_a_data_file_this_user_cannot_read_is_one_line(mat_folder, tmp_path):
@@ -217,8 +223,12 @@ def test_a_synthetic_set_that_cannot_be_written_and_a_home_of_no_user_are_one_li
     assert str(err.value).startswith(f"cannot write the synthetic set to {tmp_path / 'a-file' / 'synthetic'}/")
     assert str(err.value).endswith("(Not a directory): pass -P data_dir=<a folder you can write>")
     cfg = config.load("train", {"data_dir": "~no-such-user-here/svhn"})
-    with pytest.raises(config.ConfigError, match="^path ~no-such-user-here/svhn: there is no user "
-                                                 "~no-such-user-here on this machine: give the path in full$"):
+    with pytest.raises(config.ConfigError, match="^path ~no-such-user-here/svhn: ~no-such-user-here names no "
+                                                 "home directory on this machine: give the path in full$"):
+        data.load(cfg)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    cfg = config.load("train", {"data_dir": str(tmp_path / "loop" / "svhn")})
+    with pytest.raises(config.ConfigError, match="a symbolic link in it points back at itself"):
         data.load(cfg)
 
 
