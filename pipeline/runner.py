@@ -169,7 +169,8 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
         device.type, dataset.n_train, dataset.n_val + dataset.n_test))
 
     def still_writer(end: train.EpochEnd) -> bool:  # first of the stop hooks: before a pruner hears of the epoch
-        lifecycle.check_still_writer(run_id)
+        for writing in beating:  # the stage run too, where this process writes it (not as a Ray task)
+            lifecycle.check_still_writer(writing)
         return False
 
     def heartbeat(end: train.EpochEnd) -> None:

@@ -101,6 +101,29 @@ def test_a_run_taken_over_by_another_process_stops_before_its_next_record_and_is
     assert store.client.get_run(stage_run).info.status == "FAILED"
 
 
+def test_a_stage_run_taken_over_stops_its_child_here_and_is_left_to_its_new_writer(tiny):
+    """A stage run this process drives (executor=local), claimed by another after its child's
+    epoch 1: the child, this process's own, stops and ends FAILED; the stage run is left as is."""
+    from pipeline import lifecycle
+    from pipeline.errors import TakenOver
+
+    store, cfg, dataset = tiny
+    stage_run, run_id = (store.client.create_run("0").info.run_id for _ in range(2))
+    other = " ".join(f"{k}={v}" for k, v in {**lifecycle.identity(), "pid": "999999", "time": "1"}.items())
+
+    def another_process_claims_the_stage(end):
+        if end.result.epoch == 1:
+            store.client.log_param(stage_run, f"{lifecycle.CLAIM}1", other)
+
+    with pytest.raises(TakenOver, match=f"^run {stage_run} was taken over"):
+        with runner.opened(stage_run), runner.opened(run_id):
+            runner.train_in_run(run_id, cfg.replace(epochs=3), dataset, arch="resnet", runtime=CPU,
+                                stage_run_id=stage_run, callbacks=(another_process_claims_the_stage,))
+    assert store.steps(run_id, "test_acc") == [1]
+    assert store.client.get_run(run_id).info.status == "FAILED"
+    assert store.client.get_run(stage_run).info.status == "RUNNING"
+
+
 def test_a_run_this_process_took_over_reads_running_again_once_the_writer_before_ended_it(tiny):
     """The writer it took over from stops at its next epoch, and `mlflow run` (or a Ray driver)
     then ends the run FAILED: at this writer's next epoch the run reads RUNNING again, so it is
