@@ -3,6 +3,7 @@ once into a cached tensor file, split (a stratified validation split), and diges
 records exactly which rows it used. batching.py turns them into training batches."""
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import os
@@ -10,6 +11,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.error import URLError
 
 import numpy as np
 import torch
@@ -71,10 +73,16 @@ def _download(folder: Path, split: str, verify: bool) -> None:
     path = folder / name
     if path.is_file() and (not verify or check_integrity(str(path), md5)):
         return
-    with tempfile.TemporaryDirectory(prefix="svhn-download-") as fetched:
+    try:
+        fetching = tempfile.TemporaryDirectory(prefix="svhn-download-")
+    except OSError as err:
+        raise DataError(cannot_fetch_into(err)) from None
+    with fetching as fetched:
         try:
             tv_utils.download_url(url, fetched, name, md5)  # checks the md5 of what it fetched
         except Exception as err:  # noqa: BLE001 - URLError, http.client's errors, a bad checksum: one line
+            if isinstance(err, OSError) and not isinstance(err, URLError) and err.errno in DISK_ERRORS:
+                raise DataError(cannot_fetch_into(err)) from None
             reason = f"{type(err).__name__}: {first_line(err, None, 'no reason given')}"
             raise DataError(f"cannot download SVHN {split} split into {folder} ({reason}): are you "
                             f"offline? Copy the .mat files there by hand, or use -P dataset=synthetic") from None
@@ -84,6 +92,14 @@ def _download(folder: Path, split: str, verify: bool) -> None:
         except OSError as err:
             raise DataError(f"cannot write {path} ({err.strerror or type(err).__name__}): make {folder} writable, "
                             f"or pass -P data_dir=<a folder you can write>") from None
+
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+def cannot_fetch_into(err: OSError) -> str:
+    return (f"cannot write the download to {tempfile.gettempdir()} ({err.strerror or type(err).__name__}): free "
+            f"some space there, or set TMPDIR to a folder you can write")
 
 
 def mat_path(folder: Path, split: str) -> Path:

@@ -104,10 +104,12 @@ def heartbeat(*run_ids: str, task: str = ""):
 
     def loop():
         while not stop.wait(BEAT_EVERY_S):
-            try:  # not over the beats of a process that has taken a run over (check_still_writer)
-                beat(*[r for r in run_ids if taken_over(tracking.client().get_run(r)) is None], task=task)
-            except Exception:  # noqa: BLE001 - a missed beat is retried; training goes on
-                pass
+            for run_id in run_ids:  # one by one: a run the store cannot read never costs the others their beat
+                try:  # not over the beats of a process that has taken a run over (check_still_writer)
+                    if taken_over(tracking.client().get_run(run_id)) is None:
+                        beat(run_id, task=task)
+                except Exception:  # noqa: BLE001 - a missed beat is retried; training goes on
+                    pass
 
     thread = threading.Thread(target=loop, name="heartbeat", daemon=True)
     thread.start()

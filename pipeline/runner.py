@@ -84,11 +84,10 @@ def opened(run_id: str, end: bool = True):
         tracking.end_run(run_id, "KILLED")
         interrupts.killed_runs(stopped).append(run_id)
         raise
-    except TakenOver as taken:
-        if taken.run_id != run_id:  # a run below this one was taken over: this one ends as on any error
-            if end:
-                tracking.end_run(run_id, "FAILED")
-        raise  # this run is another process's now: its status is that writer's to set
+    except TakenOver as taken:  # a run taken over is another process's now: its status is that writer's
+        if end and taken.run_id != run_id and lifecycle.taken_over(tracking.client().get_run(run_id)) is None:
+            tracking.end_run(run_id, "FAILED")  # a run above it, still this process's: as on any error
+        raise
     except BaseException:
         if end:
             tracking.end_run(run_id, "FAILED")

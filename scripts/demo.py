@@ -61,12 +61,16 @@ def report(predictions: str, model: str = "svhn-classifier-synthetic") -> int:
     from pipeline.errors import first_line
 
     with open(predictions, newline="", encoding="utf-8") as file:
-        rows = list(csv.DictReader(file))
+        reader = csv.DictReader(file)
+        rows, lines = [], []
+        for row in reader:
+            rows.append(row)
+            lines.append(reader.line_num)
     missing = {"input", "label", "confidence"} - set(rows[0] if rows else ())
     if missing:
         raise ValueError(f"{predictions} has no prediction rows with {', '.join(sorted(missing))}: "
                          f"give the CSV that `predict` wrote")
-    short = next((n for n, row in enumerate(rows, 2) if None in row.values()), None)
+    short = next((line for line, row in zip(lines, rows) if None in row.values()), None)
     if short is not None:
         raise ValueError(f"{predictions} line {short} has fewer fields than its header (cut short?): "
                          f"give the CSV that `predict` wrote")

@@ -152,7 +152,8 @@ def svhn_server(tmp_path, monkeypatch):
     server.shutdown()
 
 
-def test_a_download_lands_whole_or_not_at_all_and_never_replaces_the_users_own_file(tmp_path, svhn_server):
+def test_a_download_lands_whole_or_not_at_all_and_never_replaces_the_users_own_file(tmp_path, svhn_server,
+                                                                                     monkeypatch):
     folder = tmp_path / "svhn"
 
     def load(**params):
@@ -190,6 +191,11 @@ def test_a_download_lands_whole_or_not_at_all_and_never_replaces_the_users_own_f
     svhn_server("ok")
     cfg = config.load("train", {"download": "true", "data_dir": str(tmp_path / "a-file" / "svhn")})
     with pytest.raises(DataError, match=r"^cannot write .*a-file/svhn/train_32x32.mat \(Not a directory\): make "):
+        data.load(cfg)
+    # nowhere to fetch it to (TMPDIR under a file): said so, not "offline"
+    monkeypatch.setattr(data.tempfile, "tempdir", str(tmp_path / "a-file" / "tmp"))
+    cfg = config.load("train", {"download": "true", "data_dir": str(folder / "fresh")})
+    with pytest.raises(DataError, match=r"^cannot write the download to .*a-file/tmp \(Not a directory\): free "):
         data.load(cfg)
 
 

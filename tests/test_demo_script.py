@@ -51,12 +51,12 @@ def test_a_bad_argument_or_file_is_one_line_and_a_non_zero_exit(tmp_path):
     not_csv = tmp_path / "notes.txt"
     not_csv.write_text("just some words\n")
     cut = tmp_path / "cut.csv"
-    cut.write_text("input,label,confidence\ntest0001_digit1.png,1,0.9\ntest0002_digit2.png,2\n")
+    cut.write_text('input,label,confidence\n\n"test0001\ndigit1.png",1,0.9\ntest0002_digit2.png,2\n')
     cases = [(("samples", tmp_path / "s", "scale"), "'scale' is not key=value"),
              (("samples", tmp_path / "s", "lr=abc"), "lr='abc' is not a number"),
              (("report", tmp_path / "missing.csv"), "No such file or directory"),
              (("report", not_csv), "has no prediction rows with confidence, input, label"),
-             (("report", cut), "line 3 has fewer fields than its header")]
+             (("report", cut), "line 5 has fewer fields than its header")]
     for args, said in cases:
         done = demo(*args)
         assert done.returncode == 1 and "Traceback" not in done.stderr, (args, done.stderr)

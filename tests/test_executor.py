@@ -53,3 +53,18 @@ def test_progress_sees_every_epoch_and_a_tasks_child_carries_the_task_in_its_hea
     local = executor.train_child(stage, executor.ChildSpec("local point", cfg, "resnet"), dataset)
     assert "task" not in lifecycle.parse_stamp(store.client.get_run(local.run_id).data.tags[lifecycle.HEARTBEAT])
     assert lifecycle.HEARTBEAT in store.client.get_run(stage.run_id).data.tags
+
+
+def test_a_takeover_reaches_a_ray_driver_as_itself_with_the_run_it_names():
+    """A worker's error crosses to the driver pickled, inside a RayTaskError: TakenOver must come
+    back whole (a one-line refusal naming its run), not as an UnserializableException."""
+    from ray.exceptions import RayTaskError
+
+    from pipeline.errors import TakenOver
+
+    try:
+        raise TakenOver("run R was taken over", "R")
+    except TakenOver as err:
+        crossed = RayTaskError.from_bytes(RayTaskError("fn", "traceback", err, pid=1, ip="127.0.0.1").to_bytes())
+    assert isinstance(crossed.cause, TakenOver) and crossed.cause.run_id == "R"
+    assert str(crossed.cause) == "run R was taken over"

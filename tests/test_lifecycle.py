@@ -168,7 +168,7 @@ def test_the_heartbeat_thread_never_beats_over_a_process_that_took_a_run_over(tm
     client.log_param(taken, f"{lifecycle.CLAIM}1", theirs)
     client.set_tag(taken, lifecycle.HEARTBEAT, theirs)  # the new writer's beat
     monkeypatch.setattr(lifecycle, "BEAT_EVERY_S", 0.05)
-    with lifecycle.heartbeat(mine, taken):
+    with lifecycle.heartbeat("0" * 32, mine, taken):  # the first: a run the store no longer has
         deadline = time.monotonic() + 30
         while lifecycle.HEARTBEAT not in client.get_run(mine).data.tags:
             assert time.monotonic() < deadline, "the heartbeat thread never beat"

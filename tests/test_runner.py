@@ -91,11 +91,17 @@ def test_a_run_taken_over_by_another_process_stops_before_its_next_record_and_is
         if end.result.epoch == 1:
             store.client.log_param(run_id, f"{lifecycle.CLAIM}1", " ".join(f"{k}={v}" for k, v in other.items()))
 
+    pruner_heard = []
+
+    def pruner(end):  # as autotune's: a taken-over trial never reports the epoch it saw the claim at
+        pruner_heard.append(end.result.epoch)
+        return False
+
     with pytest.raises(TakenOver, match=f"^run {run_id} was taken over by {other['host']} pid 999999 "):
         with runner.opened(stage_run), runner.opened(run_id):
             runner.train_in_run(run_id, cfg.replace(epochs=3), dataset, arch="resnet", runtime=CPU,
-                                callbacks=(another_process_claims,))
-    assert store.steps(run_id, "test_acc") == [1]  # epoch 2 trained, never recorded
+                                stop_hooks=(pruner,), callbacks=(another_process_claims,))
+    assert pruner_heard == [1] and store.steps(run_id, "test_acc") == [1]  # epoch 2 trained, never recorded
     assert store.checkpoint(run_id, checkpoints.LAST)["epoch"] == 1
     assert store.client.get_run(run_id).info.status == "RUNNING"
     assert store.client.get_run(stage_run).info.status == "FAILED"
@@ -111,17 +117,28 @@ def test_a_stage_run_taken_over_stops_its_child_here_and_is_left_to_its_new_writ
     stage_run, run_id = (store.client.create_run("0").info.run_id for _ in range(2))
     other = " ".join(f"{k}={v}" for k, v in {**lifecycle.identity(), "pid": "999999", "time": "1"}.items())
 
-    def another_process_claims_the_stage(end):
-        if end.result.epoch == 1:
-            store.client.log_param(stage_run, f"{lifecycle.CLAIM}1", other)
+    def another_process_claims(*runs):
+        def claim(end):
+            if end.result.epoch == 1:
+                for run in runs:
+                    store.client.log_param(run, f"{lifecycle.CLAIM}1", other)
+        return claim
 
     with pytest.raises(TakenOver, match=f"^run {stage_run} was taken over"):
         with runner.opened(stage_run), runner.opened(run_id):
             runner.train_in_run(run_id, cfg.replace(epochs=3), dataset, arch="resnet", runtime=CPU,
-                                stage_run_id=stage_run, callbacks=(another_process_claims_the_stage,))
+                                stage_run_id=stage_run, callbacks=(another_process_claims(stage_run),))
     assert store.steps(run_id, "test_acc") == [1]
     assert store.client.get_run(run_id).info.status == "FAILED"
     assert store.client.get_run(stage_run).info.status == "RUNNING"
+    # both taken at once (a resume of the stage run with force=true claims it, then its child): the
+    # child's TakenOver passes the stage run, which is not ended either
+    stage_run, run_id = (store.client.create_run("0").info.run_id for _ in range(2))
+    with pytest.raises(TakenOver, match=f"^run {run_id} was taken over"):
+        with runner.opened(stage_run), runner.opened(run_id):
+            runner.train_in_run(run_id, cfg.replace(epochs=3), dataset, arch="resnet", runtime=CPU,
+                                stage_run_id=stage_run, callbacks=(another_process_claims(stage_run, run_id),))
+    assert {store.client.get_run(r).info.status for r in (stage_run, run_id)} == {"RUNNING"}
 
 
 def test_a_run_this_process_took_over_reads_running_again_once_the_writer_before_ended_it(tiny):
@@ -145,6 +162,19 @@ def test_a_run_this_process_took_over_reads_running_again_once_the_writer_before
                             callbacks=(the_old_writers_launcher_ends_it,))
     assert seen == ["RUNNING", "RUNNING"] and store.steps(run_id, "test_acc") == [1, 2]
     assert store.client.get_run(run_id).info.status == "FINISHED"
+    # a run nobody claimed (this process made it) and someone else ended is not put back
+    unclaimed = store.client.create_run("0").info.run_id
+    seen.clear()
+
+    def ended_by_someone(end):
+        if end.result.epoch == 1:
+            store.client.set_terminated(unclaimed, "KILLED")
+        else:
+            seen.append(store.client.get_run(unclaimed).info.status)
+
+    runner.train_in_run(unclaimed, cfg.replace(epochs=2), dataset, arch="resnet", runtime=CPU,
+                        callbacks=(ended_by_someone,))
+    assert seen == ["KILLED"]
 
 
 def test_only_an_adoptable_earlier_stage_runs_children_are_taken_over(tiny):
