@@ -67,8 +67,9 @@ def data_folder(cfg: Config) -> Path:
 def _download(folder: Path, split: str, verify: bool) -> None:
     """Fetch SVHN's `split` file unless it is there (and, with verify, official). It is fetched
     into a temp folder and its checksum checked there, then written into place atomically: a
-    failed or killed download leaves the data folder as it was. With verify=false a file that
-    is there is the user's own: never replaced."""
+    failed download leaves the data folder as it was (a kill, at most atomic_write's hidden temp
+    file, which the next write there removes). With verify=false a file that is there is the
+    user's own: never replaced."""
     url, name, md5 = SVHNMat.split_list[split]
     path = folder / name
     if path.is_file() and (not verify or check_integrity(str(path), md5)):

@@ -32,7 +32,7 @@ class TakenOver(LineageError):
     -P force=true): this one stops and leaves that run's status to that writer (the runs above it
     are this process's and end FAILED as for any error)."""
 
-    def __init__(self, message: str, run_id: str = ""):  # a default: unpickled (from a Ray worker) with the message alone
+    def __init__(self, message: str, run_id: str = ""):  # a default: unpickled (from Ray) with the message alone
         super().__init__(message)
         self.run_id = run_id
 
