@@ -244,12 +244,12 @@ def check_still_writer(run_id: str) -> None:
     took over from ended as it stopped (FAILED by `mlflow run` or a Ray driver), reads RUNNING
     again: it is being written."""
     run = tracking.client().get_run(run_id)
-    claim = taken_over(run)
-    if claim is not None:
+    claim = latest_claim(run)
+    if claim is not None and not is_mine(claim):
         raise TakenOver(f"run {run_id} was taken over by {claim.get('host', '?')} pid {claim.get('pid', '?')} "
                         f"(this process's heartbeat looked stale there, or it was given -P force=true): this "
                         f"process stopped training it and left the run to that writer", run_id)
-    if latest_claim(run) is not None and run.info.status != "RUNNING":
+    if claim is not None and run.info.status != "RUNNING":
         tracking.client().update_run(run_id, status="RUNNING")
 
 
