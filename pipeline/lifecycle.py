@@ -61,12 +61,13 @@ def identity() -> dict[str, str]:
     return _identity[pid]
 
 
-def stamp(task: str = "") -> str:
+def stamp(task: str = "", **other: str) -> str:
     """This writer's identity and the time; `task`: the Ray task it trains for ("" outside Ray).
     Ray retries a task under the same id only once its worker is gone, so a run whose heartbeat
-    names the task a process trains for has no other writer."""
+    names the task a process trains for has no other writer. `other`: fields that differ (a
+    stamp of another process, as the tests write one)."""
     # to the millisecond: a claim is compared with the run's end_time (live_writer)
-    fields = {**identity(), "time": f"{time.time():.3f}"}
+    fields = {**identity(), "time": f"{time.time():.3f}", **other}
     if task:
         fields["task"] = task
     return " ".join(f"{k}={v}" for k, v in fields.items())

@@ -20,9 +20,7 @@ def fake_run(status="RUNNING", tags=None, params=None, run_id="r1", end_time=Non
 
 
 def stamp_of(pid: int, **changes) -> str:
-    fields = {**lifecycle.identity(), "pid": str(pid), "start": lifecycle.process_start(pid),
-              "time": f"{time.time():.3f}", **changes}
-    return " ".join(f"{k}={v}" for k, v in fields.items())
+    return lifecycle.stamp(**{"pid": str(pid), "start": lifecycle.process_start(pid), **changes})
 
 
 @pytest.fixture
@@ -164,7 +162,7 @@ def test_the_heartbeat_thread_never_beats_over_a_process_that_took_a_run_over(tm
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = tracking.client()
     mine, taken = (client.create_run("0").info.run_id for _ in range(2))
-    theirs = " ".join(f"{k}={v}" for k, v in {**lifecycle.identity(), "pid": "999999", "time": "1"}.items())
+    theirs = lifecycle.stamp(pid="999999", time="1")
     client.log_param(taken, f"{lifecycle.CLAIM}1", theirs)
     client.set_tag(taken, lifecycle.HEARTBEAT, theirs)  # the new writer's beat
     monkeypatch.setattr(lifecycle, "BEAT_EVERY_S", 0.05)

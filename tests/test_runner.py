@@ -85,11 +85,11 @@ def test_a_run_taken_over_by_another_process_stops_before_its_next_record_and_is
     store, cfg, dataset = tiny
     stage_run = store.client.create_run("0").info.run_id
     run_id = store.client.create_run("0").info.run_id
-    other = {**lifecycle.identity(), "pid": "999999", "start": "1", "time": "1"}
+    other = lifecycle.parse_stamp(lifecycle.stamp(pid="999999", start="1", time="1"))
 
     def another_process_claims(end):
         if end.result.epoch == 1:
-            store.client.log_param(run_id, f"{lifecycle.CLAIM}1", " ".join(f"{k}={v}" for k, v in other.items()))
+            store.client.log_param(run_id, f"{lifecycle.CLAIM}1", lifecycle.stamp(**other))
 
     pruner_heard = []
 
@@ -115,7 +115,7 @@ def test_a_stage_run_taken_over_stops_its_child_here_and_is_left_to_its_new_writ
 
     store, cfg, dataset = tiny
     stage_run, run_id = (store.client.create_run("0").info.run_id for _ in range(2))
-    other = " ".join(f"{k}={v}" for k, v in {**lifecycle.identity(), "pid": "999999", "time": "1"}.items())
+    other = lifecycle.stamp(pid="999999", time="1")
 
     def another_process_claims(*runs):
         def claim(end):

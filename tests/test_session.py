@@ -173,9 +173,8 @@ def test_runs_claimed_before_a_refusal_are_let_go_and_one_another_process_claime
 
         def claimed_by_other(run_id: str) -> None:
             time.sleep(0.01)  # after its end, to the millisecond
-            fields = {**lifecycle.identity(), "pid": str(other.pid), "start": lifecycle.process_start(other.pid),
-                      "time": f"{time.time():.3f}"}
-            store.client.log_param(run_id, "writer.1", " ".join(f"{k}={v}" for k, v in fields.items()))
+            store.client.log_param(run_id, "writer.1", lifecycle.stamp(pid=str(other.pid),
+                                                                        start=lifecycle.process_start(other.pid)))
 
         older, newer = killed_run(1000), killed_run(2000)
         claimed_by_other(older)
