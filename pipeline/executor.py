@@ -7,14 +7,15 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Hashable
+from typing import Callable, Collection, Hashable
 
 from . import data as data_mod
 from . import interrupts, keys, lifecycle, pause, runtime, tracking, train
 from .cluster import TRACKING_ENV, check_cluster, shared, tracking_uri
 from .config import Config
-from .errors import ChildFailed, ConfigError, NotLikeTheDriver, first_line
+from .errors import ChildFailed, ConfigError, NotLikeTheDriver, TakenOver, first_line
 from .runner import NODE_TAG, RunResult, Stage, child_run, log
 
 
@@ -194,11 +195,16 @@ class Display:
             self.drawn = len(lines)
 
 
+WRITER_CHECK_S = 10.0  # how often a driver asks whether its stage run was taken over (a task: every epoch)
+
+
 def stream_on_ray(cfg: Config, stage: Stage, dataset: data_mod.SVHNData, next_child: NextChild,
                   on_result: Callable[[Hashable, RunResult], None], slots: int) -> None:
     """Each child a Ray task (cpus_per_trial, gpus_per_trial, spread over the nodes, retried
     max_retries times when its worker dies), at most `slots` in flight; this process waits,
-    shows progress, hands each result on as it comes and starts the next child at once."""
+    shows progress, hands each result on as it comes and starts the next child at once.
+    Once another process takes over the stage run, or a child (lifecycle.check_still_writer),
+    the driver stops its tasks with TakenOver and leaves that writer's runs as they are."""
     import ray
 
     check_cluster(cfg)  # the CLI checked this before any run existed; in-process callers did not
@@ -211,6 +217,7 @@ def stream_on_ray(cfg: Config, stage: Stage, dataset: data_mod.SVHNData, next_ch
                      retry_exceptions=False, scheduling_strategy="SPREAD")
     states = {}  # a parent's weights go to the object store once for all its children
     in_flight: dict = {}  # ObjectRef -> (key, spec): every task started and not yet ended
+    launched: set[str] = set()  # every task this driver started (lifecycle.stamp's `task`): its writers
     display = Display(board)
 
     def fill() -> None:
@@ -223,22 +230,29 @@ def stream_on_ray(cfg: Config, stage: Stage, dataset: data_mod.SVHNData, next_ch
             ref = task.options(name=spec.name, **placement).remote(
                 env, stage.for_children(), replace(spec, init_state=None), state_ref, data_ref, board)
             in_flight[ref] = (key, spec)
+            launched.add(ray_task(ref.task_id().hex()))
             display.add(spec.name)
 
     try:
         fill()
+        checked = time.monotonic()
         while in_flight:
             done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
             display.refresh()
+            if time.monotonic() - checked >= WRITER_CHECK_S:
+                lifecycle.check_still_writer(stage.run_id)
+                checked = time.monotonic()
             for ref in done:
                 key, spec = in_flight.pop(ref)
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayError as err:
+                    if isinstance(getattr(err, "cause", None), TakenOver):
+                        raise err.cause from None  # its run is its new writer's; the siblings stop below
                     failed = ChildFailed(failure_line(spec.name, err, cfg))
                     with interrupts.critical():  # its siblings still in flight: named for the CLI's hint
                         interrupts.killed_runs(failed).extend(stop(list(in_flight), stage,
-                                                                   {spec.name: "FAILED"}))
+                                                                   {spec.name: "FAILED"}, launched))
                     raise failed from None
                 on_result(key, result)
             fill()
@@ -249,7 +263,7 @@ def stream_on_ray(cfg: Config, stage: Stage, dataset: data_mod.SVHNData, next_ch
         # Ctrl-C, SIGTERM, or any error in this driver (the tracking server, Ray, a bug): no task
         # outlives it and no child run stays RUNNING; the CLI prints the command that continues
         with interrupts.critical():  # `mlflow run` follows Ctrl-C with SIGTERM: finish this first
-            interrupts.killed_runs(stopped).extend(stop(list(in_flight), stage, {}))
+            interrupts.killed_runs(stopped).extend(stop(list(in_flight), stage, {}, launched))
         raise
     finally:
         with contextlib.suppress(Exception):  # the board may be gone already
@@ -267,12 +281,14 @@ def failure_line(name: str, err: Exception, cfg: Config) -> str:
             f"({type(err).__name__}); run the same command again to resume it, or raise -P max_retries")
 
 
-def stop(pending: list, stage: Stage, status_of: dict[str, str]) -> list[str]:
+def stop(pending: list, stage: Stage, status_of: dict[str, str], launched: Collection[str] = ()) -> list[str]:
     """Cancel the tasks still running, then end every child run of the stage still RUNNING: FAILED
     for the child named in `status_of`, KILLED for the rest (a force-cancelled worker cannot end its
     own run). A child a cancelled task claimed and had not marked RUNNING yet, under the stage or
-    still under the earlier run it was being taken from (stage.adoptable), is ended again. Returns
-    the ids it ended KILLED; running the stage again resumes them from their last.pt."""
+    still under the earlier run it was being taken from (stage.adoptable), is ended again. A child
+    another process writes (it took it over, or made it in a stage run it took over: not one of
+    the `launched` tasks') is left to it. Returns the ids it ended KILLED; running the stage again
+    resumes them from their last.pt."""
     import ray
 
     cancelled = {ray_task(ref.task_id().hex()) for ref in pending}
@@ -290,6 +306,8 @@ def stop(pending: list, stage: Stage, status_of: dict[str, str]) -> list[str]:
                     for run in client.search_runs([experiment_id], max_results=1000,
                                                   filter_string=f"tags.mlflow.parentRunId = '{parent}'")]
         for run in children:
+            if lifecycle.live_writer(run, launched):
+                continue  # written by a live process that is not one of this driver's tasks: left to it
             if run.info.status == "RUNNING" and run.data.tags.get("mlflow.parentRunId") == stage.run_id:
                 status = status_of.get(run.info.run_name, "KILLED")
                 tracking.end_run(run.info.run_id, status)

@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Collection
 
 from mlflow.exceptions import MlflowException
 
@@ -176,9 +177,10 @@ def is_mine(fields: dict[str, str]) -> bool:
     return all(fields.get(k) == me[k] for k in ("host", "boot", "pidns", "pid", "start") if k in fields)
 
 
-def live_writer(run, task: str = "") -> str | None:
-    """Who is writing `run` now ("host pid N, heartbeat 12 s ago"), or None when nobody is: the
-    newest of its heartbeat and its latest claim. A run that is not RUNNING has a writer only if
+def live_writer(run, tasks: Collection[str] = ()) -> str | None:
+    """Who is writing `run` now ("host pid N, heartbeat 12 s ago"), or None when nobody is, or
+    when it is this process or one of its Ray `tasks` (lifecycle.stamp's `task`): the newest of
+    its heartbeat and its latest claim. A run that is not RUNNING has a writer only if
     it was claimed after it last ended (a resumer that has not marked it RUNNING yet, or a command
     that continues its children in a run of its own, which beats it while it runs)."""
     heartbeat = parse_stamp(run.data.tags.get(HEARTBEAT, ""))
@@ -195,7 +197,7 @@ def live_writer(run, task: str = "") -> str | None:
     fields = max(stamps, key=lambda f: float(f["time"]))
     if is_mine(fields):
         return None
-    if fields.get("task") and fields["task"] == task:  # an earlier attempt of this Ray task
+    if fields.get("task") and fields["task"] in tasks:  # an earlier attempt of this Ray task, or a driver's own
         return None
     if not writer_alive(fields):
         return None
@@ -203,7 +205,7 @@ def live_writer(run, task: str = "") -> str | None:
 
 
 def refuse_if_live(run, cfg: Config, action: str, task: str = "") -> None:
-    writer = live_writer(run, task)
+    writer = live_writer(run, (task,))
     if writer and not cfg.force:
         raise LineageError(
             f"run {run.info.run_id} is live ({writer}): another process is writing it, so it was not "

@@ -449,6 +449,68 @@ def test_a_child_that_fails_stops_its_siblings_and_names_them_for_the_commands_h
     assert server.steps(held.info.run_id, "test_acc") == [1]
 
 
+def test_a_driver_stops_when_a_child_or_its_stage_run_is_taken_over_and_leaves_that_writers_runs(
+        two_nodes, server, monkeypatch, tmp_path):
+    """Another process (on another machine, beating just now) takes over, while this driver's child
+    is held after epoch 1: first the child itself, then, in a second stage run, the stage run. Each
+    time the driver stops with TakenOver naming that run, never as a failed child. The child taken
+    over stays RUNNING with its one epoch (its new writer's now), as does a run that writer made
+    under the stage run; the child whose stage run was taken over is cancelled and KILLED."""
+    from pipeline import executor, interrupts, keys, lifecycle, runner, runtime
+    from pipeline.errors import TakenOver
+
+    cfg, dataset, parent = in_process_stage(server, two_nodes, monkeypatch, epochs="3")
+    elsewhere = dict(host="elsewhere", boot="another-machine", pid="4242", start="1")
+    experiment_id = server.client.get_run(parent).info.experiment_id
+    real_refresh = executor.Display.refresh
+    phase = {}
+
+    def takes_over_once_held(self, *args, **kwargs):
+        real_refresh(self, *args, **kwargs)
+        held = sorted(phase["pause"].folder.glob("epoch-*.paused"))  # -2 on a worker reused from phase 1
+        if held and "taken" not in phase:
+            phase["held"] = held[0].read_text().split()[1]
+            phase["taken"] = phase["take"](phase["held"])
+            server.client.log_param(phase["taken"], f"{lifecycle.CLAIM}1", lifecycle.stamp(**elsewhere))
+            phase["deadline"] = time.monotonic() + 120  # ample for one epoch's check, or the driver's
+            if phase["release"]:
+                phase["pause"].release(held[0].name.removesuffix(".paused"))
+        assert time.monotonic() < phase["deadline"], "the driver never noticed the takeover"
+
+    monkeypatch.setattr(executor.Display, "refresh", takes_over_once_held)
+
+    def driven_until_taken_over(stage_run: str, take, release: bool) -> TakenOver:
+        phase.clear()
+        phase.update(pause=Pause(tmp_path / stage_run, "epoch:1,epoch:2"), take=take, release=release,
+                     deadline=time.monotonic() + 600)
+        for key, value in phase["pause"].env({}).items():
+            monkeypatch.setenv(key, value)  # the driver hands them to its workers
+        stage = runner.Stage(stage_run, runtime.of(cfg), code_version=keys.code_version())
+        try:
+            with pytest.raises(TakenOver) as err:
+                executor.run_children(cfg, stage, [executor.ChildSpec("held", cfg, "resnet")], dataset)
+        finally:
+            disconnect()
+        assert "\n" not in str(err.value) and "taken over by elsewhere pid 4242" in str(err.value)
+        return err.value
+
+    theirs = server.client.create_run(experiment_id, run_name="theirs", tags={
+        "mlflow.parentRunId": parent, lifecycle.HEARTBEAT: lifecycle.stamp(**elsewhere)}).info.run_id
+    taken = driven_until_taken_over(parent, take=lambda child: child, release=True)  # checked before epoch 2
+    assert taken.run_id == phase["held"]
+    child = server.client.get_run(phase["held"])
+    assert child.info.status == "RUNNING" and server.steps(phase["held"], "test_acc") == [1]
+    assert server.client.get_run(theirs).info.status == "RUNNING"
+
+    monkeypatch.setattr(executor, "WRITER_CHECK_S", 0.0)  # the driver asks at every turn of its loop
+    later = server.client.create_run(experiment_id, run_name="stage taken over").info.run_id
+    taken = driven_until_taken_over(later, take=lambda child: later, release=False)
+    assert taken.run_id == later
+    assert server.client.get_run(phase["held"]).info.status == "KILLED"
+    assert server.steps(phase["held"], "test_acc") == [1]
+    assert interrupts.killed_runs(taken) == [phase["held"]]
+
+
 def test_a_slot_is_refilled_as_soon_as_a_child_ends_never_more_than_slots_at_once(two_nodes, server, monkeypatch):
     """executor.stream with 2 slots and 4 children: 2 start, and each next one is asked for only
     when one has ended (whichever it is), so no slot idles while work is left."""
