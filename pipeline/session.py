@@ -79,6 +79,8 @@ def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
                     client.set_tag(old.info.run_id, lifecycle.CONTINUED_IN, run_id)
                     if old.info.status == "RUNNING":
                         tracking.end_run(old.info.run_id, "KILLED")
+                    if old.info.status == "FINISHED":  # this run holds the study's result now, not that one
+                        tracking.supersede(old.info.run_id, old.data.tags.get("training_key", ""))
                 client.set_tag(run_id, "training_key", key)
                 runner.finished(run_id)
 
@@ -137,9 +139,6 @@ def continue_earlier_runs(cfg: Config, run_id: str, stage_key: str) -> list:
             claimed.append(old.info.run_id)
         for old in earlier:  # this run registers again, if its stage does
             registry.withdraw_left_by(old)
-        for old in earlier:
-            if old.info.status == "FINISHED":  # its children move here: its result is not one to reuse
-                tracking.supersede(old.info.run_id, old.data.tags.get("training_key", ""))
     except BaseException:  # e.g. one of them is live elsewhere: those claimed already are let go
         release(claimed)
         raise

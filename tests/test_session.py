@@ -93,6 +93,38 @@ def test_a_stage_continues_an_earlier_unfinished_run_of_the_same_key_and_finishe
     assert store.client.get_run(other).info.status == "RUNNING"  # left alone
 
 
+def test_a_finished_run_stays_reusable_until_a_command_continuing_it_finishes(store, monkeypatch):
+    """autotune continues its study's finished runs too. A continuation that is refused or fails
+    (here the stage raises, as the study's limits refusal does) leaves the finished run's key as
+    it was, so `main` still reuses it; once a continuation finishes, that run holds the result."""
+    from pipeline import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    params = store.params({"init": "scratch", "n_trials": "2", "bss": "64"})
+    cfg = config.load("autotune", {k: v for k, v in params.items() if k not in ("bs", "epochs")})
+    dataset = data.load(cfg)
+    stage_key = keys.study_key(cfg, dataset.digest, runtime.of(cfg))
+    key = keys.training_key(cfg, dataset.digest, runtime.of(cfg))
+    finished = store.client.create_run("0", tags={"stage": "autotune", lifecycle.STAGE_KEY: stage_key,
+                                                  "training_key": key}).info.run_id
+    store.client.set_terminated(finished, "FINISHED")
+
+    def refused(cfg, stage, dataset, lineage):
+        assert stage.adoptable == frozenset({finished})
+        raise ConfigError("study already has 3 finished trials, more than -P n_trials=2")
+
+    monkeypatch.setitem(stages.STAGES, "autotune", refused)
+    with pytest.raises(ConfigError):
+        session.run(cfg)
+    assert tracking.find_finished_run("0", key).info.run_id == finished
+    monkeypatch.setitem(stages.STAGES, "autotune", lambda cfg, stage, dataset, lineage: result(stage.run_id))
+    session.run(cfg)
+    now = tracking.find_finished_run("0", key)
+    assert now.info.run_id not in (finished, None) and now.data.tags["stage"] == "autotune"
+    assert store.client.get_run(finished).data.tags["training_key"] == f"superseded-{key}"
+
+
 def test_a_stage_run_is_live_before_it_can_be_found_by_its_key(tiny, monkeypatch):
     """Another command with the same key looks for runs by their stage key: one it finds without
     a live writer it would take over (and end KILLED when it fails), though this one still runs."""
