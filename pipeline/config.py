@@ -330,7 +330,7 @@ def load(stage: str, overrides: Mapping[str, Any] | None = None) -> Config:
     check_capped_overrides(values, overrides or {})
     check_search_overrides(values, overrides or {})
     check_execution_overrides(values, overrides or {})
-    return check_repeat_seeds(check_epoch_budget(apply_caps(validate(Config(**values)))))
+    return check_repeat_seeds(check_autotune(apply_caps(validate(Config(**values)))))
 
 
 def scale_names() -> list[str]:
@@ -386,9 +386,16 @@ def apply_caps(cfg: Config) -> Config:
     return cfg
 
 
-def check_epoch_budget(cfg: Config) -> Config:
-    """autotune's budget against its trials (main's budget is checked as autotune will load it)."""
-    if cfg.stage == "autotune" and 0 < cfg.epoch_budget < cfg.trial_epochs:  # after the caps
+def check_autotune(cfg: Config) -> Config:
+    """autotune's search space, and its budget against its trials (main's are checked as autotune
+    will load them)."""
+    if cfg.stage != "autotune":
+        return cfg
+    missing = [name for name in ("lr_range", "gamma_range", "wd_range", "bss") if not getattr(cfg, name)]
+    if missing:
+        raise ConfigError(f"autotune needs a search space: {', '.join(missing)} empty; set them in "
+                          f"params/autotune.yaml or with -P (e.g. -P lr_range=1e-5,2e-3 -P bss=64,128)")
+    if 0 < cfg.epoch_budget < cfg.trial_epochs:  # after the caps
         raise ConfigError(f"epoch_budget={cfg.epoch_budget} is below trial_epochs={cfg.trial_epochs}: no trial "
                           f"could start; raise it to at least {cfg.trial_epochs}, or 0 for no budget")
     return cfg

@@ -25,7 +25,9 @@ def test_search_space_comes_from_params_autotune_yaml():
 
 def test_an_empty_or_inverted_range_is_one_line():
     with pytest.raises(ConfigError, match=r"autotune needs a search space: lr_range empty"):
-        tuning.SearchSpace.from_config(config.load("autotune", {"lr_range": ""}))
+        config.load("autotune", {"lr_range": ""})  # before any run is made
+    with pytest.raises(ConfigError, match=r"autotune needs a search space: bss empty"):
+        config.load("autotune", {"bss": ""})
     with pytest.raises(ConfigError, match=r"parameter lr_range=0.01,0.001 is out of range: allowed two "
                                           r"numbers 0 < low <= high"):
         config.load("autotune", {"lr_range": "1e-2,1e-3"})
