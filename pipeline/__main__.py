@@ -183,13 +183,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from .errors import UserError, first_line
     from .interrupts import killed_runs
+    from .urls import scrubbed
 
     stage, overrides = "", {}
     try:
         stage, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         return run(stage, overrides)
     except UserError as err:  # what the user can fix: one line (a failed Ray child: its run is FAILED)
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {scrubbed(str(err))}", file=sys.stderr, flush=True)
         if killed_runs(err):  # a failed Ray child's siblings, stopped with it
             stopped_runs_hint(err, stage, overrides)
         return err.exit_code

@@ -2,11 +2,13 @@
 prints it and exits with `exit_code`). Every refusal in the pipeline is one of these."""
 from __future__ import annotations
 
+from .urls import scrubbed
+
 
 def first_line(err: BaseException, limit: int | None = 160, empty: str = "") -> str:
-    """An error's message cut to its first line (and `limit` characters) for a one-line report;
-    `empty` when the message is blank."""
-    lines = str(err).strip().splitlines()
+    """An error's message cut to its first line (and `limit` characters) for a one-line report,
+    any password in a URL in it shown as ***; `empty` when the message is blank."""
+    lines = scrubbed(str(err)).strip().splitlines()
     return lines[0][:limit] if lines else empty
 
 

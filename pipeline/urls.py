@@ -3,9 +3,11 @@ spelt (SQLAlchemy takes `#` or `/` in it unencoded, or `?password=`), and shown 
 what a URL says about the database it names."""
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
 PASSWORD_KEYS = ("password", "passwd", "pwd")  # what database drivers read from a URL's query
+URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 
 def _database_url(url: str):
@@ -58,3 +60,9 @@ def redacted(url: str) -> str:
         return url
     userinfo, _, host = parts.netloc.rpartition("@")
     return parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}").geturl()
+
+
+def scrubbed(text: str) -> str:
+    """`text` with every URL in it redacted: a message from MLflow, a driver or a refusal of ours
+    may quote the store's URL whole (MLflow's "API request to http://user:pw@host/... failed")."""
+    return URL_IN_TEXT.sub(lambda found: redacted(found.group(0)), text)

@@ -45,6 +45,23 @@ def test_a_user_error_is_one_line_with_its_exit_code(monkeypatch, capsys):
         "-P lrs=0.001,0.002")
 
 
+def test_a_password_in_a_url_never_reaches_an_error_line(monkeypatch, capsys, tmp_path):
+    """MLflow quotes the store's URL whole when a request fails, and a refusal of ours may echo a
+    -P value as given: the line shows neither password."""
+    from support.processes import free_port
+
+    port = free_port()  # nothing listens: the first request fails
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cret@127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    assert cli.main(["train", "--dataset", "synthetic", "--data_dir", str(tmp_path)]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: API request to http://***@127.0.0.1:{port}/api/") and "s3cret" not in line
+    assert cli.main(["train", "--optuna_storage", "postgresql://u:s3cret@db/optuna"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: -P optuna_storage=postgresql://u:***@db/optuna would be ignored")
+
+
 def test_a_line_naming_a_file_whose_name_is_not_utf8_is_written_escaped_where_stdout_is_strict(monkeypatch):
     """Under en_US.UTF-8 (not C), stdout refuses the surrogate that stands for byte 0xe9 in a
     Latin-1 file name: the line is written with \\udce9, not a UnicodeEncodeError traceback."""
