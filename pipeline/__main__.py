@@ -169,9 +169,8 @@ PICKLE = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 
 
 def main(argv: list[str] | None = None) -> int:
-    # MLflow 3.17 unpickles by default: nothing this process loads from a store may run code. Set
-    # before MLflow reads it, inherited by every process this one starts (stages, Ray workers).
-    os.environ.setdefault(PICKLE, "false")
+    # false unless the user set it (pipeline/__init__.py), inherited by every process this one
+    # starts (stages, Ray workers)
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is written \udce9, never a traceback
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
@@ -217,7 +216,6 @@ def import_without_collecting() -> None:
     while they were made took about 1 s of every stage process. The collector is on again after."""
     import importlib
 
-    os.environ.setdefault(PICKLE, "false")  # before MLflow is imported, as main() sets it
     gc.disable()
     try:
         for module in ("requests", "mlflow.exceptions"):  # what main() and run() import

@@ -19,7 +19,7 @@ from .urls import redacted
 TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                 "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
                 "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-                "MLFLOW_ALLOW_PICKLE_DESERIALIZATION")  # __main__ sets it: workers elsewhere too
+                "MLFLOW_ALLOW_PICKLE_DESERIALIZATION")  # the driver's (pipeline/__init__.py): workers elsewhere too
 
 
 def tracking_uri() -> str:

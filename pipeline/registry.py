@@ -109,7 +109,7 @@ def load_pt2(model_uri: str):
     """The model at `model_uri`, loaded only when stored as pt2: a pickle-format model (or one with
     a code folder) is refused before anything of it is read. It is downloaded once, checked and
     loaded from that one copy (nothing can be swapped in between), and MLflow then checks that the
-    pt2 archive holds no pickle (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false, which __main__ sets)."""
+    pt2 archive holds no pickle (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false, which importing pipeline sets)."""
     import mlflow
 
     model_uri = pinned(model_uri)

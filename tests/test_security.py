@@ -99,6 +99,56 @@ def test_a_last_pt_that_would_run_code_is_refused_unread(trained, tmp_path):
     assert store.client.get_run(run_id).info.status == "KILLED"  # nothing was changed
 
 
+def pt2_model_that_unpickles(folder: Path, marker: Path) -> Path:
+    """A pt2 model saved by MLflow, then altered as an attacker with write access to the store
+    would: its first weight marked `use_pickle` and replaced by a pickle that creates `marker`."""
+    import json
+    import zipfile
+
+    import mlflow
+
+    model = folder / "model"
+    mlflow.pytorch.save_model(torch.nn.Linear(3, 2), str(model), serialization_format="pt2",
+                              input_example=np.zeros((2, 3), np.float32))
+    archive = model / "data" / "model.pt2"
+    with zipfile.ZipFile(archive) as zipped:
+        records = {name: zipped.read(name) for name in zipped.namelist()}
+    (config_name,) = [name for name in records if name.endswith("weights/model_weights_config.json")]
+    config = json.loads(records[config_name])
+    (first,) = [entry for entry in config["config"].values() if entry["path_name"] == "weight_0"]
+    first["use_pickle"] = True
+    records[config_name] = json.dumps(config).encode()
+    payload = folder / "payload.pt"
+    torch.save(RunsCode(marker), payload)
+    records[config_name.replace("model_weights_config.json", "weight_0")] = payload.read_bytes()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for name, content in records.items():
+            zipped.writestr(name, content)
+    return model
+
+
+def test_a_script_that_imports_the_pipeline_loads_no_pickle_from_a_pt2_model(tmp_path):
+    """MLflow 3.17 unpickles by default, and our CLI is not the only caller: a script that imports
+    the pipeline and loads a model gets MLflow's pickle check too (unless it set the variable)."""
+    import subprocess
+    import sys
+
+    from support.store import PROJECT
+
+    marker = tmp_path / "marker"
+    model = pt2_model_that_unpickles(tmp_path, marker)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"}
+    load = "import sys; from pipeline import registry; registry.load_pt2(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", load, str(model)], cwd=PROJECT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0 and "is not a pickle-free payload" in proc.stderr, proc.stderr[-2000:]
+    assert not marker.exists()
+    trusting = dict(env, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="true")  # the payload is real: set true, it runs
+    subprocess.run([sys.executable, "-c", load, str(model)], cwd=PROJECT, env=trusting, capture_output=True,
+                   timeout=300)
+    assert marker.exists()
+
+
 def malformed(kind: str, real_last: Path, tmp_path: Path) -> Path:
     path = tmp_path / f"{kind}.pt"
     if kind == "raw_pickle":  # a plain pickle, not torch's zip format
