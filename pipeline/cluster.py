@@ -13,7 +13,7 @@ from . import interrupts
 from .config import Config
 from .errors import ConfigError, first_line
 from .runner import log
-from .urls import redacted
+from .urls import redacted, this_machine_only
 
 # MLflow tracking settings a worker on another machine needs (it does not share our environment)
 TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
@@ -31,10 +31,6 @@ def tracking_uri() -> str:
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
         uri = prefix + os.path.abspath(uri[len(prefix):])
     return uri
-
-
-def is_server(uri: str) -> bool:
-    return urlparse(uri).scheme in ("http", "https")
 
 
 def local_addresses() -> set[str]:
@@ -80,23 +76,29 @@ def beyond_this_machine(cfg: Config) -> str:
     return f"nodes on other machines ({', '.join(remote[:3])})" if remote else ""
 
 
+def is_server(uri: str) -> bool:
+    return urlparse(uri).scheme in ("http", "https")
+
+
 def require_shared_store(cfg: Config, store: str, uri: str, shared: bool, needs: str, fix: str) -> None:
     """The one rule for every store children write (MLflow's, Optuna's): a store on this machine
-    (SQLite, a local folder) serves children on this machine only."""
-    if shared:
+    (SQLite, a local folder), or a server only this machine reaches (127.0.0.1, a unix socket:
+    urls.this_machine_only), serves children on this machine only."""
+    if shared and not this_machine_only(uri):
         return
     where = beyond_this_machine(cfg)
     if where:
         raise ConfigError(f"executor=ray with {where} needs {needs} that every node reaches, but {store} "
-                          f"is {uri}: {fix} (README: Scaling out with Ray)")
+                          f"is {redacted(uri)}: {fix} (README: Scaling out with Ray)")
 
 
 def check_tracking(cfg: Config) -> None:
     """Children on other machines need an http(s) tracking URI: an explicit ray_address elsewhere
     is refused before connecting, `auto` (or a local address) once its nodes are known."""
     uri = tracking_uri()
-    require_shared_store(cfg, "the tracking URI", redacted(uri), is_server(uri), "a tracking server",
-                         "start `mlflow server` and set MLFLOW_TRACKING_URI=http://<host>:5000")
+    require_shared_store(cfg, "the tracking URI", uri, is_server(uri), "a tracking server",
+                         "start `mlflow server --host 0.0.0.0` and set MLFLOW_TRACKING_URI=http://<host>:5000, "
+                         "<host> a name every node reaches (not localhost)")
 
 
 def check_before_runs(cfg: Config, *more_checks: Callable[[], object]) -> None:

@@ -136,9 +136,9 @@ def storage_url(cfg: Config, tracking_uri: str) -> str:
         raise ConfigError(f"optuna_storage={redacted(url)} is the MLflow tracking database: Optuna needs its own "
                           f"(both keep an alembic_version table); pass another, or leave it empty")
     # children report to the study from where they train: the MLflow store's rule, one function
-    cluster.require_shared_store(cfg, "optuna_storage", redacted(url), not url.startswith("sqlite"),
-                                  "an Optuna database server",
-                                  "pass -P optuna_storage=postgresql://user@host/db (or mysql+pymysql://...)")
+    cluster.require_shared_store(cfg, "optuna_storage", url, True, "an Optuna database server",
+                                  "pass -P optuna_storage=postgresql://user@host/db (or mysql+pymysql://...), "
+                                  "host a name every node reaches (not localhost)")
     return url
 
 

@@ -3,6 +3,7 @@ spelt (SQLAlchemy takes `#` or `/` in it unencoded, or `?password=`), and shown 
 what a URL says about the database it names."""
 from __future__ import annotations
 
+import ipaddress
 import re
 from urllib.parse import urlsplit
 
@@ -27,6 +28,35 @@ def in_memory(url: str) -> bool:
     parsed = _database_url(url)
     return parsed is not None and parsed.get_backend_name() == "sqlite" and (
         parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory")
+
+
+def _loopback(host: str | None) -> bool:
+    if not host:  # no host: a unix socket, or a file
+        return True
+    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def this_machine_only(url: str) -> bool:
+    """Whether no other machine can use the store `url` names: SQLite or a path, or a server on
+    a loopback address (127.0.0.1, localhost, ::1) or behind a unix socket (a PostgreSQL URL
+    without a host, ?host=/run/postgresql, MySQL's ?unix_socket=)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return True
+    if parts.scheme in ("http", "https"):
+        return _loopback(parts.hostname)
+    parsed = _database_url(url)
+    if parsed is None or parsed.get_backend_name() == "sqlite":
+        return True
+    socket = parsed.query.get("host") or parsed.query.get("unix_socket") or ""
+    socket = socket[0] if isinstance(socket, tuple) else socket
+    return _loopback(parsed.host) or socket.startswith("/")
 
 
 def holds_password(url: str) -> bool:

@@ -134,3 +134,21 @@ def test_a_password_in_a_store_uri_never_reaches_a_message(monkeypatch):
     with pytest.raises(ConfigError) as refused:
         cluster.check_tracking(config.load("tune_lr", {"executor": "ray", "ray_address": "ray://192.0.2.10:10001"}))
     assert "is postgresql://mlflow:***@db/mlflow:" in str(refused.value) and "hunter2" not in str(refused.value)
+
+
+def test_a_tracking_server_only_this_machine_reaches_is_refused_for_a_ray_cluster_elsewhere(monkeypatch):
+    """Each node would ask its own 127.0.0.1 (mlflow server's default bind): its children's runs
+    would fail after the client's retries, or land in another store on each node."""
+    from pipeline import cluster, config
+    from pipeline.errors import ConfigError
+
+    elsewhere = config.load("tune_lr", {"executor": "ray", "ray_address": "ray://192.0.2.10:10001"})
+    for here in ("http://127.0.0.1:5000", "http://localhost:5000", "https://me:hunter2@[::1]:5000",
+                 "sqlite:///mlflow.db"):
+        monkeypatch.setattr(cluster, "tracking_uri", lambda: here)
+        with pytest.raises(ConfigError, match="needs a tracking server that every node reaches") as refused:
+            cluster.check_tracking(elsewhere)
+        assert "hunter2" not in str(refused.value)
+    for shared in ("http://mlflow.example:5000", "https://10.0.0.5"):
+        monkeypatch.setattr(cluster, "tracking_uri", lambda: shared)
+        cluster.check_tracking(elsewhere)  # every node reaches it
