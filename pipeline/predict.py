@@ -193,7 +193,19 @@ def unwritable(output: Path, reason: str) -> str:
 
 def writable_output(output: str, source: str = "") -> Path:
     """cfg.output as a path predict can write, its folder made; checked before the model loads.
-    Never the input (`source`) itself, nor a file in the input folder, which the next run would read."""
+    Never the input (`source`) itself, nor a file in the input folder, which the next run would read.
+    A path the system cannot even look at (a name too long, a folder this user cannot enter, a
+    symlink loop, ~nosuchuser) is one line too."""
+    try:
+        return checked_output(output, source)
+    except PredictError:
+        raise
+    except (OSError, RuntimeError) as err:  # RuntimeError: Path.resolve's loop, expanduser's user
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err, None, type(err).__name__)
+        raise PredictError(unwritable(Path(output), reason)) from None
+
+
+def checked_output(output: str, source: str) -> Path:
     path = Path(output).expanduser()
     given = Path(source).expanduser().resolve() if source else None
     if given is not None and path.resolve() == given:

@@ -210,11 +210,15 @@ def test_an_input_or_output_predict_cannot_use_is_one_line_before_the_model_load
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")  # were a run made, it goes here
     Image.fromarray(image_of(6)).save(tmp_path / "six.png")
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    too_long, looping = tmp_path / "out" / f"{'a' * 300}.csv", tmp_path / "loop" / "out.csv"
     for output, expected in ((tmp_path, f"output {tmp_path} is a folder: pass a file in it, e.g. "
                                         f"-P output={tmp_path / 'predictions.csv'}"),
                              (tmp_path / "a_file" / "sub" / "out.csv",
                               f"cannot write output {tmp_path / 'a_file' / 'sub' / 'out.csv'}: {tmp_path / 'a_file'} "
-                              f"is a file, not a folder; pass -P output=<a .csv file in a folder you can write>")):
+                              f"is a file, not a folder; pass -P output=<a .csv file in a folder you can write>"),
+                             (too_long, predict.unwritable(too_long, "File name too long")),
+                             (looping, predict.unwritable(looping, f"Symlink loop from '{looping}'"))):
         cfg = config.load("predict", {"input": str(tmp_path / "six.png"), "output": str(output)})
         with pytest.raises(PredictError) as refused:
             predict.predict(cfg, None, Answers())
