@@ -63,3 +63,15 @@ def test_a_bad_argument_or_file_is_one_line_and_a_non_zero_exit(tmp_path):
         (line,) = done.stderr.strip().splitlines()
         assert line.startswith(f"demo.py {args[0]}: ") and said in line
     assert not (tmp_path / "s").exists()  # refused before it made the folder
+
+
+def test_samples_from_a_test_split_that_lacks_some_digits_are_the_digits_it_has(tmp_path):
+    from pipeline import config, data
+
+    pairs = ["dataset=synthetic", "synthetic_train=40", "synthetic_test=5", f"data_dir={tmp_path / 'data'}"]
+    labels = data.load(config.load("main", dict(p.split("=", 1) for p in pairs))).test.labels.tolist()
+    assert len(set(labels)) < 8  # five images cannot hold eight digits
+    done = demo("samples", tmp_path / "s", *pairs)
+    assert done.returncode == 0, done.stderr
+    written = {int(path.name.split("digit")[1][0]): int(path.name[4:8]) for path in (tmp_path / "s").glob("*.png")}
+    assert written == {digit: labels.index(digit) for digit in set(labels)}  # each digit's first image
