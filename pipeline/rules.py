@@ -6,10 +6,17 @@ ARCHS = ("resnet", "vgg", "resnet2")
 # torch.compile's modes besides its default (compile=true); the CUDA graph ones matter on a GPU
 COMPILE_MODES = ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
+
+
+def distinct(values: list) -> bool:
+    """A sweep names each point once: two of one value are one child (one key), trained once."""
+    return len(set(values)) == len(values)
+
+
 # (name, check, allowed range as the user should read it)
 RULES = [
     ("arch", lambda v: v in ARCHS or v == "", "one of " + "|".join(ARCHS) + " (or empty: the parent's)"),
-    ("archs", lambda v: all(a in ARCHS for a in v), "a list of " + "|".join(ARCHS)),
+    ("archs", lambda v: all(a in ARCHS for a in v) and distinct(v), "a list of distinct " + "|".join(ARCHS)),
     ("epochs", lambda v: v >= 1, ">= 1"),
     ("bs", lambda v: v >= 1, ">= 1"),
     ("lr", lambda v: v > 0, "> 0"),
@@ -24,10 +31,10 @@ RULES = [
     ("init", lambda v: v in ("parent", "scratch", "auto"), "parent|scratch|auto"),
     ("max_epochs", lambda v: v >= 0, ">= 0 (0 = no cap)"),
     ("max_repeats", lambda v: v >= 0, ">= 0 (0 = no cap)"),
-    ("lrs", lambda v: all(x > 0 for x in v), "numbers > 0"),
-    ("gammas", lambda v: all(0 <= x < 1 for x in v), "numbers in [0, 1)"),
-    ("wds", lambda v: all(x >= 0 for x in v), "numbers >= 0"),
-    ("bss", lambda v: all(x >= 1 for x in v), "integers >= 1"),
+    ("lrs", lambda v: all(x > 0 for x in v) and distinct(v), "distinct numbers > 0"),
+    ("gammas", lambda v: all(0 <= x < 1 for x in v) and distinct(v), "distinct numbers in [0, 1)"),
+    ("wds", lambda v: all(x >= 0 for x in v) and distinct(v), "distinct numbers >= 0"),
+    ("bss", lambda v: all(x >= 1 for x in v) and distinct(v), "distinct integers >= 1"),
     ("probe_epochs", lambda v: v >= 0, ">= 0 (0 = no probe run)"),
     ("probe_tol", lambda v: v >= 0, ">= 0"),
     ("phase1_epochs", lambda v: v >= 0, ">= 0 (0 = no first phase)"),

@@ -138,6 +138,9 @@ BOUNDS = [
     ("num_workers", "0", "-1"), ("log_every", "1", "0"), ("limit_train", "0", "-1"),
     ("limit_test", "0", "-1"), ("synthetic_train", "1", "0"), ("synthetic_test", "1", "0"),
     ("arch", "", "resnet3"), ("arch", "resnet2", "vgg16"), ("archs", "resnet,vgg,resnet2", "resnet,alex"),
+    # a sweep names each point once (two of one value would be one child, trained once)
+    ("archs", "resnet,vgg", "vgg,resnet,vgg"), ("lrs", "0.001,0.0001", "0.001,1e-3"), ("gammas", "0,0.9", "0.9,0.9"),
+    ("wds", "0,5e-5", "0,0"), ("bss", "32,64", "64,64"),
     ("init", "scratch", "random"), ("device", "cuda", "gpu"), ("precision", "bf16", "fp16"),
     ("data_pipeline", "torchvision", "dali"), ("dataset", "synthetic", "mnist"),
     ("env_manager", "uv", "docker"), ("eval_bs", "0", "-1"),
