@@ -14,7 +14,7 @@ import yaml
 
 from . import checkpoints, keys, lifecycle, registry, runner, runtime, tracking
 from . import data as data_mod
-from .config import Config, format_value, from_params
+from .config import Config, format_value, from_params, registers
 from .errors import ConfigError, LineageError
 from .lineage import resolve_lineage, tuned_by_parent
 from .runner import RunResult, Stage, log
@@ -107,6 +107,9 @@ def run_stage_work(cfg: Config, stage: Stage, dataset, lineage, on_success: Call
         on_success()
     except BaseException:
         registry.withdraw(stage.registered)  # a version registered by a run that failed is not left behind
+        if registers(cfg.stage):  # and one the store made as register_model failed or a signal landed
+            with contextlib.suppress(Exception):  # the error being raised is the one to report
+                registry.withdraw_left_by(tracking.client().get_run(stage.run_id))
         raise
     return result
 

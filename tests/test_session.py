@@ -47,6 +47,30 @@ def test_a_stage_that_fails_after_registering_has_its_versions_withdrawn(tiny, w
     assert run.info.status == "FAILED" and "training_key" not in run.data.tags  # never reused by main
 
 
+def test_a_version_the_store_made_before_the_stage_heard_of_it_is_withdrawn_when_the_stage_fails(store, monkeypatch):
+    """register_model creates the version, then waits for it to be READY: a signal or an error in
+    between reaches the stage before the version is in its list. It is found by the stage run's
+    id, withdrawn, and the registered model it created goes with it."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    cfg = config.load("retrain", store.params({"init": "scratch", "epochs": "1", "registered_model": "svhn-left"}))
+
+    def interrupted_while_registering(cfg, stage, dataset, lineage):
+        client = MlflowClient()
+        client.create_registered_model("svhn-left")
+        client.create_model_version("svhn-left", f"runs:/{stage.run_id}/model", run_id=stage.run_id,
+                                    tags={registry.CREATED_MODEL: "true", registry.CHAMPION_BEFORE: ""})
+        raise KeyboardInterrupt  # as it lands in register_model's wait
+
+    monkeypatch.setitem(stages.STAGES, "retrain", interrupted_while_registering)
+    with pytest.raises(KeyboardInterrupt):
+        session.run(cfg)
+    assert store.client.search_model_versions("name = 'svhn-left'") == []
+    assert not registry.model_exists("svhn-left")
+
+
 def test_a_stage_whose_closing_tags_fail_has_its_versions_withdrawn(tiny, withdrawn, monkeypatch):
     store, cfg = tiny
 
