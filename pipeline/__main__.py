@@ -73,12 +73,16 @@ def run(stage: str, overrides: dict[str, str]) -> int:
     # main's stages run with what it resolves here (device=cuda on a machine without one: stop now)
     resolved = runtime.of(cfg) if stage == "main" else None
     if stage in ("main", "predict", "evaluate"):
-        # a model in another format than pt2, an input that is not there or an output predict
-        # cannot write is refused before this command makes a run
+        # a model in another format than pt2, an input that is not there, an output predict cannot
+        # write or data that is not there is refused before this command makes a run
         if stage == "predict":
             predict_mod.input_path(cfg.input)
             predict_mod.writable_output(cfg.output, cfg.input)
         model, model_uri = predict_mod.load_model(cfg.champion_uri) if stage != "main" else (None, "")
+        if stage != "predict":  # the data main and evaluate read: missing, it is one line and no run
+            from . import data
+
+            data.data_files(cfg)
         run_id, created = session.top_level_run()
         from . import runner, tracking
 

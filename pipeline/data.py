@@ -111,6 +111,13 @@ def mat_path(folder: Path, split: str) -> Path:
     return path
 
 
+def data_files(cfg: Config) -> dict[str, Path]:
+    """The train and test .mat files `cfg` reads (made, or downloaded, first where it says so):
+    a command checks them before it makes a run, so a missing file leaves no run behind."""
+    folder = data_folder(cfg)
+    return {split: mat_path(folder, split) for split in ("train", "test")}
+
+
 def check_md5(path: Path, split: str) -> None:
     if not check_integrity(str(path), SVHNMat.split_list[split][2]):
         raise DataError(f"checksum mismatch for {path}: not the official SVHN file; download it "
@@ -341,11 +348,12 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
 
 
 def load(cfg: Config) -> SVHNData:
-    folder = data_folder(cfg)
+    files = data_files(cfg)
+    folder = files["train"].parent
     verify = cfg.verify and cfg.dataset == "svhn"
     splits = {}
     for split, limit in (("train", cfg.limit_train), ("test", cfg.limit_test)):
-        path = mat_path(folder, split)
+        path = files[split]
         images, labels = read_mat(path, split, verify)
         rows = torch.arange(min(limit, len(labels)) if limit else len(labels))
         splits[split] = Split(split, images[rows], labels[rows], path, file_sha256(path), rows,

@@ -50,6 +50,7 @@ def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
     lineage = resolve_lineage(cfg)
     cfg, sources = tuned_by_parent(cfg, given)
     resolved = runtime.of(cfg)  # once, for the stage and its children; device=cuda without one: stop here
+    data_mod.data_files(cfg)  # missing data: one line, and no run made
     run_id, created = top_level_run()
     client = tracking.client()
     with runner.opened(run_id, end=created):

@@ -62,6 +62,17 @@ def test_a_password_in_a_url_never_reaches_an_error_line(monkeypatch, capsys, tm
     assert line.startswith("error: -P optuna_storage=postgresql://u:***@db/optuna would be ignored")
 
 
+def test_data_that_is_not_there_is_one_line_and_no_run(store, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    nowhere = tmp_path / "nowhere"
+    for args in (["train"], ["tune_lr", "--init", "scratch"], ["main"]):
+        assert cli.main([*args, "--data_dir", str(nowhere)]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"error: data folder {nowhere} does not exist: ")
+    assert store.runs() == []
+
+
 def test_a_line_naming_a_file_whose_name_is_not_utf8_is_written_escaped_where_stdout_is_strict(monkeypatch):
     """Under en_US.UTF-8 (not C), stdout refuses the surrogate that stands for byte 0xe9 in a
     Latin-1 file name: the line is written with \\udce9, not a UnicodeEncodeError traceback."""
