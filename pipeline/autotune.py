@@ -24,6 +24,7 @@ describe the last leg of its path. On Ray the start depends on which trials fini
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
@@ -340,9 +341,23 @@ class Tuner:
 
         try:
             executor.stream(self.cfg, self.stage, self.dataset, next_trial, finished, parallel_trials(self.cfg))
+        except BaseException:
+            with interrupts.critical(), contextlib.suppress(Exception):  # the error raised is the one to report
+                self.queue_again_unstarted(asked)
+            raise
         finally:
             beats.close()  # a stopped command's trials go quiet: its children are KILLED, or go stale
         return self.conclude(results)
+
+    def queue_again_unstarted(self, asked: dict) -> None:
+        """Trials this driver asked for and stopped before their child run existed: queued again
+        with their values (no retry counted, as for a stopped child), so the same command run at
+        once does not wait on them as another driver's."""
+        for number in sorted(asked):
+            frozen = self.study.get_trials(deepcopy=False)[number]
+            if frozen.state == TrialState.RUNNING and self.child_of(frozen) is None:
+                requeue(self.study, self.fail(frozen))
+                log(f"autotune: trial #{self.number(number)} was stopped before it started: queued again")
 
     def refuse_a_study_past_its_limits(self) -> None:
         """A study continued with a lower n_trials or epoch_budget than it already spent would pick

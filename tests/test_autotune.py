@@ -554,6 +554,29 @@ def test_another_drivers_trial_that_goes_stale_mid_run_is_taken_over(store, monk
     assert trials[2].params == theirs.params and trials[2].system_attrs["failed_trial"] == theirs.number
 
 
+def test_a_trial_stopped_before_its_child_existed_is_queued_again_not_left_to_look_like_another_drivers(
+        store, monkeypatch):
+    """Ctrl-C between the ask and the child's run (or a sibling's failure on Ray): the trial is
+    queued again with its values at once, so the same command run straight after has no trial
+    "in flight from another driver" to wait for."""
+    from pipeline import executor
+
+    cfg, dataset, stage_run, tuner = study_of(store, monkeypatch)
+
+    def stopped_before_the_child(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(executor, "train_child", stopped_before_the_child)
+    with pytest.raises(KeyboardInterrupt):
+        tuner.tune()
+    State = optuna.trial.TrialState
+    first, queued = tuner.study.trials
+    assert (first.state, queued.state) == (State.FAIL, State.WAITING)
+    assert queued.params == first.params and queued.system_attrs.get("retry_history", []) == []
+    again = autotune.Tuner(cfg, Stage(stage_run, CPU), dataset, lineage.Lineage())
+    assert again.retry_interrupted() == 0  # nothing live elsewhere
+
+
 def test_a_trial_whose_command_was_stopped_is_queued_again_without_counting_a_retry(store, monkeypatch):
     """A stopped command (Ctrl-C, SIGTERM) leaves its trial RUNNING and the trial's child KILLED:
     that is no crash, so however often it happens the trial is queued again with its values, and
