@@ -65,6 +65,12 @@ def stage_overrides(overrides: dict[str, str]) -> dict[str, str]:
             shared[key] = str(config_mod.absolute(value))
         elif key in SHARED:
             shared[key] = value
+        elif key == "resume_run_id":
+            raise ConfigError("main continues by itself: run the same main command again (finished stages "
+                              "are reused, a stopped one resumed); -P resume_run_id continues one stage's run alone")
+        elif key == "parent_run_id":
+            raise ConfigError("main starts each stage from the one before it: to start a stage from a run of "
+                              "yours, run that stage alone with -P parent_run_id=...")
         elif key not in MAIN_ONLY + FOR_AUTOTUNE:
             raise ConfigError(f"main does not pass '{key}' on to the stages: set it in "
                               f"params/<stage>.yaml or run that stage alone with -P {key}=...")
@@ -83,10 +89,30 @@ def stage_parameters(stage: str, overrides: dict[str, str], parent: str = "") ->
     return parameters
 
 
+def check_caps_main_makes(overrides: dict[str, str]) -> None:
+    """-P trial_epochs=5 with main's -P epochs=2, said in main's words: main hands its stages
+    -P epochs as the cap max_epochs, which the stage's own refusal would name."""
+    shared = stage_overrides(overrides)
+    for given, cap in AS_CAPS.items():
+        for name in config_mod.CAPPED[cap]:
+            if name not in overrides or cap not in shared:
+                continue
+            try:
+                cut = 0 < float(shared[cap]) < float(overrides[name])
+            except ValueError:
+                continue  # not a number: the stage's config says so
+            if cut:
+                by = given if overrides.get(given) == shared[cap] else cap
+                raise ConfigError(f"-P {name}={overrides[name]} with -P {by}={shared[cap]}: main caps every stage at "
+                                  f"{shared[cap]} {given}, so {name} would be {shared[cap]} while its param reads "
+                                  f"{overrides[name]}; pass -P {name}={shared[cap]}, or raise -P {by}")
+
+
 def check_chain(tuner: str, overrides: dict[str, str]) -> None:
     """Each stage's config as the stage will load it (its yaml, the scale, the caps), before any
     run exists; with tuner=optuna, retrain must train autotune's lr under the schedule it was
     tuned with (lineage.tuned_by_parent refuses it only once the study has run)."""
+    check_caps_main_makes(overrides)
     loaded = {stage: config_mod.load(stage, stage_parameters(stage, overrides)) for stage in CHAINS[tuner]}
     if tuner == "optuna" and loaded["autotune"].lr_schedule != loaded["retrain"].lr_schedule:
         raise ConfigError(f"autotune would tune lr with lr_schedule={loaded['autotune'].lr_schedule} and retrain "

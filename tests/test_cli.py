@@ -141,6 +141,12 @@ def test_main_refuses_what_it_cannot_hand_its_stages_before_its_run_exists(store
                                          "or run that stage alone with -P lr=..."),
                        (["--n_trials", "3"], "main passes n_trials to the autotune stage, which runs with "
                                              "-P tuner=optuna only: add it, or drop n_trials"),
+                       (["--tuner", "optuna", "--epochs", "2", "--trial_epochs", "5"],
+                        "-P trial_epochs=5 with -P epochs=2: main caps every stage at 2 epochs, so trial_epochs "
+                        "would be 2 while its param reads 5; pass -P trial_epochs=2, or raise -P epochs"),
+                       (["--resume_run_id", "abc"], "main continues by itself: run the same main command again "
+                        "(finished stages are reused, a stopped one resumed); -P resume_run_id continues one "
+                        "stage's run alone"),
                        # a trial at the demo scale is 2 epochs (params/scale_demo.yaml), not the default 10
                        (["--tuner", "optuna", "--scale", "demo", "--epoch_budget", "1"],
                         "epoch_budget=1 is below trial_epochs=2: no trial could start; raise it to at least 2, "
