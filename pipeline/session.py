@@ -16,16 +16,16 @@ from . import checkpoints, keys, lifecycle, registry, runner, runtime, tracking
 from . import data as data_mod
 from .config import Config, format_value, from_params, registers
 from .errors import ConfigError, LineageError
-from .lineage import resolve_lineage, tuned_by_parent
+from .lineage import resolve_lineage, stage_arch, tuned_by_parent
 from .runner import RunResult, Stage, log
 from .runtime import Runtime
 from .stages import PHASE2_START, STAGES
 from .urls import redacted
 
 
-def run_name(cfg: Config) -> str:
-    if cfg.stage == "train":
-        return f"train {cfg.arch or 'resnet'} lr={format(cfg.lr, 'g')}"
+def run_name(cfg: Config, lineage) -> str:
+    if cfg.stage == "train":  # the arch it trains: with arch empty, its parent's
+        return f"train {stage_arch(cfg, lineage)} lr={format(cfg.lr, 'g')}"
     return cfg.stage
 
 
@@ -54,7 +54,7 @@ def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
     run_id, created = top_level_run()
     client = tracking.client()
     with runner.opened(run_id, end=created):
-        client.set_tag(run_id, "mlflow.runName", run_name(cfg))
+        client.set_tag(run_id, "mlflow.runName", run_name(cfg, lineage))
         client.set_tag(run_id, "stage", cfg.stage)
         client.set_tag(run_id, "source_run_id", cfg.parent_run_id or "scratch")
         client.set_tag(run_id, "init_from", "scratch" if lineage.init_state is None

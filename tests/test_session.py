@@ -300,3 +300,12 @@ def test_resume_refuses_a_parameter_it_would_ignore_and_takes_one_the_run_has(ti
     loader = cfg.replace(data_pipeline="torchvision")
     with pytest.raises(ConfigError, match=r"not -P num_workers=2 \(the run's: 0\)"):
         session.check_resume_params(stopped, loader, loader.replace(num_workers=2), given | {"num_workers"})
+
+
+def test_a_train_run_is_named_after_the_arch_it_trains_its_parents_when_arch_is_empty():
+    from pipeline.lineage import Lineage
+
+    cfg = config.load("train", {"arch": "", "lr": "0.01"})
+    assert session.run_name(cfg, Lineage(parent_arch="vgg")) == "train vgg lr=0.01"
+    assert session.run_name(cfg.replace(arch="resnet2"), Lineage(parent_arch="vgg")) == "train resnet2 lr=0.01"
+    assert session.run_name(config.load("tune_lr"), Lineage()) == "tune_lr"
