@@ -146,15 +146,11 @@ def read_mat(path: Path, split: str, verify: bool) -> tuple[torch.Tensor, torch.
             pass
     if verify:
         check_md5(path, split)
-    try:
-        dataset = SVHNMat(str(path.parent), split, verify=False, filename=path.name)
-    except Exception as err:
-        raise not_svhn_mat(path, err) from None
-    labels = np.atleast_1d(dataset.labels)  # torchvision squeezes the y of one image to no shape
-    problem = svhn_problem(dataset.data, labels, from_mat=True)
+    images, labels = mat_arrays(path, labelled=True)
+    problem = svhn_problem(images, labels, from_mat=True)
     if problem:
         raise DataError(f"cannot read {path}: {problem}; {SVHN_FORMAT}, replace the file")
-    images = torch.from_numpy(np.ascontiguousarray(dataset.data))
+    images = torch.from_numpy(np.ascontiguousarray(images))
     labels = torch.from_numpy(labels.astype(np.int64))
     try:
         with atomic_write(cache) as fh:
@@ -181,18 +177,29 @@ def mat_has_labels(path: Path) -> bool:
         return True
 
 
-def read_unlabelled_mat(path: Path) -> torch.Tensor:
-    """Images (N,3,32,32) uint8 of an SVHN-format .mat that holds X and no y, checked as read_mat
-    checks them (not cached: predict reads such a file once)."""
+def mat_arrays(path: Path, labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """X as (N,3,32,32) and y as (N,) with 10 read as 0, as torchvision's SVHN reader turns them
+    (tests/test_data.py compares the two), and also from a file of one image, whose trailing
+    dimension of 1 MATLAB and Octave drop (X 32x32x3), which torchvision's reader refuses."""
     import scipy.io
 
     try:
-        x = scipy.io.loadmat(str(path), variable_names=["X"])["X"]
+        loaded = scipy.io.loadmat(str(path), variable_names=["X", "y"] if labelled else ["X"])
+        x = loaded["X"]
+        labels = np.atleast_1d(loaded["y"].astype(np.int64).squeeze()) if labelled else None
     except Exception as err:  # noqa: BLE001 - any unreadable file is one line
         raise not_svhn_mat(path, err) from None
-    if x.shape == (32, 32, 3):  # one image: MATLAB and Octave drop a trailing dimension of 1
+    if labels is not None:
+        np.place(labels, labels == 10, 0)  # SVHN's label for digit 0
+    if x.shape == (32, 32, 3):
         x = x[..., np.newaxis]
-    images = np.transpose(x, (3, 2, 0, 1)) if x.ndim == 4 else x  # as torchvision's reader turns it
+    return (np.transpose(x, (3, 2, 0, 1)) if x.ndim == 4 else x), labels
+
+
+def read_unlabelled_mat(path: Path) -> torch.Tensor:
+    """Images (N,3,32,32) uint8 of an SVHN-format .mat that holds X and no y, checked as read_mat
+    checks them (not cached: predict reads such a file once)."""
+    images, _ = mat_arrays(path, labelled=False)
     problem = svhn_problem(images, None, from_mat=True)
     if problem:
         raise DataError(f"cannot read {path}: {problem}; {SVHN_FORMAT}, replace the file")

@@ -430,7 +430,7 @@ def test_a_mat_of_one_image_is_read_and_one_of_none_is_one_line(tmp_path):
                               f"{data.SVHN_FORMAT}, replace the file")
 
 
-def test_an_unlabelled_mat_of_one_image_saved_without_its_last_dimension_is_read(tmp_path):
+def test_a_mat_of_one_image_saved_without_its_last_dimension_is_read_labelled_or_not(tmp_path):
     """MATLAB and Octave drop a trailing dimension of 1: one image is stored as X 32x32x3."""
     import scipy.io
 
@@ -441,6 +441,9 @@ def test_an_unlabelled_mat_of_one_image_saved_without_its_last_dimension_is_read
     scipy.io.savemat(tmp_path / "flat.mat", {"X": image[..., 0]})
     with pytest.raises(DataError, match="X has shape 32x32, not 32x32x3xN"):
         data.read_unlabelled_mat(tmp_path / "flat.mat")
+    scipy.io.savemat(tmp_path / "labelled.mat", {"X": image, "y": np.array([[10]], dtype=np.uint8)})  # digit 0
+    images, labels = data.read_mat(tmp_path / "labelled.mat", "test", verify=False)
+    assert torch.equal(images, torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)) and labels.tolist() == [0]
 
 
 def test_the_same_rows_have_one_digest_however_the_limits_ask_for_them(tmp_path):
