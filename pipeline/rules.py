@@ -82,7 +82,9 @@ RULES = [
     ("env_manager", lambda v: v in ("local", "conda", "virtualenv", "uv"), "local|conda|virtualenv|uv"),
     # MLflow refuses / and : (and names that are paths elsewhere) only at the first registry call,
     # after training; @ would read as an alias in models:/NAME@champion
+    # and a name longer than its database column (256) only there too, on PostgreSQL or MySQL
     ("registered_model", lambda v: v == "" or (v == v.strip() and not any(c in v for c in "/:@")
-                                               and v != "." and not v.startswith("..")),
-     "a model name without /, : or @, not . or .. (empty: svhn-classifier, -synthetic for synthetic data)"),
+                                               and v != "." and not v.startswith("..") and len(v) <= 256),
+     "a model name of at most 256 characters without /, : or @, not . or .. (empty: svhn-classifier, "
+     "-synthetic for synthetic data)"),
 ]
