@@ -78,11 +78,11 @@ def run(stage: str, overrides: dict[str, str]) -> int:
         if stage == "predict":
             predict_mod.input_path(cfg.input)
             predict_mod.writable_output(cfg.output, cfg.input)
-        model, model_uri = predict_mod.load_model(cfg.champion_uri) if stage != "main" else (None, "")
         if stage != "predict":  # the data main and evaluate read: missing, it is one line and no run
             from . import data
 
             data.data_files(cfg)
+        model, model_uri = predict_mod.load_model(cfg.champion_uri) if stage != "main" else (None, "")
         run_id, created = session.top_level_run()
         from . import runner, tracking
 
@@ -173,8 +173,9 @@ PICKLE = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 
 
 def main(argv: list[str] | None = None) -> int:
-    # false unless the user set it (pipeline/__init__.py), inherited by every process this one
-    # starts (stages, Ray workers)
+    # false unless the user set it (as importing pipeline sets it, again here for a caller that
+    # unset it since), inherited by every process this one starts (stages, Ray workers)
+    os.environ.setdefault(PICKLE, "false")
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is written \udce9, never a traceback
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")

@@ -98,7 +98,8 @@ def check_tracking(cfg: Config) -> None:
     uri = tracking_uri()
     require_shared_store(cfg, "the tracking URI", uri, is_server(uri), "a tracking server",
                          "start `mlflow server --host 0.0.0.0` and set MLFLOW_TRACKING_URI=http://<host>:5000, "
-                         "<host> a name every node reaches (not localhost)")
+                         "<host> an address every node reaches (not localhost; a DNS name also needs the "
+                         "server's --allowed-hosts)")
 
 
 def check_before_runs(cfg: Config, *more_checks: Callable[[], object]) -> None:

@@ -8,8 +8,8 @@ from .urls import scrubbed
 def first_line(err: BaseException, limit: int | None = 160, empty: str = "") -> str:
     """An error's message cut to its first line (and `limit` characters) for a one-line report,
     any password in a URL in it shown as ***; `empty` when the message is blank."""
-    lines = scrubbed(str(err)).strip().splitlines()
-    return lines[0][:limit] if lines else empty
+    lines = str(err).strip().splitlines()
+    return scrubbed(lines[0])[:limit] if lines else empty
 
 
 class UserError(Exception):

@@ -17,6 +17,7 @@ from .cluster import TRACKING_ENV, check_cluster, shared, tracking_uri
 from .config import Config
 from .errors import ChildFailed, ConfigError, NotLikeTheDriver, TakenOver, first_line
 from .runner import NODE_TAG, RunResult, Stage, child_run, log
+from .urls import scrubbed
 
 
 @dataclass
@@ -240,7 +241,7 @@ def stream_on_ray(cfg: Config, stage: Stage, dataset: data_mod.SVHNData, next_ch
             done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
             display.refresh()
             if time.monotonic() - checked >= WRITER_CHECK_S:
-                lifecycle.check_still_writer(stage.run_id)
+                still_writer(stage.run_id)
                 checked = time.monotonic()
             for ref in done:
                 key, spec = in_flight.pop(ref)
@@ -262,12 +263,26 @@ def stream_on_ray(cfg: Config, stage: Stage, dataset: data_mod.SVHNData, next_ch
     except BaseException as stopped:
         # Ctrl-C, SIGTERM, or any error in this driver (the tracking server, Ray, a bug): no task
         # outlives it and no child run stays RUNNING; the CLI prints the command that continues
+        # (not after a takeover: the new writer continues them)
         with interrupts.critical():  # `mlflow run` follows Ctrl-C with SIGTERM: finish this first
-            interrupts.killed_runs(stopped).extend(stop(list(in_flight), stage, {}, launched))
+            ended = stop(list(in_flight), stage, {}, launched)
+            if not isinstance(stopped, TakenOver):
+                interrupts.killed_runs(stopped).extend(ended)
         raise
     finally:
         with contextlib.suppress(Exception):  # the board may be gone already
             ray.kill(board)
+
+
+def still_writer(run_id: str) -> None:
+    """TakenOver once another process has claimed the stage run; the store unreachable for a
+    moment stops nothing (the children train on, and it is asked again at the next turn)."""
+    try:
+        lifecycle.check_still_writer(run_id)
+    except TakenOver:
+        raise
+    except Exception as err:  # noqa: BLE001 - as the heartbeat thread misses a beat
+        log(f"[ray] could not read stage run {run_id} ({type(err).__name__}: {first_line(err)}): asked again later")
 
 
 def failure_line(name: str, err: Exception, cfg: Config) -> str:
@@ -276,7 +291,7 @@ def failure_line(name: str, err: Exception, cfg: Config) -> str:
     if isinstance(err, ray.exceptions.RayTaskError):
         cause = err.cause if getattr(err, "cause", None) is not None else err
         text = str(cause).strip().splitlines()
-        return f"child '{name}' failed: {type(cause).__name__}: {text[-1][:400] if text else ''}"
+        return f"child '{name}' failed: {type(cause).__name__}: {scrubbed(text[-1])[:400] if text else ''}"
     return (f"child '{name}' failed: its worker died {cfg.max_retries + 1} times "
             f"({type(err).__name__}); run the same command again to resume it, or raise -P max_retries")
 
@@ -306,8 +321,8 @@ def stop(pending: list, stage: Stage, status_of: dict[str, str], launched: Colle
                     for run in client.search_runs([experiment_id], max_results=1000,
                                                   filter_string=f"tags.mlflow.parentRunId = '{parent}'")]
         for run in children:
-            if lifecycle.live_writer(run, launched):
-                continue  # written by a live process that is not one of this driver's tasks: left to it
+            if lifecycle.taken_over(run, launched) or lifecycle.live_writer(run, launched):
+                continue  # another process's (it claimed it, or made it and beats it): left to it
             if run.info.status == "RUNNING" and run.data.tags.get("mlflow.parentRunId") == stage.run_id:
                 status = status_of.get(run.info.run_name, "KILLED")
                 tracking.end_run(run.info.run_id, status)

@@ -234,11 +234,11 @@ def claim(run, cfg: Config, action: str, task: str = "") -> None:
     pause.point("claimed", cfg.stage, run_id)
 
 
-def taken_over(run) -> dict[str, str] | None:
-    """The claim by which another process took `run` over from this one (its latest claim, when
-    not this process's), or None."""
+def taken_over(run, tasks: Collection[str] = ()) -> dict[str, str] | None:
+    """The claim by which another process took `run` over from this one and its Ray `tasks` (its
+    latest claim, when not theirs), or None."""
     claim = latest_claim(run)
-    return claim if claim is not None and not is_mine(claim) else None
+    return claim if claim is not None and not is_mine(claim) and claim.get("task") not in tasks else None
 
 
 def check_still_writer(run_id: str) -> None:

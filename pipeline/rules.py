@@ -7,7 +7,6 @@ ARCHS = ("resnet", "vgg", "resnet2")
 COMPILE_MODES = ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-
 def distinct(values: list) -> bool:
     """A sweep names each point once: two of one value are one child (one key), trained once."""
     return len(set(values)) == len(values)

@@ -281,9 +281,19 @@ def resumable_state(child_id: str, arch: str, name: str) -> dict | None:
 
 
 def adopt(child_id: str, parent_run_id: str) -> None:
-    """Move a child of an unfinished earlier stage run under the stage run that continues it."""
-    if tracking.client().get_run(child_id).data.tags.get("mlflow.parentRunId") != parent_run_id:
-        tracking.client().set_tag(child_id, "mlflow.parentRunId", parent_run_id)
+    """Move a child of an earlier stage run under the stage run that continues it. A FINISHED
+    earlier run (autotune's study goes on across commands) is no longer whole once a child has
+    left it: it is out of reuse from then on, whether or not this run finishes."""
+    client = tracking.client()
+    earlier = client.get_run(child_id).data.tags.get("mlflow.parentRunId")
+    if earlier == parent_run_id:
+        return
+    client.set_tag(child_id, "mlflow.parentRunId", parent_run_id)
+    if earlier:
+        old = client.get_run(earlier)
+        key = old.data.tags.get("training_key", "")
+        if old.info.status == "FINISHED" and key and not key.startswith("superseded-"):
+            tracking.supersede(earlier, key)
 
 
 def finished(run_id: str) -> None:

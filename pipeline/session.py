@@ -47,10 +47,10 @@ def top_level_run() -> tuple[str, bool]:
 
 def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
     """Run `cfg`'s stage; `given`: the parameters the user passed (-P), which no parent overrides."""
+    data_mod.data_files(cfg)  # missing data: one line, and no run made (before a parent's weights download)
     lineage = resolve_lineage(cfg)
     cfg, sources = tuned_by_parent(cfg, given)
     resolved = runtime.of(cfg)  # once, for the stage and its children; device=cuda without one: stop here
-    data_mod.data_files(cfg)  # missing data: one line, and no run made
     run_id, created = top_level_run()
     client = tracking.client()
     with runner.opened(run_id, end=created):
@@ -80,8 +80,9 @@ def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
                     client.set_tag(old.info.run_id, lifecycle.CONTINUED_IN, run_id)
                     if old.info.status == "RUNNING":
                         tracking.end_run(old.info.run_id, "KILLED")
-                    if old.info.status == "FINISHED":  # this run holds the study's result now, not that one
-                        tracking.supersede(old.info.run_id, old.data.tags.get("training_key", ""))
+                    old_key = client.get_run(old.info.run_id).data.tags.get("training_key", "")
+                    if old.info.status == "FINISHED" and not old_key.startswith("superseded-"):
+                        tracking.supersede(old.info.run_id, old_key)  # this run holds the study's result now
                 client.set_tag(run_id, "training_key", key)
                 runner.finished(run_id)
 
@@ -110,7 +111,9 @@ def run_stage_work(cfg: Config, stage: Stage, dataset, lineage, on_success: Call
         registry.withdraw(stage.registered)  # a version registered by a run that failed is not left behind
         if registers(cfg.stage):  # and one the store made as register_model failed or a signal landed
             with contextlib.suppress(Exception):  # the error being raised is the one to report
-                registry.withdraw_left_by(tracking.client().get_run(stage.run_id))
+                run = tracking.client().get_run(stage.run_id)
+                if lifecycle.taken_over(run) is None:  # else its versions may be its new writer's
+                    registry.withdraw_left_by(run)
         raise
     return result
 

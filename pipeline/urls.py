@@ -8,7 +8,7 @@ import re
 from urllib.parse import urlsplit
 
 PASSWORD_KEYS = ("password", "passwd", "pwd")  # what database drivers read from a URL's query
-URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,30}://[^\s'\"<>]+")  # bounded: linear on any text
 
 
 def _database_url(url: str):
@@ -30,15 +30,16 @@ def in_memory(url: str) -> bool:
         parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory")
 
 
-def _loopback(host: str | None) -> bool:
-    if not host:  # no host: a unix socket, or a file
-        return True
-    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+def _this_machine(host: str | None) -> bool:
+    """A host that names, from any machine, that machine itself (0.0.0.0 too: a listening address,
+    which a client reads as its own machine); no host: a unix socket, or a file."""
+    if not host or host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
+    return address.is_loopback or address.is_unspecified
 
 
 def this_machine_only(url: str) -> bool:
@@ -50,13 +51,15 @@ def this_machine_only(url: str) -> bool:
     except ValueError:
         return True
     if parts.scheme in ("http", "https"):
-        return _loopback(parts.hostname)
+        return _this_machine(parts.hostname)
     parsed = _database_url(url)
     if parsed is None or parsed.get_backend_name() == "sqlite":
         return True
-    socket = parsed.query.get("host") or parsed.query.get("unix_socket") or ""
-    socket = socket[0] if isinstance(socket, tuple) else socket
-    return _loopback(parsed.host) or socket.startswith("/")
+    given = parsed.query.get("unix_socket") or parsed.query.get("host")  # libpq: a path is a socket
+    given = given[0] if isinstance(given, tuple) else given
+    if given:
+        return given.startswith("/") or _this_machine(given)
+    return _this_machine(parsed.host)
 
 
 def holds_password(url: str) -> bool:
@@ -95,4 +98,8 @@ def redacted(url: str) -> str:
 def scrubbed(text: str) -> str:
     """`text` with every URL in it redacted: a message from MLflow, a driver or a refusal of ours
     may quote the store's URL whole (MLflow's "API request to http://user:pw@host/... failed")."""
-    return URL_IN_TEXT.sub(lambda found: redacted(found.group(0)), text)
+    def redact(found) -> str:
+        url = found.group(0).rstrip(").,;:]")  # the sentence's punctuation, not the URL's
+        return redacted(url) + found.group(0)[len(url):]
+
+    return URL_IN_TEXT.sub(redact, text)

@@ -54,7 +54,8 @@ def test_a_password_in_a_url_never_reaches_an_error_line(monkeypatch, capsys, tm
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cret@127.0.0.1:{port}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    assert cli.main(["train", "--dataset", "synthetic", "--data_dir", str(tmp_path)]) == 1
+    assert cli.main(["train", "--dataset", "synthetic", "--data_dir", str(tmp_path), "--synthetic_train", "40",
+                     "--synthetic_test", "20"]) == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: API request to http://***@127.0.0.1:{port}/api/") and "s3cret" not in line
     assert cli.main(["train", "--optuna_storage", "postgresql://u:s3cret@db/optuna"]) == 2

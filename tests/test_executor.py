@@ -68,3 +68,26 @@ def test_a_takeover_reaches_a_ray_driver_as_itself_with_the_run_it_names():
         crossed = RayTaskError.from_bytes(RayTaskError("fn", "traceback", err, pid=1, ip="127.0.0.1").to_bytes())
     assert isinstance(crossed.cause, TakenOver) and crossed.cause.run_id == "R"
     assert str(crossed.cause) == "run R was taken over"
+
+
+def test_a_ray_driver_reads_a_takeover_of_its_stage_run_and_rides_out_a_store_it_cannot_read(monkeypatch, capsys):
+    """The driver asks every WRITER_CHECK_S: a claim by another process stops it; a store that
+    cannot answer for a moment stops nothing (its children train on), as a missed heartbeat."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import executor, lifecycle
+    from pipeline.errors import TakenOver
+
+    def store_away(run_id):
+        raise MlflowException("API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/get failed")
+
+    monkeypatch.setattr(lifecycle, "check_still_writer", store_away)
+    executor.still_writer("R")
+    assert "could not read stage run R (MlflowException: API request" in capsys.readouterr().out
+
+    def claimed(run_id):
+        raise TakenOver(f"run {run_id} was taken over", run_id)
+
+    monkeypatch.setattr(lifecycle, "check_still_writer", claimed)
+    with pytest.raises(TakenOver):
+        executor.still_writer("R")

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from pipeline import config, data, keys, lifecycle, registry, runner, runtime, session, stages
-from pipeline.errors import ConfigError, LineageError
+from pipeline.errors import ConfigError, LineageError, TakenOver
 
 
 @pytest.fixture
@@ -69,6 +69,18 @@ def test_a_version_the_store_made_before_the_stage_heard_of_it_is_withdrawn_when
         session.run(cfg)
     assert store.client.search_model_versions("name = 'svhn-left'") == []
     assert not registry.model_exists("svhn-left")
+
+    def taken_over_after_its_new_writer_registered(cfg, stage, dataset, lineage):
+        client = MlflowClient()
+        client.create_registered_model("svhn-left")
+        client.create_model_version("svhn-left", f"runs:/{stage.run_id}/model", run_id=stage.run_id)
+        client.log_param(stage.run_id, f"{lifecycle.CLAIM}1", lifecycle.stamp(pid="999999", start="1"))
+        raise TakenOver(f"run {stage.run_id} was taken over", stage.run_id)
+
+    monkeypatch.setitem(stages.STAGES, "retrain", taken_over_after_its_new_writer_registered)
+    with pytest.raises(TakenOver):
+        session.run(cfg)
+    assert [str(v.version) for v in store.client.search_model_versions("name = 'svhn-left'")] == ["1"]  # its writer's
 
 
 def test_a_stage_whose_closing_tags_fail_has_its_versions_withdrawn(tiny, withdrawn, monkeypatch):
@@ -142,11 +154,22 @@ def test_a_finished_run_stays_reusable_until_a_command_continuing_it_finishes(st
     with pytest.raises(ConfigError):
         session.run(cfg)
     assert tracking.find_finished_run("0", key).info.run_id == finished
+    trial = store.client.create_run("0", tags={"mlflow.parentRunId": finished}).info.run_id
+
+    def fails_once_it_took_a_trial(cfg, stage, dataset, lineage):  # the earlier run is not whole now
+        runner.adopt(trial, stage.run_id)
+        raise RuntimeError("the stage broke")
+
+    monkeypatch.setitem(stages.STAGES, "autotune", fails_once_it_took_a_trial)
+    with pytest.raises(RuntimeError):
+        session.run(cfg)
+    assert tracking.find_finished_run("0", key) is None  # main trains it again: its trial has left it
+    assert store.client.get_run(finished).data.tags["training_key"] == f"superseded-{key}"
     monkeypatch.setitem(stages.STAGES, "autotune", lambda cfg, stage, dataset, lineage: result(stage.run_id))
     session.run(cfg)
     now = tracking.find_finished_run("0", key)
-    assert now.info.run_id not in (finished, None) and now.data.tags["stage"] == "autotune"
-    assert store.client.get_run(finished).data.tags["training_key"] == f"superseded-{key}"
+    assert now.info.run_id != finished and now.data.tags["stage"] == "autotune"
+    assert store.client.get_run(finished).data.tags["training_key"] == f"superseded-{key}"  # once
 
 
 def test_a_stage_run_is_live_before_it_can_be_found_by_its_key(tiny, monkeypatch):

@@ -136,6 +136,15 @@ def test_a_password_in_a_store_uri_never_reaches_a_message(monkeypatch):
     assert "is postgresql://mlflow:***@db/mlflow:" in str(refused.value) and "hunter2" not in str(refused.value)
 
 
+def test_an_error_line_hides_a_password_in_any_url_in_it():
+    from pipeline.errors import first_line
+
+    err = RuntimeError("API request to http://alice:s3cret@db.example:5000/api failed (postgresql://u:s3cret@db/x)"
+                       "\nsecond line")
+    assert first_line(err, None) == "API request to http://***@db.example:5000/api failed (postgresql://u:***@db/x)"
+    assert first_line(RuntimeError("a" * 200_000), 10) == "a" * 10  # no URL: as it was, and at once
+
+
 def test_a_tracking_server_only_this_machine_reaches_is_refused_for_a_ray_cluster_elsewhere(monkeypatch):
     """Each node would ask its own 127.0.0.1 (mlflow server's default bind): its children's runs
     would fail after the client's retries, or land in another store on each node."""
@@ -143,7 +152,7 @@ def test_a_tracking_server_only_this_machine_reaches_is_refused_for_a_ray_cluste
     from pipeline.errors import ConfigError
 
     elsewhere = config.load("tune_lr", {"executor": "ray", "ray_address": "ray://192.0.2.10:10001"})
-    for here in ("http://127.0.0.1:5000", "http://localhost:5000", "https://me:hunter2@[::1]:5000",
+    for here in ("http://127.0.0.1:5000", "http://localhost:5000", "https://me:hunter2@[::1]:5000", "http://0.0.0.0:5000",
                  "sqlite:///mlflow.db"):
         monkeypatch.setattr(cluster, "tracking_uri", lambda: here)
         with pytest.raises(ConfigError, match="needs a tracking server that every node reaches") as refused:
