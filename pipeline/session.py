@@ -47,10 +47,10 @@ def top_level_run() -> tuple[str, bool]:
 
 def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
     """Run `cfg`'s stage; `given`: the parameters the user passed (-P), which no parent overrides."""
-    data_mod.data_files(cfg)  # missing data: one line, and no run made (before a parent's weights download)
-    lineage = resolve_lineage(cfg)
+    lineage = resolve_lineage(cfg)  # a parent that cannot be used is said first, whatever the data
     cfg, sources = tuned_by_parent(cfg, given)
     resolved = runtime.of(cfg)  # once, for the stage and its children; device=cuda without one: stop here
+    data_mod.data_files(cfg)  # missing data: one line, and no run made
     run_id, created = top_level_run()
     client = tracking.client()
     with runner.opened(run_id, end=created):
