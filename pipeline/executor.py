@@ -263,10 +263,10 @@ def stream_on_ray(cfg: Config, stage: Stage, dataset: data_mod.SVHNData, next_ch
     except BaseException as stopped:
         # Ctrl-C, SIGTERM, or any error in this driver (the tracking server, Ray, a bug): no task
         # outlives it and no child run stays RUNNING; the CLI prints the command that continues
-        # (not after a takeover: the new writer continues them)
+        # (not after a takeover of the stage run: its new writer continues them)
         with interrupts.critical():  # `mlflow run` follows Ctrl-C with SIGTERM: finish this first
             ended = stop(list(in_flight), stage, {}, launched)
-            if not isinstance(stopped, TakenOver):
+            if not (isinstance(stopped, TakenOver) and stopped.run_id == stage.run_id):
                 interrupts.killed_runs(stopped).extend(ended)
         raise
     finally:
@@ -321,8 +321,9 @@ def stop(pending: list, stage: Stage, status_of: dict[str, str], launched: Colle
                     for run in client.search_runs([experiment_id], max_results=1000,
                                                   filter_string=f"tags.mlflow.parentRunId = '{parent}'")]
         for run in children:
-            if lifecycle.taken_over(run, launched) or lifecycle.live_writer(run, launched):
-                continue  # another process's (it claimed it, or made it and beats it): left to it
+            claim = lifecycle.taken_over(run, launched)  # whatever heartbeat its old writer sent after it
+            if (claim and lifecycle.writer_alive(claim)) or lifecycle.live_writer(run, launched):
+                continue  # another live process's (it claimed it, or made it and beats it): left to it
             if run.info.status == "RUNNING" and run.data.tags.get("mlflow.parentRunId") == stage.run_id:
                 status = status_of.get(run.info.run_name, "KILLED")
                 tracking.end_run(run.info.run_id, status)

@@ -55,7 +55,8 @@ def this_machine_only(url: str) -> bool:
     parsed = _database_url(url)
     if parsed is None or parsed.get_backend_name() == "sqlite":
         return True
-    given = parsed.query.get("unix_socket") or parsed.query.get("host")  # libpq: a path is a socket
+    # libpq connects to hostaddr when given, else to host, where a path is a socket
+    given = parsed.query.get("unix_socket") or parsed.query.get("hostaddr") or parsed.query.get("host")
     given = given[0] if isinstance(given, tuple) else given
     if given:
         return given.startswith("/") or _this_machine(given)
@@ -99,7 +100,12 @@ def scrubbed(text: str) -> str:
     """`text` with every URL in it redacted: a message from MLflow, a driver or a refusal of ours
     may quote the store's URL whole (MLflow's "API request to http://user:pw@host/... failed")."""
     def redact(found) -> str:
-        url = found.group(0).rstrip(").,;:]")  # the sentence's punctuation, not the URL's
+        url = found.group(0)
+        while url and url[-1] in ").,;:]":  # the sentence's punctuation, not the URL's ([::1] keeps its ])
+            opener = {")": "(", "]": "["}.get(url[-1])
+            if opener and url.count(opener) >= url.count(url[-1]):
+                break
+            url = url[:-1]
         return redacted(url) + found.group(0)[len(url):]
 
     return URL_IN_TEXT.sub(redact, text)

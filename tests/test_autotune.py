@@ -95,12 +95,14 @@ def test_the_study_is_kept_beside_a_sqlite_store_never_in_it(tmp_path, monkeypat
         f"server that every node reaches, but optuna_storage is sqlite:///{tmp_path}/optuna.db: pass "
         f"-P optuna_storage=postgresql://user@host/db (or mysql+pymysql://...), host a name every node reaches "
         f"(not localhost) (README: Scaling out with Ray)")
-    for server in ("postgresql://tuner@db:5432/optuna", "postgresql://tuner@/optuna?host=db.example"):
+    for server in ("postgresql://tuner@db:5432/optuna", "postgresql://tuner@/optuna?host=db.example",
+                   "postgresql://tuner@/optuna?hostaddr=10.0.0.5"):
         assert tuning.storage_url(elsewhere.replace(optuna_storage=server), "http://tracking:5000") == server
     # a server only this machine reaches: each node would ask its own
     for here in ("postgresql://tuner@127.0.0.1/optuna", "postgresql://tuner@localhost:5432/optuna",
                  "postgresql://tuner@[::1]/optuna", "postgresql:///optuna", "postgresql://tuner@/optuna?host=/run/postgresql",
-                 "mysql+pymysql://tuner@db/optuna?unix_socket=/run/mysqld/mysqld.sock", "postgresql://tuner@0.0.0.0/optuna"):
+                 "mysql+pymysql://tuner@db/optuna?unix_socket=/run/mysqld/mysqld.sock", "postgresql://tuner@0.0.0.0/optuna",
+                 "postgresql://tuner@/optuna?host=db.example&hostaddr=127.0.0.1"):  # libpq goes to hostaddr
         with pytest.raises(ConfigError, match="needs an Optuna database server that every node reaches"):
             tuning.storage_url(elsewhere.replace(optuna_storage=here), "http://tracking:5000")
 

@@ -91,3 +91,29 @@ def test_a_ray_driver_reads_a_takeover_of_its_stage_run_and_rides_out_a_store_it
     monkeypatch.setattr(lifecycle, "check_still_writer", claimed)
     with pytest.raises(TakenOver):
         executor.still_writer("R")
+
+
+def test_a_driver_stopping_leaves_a_run_another_live_process_claimed_whatever_heartbeat_came_after(store, monkeypatch):
+    """The old writer's heartbeat thread may beat once just after the claim lands: the claim still
+    says whose the run is. A run only this driver's task wrote is ended KILLED."""
+    from pipeline import config, executor, lifecycle, runner, runtime
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    stage_run = store.client.create_run("0").info.run_id
+    mine = executor.ray_task("T")
+
+    def child(*stamps) -> str:
+        run_id = store.client.create_run("0", tags={"mlflow.parentRunId": stage_run}).info.run_id
+        for key, value in stamps:
+            (store.client.log_param if key.startswith(lifecycle.CLAIM) else store.client.set_tag)(run_id, key, value)
+        return run_id
+
+    elsewhere = dict(host="elsewhere", boot="another-machine", pid="4242", start="1")
+    taken = child((lifecycle.HEARTBEAT, lifecycle.stamp(mine)),
+                  (f"{lifecycle.CLAIM}1", lifecycle.stamp(**elsewhere)),
+                  (lifecycle.HEARTBEAT, lifecycle.stamp(mine)))  # newer than the claim
+    ours = child((lifecycle.HEARTBEAT, lifecycle.stamp(mine)))
+    stage = runner.Stage(stage_run, runtime.of(config.load("tune_lr", {"device": "cpu"})))
+    assert executor.stop([], stage, {}, {mine}) == [ours]
+    assert store.client.get_run(taken).info.status == "RUNNING"
+    assert store.client.get_run(ours).info.status == "KILLED"

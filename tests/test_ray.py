@@ -455,7 +455,11 @@ def test_a_driver_stops_when_a_child_or_its_stage_run_is_taken_over_and_leaves_t
     is held after epoch 1: first the child itself, then, in a second stage run, the stage run. Each
     time the driver stops with TakenOver naming that run, never as a failed child. The child taken
     over stays RUNNING with its one epoch (its new writer's now), as does a run that writer made
-    under the stage run; the child whose stage run was taken over is cancelled and KILLED."""
+    under the stage run; the child whose stage run was taken over is cancelled and KILLED, with no
+    "continue" hint, and a store that did not answer the driver's first check after the claim
+    stopped nothing: the next turn's check found the claim."""
+    from mlflow.exceptions import MlflowException
+
     from pipeline import executor, interrupts, keys, lifecycle, runner, runtime
     from pipeline.errors import TakenOver
 
@@ -507,8 +511,18 @@ def test_a_driver_stops_when_a_child_or_its_stage_run_is_taken_over_and_leaves_t
     assert server.client.get_run(theirs).info.status == "RUNNING"
 
     monkeypatch.setattr(executor, "WRITER_CHECK_S", 0.0)  # the driver asks at every turn of its loop
+    real_check = lifecycle.check_still_writer
+
+    def store_away_once_after_the_claim(run_id):  # a store it cannot read for a moment stops nothing
+        if "taken" in phase and not phase.get("store_was_away"):
+            phase["store_was_away"] = True
+            raise MlflowException("the tracking server did not answer")
+        return real_check(run_id)
+
+    monkeypatch.setattr(lifecycle, "check_still_writer", store_away_once_after_the_claim)
     later = server.client.create_run(experiment_id, run_name="stage taken over").info.run_id
-    taken = driven_until_taken_over(later, take=lambda child: later, release=False, turns_allowed=0)
+    taken = driven_until_taken_over(later, take=lambda child: later, release=False, turns_allowed=1)
+    assert phase["store_was_away"]
     assert taken.run_id == later
     assert server.client.get_run(phase["held"]).info.status == "KILLED"
     assert server.steps(phase["held"], "test_acc") == [1]

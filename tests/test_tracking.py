@@ -136,13 +136,21 @@ def test_a_password_in_a_store_uri_never_reaches_a_message(monkeypatch):
     assert "is postgresql://mlflow:***@db/mlflow:" in str(refused.value) and "hunter2" not in str(refused.value)
 
 
-def test_an_error_line_hides_a_password_in_any_url_in_it():
+def test_an_error_line_hides_a_password_in_any_url_in_it(monkeypatch):
+    from pipeline import errors, urls
     from pipeline.errors import first_line
 
     err = RuntimeError("API request to http://alice:s3cret@db.example:5000/api failed (postgresql://u:s3cret@db/x)"
                        "\nsecond line")
     assert first_line(err, None) == "API request to http://***@db.example:5000/api failed (postgresql://u:***@db/x)"
-    assert first_line(RuntimeError("a" * 200_000), 10) == "a" * 10  # no URL: as it was, and at once
+    for said, shown in (("tracking URI http://alice:s3cret@[::1]", "tracking URI http://***@[::1]"),  # its ] kept
+                        ("(postgresql://u:s3cret@[::1]).", "(postgresql://u:***@[::1])."),
+                        ("see http://a:s3cret@[fe80::1]:5000/x, then", "see http://***@[fe80::1]:5000/x, then")):
+        assert urls.scrubbed(said) == shown
+    seen = []
+    monkeypatch.setattr(errors, "scrubbed", lambda text: seen.append(text) or text)
+    first_line(RuntimeError("line one\n" + "a" * 100_000))
+    assert seen == ["line one"]  # the rest of a long message is never scanned
 
 
 def test_a_tracking_server_only_this_machine_reaches_is_refused_for_a_ray_cluster_elsewhere(monkeypatch):
