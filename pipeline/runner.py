@@ -290,10 +290,7 @@ def adopt(child_id: str, parent_run_id: str) -> None:
         return
     client.set_tag(child_id, "mlflow.parentRunId", parent_run_id)
     if earlier:
-        old = client.get_run(earlier)
-        key = old.data.tags.get("training_key", "")
-        if old.info.status == "FINISHED" and key and not key.startswith("superseded-"):
-            tracking.supersede(earlier, key)
+        tracking.supersede_finished(earlier)
 
 
 def finished(run_id: str) -> None:

@@ -80,9 +80,7 @@ def run(cfg: Config, given: frozenset = frozenset()) -> RunResult:
                     client.set_tag(old.info.run_id, lifecycle.CONTINUED_IN, run_id)
                     if old.info.status == "RUNNING":
                         tracking.end_run(old.info.run_id, "KILLED")
-                    old_key = client.get_run(old.info.run_id).data.tags.get("training_key", "")
-                    if old.info.status == "FINISHED" and not old_key.startswith("superseded-"):
-                        tracking.supersede(old.info.run_id, old_key)  # this run holds the study's result now
+                    tracking.supersede_finished(old.info.run_id)  # this run holds the study's result now
                 client.set_tag(run_id, "training_key", key)
                 runner.finished(run_id)
 

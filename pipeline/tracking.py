@@ -304,5 +304,13 @@ def supersede(run_id: str, key: str) -> None:
     client().set_tag(run_id, "training_key", f"superseded-{key}")
 
 
+def supersede_finished(run_id: str) -> None:
+    """Take `run_id` out of reuse if it FINISHED with a key (once: a key superseded stays as it is)."""
+    run = client().get_run(run_id)
+    key = run.data.tags.get("training_key", "")
+    if run.info.status == "FINISHED" and key and not key.startswith("superseded-"):
+        supersede(run_id, key)
+
+
 def end_run(run_id: str, status: str) -> None:
     client().set_terminated(run_id, status=status)
