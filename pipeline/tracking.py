@@ -17,6 +17,7 @@ import yaml
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.file_utils import local_file_uri_to_path
 
 from .config import PROJECT_DIR, Config
 from .errors import LineageError
@@ -236,9 +237,8 @@ def logged_steps(run_id: str, key: str) -> set[int]:
 @functools.lru_cache(maxsize=None)  # a run's artifact location never changes
 def local_artifact_dir(run_id: str) -> Path | None:
     uri = client().get_run(run_id).info.artifact_uri
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        return Path(parsed.path if parsed.scheme else uri)
+    if urlparse(uri).scheme in ("", "file"):  # decoded as MLflow's own local store reads it (%20 is a space)
+        return Path(local_file_uri_to_path(uri))
     return None
 
 

@@ -280,3 +280,15 @@ def test_a_checkpoint_the_disk_cannot_hold_is_one_line_and_the_one_before_stays_
     assert kept["epoch"] == 1 and torch.equal(kept["w"], torch.ones(3))
     local = tracking.local_artifact_dir(run_id) / "checkpoints"
     assert sorted(p.name for p in local.iterdir()) == ["last.pt"]  # no temp file left beside it
+
+
+def test_a_checkpoint_lands_where_mlflow_reads_an_artifact_location_with_an_escaped_character(store, tmp_path, monkeypatch):
+    # Path.as_uri() escapes a space as %20; MLflow's local store decodes it, so must we
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    location = (tmp_path / "ml artifacts").as_uri()
+    assert "%20" in location
+    run_id = store.client.create_run(store.client.create_experiment("escaped", artifact_location=location)).info.run_id
+    checkpoints.save_checkpoint(run_id, checkpoints.BEST, {"w": torch.arange(4.0)})
+    assert tracking.has_artifact(run_id, checkpoints.BEST)  # MLflow lists it: it is where MLflow looks
+    assert torch.equal(checkpoints.load_weights(run_id, checkpoints.BEST)["w"], torch.arange(4.0))
+    assert not (tmp_path / "ml%20artifacts").exists()
