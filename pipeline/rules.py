@@ -80,10 +80,11 @@ RULES = [
     ("synthetic_test", lambda v: v >= 1, ">= 1"),
     ("env_manager", lambda v: v in ("local", "conda", "virtualenv", "uv"), "local|conda|virtualenv|uv"),
     # MLflow refuses / and : (and names that are paths elsewhere) only at the first registry call,
-    # after training; @ would read as an alias in models:/NAME@champion
-    # and a name longer than its database column (256) only there too, on PostgreSQL or MySQL
-    ("registered_model", lambda v: v == "" or (v == v.strip() and not any(c in v for c in "/:@")
+    # after training, and a name longer than its database column (256) only there too, on
+    # PostgreSQL or MySQL; @ would read as an alias in models:/NAME@champion, and ? or # end the
+    # name in a URI (MLflow accepts the name, then reads models:/svhn?v2/1 as the logged model "svhn")
+    ("registered_model", lambda v: v == "" or (v == v.strip() and not any(c in v for c in "/:@?#")
                                                and v != "." and not v.startswith("..") and len(v) <= 256),
-     "a model name of at most 256 characters without /, : or @, not . or .. (empty: svhn-classifier, "
+     "a model name of at most 256 characters without /, :, @, ? or #, not . or .. (empty: svhn-classifier, "
      "-synthetic for synthetic data)"),
 ]

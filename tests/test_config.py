@@ -149,6 +149,7 @@ BOUNDS = [
     ("registered_model", "svhn classifier-2.1", "team/svhn"), ("registered_model", "svhn-x", "svhn:2"),
     ("registered_model", "x..y", "svhn@v2"), ("registered_model", "x.", ".."), ("registered_model", "x", "..x"),
     ("registered_model", "m" * 256, "m" * 257),  # MLflow's column: String(256)
+    ("registered_model", "svhn;v2", "svhn?v2"), ("registered_model", "svhn%v2", "svhn#v2"),  # URI delimiters
 ]
 
 
