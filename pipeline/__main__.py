@@ -204,9 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         from .tracking import server_refusal
 
         refusal = server_refusal(err)  # a 401/403: who, for what, and what to set
-        if refusal is None and isinstance(err, requests.HTTPError):
-            stopped_runs_hint(err, stage, overrides)
-            raise
+        # anything else is the store's own failure (an artifact upload's 413 or 500 too): its first
+        # line, whose URL names the server with any password in it
         print(f"error: {refusal or first_line(err, None, type(err).__name__)}", file=sys.stderr, flush=True)
         stopped_runs_hint(err, stage, overrides)
         return 2 if refusal else 1

@@ -18,7 +18,7 @@ import torch
 from . import batching, checkpoints, interrupts, lifecycle, models, pause, plots, sysmetrics, tracking, train
 from . import data as data_mod
 from .config import Config
-from .errors import CheckpointError, TakenOver
+from .errors import CheckpointError, TakenOver, first_line
 from .keys import child_key
 from .rng import seed_everything
 from .runtime import Runtime
@@ -189,7 +189,8 @@ def train_in_run(run_id: str, cfg: Config, dataset: data_mod.SVHNData, *, arch: 
                 # first, so a stopped run keeps a whole last.pt and the metrics that go with it
                 failed = recorder.abandon()
                 if failed is not None:
-                    log(f"run {run_id}: writing the last epoch's record failed too: {type(failed).__name__}: {failed}")
+                    log(f"run {run_id}: writing the last epoch's record failed too: {type(failed).__name__}: "
+                        f"{first_line(failed, None)}")
                 raise
     finally:
         system_metrics.stop()

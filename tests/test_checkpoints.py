@@ -144,6 +144,39 @@ def test_a_signal_in_the_last_wait_still_joins_the_writer_before_the_run_stops(t
                                                                              "checkpoints/last.pt"}
 
 
+def test_a_record_that_fails_after_the_training_failed_is_one_line_without_a_password(tmp_path, monkeypatch, capsys):
+    """Training fails, then finishing the last epoch's record fails too (a store's error quotes its
+    URL whole): train_in_run says so in a line that hides the password, and raises the first."""
+    import mlflow
+    import requests
+
+    from pipeline import config, data, runner
+
+    uri = tracking.new_local_store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    cfg = config.load("train", {"dataset": "synthetic", "data_dir": str(tmp_path / "data"), "device": "cpu",
+                                "synthetic_train": "64", "synthetic_test": "32", "bs": "32", "epochs": "1"})
+    dataset = data.load(cfg)
+    run_id = tracking.client().create_run("0").info.run_id
+    upload = requests.HTTPError("500 Server Error: for url: http://alice:s3cret@tracking:5000/api/2.0/x\nmore")
+
+    def fit(*args, **kwargs):
+        raise RuntimeError("training failed")
+
+    monkeypatch.setattr(train, "fit", fit)
+    monkeypatch.setattr(checkpoints.EpochRecorder, "abandon", lambda self: upload)
+    try:
+        with pytest.raises(RuntimeError, match="training failed"):
+            runner.train_in_run(run_id, cfg, dataset, arch="resnet", runtime=runtime.of(cfg))
+    finally:
+        mlflow.set_tracking_uri(None)
+    said = [line for line in capsys.readouterr().out.splitlines() if "failed too" in line]
+    assert said == [f"run {run_id}: writing the last epoch's record failed too: HTTPError: "
+                    "500 Server Error: for url: http://***@tracking:5000/api/2.0/x"]
+
+
 # -- the EpochRecorder -------------------------------------------------------------------------------
 
 def epoch_end(epoch: int, is_best: bool, history: train.History) -> train.EpochEnd:

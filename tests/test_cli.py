@@ -63,6 +63,25 @@ def test_a_password_in_a_url_never_reaches_an_error_line(monkeypatch, capsys, tm
     assert line.startswith("error: -P optuna_storage=postgresql://u:***@db/optuna would be ignored")
 
 
+def test_an_artifact_upload_the_server_refuses_is_one_line_without_its_password(monkeypatch, capsys):
+    """An upload's HTTPError (a proxy's 413 for a large best.pt) quotes the URL whole: one line, no
+    password, no traceback."""
+    import requests
+
+    def upload_refused(cfg, given):
+        response = requests.Response()
+        response.status_code, response.reason = 413, "Request Entity Too Large"
+        response.url = "http://alice:s3cret@tracking:5000/api/2.0/mlflow-artifacts/artifacts/1/r/checkpoints/best.pt"
+        response.raise_for_status()  # requests' own HTTPError and message
+
+    monkeypatch.delenv("SVHN_MAIN_RUN_ID", raising=False)
+    monkeypatch.setattr(session, "run", upload_refused)
+    assert cli.main(["train"]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == ("error: 413 Client Error: Request Entity Too Large for url: "
+                    "http://***@tracking:5000/api/2.0/mlflow-artifacts/artifacts/1/r/checkpoints/best.pt")
+
+
 def test_data_that_is_not_there_is_one_line_and_no_run(store, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
