@@ -214,6 +214,9 @@ def resume(cfg: Config, given: frozenset = frozenset()) -> RunResult | None:
     it started with, and only by one process: nothing is written before those checks pass."""
     run_id = cfg.resume_run_id
     previous = tracking.get_run(run_id, "resume")
+    if previous.info.lifecycle_stage == "deleted":  # hidden from the UI and main's reuse; `mlflow gc` may purge it
+        raise LineageError(f"run {run_id} was deleted: restore it (`mlflow runs restore --run-id {run_id}`) "
+                           f"to resume it, or run the stage again")
     if previous.info.status == "FINISHED":
         log(f"run {run_id} is FINISHED: nothing to resume")
         return None

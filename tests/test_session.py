@@ -283,6 +283,13 @@ def test_resume_refuses_a_continued_run_or_a_main_one_and_leaves_a_finished_one(
     assert f"run {done} is FINISHED: nothing to resume" in capsys.readouterr().out
     with pytest.raises(LineageError, match="resume run 'nope' was not found"):
         session.resume(cfg.replace(resume_run_id="nope"))
+    deleted = store.client.create_run("0", tags={"stage": "tune_lr"}).info.run_id
+    tracking.log_config(deleted, cfg)
+    store.client.set_terminated(deleted, "KILLED")
+    store.client.delete_run(deleted)
+    with pytest.raises(LineageError, match=rf"run {deleted} was deleted: restore it \(`mlflow runs restore "):
+        session.resume(cfg.replace(resume_run_id=deleted))
+    assert store.client.get_run(deleted).info.status == "KILLED"  # nothing written
     launcher = store.client.create_run("0").info.run_id  # e.g. `mlflow run`'s own, or predict's
     store.client.set_terminated(launcher, "KILLED")
     with pytest.raises(LineageError, match=f"run {launcher} has no config.yaml: it was not started by a training "
