@@ -52,6 +52,18 @@ class SVHNMat(torchvision.datasets.SVHN):
 def data_folder(cfg: Config) -> Path:
     """The folder holding train_32x32.mat and test_32x32.mat (made first for synthetic data)."""
     folder = cfg.resolved_data_dir()
+    try:
+        return _data_folder(cfg, folder)
+    except OSError as err:  # Path.is_dir() and exists() hide only "no such file": EACCES, ENAMETOOLONG
+        raise cannot_look(err, folder) from None
+
+
+def cannot_look(err: OSError, folder: Path) -> DataError:
+    return DataError(f"cannot look in {err.filename or folder} ({err.strerror or type(err).__name__}): make it "
+                     f"readable to this user, or pass -P data_dir=<a folder of yours>")
+
+
+def _data_folder(cfg: Config, folder: Path) -> Path:
     if cfg.dataset == "synthetic":
         return synthetic.ensure(folder, cfg.synthetic_train, cfg.synthetic_test, cfg.data_seed)
     if cfg.download:
@@ -105,7 +117,11 @@ def cannot_fetch_into(err: OSError) -> str:
 
 def mat_path(folder: Path, split: str) -> Path:
     path = folder / SVHNMat.split_list[split][1]
-    if not path.is_file():
+    try:
+        there = path.is_file()
+    except OSError as err:
+        raise cannot_look(err, folder) from None
+    if not there:
         raise DataError(f"missing {path}: put SVHN's {path.name} in {folder}, or add "
                         f"-P download=true (needs network) or -P dataset=synthetic")
     return path

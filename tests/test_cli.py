@@ -90,6 +90,12 @@ def test_data_that_is_not_there_is_one_line_and_no_run(store, monkeypatch, capsy
         assert cli.main([*args, "--data_dir", str(nowhere)]) == 2
         (line,) = capsys.readouterr().err.splitlines()
         assert line.startswith(f"error: data folder {nowhere} does not exist: ")
+    # a folder this user cannot look in (as root, a name too long stands for "permission denied")
+    unusable = tmp_path / ("x" * 300)
+    for args in (["train"], ["main", "--dataset", "synthetic"], ["tune_lr", "--init", "scratch", "--dataset", "svhn"]):
+        assert cli.main([*args, "--data_dir", str(unusable)]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"error: cannot look in {unusable}") and "(File name too long): make it readable" in line
     assert store.runs() == []
 
 

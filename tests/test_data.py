@@ -219,6 +219,16 @@ def test_a_data_file_this_user_cannot_read_is_one_line(mat_folder, tmp_path):
     assert done.returncode != 0 and "DataError: cannot read" in done.stderr
     assert (f"cannot read {folder / 'train_32x32.mat'} (Permission denied): make it readable to this user"
             in done.stderr.strip().splitlines()[-1])
+    folder.chmod(0o600)  # a folder this user cannot look in: is_file() raises, not "missing"
+    try:
+        script = ("from pipeline import config, data\n"
+                  f"data.data_files(config.load('train', {{'data_dir': {str(folder)!r}}}))")
+        done = subprocess.run([*command[:-1], script], capture_output=True, text=True, timeout=120)
+    finally:
+        folder.chmod(0o755)
+    assert done.returncode != 0 and done.stderr.strip().splitlines()[-1] == (
+        f"pipeline.errors.DataError: cannot look in {folder / 'train_32x32.mat'} (Permission denied): make it "
+        f"readable to this user, or pass -P data_dir=<a folder of yours>")
 
 
 def test_a_synthetic_set_that_cannot_be_written_and_a_home_of_no_user_are_one_line(tmp_path):
