@@ -70,8 +70,24 @@ def resolve(device: str = "auto", precision: str = "auto", eval_bs: int = 0) -> 
 
 
 def of(cfg) -> Runtime:
-    """The Runtime of a Config's device, precision and eval_bs."""
-    return resolve(cfg.device, cfg.precision, cfg.eval_bs)
+    """The Runtime of a Config's device, precision and eval_bs (compile on a CPU without a C++
+    compiler: refused)."""
+    resolved = resolve(cfg.device, cfg.precision, cfg.eval_bs)
+    if cfg.compile_mode and resolved.device_type == "cpu":
+        check_cpp_compiler(cfg.compile)
+    return resolved
+
+
+def check_cpp_compiler(mode: str) -> None:
+    """Inductor builds CPU kernels with a C++ compiler: without one the first training step fails
+    with a traceback, after the run exists. Found as inductor finds it (CXX, then g++)."""
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as err:  # noqa: BLE001 - InvalidCxxCompiler, or a compiler that does not run
+        raise ConfigError(f"-P compile={mode} needs a C++ compiler on CPU, and none works here "
+                          f"({type(err).__name__}): install g++ (or set CXX to one), or pass -P compile=false") from None
 
 
 def pick_device(name: str) -> torch.device:

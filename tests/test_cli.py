@@ -99,6 +99,23 @@ def test_data_that_is_not_there_is_one_line_and_no_run(store, monkeypatch, capsy
     assert store.runs() == []
 
 
+def test_compile_without_a_cpp_compiler_is_one_line_and_no_run(store, monkeypatch, capsys, tmp_path):
+    """Inductor finds no working C++ compiler (none at the path it is told): refused before any run,
+    where the first training step would have failed with a traceback inside one."""
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-g++"),))
+    for stage in ("train", "main"):
+        assert cli.main([stage, "--compile", "true", "--device", "cpu", "--dataset", "synthetic",
+                         "--data_dir", str(tmp_path)]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line == ("error: -P compile=true needs a C++ compiler on CPU, and none works here (InvalidCxxCompiler): "
+                        "install g++ (or set CXX to one), or pass -P compile=false")
+    assert store.runs() == []
+
+
 def test_a_line_naming_a_file_whose_name_is_not_utf8_is_written_escaped_where_stdout_is_strict(monkeypatch):
     """Under en_US.UTF-8 (not C), stdout refuses the surrogate that stands for byte 0xe9 in a
     Latin-1 file name: the line is written with \\udce9, not a UnicodeEncodeError traceback."""
