@@ -327,6 +327,7 @@ def load(stage: str, overrides: Mapping[str, Any] | None = None) -> Config:
     check_registry_overrides(values, overrides or {})
     check_stage_reads(values["stage"], overrides or {})
     check_model_overrides(values["stage"], overrides or {})
+    check_dataset_overrides(values, overrides or {})
     check_capped_overrides(values, overrides or {})
     check_search_overrides(values, overrides or {})
     check_execution_overrides(values, overrides or {})
@@ -476,6 +477,20 @@ def check_registry_overrides(values: Mapping[str, Any], overrides: Mapping[str, 
     if "promote" in overrides and values.get("promote") and not values.get("register"):
         raise ConfigError(f"-P promote={overrides['promote']} would be ignored: stage {values['stage']} runs with "
                           f"register=false; add -P register=true, or drop promote")
+
+
+# Data parameters only one dataset reads: synthetic data is made here, SVHN's files are found,
+# downloaded and checked
+READ_ONLY_FOR = {"synthetic_train": "synthetic", "synthetic_test": "synthetic", "download": "svhn", "verify": "svhn"}
+
+
+def check_dataset_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
+    """-P synthetic_train with dataset=svhn, or -P download / verify with dataset=synthetic: refused,
+    never silently ignored (the run would log a value that shaped nothing)."""
+    for name, reader in READ_ONLY_FOR.items():
+        if name in overrides and values["dataset"] != reader:
+            raise ConfigError(f"-P {name}={overrides[name]} would be ignored: only dataset={reader} reads it, and "
+                              f"this run reads dataset={values['dataset']}; drop it, or add -P dataset={reader}")
 
 
 # Parameters only some stages read (main has its own rule: workflow.stage_overrides): given to

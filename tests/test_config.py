@@ -156,10 +156,27 @@ BOUNDS = [
 @pytest.mark.parametrize("name,accepted,rejected", BOUNDS)
 def test_each_rule_accepts_its_boundary_and_rejects_past_it(name, accepted, rejected):
     stage = "retrain" if name == "registered_model" else config.READ_ONLY_BY.get(name, ("train",))[0]  # reads it
-    assert config.load(stage, {name: accepted}).to_params()[name] == \
+    dataset = {"dataset": config.READ_ONLY_FOR[name]} if name in config.READ_ONLY_FOR else {}  # reads it too
+    assert config.load(stage, {name: accepted, **dataset}).to_params()[name] == \
         config.format_value(config.parse_value(name, accepted))
     with pytest.raises(ConfigError, match=f"parameter {name}=.* is out of range: allowed "):
-        config.load(stage, {name: rejected})
+        config.load(stage, {name: rejected, **dataset})
+
+
+@pytest.mark.parametrize("stage,given,line", [
+    ("train", {"synthetic_train": "600"}, "-P synthetic_train=600 would be ignored: only dataset=synthetic reads it, "
+                                          "and this run reads dataset=svhn; drop it, or add -P dataset=synthetic"),
+    ("main", {"dataset": "svhn", "synthetic_test": "30"}, "-P synthetic_test=30 would be ignored: only "
+                                                          "dataset=synthetic reads it"),
+    ("evaluate", {"dataset": "synthetic", "verify": "false"}, "-P verify=false would be ignored: only dataset=svhn "
+                                                              "reads it, and this run reads dataset=synthetic"),
+    ("tune_lr", {"dataset": "synthetic", "download": "true"}, "-P download=true would be ignored: only dataset=svhn")])
+def test_a_data_parameter_its_dataset_never_reads_is_refused(stage, given, line):
+    with pytest.raises(ConfigError) as err:
+        config.load(stage, given)
+    assert str(err.value).startswith(line)
+    reader = config.READ_ONLY_FOR[next(k for k in given if k != "dataset")]
+    assert config.load(stage, {**given, "dataset": reader}).dataset == reader  # its own dataset takes it
 
 
 @pytest.mark.parametrize("stage,name,value,readers", [
