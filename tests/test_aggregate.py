@@ -28,11 +28,21 @@ def test_the_best_child_without_its_best_pt_is_passed_over_for_the_next(stage, c
     best, second, third = (child(store, stage_id, f"lr={i}", acc, fill)
                            for i, (acc, fill) in enumerate([(60.0, 1.0), (50.0, 2.0), (40.0, 3.0)]))
     tracking.delete_artifact(best.run_id, checkpoints.BEST)
-    chosen = aggregate.finish(stage_id, [best, second, third])
+    chosen = aggregate.finish(stage_id, [third, best, second])  # in no order: ranked by accuracy
     assert chosen is second
     assert store.client.get_run(stage_id).data.tags["best_child_run_id"] == second.run_id
     assert torch.equal(checkpoints.load_weights(stage_id)["w"], torch.full((2,), 2.0))  # its weights
     assert f"lr=0 ({best.run_id}) has no checkpoints/best.pt (deleted?): passed over" in capsys.readouterr().out
+
+
+def test_the_most_accurate_child_wins_wherever_it_is_listed_and_the_first_of_equals_on_a_tie(stage):
+    store, stage_id = stage
+    low, high, tie_a, tie_b = (child(store, stage_id, name, acc, fill) for name, acc, fill in
+                               [("low", 40.0, 1.0), ("high", 60.0, 2.0), ("a", 50.0, 3.0), ("b", 50.0, 4.0)])
+    assert aggregate.finish(stage_id, [low, tie_a, high]) is high
+    assert torch.equal(checkpoints.load_weights(stage_id)["w"], torch.full((2,), 2.0))
+    assert aggregate.holding_weights([low, tie_b, tie_a], "") is tie_b
+    assert aggregate.holding_weights([low, tie_a, tie_b], "") is tie_a
 
 
 def test_a_deleted_run_is_passed_over_though_it_keeps_its_best_pt(stage, capsys):

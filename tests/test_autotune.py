@@ -208,7 +208,7 @@ def test_retrain_takes_its_values_from_an_autotune_parent_and_says_so(store, mon
     seed = config.load("retrain", {"parent_run_id": other})
     assert lineage.tuned_by_parent(seed) == (seed, {})  # only an autotune run hands values on
     unfinished = store.client.create_run("0", tags={"stage": "autotune"}).info.run_id
-    with pytest.raises(Exception, match=f"parent autotune run {unfinished} has no tag best_lr"):
+    with pytest.raises(LineageError, match=f"parent autotune run {unfinished} has no tag best_lr"):
         lineage.tuned_by_parent(config.load("retrain", {"parent_run_id": unfinished}))
 
 
@@ -623,10 +623,12 @@ def test_a_trial_whose_child_finished_before_it_was_told_is_recorded_from_its_ru
     assert recorded.intermediate_values == {1: 30.0, 2: 45.0} and recorded.user_attrs["mlflow_run_id"] == child
 
 
-def test_an_epoch_budget_stops_asking_before_a_whole_trial_would_pass_it(store, monkeypatch):
-    """epoch_budget=5 with trials of 2 epochs: two trials (4 epochs); a third could train 6."""
+@pytest.mark.parametrize("budget", ["5", "4"])
+def test_an_epoch_budget_stops_asking_before_a_whole_trial_would_pass_it(store, monkeypatch, budget):
+    """epoch_budget=5 with trials of 2 epochs: two trials (4 epochs); a third could train 6. A
+    budget of exactly two trials (4) trains both."""
     cfg, dataset, stage_run, tuner = study_of(store, monkeypatch, trial_epochs="2", n_trials="10",
-                                              epoch_budget="5", pruner="none")
+                                              epoch_budget=budget, pruner="none")
     tuner.tune()
     trials = tuner.study.trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2

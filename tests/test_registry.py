@@ -170,6 +170,13 @@ def test_a_champion_of_mixed_lineage_is_never_judged(colour_data):
     assert "grew out of weights trained on other data" in registry.incomparable(mixed, dataset, part)
     older = SimpleNamespace(version="1", tags=tags)  # registered before lineage was recorded
     assert "records no data digest or lineage" in registry.incomparable(older, dataset, part)
+    # the same data and lineage, judged on another split, or on a split of that name drawn otherwise
+    other_role = "val" if part.role == "test" else "test"
+    elsewhere = SimpleNamespace(version="1", tags={**tags, "lineage_digest": dataset.digest, "judged_on": other_role})
+    assert registry.incomparable(elsewhere, dataset, part) == (
+        f"champion version 1 was judged on its {other_role} split, this run on the {part.role} split")
+    redrawn = SimpleNamespace(version="1", tags={**tags, "lineage_digest": dataset.digest, "judged_on_digest": "d"})
+    assert registry.incomparable(redrawn, dataset, part).startswith("champion version 1 was judged on its ")
 
 
 def test_a_run_without_a_lineage_tag_descends_from_its_data_only_if_it_trained_from_scratch():

@@ -81,10 +81,17 @@ def run(epochs, resume=None, snapshots=None, model=None):
 
 
 def test_epoch_one_counts_as_best_and_losses_are_means():
-    _, history, seen = run(1)
+    model, history, seen = run(1)
     assert seen == [(1, True)] and history.best_epoch == 1
     assert history.best_acc == history.epochs[0].test_acc
     result = history.epochs[0]
+    # the test pass after the epoch: a mean per sample over all 64 (4 batches of 16), the model as it ended
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.cat([x for x, _ in batches(2)]))
+    labels = torch.cat([y for _, y in batches(2)])
+    assert result.test_loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
+    assert result.test_acc == pytest.approx(100.0 * (logits.argmax(1) == labels).float().mean().item())
     # steady-state speed leaves out the first batch: 48 images in at most the epoch's time
     assert 48 / result.train_images_per_s <= result.epoch_time_s
 
@@ -160,6 +167,21 @@ def test_fit_selects_on_validation_and_reports_test_at_that_epoch():
     assert history.best_epoch == accs.index(max(accs)) + 1
     assert history.test_acc_at_best == history.epochs[history.best_epoch - 1].test_acc
     assert [e for e, best in seen if best][-1] == history.best_epoch
+
+
+@pytest.mark.parametrize("selected_on,stops_at", [("val", None), ("test", 2)])
+def test_early_stopping_follows_the_selection_splits_loss(selected_on, stops_at):
+    """Validation loss falls while test loss rises: with a validation split it trains on, on test
+    alone it stops once test's loss has not fallen for `patience` epochs."""
+    stopping, history = train.EarlyStopping(patience=1, tol=0.0), train.History(selected_on=selected_on)
+    stopped = []
+    for epoch, (val_loss, test_loss) in enumerate([(1.0, 1.0), (0.9, 1.1), (0.8, 1.2), (0.7, 1.3)], start=1):
+        result = train.EpochResult(epoch, 1.0, test_loss, 0.5, 0.5, 1.0, 1.0,
+                                   val_loss=val_loss if selected_on == "val" else None,
+                                   val_acc=0.5 if selected_on == "val" else None)
+        if stopping.on_epoch(train.EpochEnd(result, False, history, dict)):
+            stopped.append(epoch)
+    assert (stopped[0] if stopped else None) == stops_at and history.stopped_early == bool(stops_at)
 
 
 def run_with_val(epochs, val):
