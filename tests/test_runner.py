@@ -306,6 +306,36 @@ def test_phase2_without_a_phase1_names_the_weights_it_starts_from(monkeypatch):
         assert phase2.init_state is lineage.init_state
 
 
+@pytest.mark.parametrize("stage_name, starts_from", [("retrain", "best"), ("deepen", "last")])
+def test_phase2_starts_from_phase1s_best_pt_in_retrain_and_its_last_weights_in_deepen(monkeypatch, stage_name,
+                                                                                     starts_from):
+    """Phase 1 trained 2 epochs, its best at epoch 1: retrain's phase 2 gets those weights (best.pt),
+    deepen's the weights phase 1 ended with (keep_final asked of phase 1 for it)."""
+    from pipeline import stages
+    from pipeline.lineage import Lineage
+
+    history = train.History()
+    for epoch, acc in ((1, 60.0), (2, 40.0)):
+        history.add(train.EpochResult(epoch, 1.0, 1.0, acc, acc, 1.0, 100.0))
+    best, last = {"w": torch.zeros(1)}, {"w": torch.ones(1)}
+    phase1 = runner.RunResult("r" * 32, "phase1", "resnet", 60.0, 1, history, "test", 60.0, last)
+    specs = []
+
+    def run_children(cfg, stage, children, dataset):
+        specs.extend(children)
+        return [phase1] if len(specs) == 1 else []
+
+    monkeypatch.setattr(stages.executor, "run_children", run_children)
+    monkeypatch.setattr(stages.checkpoints, "load_weights", lambda run_id, path=None: best if run_id == "r" * 32 else None)
+    monkeypatch.setattr(stages, "finish", lambda run_id, results, candidates=None: None)
+    cfg = config.load(stage_name, {"phase1_epochs": "2", "register": "false"})
+    stages.two_phases(cfg, runner.Stage("s" * 32, CPU), None, Lineage(parent_run_id="p" * 32), "resnet")
+    first, second = specs
+    assert first.keep_final == (starts_from == "last")
+    assert second.init_state is (best if starts_from == "best" else last)
+    assert second.tags["init_from"] == ("r" * 32) + ("/checkpoints/best.pt" if starts_from == "best" else "/last epoch")
+
+
 @pytest.mark.parametrize("stage_name, diverged_at", [("retrain", 1), ("deepen", 1), ("deepen", 3)])
 def test_phase2_never_starts_from_weights_phase1_left_diverged(monkeypatch, stage_name, diverged_at):
     """retrain goes on from phase 1's best.pt (NaN only when epoch 1 diverged), deepen from its
