@@ -9,6 +9,10 @@ from urllib.parse import urlsplit
 
 PASSWORD_KEYS = ("password", "passwd", "pwd")  # what database drivers read from a URL's query
 URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,30}://[^\s'\"<>]+")  # bounded: linear on any text
+# a password SQLAlchemy takes unencoded may hold a quote or a space, which end URL_IN_TEXT's match
+# before its @: scheme://user: then up to the @ on the same line (no / between, so a host:port/path
+# followed by some address@ further on is left alone)
+USERINFO_IN_TEXT = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,30}://[^\s:/@'\"<>]{0,200}:)[^@/\n]{1,200}@")
 
 
 def _database_url(url: str):
@@ -108,4 +112,4 @@ def scrubbed(text: str) -> str:
             url = url[:-1]
         return redacted(url) + found.group(0)[len(url):]
 
-    return URL_IN_TEXT.sub(redact, text)
+    return USERINFO_IN_TEXT.sub(r"\1***@", URL_IN_TEXT.sub(redact, text))

@@ -145,7 +145,12 @@ def test_an_error_line_hides_a_password_in_any_url_in_it(monkeypatch):
     assert first_line(err, None) == "API request to http://***@db.example:5000/api failed (postgresql://u:***@db/x)"
     for said, shown in (("tracking URI http://alice:s3cret@[::1]", "tracking URI http://***@[::1]"),  # its ] kept
                         ("(postgresql://u:s3cret@[::1]).", "(postgresql://u:***@[::1])."),
-                        ("see http://a:s3cret@[fe80::1]:5000/x, then", "see http://***@[fe80::1]:5000/x, then")):
+                        ("see http://a:s3cret@[fe80::1]:5000/x, then", "see http://***@[fe80::1]:5000/x, then"),
+                        # a password SQLAlchemy takes unencoded, with a quote or a space in it
+                        ("error: postgresql://u:pa'ss@db.example/mlflow failed", "error: postgresql://u:***@db.example/mlflow failed"),
+                        ("at postgresql://u:pa ss@db/x.", "at postgresql://u:***@db/x."),
+                        # a host:port/path, then an address further on: nothing hidden
+                        ("see http://h:5000/x or mail a@b.c", "see http://h:5000/x or mail a@b.c")):
         assert urls.scrubbed(said) == shown
     seen = []
     monkeypatch.setattr(errors, "scrubbed", lambda text: seen.append(text) or text)
