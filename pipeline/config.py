@@ -486,7 +486,10 @@ READ_ONLY_FOR = {"synthetic_train": "synthetic", "synthetic_test": "synthetic", 
 
 def check_dataset_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
     """-P synthetic_train with dataset=svhn, or -P download / verify with dataset=synthetic: refused,
-    never silently ignored (the run would log a value that shaped nothing)."""
+    never silently ignored (the run would log a value that shaped nothing). A dataset out of range
+    is validate()'s to report; a resume's dataset is the run's own (session.resume checks it)."""
+    if values.get("dataset") not in READ_ONLY_FOR.values() or values.get("resume_run_id"):
+        return
     for name, reader in READ_ONLY_FOR.items():
         if name in overrides and values["dataset"] != reader:
             raise ConfigError(f"-P {name}={overrides[name]} would be ignored: only dataset={reader} reads it, and "

@@ -59,8 +59,10 @@ def data_folder(cfg: Config) -> Path:
 
 
 def cannot_look(err: OSError, folder: Path) -> DataError:
-    return DataError(f"cannot look in {err.filename or folder} ({err.strerror or type(err).__name__}): make it "
-                     f"readable to this user, or pass -P data_dir=<a folder of yours>")
+    fix = {errno.EACCES: "make it readable to this user, or pass -P data_dir=<a folder of yours>",
+           errno.EPERM: "make it readable to this user, or pass -P data_dir=<a folder of yours>",
+           errno.ENAMETOOLONG: "pass a shorter -P data_dir"}.get(err.errno, "check that disk, or pass -P data_dir=<another folder>")
+    return DataError(f"cannot look in {err.filename or folder} ({err.strerror or type(err).__name__}): {fix}")
 
 
 def _data_folder(cfg: Config, folder: Path) -> Path:

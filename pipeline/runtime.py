@@ -79,15 +79,22 @@ def of(cfg) -> Runtime:
 
 
 def check_cpp_compiler(mode: str) -> None:
-    """Inductor builds CPU kernels with a C++ compiler: without one the first training step fails
-    with a traceback, after the run exists. Found as inductor finds it (CXX, then g++)."""
-    from torch._inductor import cpp_builder
+    """Inductor builds CPU kernels with a C++ compiler and Python's headers: without them the first
+    training step fails with a traceback, after the run exists. The compiler is found as inductor
+    finds it (CXX, then g++), Python.h where it looks (sysconfig's include path)."""
+    import sysconfig
 
     try:
+        from torch._inductor import cpp_builder
+
         cpp_builder.get_cpp_compiler()
     except Exception as err:  # noqa: BLE001 - InvalidCxxCompiler, or a compiler that does not run
         raise ConfigError(f"-P compile={mode} needs a C++ compiler on CPU, and none works here "
                           f"({type(err).__name__}): install g++ (or set CXX to one), or pass -P compile=false") from None
+    headers = Path(sysconfig.get_path("include"))
+    if not (headers / "Python.h").is_file():
+        raise ConfigError(f"-P compile={mode} needs Python's C headers on CPU, and {headers}/Python.h is not there: "
+                          f"install them (python3-dev, or your Python's -dev package), or pass -P compile=false")
 
 
 def pick_device(name: str) -> torch.device:
@@ -109,7 +116,7 @@ def native_cpu_bf16() -> bool:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """auto: bf16 autocast on CUDA and on CPUs with native bf16 (measured 2x faster here), else fp32."""
+    """auto: bf16 autocast on CUDA GPUs with native bf16 and on CPUs with it (measured 2x faster here), else fp32."""
     if name != "auto":
         return name
     if device.type == "cuda":  # emulated bf16 (e.g. an RTX 2060S) is slower than fp32

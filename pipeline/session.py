@@ -14,7 +14,7 @@ import yaml
 
 from . import checkpoints, keys, lifecycle, registry, runner, runtime, tracking
 from . import data as data_mod
-from .config import Config, format_value, from_params, registers
+from .config import READ_ONLY_FOR, Config, check_dataset_overrides, format_value, from_params, registers
 from .errors import ConfigError, LineageError
 from .lineage import resolve_lineage, stage_arch, tuned_by_parent
 from .runner import RunResult, Stage, log
@@ -235,6 +235,10 @@ def resume(cfg: Config, given: frozenset = frozenset()) -> RunResult | None:
     text = mlflow.artifacts.load_text(f"{previous.info.artifact_uri}/config.yaml")
     original = from_params(yaml.safe_load(text))  # the run's own config, not this command's
     check_resume_params(run_id, original, cfg, given)
+    # a data -P the run's own dataset never reads (download=true to a synthetic run) is refused, as
+    # config.load refuses it for a new run
+    check_dataset_overrides({"dataset": original.dataset}, {name: format_value(getattr(cfg, name)) for name in given
+                                                            if name in READ_ONLY_FOR})
     taken = {name: getattr(cfg, name) for name in given & resume_takes(original) if name != "resume_run_id"}
     original = original.replace(**{"force": cfg.force, **taken})
     stage_name = previous.data.tags.get("stage", original.stage)

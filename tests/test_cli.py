@@ -48,14 +48,14 @@ def test_a_user_error_is_one_line_with_its_exit_code(monkeypatch, capsys):
 def test_a_password_in_a_url_never_reaches_an_error_line(monkeypatch, capsys, tmp_path):
     """MLflow quotes the store's URL whole when a request fails, and a refusal of ours may echo a
     -P value as given: the line shows neither password."""
-    from support.processes import free_port
+    from support.processes import refusing_port
 
-    port = free_port()  # nothing listens: the first request fails
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cret@127.0.0.1:{port}")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    assert cli.main(["train", "--dataset", "synthetic", "--data_dir", str(tmp_path), "--synthetic_train", "40",
-                     "--synthetic_test", "20"]) == 1
+    with refusing_port() as port:  # nothing listens: the first request fails
+        monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cret@127.0.0.1:{port}")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        assert cli.main(["train", "--dataset", "synthetic", "--data_dir", str(tmp_path), "--synthetic_train", "40",
+                         "--synthetic_test", "20"]) == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: API request to http://***@127.0.0.1:{port}/api/") and "s3cret" not in line
     assert cli.main(["train", "--optuna_storage", "postgresql://u:s3cret@db/optuna"]) == 2
@@ -95,7 +95,7 @@ def test_data_that_is_not_there_is_one_line_and_no_run(store, monkeypatch, capsy
     for args in (["train"], ["main", "--dataset", "synthetic"], ["tune_lr", "--init", "scratch", "--dataset", "svhn"]):
         assert cli.main([*args, "--data_dir", str(unusable)]) == 2
         (line,) = capsys.readouterr().err.splitlines()
-        assert line.startswith(f"error: cannot look in {unusable}") and "(File name too long): make it readable" in line
+        assert line.startswith(f"error: cannot look in {unusable}") and line.endswith("(File name too long): pass a shorter -P data_dir")
     assert store.runs() == []
 
 
@@ -106,13 +106,26 @@ def test_compile_without_a_cpp_compiler_is_one_line_and_no_run(store, monkeypatc
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-g++"),))
-    for stage in ("train", "main"):
-        assert cli.main([stage, "--compile", "true", "--device", "cpu", "--dataset", "synthetic",
-                         "--data_dir", str(tmp_path)]) == 2
-        (line,) = capsys.readouterr().err.splitlines()
-        assert line == ("error: -P compile=true needs a C++ compiler on CPU, and none works here (InvalidCxxCompiler): "
-                        "install g++ (or set CXX to one), or pass -P compile=false")
+    # inductor's own patch: monkeypatch would delete the setting on undo (it is no plain attribute)
+    with inductor_config.patch({"cpp.cxx": (str(tmp_path / "no-g++"),)}):
+        for stage in ("train", "main"):
+            assert cli.main([stage, "--compile", "true", "--device", "cpu", "--dataset", "synthetic",
+                             "--data_dir", str(tmp_path)]) == 2
+            (line,) = capsys.readouterr().err.splitlines()
+            assert line == ("error: -P compile=true needs a C++ compiler on CPU, and none works here "
+                            "(InvalidCxxCompiler): install g++ (or set CXX to one), or pass -P compile=false")
+    # a compiler, and no Python.h where inductor looks for it
+    import sysconfig
+
+    real_get_path = sysconfig.get_path
+    monkeypatch.setattr(sysconfig, "get_path", lambda name, *a, **k: str(tmp_path) if name == "include"
+                        else real_get_path(name, *a, **k))
+    assert cli.main(["train", "--compile", "max-autotune-no-cudagraphs", "--device", "cpu", "--dataset", "synthetic",
+                     "--data_dir", str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (f"error: -P compile=max-autotune-no-cudagraphs needs Python's C headers on CPU, and {tmp_path}/"
+                    f"Python.h is not there: install them (python3-dev, or your Python's -dev package), or pass "
+                    f"-P compile=false")
     assert store.runs() == []
 
 

@@ -179,6 +179,11 @@ def test_a_data_parameter_its_dataset_never_reads_is_refused(stage, given, line)
     assert config.load(stage, {**given, "dataset": reader}).dataset == reader  # its own dataset takes it
 
 
+def test_a_mistyped_dataset_is_said_to_be_out_of_range_not_that_a_data_parameter_is_ignored():
+    with pytest.raises(ConfigError, match=r"^parameter dataset=SVHN is out of range: allowed svhn\|synthetic"):
+        config.load("train", {"dataset": "SVHN", "verify": "false"})
+
+
 @pytest.mark.parametrize("stage,name,value,readers", [
     ("train", "lrs", "0.1,0.01", "only tune_lr reads it"), ("retrain", "lrs", "1e-4", "only tune_lr reads it"),
     ("retrain", "repeats", "3", "only model_selection and baseline read it"),

@@ -290,6 +290,18 @@ def test_resume_refuses_a_continued_run_or_a_main_one_and_leaves_a_finished_one(
     with pytest.raises(LineageError, match=rf"run {deleted} was deleted: restore it \(`mlflow runs restore "):
         session.resume(cfg.replace(resume_run_id=deleted))
     assert store.client.get_run(deleted).info.status == "KILLED"  # nothing written
+    # a data -P the run's own dataset (synthetic) never reads: refused against the run's dataset,
+    # not the command's default (svhn); the run's own synthetic_train is taken
+    synthetic = store.client.create_run("0", tags={"stage": "tune_lr"}).info.run_id
+    tracking.log_config(synthetic, cfg)
+    store.client.set_terminated(synthetic, "KILLED")
+    again = config.load("tune_lr", {"resume_run_id": synthetic, "download": "true"})
+    with pytest.raises(ConfigError, match=r"^-P download=true would be ignored: only dataset=svhn reads it, and this "
+                                          r"run reads dataset=synthetic"):
+        session.resume(again, frozenset({"resume_run_id", "download"}))
+    assert store.client.get_run(synthetic).info.status == "KILLED"  # nothing written
+    own = config.load("tune_lr", {"resume_run_id": synthetic, "synthetic_train": cfg.synthetic_train})
+    assert own.dataset == "svhn"  # the command's default: the run's own dataset decides, in resume
     launcher = store.client.create_run("0").info.run_id  # e.g. `mlflow run`'s own, or predict's
     store.client.set_terminated(launcher, "KILLED")
     with pytest.raises(LineageError, match=f"run {launcher} has no config.yaml: it was not started by a training "

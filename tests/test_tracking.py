@@ -177,16 +177,17 @@ def test_a_tracking_server_only_this_machine_reaches_is_refused_for_a_ray_cluste
 
 
 def test_a_run_the_store_does_not_hold_is_not_found_and_a_store_that_is_down_says_so(store, monkeypatch):
-    from support.processes import free_port
+    from support.processes import refusing_port
 
     from pipeline.errors import LineageError
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
-    for missing in ("0123456789abcdef0123456789abcdef", "nonexistent"):
+    for missing in ("0123456789abcdef0123456789abcdef", "nonexistent", "runs:/abc/checkpoints"):  # a pasted URI too
         with pytest.raises(LineageError, match=f"parent run '{missing}' was not found in the tracking store"):
             tracking.get_run(missing)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    with pytest.raises(MlflowException) as err:  # the store's own error, never "pass an existing run"
-        tracking.get_run("0123456789abcdef0123456789abcdef", "resume")
+    with refusing_port() as port:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        with pytest.raises(MlflowException) as err:  # the store's own error, never "pass an existing run"
+            tracking.get_run("0123456789abcdef0123456789abcdef", "resume")
     assert not isinstance(err.value, LineageError) and "API request to" in str(err.value)

@@ -39,6 +39,15 @@ class Pause:
         (self.folder / f"{stem}.go").touch()
 
 
+@contextlib.contextmanager
+def refusing_port():
+    """A port on 127.0.0.1 held (bound, never listening) while the block runs: a connection to it is
+    refused, and no other process can start a server on it meanwhile, as one could on a free_port()."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
