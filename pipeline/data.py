@@ -59,9 +59,12 @@ def data_folder(cfg: Config) -> Path:
 
 
 def cannot_look(err: OSError, folder: Path) -> DataError:
-    fix = {errno.EACCES: "make it readable to this user, or pass -P data_dir=<a folder of yours>",
-           errno.EPERM: "make it readable to this user, or pass -P data_dir=<a folder of yours>",
-           errno.ENAMETOOLONG: "pass a shorter -P data_dir"}.get(err.errno, "check that disk, or pass -P data_dir=<another folder>")
+    if err.errno in (errno.EACCES, errno.EPERM):
+        fix = "make it readable to this user, or pass -P data_dir=<a folder of yours>"
+    elif err.errno == errno.ENAMETOOLONG:
+        fix = "pass a shorter -P data_dir"
+    else:
+        fix = "check that disk, or pass -P data_dir=<another folder>"
     return DataError(f"cannot look in {err.filename or folder} ({err.strerror or type(err).__name__}): {fix}")
 
 

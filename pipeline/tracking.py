@@ -269,8 +269,10 @@ def get_run(run_id: str, role: str = "parent"):
         return client().get_run(run_id)
     except MlflowException as err:
         raise_if_refused(err)
-        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # a malformed id: the
-            raise  # latter, from MLflow's client; a store that is down or broken: its own error, not "no such run"
+        # no such run, or an id MLflow's client finds malformed (a pasted runs:/ URI); anything else is
+        # a store that is down or broken: its own error, not "no such run"
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
         raise LineageError(f"{role} run '{run_id}' was not found in the tracking store "
                            f"{redacted(mlflow.get_tracking_uri())}: pass the id of an existing run "
                            f"(see the MLflow UI or `mlflow runs list`)") from None
