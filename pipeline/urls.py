@@ -77,16 +77,25 @@ def holds_password(url: str) -> bool:
         return False
 
 
+# a query value that grants access: a presigned URL's signature and token (S3's X-Amz-Signature and
+# X-Amz-Security-Token, GCS's X-Goog-Signature, an Azure SAS's sig), an API key, a password
+SECRET_IN_QUERY = re.compile(r"(^|&)([^=&]{0,60}(?:sig|token|credential|secret|password|passwd|pwd|access[_-]?key)"
+                             r"[^=&]{0,60})=[^&]*", re.IGNORECASE)
+
+
 def redacted(url: str) -> str:
     """`url` with any password in it as *** (user:***@host, ?password=***); else as given. An
-    http(s) URL shows no user at all (***@host): a package index's token is often the user name."""
+    http(s) URL shows no user at all (***@host): a package index's token is often the user name;
+    nor the values of query keys that grant access (a presigned URL's signature)."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return url
     if parts.scheme in ("http", "https"):
         host = parts.netloc.rpartition("@")[2]
-        return parts._replace(netloc=f"***@{host}").geturl() if "@" in parts.netloc else url
+        netloc = f"***@{host}" if "@" in parts.netloc else parts.netloc
+        shown = parts._replace(netloc=netloc, query=SECRET_IN_QUERY.sub(r"\1\2=***", parts.query))
+        return shown.geturl() if shown != parts else url  # as given when nothing is hidden
     parsed = _database_url(url)
     if parsed is not None:
         hidden = {key: "***" for key in PASSWORD_KEYS if key in parsed.query}

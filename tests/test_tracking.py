@@ -149,6 +149,12 @@ def test_an_error_line_hides_a_password_in_any_url_in_it(monkeypatch):
                         # a password SQLAlchemy takes unencoded, with a quote or a space in it
                         ("error: postgresql://u:pa'ss@db.example/mlflow failed", "error: postgresql://u:***@db.example/mlflow failed"),
                         ("at postgresql://u:pa ss@db/x.", "at postgresql://u:***@db/x."),
+                        # a presigned URL's signature and token, not the path or an ordinary key
+                        ("413 for url: https://b.s3.amazonaws.com/a/best.pt?X-Amz-Credential=AKIA%2F1&X-Amz-Signature="
+                         "f00d&X-Amz-Security-Token=t0k&partNumber=2 then", "413 for url: https://b.s3.amazonaws.com/a/"
+                         "best.pt?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Security-Token=***&partNumber=2 then"),
+                        ("see https://acct.blob.core.windows.net/c/x?sv=2022&sig=abc%3D&se=1", "see https://acct.blob."
+                         "core.windows.net/c/x?sv=2022&sig=***&se=1"),
                         # a host:port/path, then an address further on: nothing hidden
                         ("see http://h:5000/x or mail a@b.c", "see http://h:5000/x or mail a@b.c")):
         assert urls.scrubbed(said) == shown
