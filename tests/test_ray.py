@@ -661,6 +661,9 @@ def test_the_study_on_two_nodes_and_postgresql_through_a_killed_worker_and_a_ser
         autotune = store.client.get_run(main.data.tags["run_autotune"])
         assert resumed.data.tags["mlflow.parentRunId"] == autotune.info.run_id
         champion = store.client.get_model_version_by_alias("svhn-classifier-synthetic", "champion")
+        registered = {store.client.get_run(main.data.tags[f"run_{s}"]).data.tags.get("registered_model_version")
+                      for s in ("retrain", "deepen")}  # each registered a version of its own, through the server
+        assert len(registered - {None}) == 2 and f"svhn-classifier-synthetic/{champion.version}" in registered
         assert champion.run_id in {main.data.tags["run_retrain"], main.data.tags["run_deepen"]}
         study = autotune.data.tags["optuna_study"]
         assert database.query("optuna", "SELECT study_name FROM studies") == [(study,)]  # in PostgreSQL
