@@ -8,11 +8,12 @@ import re
 from urllib.parse import urlsplit
 
 PASSWORD_KEYS = ("password", "passwd", "pwd")  # what database drivers read from a URL's query
-URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,30}://[^\s'\"<>]+")  # bounded: linear on any text
+SCHEME = r"[A-Za-z][A-Za-z0-9+.-]{0,30}://"
+URL_IN_TEXT = re.compile(SCHEME + r"[^\s'\"<>]+")  # bounded: linear on any text
 # a password SQLAlchemy takes unencoded may hold a quote or a space, which end URL_IN_TEXT's match
 # before its @: scheme://user: then up to the @ on the same line (no / between, so a host:port/path
 # followed by some address@ further on is left alone)
-USERINFO_IN_TEXT = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,30}://[^\s:/@'\"<>]{0,200}:)[^@/\n]{1,200}@")
+USERINFO_IN_TEXT = re.compile("(" + SCHEME + r"[^\s:/@'\"<>]{0,200}:)[^@/\n]{1,200}@")
 
 
 def _database_url(url: str):
@@ -79,8 +80,9 @@ def holds_password(url: str) -> bool:
 
 # a query value that grants access: a presigned URL's signature and token (S3's X-Amz-Signature and
 # X-Amz-Security-Token, GCS's X-Goog-Signature, an Azure SAS's sig), an API key, a password
-SECRET_IN_QUERY = re.compile(r"(^|&)([^=&]{0,60}(?:sig|token|credential|secret|password|passwd|pwd|access[_-]?key)"
-                             r"[^=&]{0,60})=[^&]*", re.IGNORECASE)
+SECRET_IN_QUERY = re.compile(r"(^|&)([^=&]{0,60}(?:" + "|".join(("sig", "token", "credential", "secret",
+                                                                 r"access[_-]?key", *PASSWORD_KEYS))
+                             + r")[^=&]{0,60})=[^&]*", re.IGNORECASE)
 
 
 def redacted(url: str) -> str:
